@@ -1,0 +1,155 @@
+"""Configuration of a PPO run: one dataclass, a docstring under every field.
+
+The defaults are the original design's (gamma 0.99, kl_coef 0.1, 10 new tokens, lr 1e-5, value lr 1e-4).
+The published TL;DR recipe lives in a config file, not here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+KL_ESTIMATORS = ("k1", "k3")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _invalid(name: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"PPOConfig.{name}={value!r} is invalid: {allowed}.")
+
+
+@dataclass
+class PPOConfig:
+    """Everything one PPO run needs to know: the models, how to sample, how to reward, how to update."""
+
+    # --- models -----------------------------------------------------------------------------------------
+    model_name: str = "Qwen/Qwen3-0.6B-Base"
+    """Base causal LM (hub name or local directory). The policy is this model plus a LoRA adapter."""
+    ref_model_name: str | None = None
+    """Reference model for the KL penalty. None: the base model with the policy adapter disabled (no copy)."""
+    reward_model_name: str | None = None
+    """Sequence-classification reward model (num_labels=1). None: the `reward_fn` given to the trainer."""
+    value_model_name: str | None = None
+    """Separate value model, e.g. the reward model. None: a second LoRA adapter plus a scalar head on the base."""
+    use_lora: bool = True
+    """Train LoRA adapters on a frozen base. False: full fine-tuning (the reference becomes a frozen copy)."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (the adapter output is scaled by lora_alpha / lora_r)."""
+    lora_dropout: float = 0.1
+    """Dropout inside LoRA layers. Inactive during PPO, which keeps every model in eval mode."""
+    lora_target_modules: list[str] | None = None
+    """Module names that get LoRA layers. None: every linear layer except the output head."""
+    device: str = "auto"
+    """Where the models run: 'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:1', ..."""
+    dtype: str = "auto"
+    """Weights' dtype: 'auto' (bfloat16 on a GPU that supports it, else float32), 'float32', 'bfloat16', 'float16'."""
+    seed: int = 0
+    """Seed of the python, numpy and torch random generators (sampling, minibatch order, head init)."""
+
+    # --- rollout ----------------------------------------------------------------------------------------
+    batch_size: int = 32
+    """Prompts per PPO step (the rollout batch)."""
+    max_new_tokens: int = 10
+    """Longest response, in tokens. Generation stops at the first EOS token."""
+    temperature: float = 1.0
+    """Sampling temperature. Logprobs are recomputed from logits divided by it, so the first ratio is exactly 1."""
+    top_k: int = 50
+    """Sample among the k most likely tokens; 0 turns top-k filtering off."""
+    top_p: float = 0.95
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p; 1.0 turns it off."""
+
+    # --- reward -----------------------------------------------------------------------------------------
+    kl_coef: float = 0.1
+    """Weight of the per-token KL penalty against the reference (the initial value when adaptive)."""
+    kl_estimator: str = "k1"
+    """Per-token KL estimator in the reward: 'k1' (logp - logp_ref) or 'k3' ((r - 1) - log r, r = p_ref / p)."""
+    adaptive_kl_target: float | None = None
+    """Target of the adaptive KL controller (summed KL per response). None: kl_coef stays fixed."""
+    adaptive_kl_horizon: int = 10000
+    """Horizon, in episodes, of the adaptive KL controller: how fast kl_coef moves toward the target."""
+    missing_eos_penalty: float | None = None
+    """Score given instead of the reward to a response that never emits EOS (e.g. -1.0). None: no penalty."""
+
+    # --- advantages -------------------------------------------------------------------------------------
+    gamma: float = 0.99
+    """Discount factor of the per-token return."""
+    lam: float = 0.95
+    """GAE lambda: 0 is one-step TD, 1 is Monte Carlo."""
+    whiten_advantages: bool = True
+    """Normalise advantages to mean 0, std 1 over the valid tokens of the batch."""
+
+    # --- update -----------------------------------------------------------------------------------------
+    learning_rate: float = 1e-5
+    """AdamW learning rate of the policy."""
+    value_learning_rate: float = 1e-4
+    """AdamW learning rate of the value model (adapter and head)."""
+    ppo_epochs: int = 4
+    """Passes over each rollout batch."""
+    num_mini_batches: int = 1
+    """Minibatches per pass; one optimizer step each."""
+    clip_epsilon: float = 0.2
+    """Policy ratio clip range: the ratio is clipped to [1 - clip_epsilon, 1 + clip_epsilon]."""
+    value_clip: float = 0.2
+    """Value clip range around the rollout's values."""
+    vf_coef: float = 0.1
+    """Weight of the value loss in the total loss."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus (0 turns it off)."""
+    max_grad_norm: float = 1.0
+    """Gradient norm clip, applied to the policy and to the value model separately."""
+    target_kl: float | None = None
+    """Stop the PPO epochs early when a minibatch's approximate KL to the rollout policy passes this. None: off."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a ValueError naming the first field whose value is not allowed."""
+        positive = ("learning_rate", "value_learning_rate", "clip_epsilon", "temperature", "lora_alpha",
+                    "adaptive_kl_horizon")
+        for name in positive:
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise _invalid(name, value, "must be a finite number > 0")
+        at_least_one = ("batch_size", "max_new_tokens", "ppo_epochs", "num_mini_batches", "lora_r")
+        for name in at_least_one:
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise _invalid(name, value, "must be an integer >= 1")
+        non_negative = ("kl_coef", "value_clip", "vf_coef", "entropy_coef", "max_grad_norm")
+        for name in non_negative:
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise _invalid(name, value, "must be a finite number >= 0")
+        for name in ("gamma", "lam"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 <= value <= 1):
+                raise _invalid(name, value, "must be in [0, 1]")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise _invalid("top_p", self.top_p, "must be in (0, 1]")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise _invalid("top_k", self.top_k, "must be an integer >= 0 (0 turns it off)")
+        if not (0 <= self.lora_dropout < 1):
+            raise _invalid("lora_dropout", self.lora_dropout, "must be in [0, 1)")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise _invalid("kl_estimator", self.kl_estimator, f"must be one of {KL_ESTIMATORS}")
+        if self.dtype not in DTYPES:
+            raise _invalid("dtype", self.dtype, f"must be one of {DTYPES}")
+        for name in ("target_kl", "adaptive_kl_target"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise _invalid(name, value, "must be a number > 0, or None to turn it off")
+        if self.missing_eos_penalty is not None and not math.isfinite(self.missing_eos_penalty):
+            raise _invalid("missing_eos_penalty", self.missing_eos_penalty, "must be a finite number or None")
+        if not self.model_name:
+            raise _invalid("model_name", self.model_name, "must name a model (hub name or local directory)")
+        if self.num_mini_batches > self.batch_size:
+            raise _invalid("num_mini_batches", self.num_mini_batches,
+                           f"must be <= batch_size ({self.batch_size}): each minibatch needs a sequence")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """Names of every field, in declaration order."""
+        return [f.name for f in fields(cls)]
