@@ -1,1 +1,23 @@
+"""ppo-lm: a fast, correct, resumable PPO (RLHF) trainer for causal language models."""
 
+from ppo_lm.advantages import compute_gae, masked_mean, masked_whiten
+from ppo_lm.config import PPOConfig
+from ppo_lm.losses import approx_kl, clipped_policy_loss, clipped_value_loss, entropy_from_logits, kl_estimate
+from ppo_lm.ppo_trainer import PPOTrainer
+from ppo_lm.rewards import KLController, RewardFunctionError, shape_rewards
+
+__all__ = [
+    "KLController",
+    "PPOConfig",
+    "PPOTrainer",
+    "RewardFunctionError",
+    "approx_kl",
+    "clipped_policy_loss",
+    "clipped_value_loss",
+    "compute_gae",
+    "entropy_from_logits",
+    "kl_estimate",
+    "masked_mean",
+    "masked_whiten",
+    "shape_rewards",
+]

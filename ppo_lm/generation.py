@@ -1,0 +1,140 @@
+"""Stage 1 of a PPO step: prompts in, sampled responses out, as one batch of tensors.
+
+A `SequenceBatch` is `[left padding | prompt | response | right padding]` in every row. The prompt block has the
+same width in all rows, so response token `t` of every row sits in column `prompt_width + t`, and the masks say
+which tokens are real. Masks are always explicit: the pad token may equal EOS without confusing anything.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count only real tokens, so a left-padded row sees the same positions as an unpadded one."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass
+class SequenceBatch:
+    """Prompts and responses of a rollout as tensors: `[left pad | prompt | response | right pad]` per row."""
+
+    input_ids: torch.Tensor
+    """Token ids, `[batch, prompt_width + response_width]`; padding holds the pad token."""
+    attention_mask: torch.Tensor
+    """1 on real prompt tokens and on valid response tokens (up to and including the first EOS), else 0."""
+    prompt_width: int
+    """Width of the (left-padded) prompt block; responses start at this column."""
+
+    @property
+    def responses(self) -> torch.Tensor:
+        """Response token ids, `[batch, response_width]`."""
+        return self.input_ids[:, self.prompt_width :]
+
+    @property
+    def response_mask(self) -> torch.Tensor:
+        """1 on valid response tokens, `[batch, response_width]`; a prefix of each row."""
+        return self.attention_mask[:, self.prompt_width :]
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        """Position of each token among the real tokens of its row."""
+        return position_ids_from_mask(self.attention_mask)
+
+    def select(self, index: torch.Tensor) -> SequenceBatch:
+        """The rows in `index`, without the padding columns that none of them needs."""
+        input_ids, attention_mask = self.input_ids[index], self.attention_mask[index]
+        prompt_columns = attention_mask[:, : self.prompt_width].any(0)
+        left = int(prompt_columns.int().argmax())
+        right = self.prompt_width + int(attention_mask[:, self.prompt_width :].any(0).sum())
+        return SequenceBatch(input_ids[:, left:right], attention_mask[:, left:right], self.prompt_width - left)
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_prompt_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenise and left-pad prompts to `(input_ids, attention_mask)`.
+
+    Raises ValueError for an empty list or a prompt with no tokens, TypeError for a prompt that is not a string.
+    A prompt longer than `max_prompt_tokens` keeps its last `max_prompt_tokens` tokens (the end of a prompt is
+    what the response continues) and a warning says how many prompts were cut.
+    """
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}.")
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty: give at least one prompt.")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompts[{i}] is a {type(prompt).__name__}, not a string: {prompt!r:.80}")
+    token_lists = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    for i, tokens in enumerate(token_lists):
+        if len(tokens) == 0:
+            raise ValueError(f"prompts[{i}] has no tokens ({prompts[i]!r}); every prompt needs some text.")
+    too_long = [i for i, tokens in enumerate(token_lists) if len(tokens) > max_prompt_tokens]
+    if too_long:
+        logger.warning(
+            "%d prompt(s) longer than %d tokens (the model's context minus max_new_tokens) keep only their last "
+            "%d tokens; first cut: prompts[%d].", len(too_long), max_prompt_tokens, max_prompt_tokens, too_long[0]
+        )
+        token_lists = [tokens[-max_prompt_tokens:] for tokens in token_lists]
+    rows = [torch.tensor(tokens, dtype=torch.long) for tokens in token_lists]
+    input_ids = torch.nn.utils.rnn.pad_sequence(
+        rows, batch_first=True, padding_value=tokenizer.pad_token_id, padding_side="left"
+    )
+    attention_mask = torch.nn.utils.rnn.pad_sequence(
+        [torch.ones_like(row) for row in rows], batch_first=True, padding_value=0, padding_side="left"
+    )
+    return input_ids, attention_mask
+
+
+def mask_after_stop(responses: torch.Tensor, stop_token_id: int) -> torch.Tensor:
+    """1 on each response token up to and including the first stop token, 0 after it (and on nothing before)."""
+    is_stop = (responses == stop_token_id).long()
+    stops_before = is_stop.cumsum(-1) - is_stop
+    return (stops_before == 0).long()
+
+
+def sampling_config(
+    max_new_tokens: int, temperature: float, top_k: int, top_p: float, stop_token_id: int, pad_token_id: int
+) -> GenerationConfig:
+    """A fresh generation config: only these settings shape sampling, never a model's own defaults."""
+    return GenerationConfig(
+        do_sample=True,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_token_id=stop_token_id,
+        pad_token_id=pad_token_id,
+    )
+
+
+def generate_responses(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    generation_config: GenerationConfig,
+    stop_token_id: int,
+    pad_token_id: int,
+) -> SequenceBatch:
+    """Sample one response per left-padded prompt with the KV cache, cut after the first stop token."""
+    with torch.no_grad():
+        sequences = model.generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config
+        )
+    width = prompt_ids.shape[1]
+    responses = sequences[:, width:]
+    response_mask = mask_after_stop(responses, stop_token_id)
+    responses = torch.where(response_mask.bool(), responses, torch.full_like(responses, pad_token_id))
+    return SequenceBatch(
+        input_ids=torch.cat([prompt_ids, responses], dim=1),
+        attention_mask=torch.cat([prompt_mask.long(), response_mask], dim=1),
+        prompt_width=width,
+    )

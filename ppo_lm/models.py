@@ -1,0 +1,261 @@
+"""The four roles of PPO on one base model, and the forward passes that read them.
+
+- policy: the base causal LM plus a LoRA adapter named "policy" (or the whole model when `use_lora=False`);
+- reference: the same base with the adapter disabled (no second copy), or a separately loaded model;
+- value: a second LoRA adapter, "value", on the same base plus a scalar head (or a separate model);
+- reward: a sequence-classification model, or a Python function (handled by the trainer).
+
+Every forward pass takes a `SequenceBatch` (left-padded prompt, then response, then right padding) and passes
+explicit position ids, so that padding changes nothing a real token sees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from ppo_lm.config import PPOConfig
+from ppo_lm.generation import SequenceBatch, position_ids_from_mask
+from ppo_lm.losses import entropy_from_logits
+
+logger = logging.getLogger(__name__)
+
+POLICY_ADAPTER = "policy"
+VALUE_ADAPTER = "value"
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' becomes CUDA when available, else CPU; anything else is passed to torch.device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' becomes bfloat16 on a GPU that supports it, else float32."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """Load a tokenizer; without a pad token, EOS pads (safe here: masks are explicit, never read from ids)."""
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"The tokenizer of {name!r} has no EOS token; PPO needs one to end responses.")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The transformer body (no output head) of a causal LM or classifier, through a peft wrapper if any."""
+    if isinstance(model, PeftModel):
+        model = model.get_base_model()
+    return model.base_model
+
+
+def score_head_of(model: PreTrainedModel) -> nn.Module:
+    """The scalar head of a sequence-classification model (`score` in decoder models)."""
+    head = getattr(model, "score", None)
+    if head is None:
+        raise ValueError(
+            f"{type(model).__name__} has no `score` head; use a decoder sequence-classification model "
+            "(e.g. LlamaForSequenceClassification, Qwen3ForSequenceClassification)."
+        )
+    return head
+
+
+def _freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _lora_config(config: PPOConfig) -> LoraConfig:
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.lora_target_modules or "all-linear",
+        bias="none",
+    )
+
+
+@dataclass
+class RoleModels:
+    """The policy, reference, value and reward models of one PPO run, and how to switch between them."""
+
+    policy: nn.Module
+    """Causal LM being trained (a PeftModel with adapters 'policy' and, when shared, 'value')."""
+    reference: nn.Module | None
+    """Separate frozen reference, or None: the policy with its adapter disabled."""
+    value_backbone: nn.Module
+    """Transformer body that computes the value model's hidden states."""
+    value_head: nn.Module
+    """Linear map from a hidden state to a scalar value."""
+    value_adapter_on_policy: bool
+    """True when the value model is the 'value' adapter on the policy's base (switching adapters is needed)."""
+    reward_model: nn.Module | None
+    """Frozen sequence-classification reward model, or None when a reward function scores."""
+
+    def policy_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters of the policy (its adapter, or all weights in full fine-tuning)."""
+        if self.value_adapter_on_policy:
+            return [p for n, p in self.policy.named_parameters() if f".{POLICY_ADAPTER}." in n]
+        return [p for p in self.policy.parameters() if p.requires_grad]
+
+    def value_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters of the value model (its adapter or backbone, and its head)."""
+        if self.value_adapter_on_policy:
+            body = [p for n, p in self.policy.named_parameters() if f".{VALUE_ADAPTER}." in n]
+        else:
+            body = [p for p in self.value_backbone.parameters() if p.requires_grad]
+        head = [p for p in self.value_head.parameters() if id(p) not in {id(q) for q in body}]
+        return body + head
+
+    @contextlib.contextmanager
+    def reference_model(self) -> Iterator[nn.Module]:
+        """Yield the model that computes reference logprobs."""
+        if self.reference is not None:
+            yield self.reference
+        else:
+            with self.policy.disable_adapter():
+                yield self.policy
+
+    @contextlib.contextmanager
+    def value_mode(self) -> Iterator[None]:
+        """Make the value adapter the active one while inside; the policy adapter is active again after."""
+        if not self.value_adapter_on_policy:
+            yield
+            return
+        self.policy.set_adapter(VALUE_ADAPTER)
+        try:
+            yield
+        finally:
+            self.policy.set_adapter(POLICY_ADAPTER)
+
+
+def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype) -> RoleModels:
+    """Build the four roles from the config: one base with LoRA adapters unless separate models are named."""
+    base = AutoModelForCausalLM.from_pretrained(config.model_name, dtype=dtype)
+    hidden_size = base.config.hidden_size
+
+    reference = None
+    if config.ref_model_name is not None or not config.use_lora:
+        reference = _freeze(AutoModelForCausalLM.from_pretrained(config.ref_model_name or config.model_name,
+                                                                 dtype=dtype))
+
+    value_adapter_on_policy = config.use_lora and config.value_model_name is None
+    if config.use_lora:
+        policy = get_peft_model(base, _lora_config(config), adapter_name=POLICY_ADAPTER)
+        if value_adapter_on_policy:
+            policy.add_adapter(VALUE_ADAPTER, _lora_config(config))
+        policy.set_adapter(POLICY_ADAPTER)
+    else:
+        policy = base
+
+    if config.value_model_name is not None:
+        # A separate value model, e.g. the reward model: its classifier head starts the value head.
+        value_model = AutoModelForSequenceClassification.from_pretrained(config.value_model_name, num_labels=1,
+                                                                          dtype=dtype)
+        value_head = score_head_of(value_model)
+        if config.use_lora:
+            value_model = get_peft_model(value_model, _lora_config(config), adapter_name=VALUE_ADAPTER)
+            value_head.requires_grad_(True)
+        value_backbone = backbone_of(value_model)
+    elif value_adapter_on_policy:
+        value_backbone = backbone_of(policy)
+        value_head = nn.Linear(hidden_size, 1)
+    else:
+        value_backbone = AutoModel.from_pretrained(config.model_name, dtype=dtype)
+        value_head = nn.Linear(hidden_size, 1)
+    if isinstance(value_head, nn.Linear) and config.value_model_name is None:
+        nn.init.normal_(value_head.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+        nn.init.zeros_(value_head.bias)
+    value_head = value_head.to(torch.float32)
+
+    reward_model = None
+    if config.reward_model_name is not None:
+        reward_model = _freeze(AutoModelForSequenceClassification.from_pretrained(
+            config.reward_model_name, num_labels=1, dtype=dtype))
+        reward_model.to(device)
+
+    # Dropout off everywhere: PPO's ratio and the KL are only meaningful between deterministic forward passes.
+    for module in (policy, value_backbone, value_head):
+        module.eval()
+        module.to(device)
+    if reference is not None:
+        reference.to(device)
+    return RoleModels(policy, reference, value_backbone, value_head, value_adapter_on_policy, reward_model)
+
+
+def sequence_logprobs(
+    model: nn.Module,
+    batch: SequenceBatch,
+    temperature: float,
+    with_entropy: bool = False,
+    entropy_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logprob of each response token under `model` (logits divided by the temperature), `[batch, response]`.
+
+    Only the response positions go through the output head. With `with_entropy`, also the entropy of the
+    model's next-token distribution at each response position (differentiable only with `entropy_grad`).
+    """
+    width = batch.prompt_width
+    keep = torch.arange(width - 1, batch.input_ids.shape[1] - 1, device=batch.input_ids.device)
+    logits = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        logits_to_keep=keep,
+        use_cache=False,
+    ).logits.float() / temperature
+    tokens = batch.responses
+    logprobs = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    entropy = entropy_from_logits(logits if entropy_grad else logits.detach()) if with_entropy else None
+    return logprobs, entropy
+
+
+def last_hidden_states(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Final hidden states of the transformer body, `[batch, length, hidden]`, for any padding side."""
+    return backbone(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    ).last_hidden_state
+
+
+def sequence_values(backbone: nn.Module, head: nn.Module, batch: SequenceBatch) -> torch.Tensor:
+    """Value of the state before each response token (read where that token is predicted), `[batch, response]`."""
+    hidden = last_hidden_states(backbone, batch.input_ids, batch.attention_mask)[:, batch.prompt_width - 1 : -1]
+    return head(hidden.to(head.weight.dtype)).squeeze(-1)
+
+
+def sequence_scores(
+    reward_model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Reward model score of each sequence, read at its last real token (the rightmost 1 of the mask), `[batch]`."""
+    hidden = last_hidden_states(backbone_of(reward_model), input_ids, attention_mask)
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (positions * attention_mask).argmax(-1)
+    last_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    head = score_head_of(reward_model)
+    return head(last_hidden).squeeze(-1).float()

