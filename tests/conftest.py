@@ -14,7 +14,8 @@ from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM,
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
 QWEN_PATTERN = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
 
@@ -64,6 +65,21 @@ def tiny_reward_model_dir(tmp_path_factory, qwen_tokenizer) -> str:
     path = tmp_path_factory.mktemp("tiny-qwen3-reward")
     torch.manual_seed(1)
     model = Qwen3ForSequenceClassification(tiny_qwen3_config(len(qwen_tokenizer), num_labels=1))
+    model.save_pretrained(path)
+    qwen_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def peaked_model_dir(tmp_path_factory, qwen_tokenizer) -> str:
+    """A tiny random Qwen3 with large initial weights, so its next-token distributions are far from uniform.
+
+    With the usual 0.02 init, a random model's logits barely differ over a 151k vocabulary and LoRA cannot make
+    them differ much; a peaked model is one that a few dozen PPO steps can visibly move.
+    """
+    path = tmp_path_factory.mktemp("tiny-qwen3-peaked")
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(tiny_qwen3_config(len(qwen_tokenizer), initializer_range=0.5))
     model.save_pretrained(path)
     qwen_tokenizer.save_pretrained(path)
     return str(path)

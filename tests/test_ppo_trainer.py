@@ -1,0 +1,229 @@
+"""PPOTrainer on a tiny random Qwen3 with the real Qwen tokenizer, loaded from disk through from_pretrained."""
+
+import copy
+import logging
+import math
+
+import pytest
+import torch
+
+from ppo_lm import PPOConfig, PPOTrainer, RewardFunctionError
+from ppo_lm.models import sequence_logprobs, sequence_values
+
+PROMPTS = [
+    "SUBREDDIT: r/cooking\nTITLE: Bread\nPOST: My bread never rises.\nTL;DR:",
+    "Hello",
+    "The weather today is sunny and warm, so we went to the beach",
+    "TL;DR:",
+]
+
+
+def length_reward(prompts, completions):
+    return [float(len(c)) / 10 for c in completions]
+
+
+def tiny_config(model_dir, **overrides):
+    settings = dict(model_name=model_dir, batch_size=4, max_new_tokens=6, learning_rate=1e-3,
+                    value_learning_rate=1e-3, device="cpu", seed=0)
+    settings.update(overrides)
+    return PPOConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def trainer(tiny_model_dir):
+    return PPOTrainer(tiny_config(tiny_model_dir), reward_fn=length_reward)
+
+
+def test_step_returns_texts_scores_and_float_statistics(trainer):
+    stats = trainer.ppo_step(PROMPTS)
+    assert len(stats["generated_texts"]) == len(PROMPTS)
+    assert all(isinstance(text, str) for text in stats["generated_texts"])
+    assert stats["rewards"] == pytest.approx([len(c) / 10 for c in stats["generated_texts"]])
+    for key in ("value_loss", "policy_loss", "kl", "reward_mean", "entropy", "approx_kl", "policy_clip_fraction",
+                "value_clip_fraction", "response_length", "kl_coef", "ppo_epochs_run", "time/generate",
+                "time/logprobs", "time/reward", "time/values", "time/update", "time/step"):
+        assert isinstance(stats[key], float) and math.isfinite(stats[key]), key
+    assert stats["ppo_epochs_run"] == trainer.config.ppo_epochs
+    assert 1 <= stats["response_length"] <= trainer.config.max_new_tokens
+
+
+def test_ratio_is_one_before_the_first_update(trainer):
+    rollout = trainer.make_rollout(PROMPTS)
+    # The update recomputes logprobs with gradients, on a minibatch with its padding trimmed.
+    for index in (torch.arange(len(PROMPTS)), torch.tensor([2, 0])):
+        minibatch = rollout.batch.select(index)
+        width = minibatch.response_mask.shape[1]
+        logprobs, _ = sequence_logprobs(trainer.models.policy, minibatch, trainer.config.temperature)
+        ratio = torch.exp(logprobs - rollout.old_logprobs[index, :width])[minibatch.response_mask.bool()]
+        torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)
+
+
+def test_reference_stays_fixed_while_the_policy_moves(trainer):
+    batch = trainer.make_rollout(PROMPTS).batch
+    mask = batch.response_mask.bool()
+
+    def logprobs_now():
+        with torch.no_grad():
+            policy, _ = sequence_logprobs(trainer.models.policy, batch, 1.0)
+            with trainer.models.reference_model() as reference:
+                ref, _ = sequence_logprobs(reference, batch, 1.0)
+        return policy[mask], ref[mask]
+
+    policy_before, ref_before = logprobs_now()
+    trainer.ppo_step(PROMPTS)
+    trainer.ppo_step(PROMPTS)
+    policy_after, ref_after = logprobs_now()
+    assert torch.equal(ref_before, ref_after)
+    assert (policy_before - policy_after).abs().max() > 1e-4
+
+
+def test_padding_is_inert(trainer):
+    short = "Hello"
+    batch = trainer.make_rollout([short, PROMPTS[0], PROMPTS[2]]).batch
+    alone = batch.select(torch.tensor([0]))  # the short prompt's row, without the padding the long ones forced
+    assert alone.input_ids.shape[1] < batch.input_ids.shape[1]
+    models = trainer.models
+    with torch.no_grad():
+        batched_lp, _ = sequence_logprobs(models.policy, batch, 1.0)
+        alone_lp, _ = sequence_logprobs(models.policy, alone, 1.0)
+        with models.value_mode():
+            batched_v = sequence_values(models.value_backbone, models.value_head, batch)
+            alone_v = sequence_values(models.value_backbone, models.value_head, alone)
+    n = int(alone.response_mask.sum())
+    torch.testing.assert_close(batched_lp[0, :n], alone_lp[0, :n], atol=1e-4, rtol=0)
+    torch.testing.assert_close(batched_v[0, :n], alone_v[0, :n], atol=1e-4, rtol=0)
+
+
+def test_mean_reward_rises_on_a_simple_reward(peaked_model_dir):
+    # About half of a random model's completions start with a space; reward exactly those.
+    def starts_with_space(prompts, completions):
+        return [1.0 if c.startswith(" ") else 0.0 for c in completions]
+
+    config = tiny_config(peaked_model_dir, batch_size=16, max_new_tokens=2, learning_rate=1e-2, ppo_epochs=2,
+                         value_learning_rate=1e-2, kl_coef=0.0, gamma=1.0, top_k=0, top_p=1.0)
+    trainer = PPOTrainer(config, reward_fn=starts_with_space)
+    prompts = ["The weather today is", "My favourite food:", "Once upon a time", "TL;DR:"] * 4
+    rewards = [trainer.ppo_step(prompts)["reward_mean"] for _ in range(20)]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert 0.2 < first < 0.8, f"the property should start near half the time, got {first}"
+    assert last > first + 0.2 and last > 0.8, rewards
+
+
+def snapshot(trainer):
+    parameters = {name: p.detach().clone() for name, p in trainer.models.policy.named_parameters()}
+    parameters.update({f"head.{n}": p.detach().clone() for n, p in trainer.models.value_head.named_parameters()})
+    return parameters, copy.deepcopy(trainer.optimizer.state_dict()), trainer.kl_controller.value, trainer.step_count
+
+
+def assert_unchanged(trainer, before):
+    parameters, optimizer_state, kl_coef, step_count = snapshot(trainer)
+    assert parameters.keys() == before[0].keys()
+    assert all(torch.equal(parameters[n], before[0][n]) for n in parameters)
+    assert (kl_coef, step_count) == (before[2], before[3])
+    assert optimizer_state["param_groups"] == before[1]["param_groups"]
+    assert optimizer_state["state"].keys() == before[1]["state"].keys()
+    for key, state in optimizer_state["state"].items():
+        assert all(torch.equal(state[k], before[1]["state"][key][k]) for k in state)
+
+
+@pytest.mark.parametrize(
+    "prompts, error, message",
+    [
+        ([], ValueError, "empty"),
+        (["fine", 3], TypeError, "prompts\\[1\\] is a int"),
+        ("a single string", TypeError, "list of strings"),
+        (["fine", ""], ValueError, "prompts\\[1\\] has no tokens"),
+    ],
+)
+def test_bad_prompts_raise_and_change_nothing(trainer, prompts, error, message):
+    trainer.ppo_step(PROMPTS)  # so the optimizer has state to protect
+    before = snapshot(trainer)
+    with pytest.raises(error, match=message):
+        trainer.ppo_step(prompts)
+    assert_unchanged(trainer, before)
+
+
+@pytest.mark.parametrize(
+    "reward_fn, message",
+    [
+        (lambda p, c: 1 / 0, "reward_fn raised ZeroDivisionError"),
+        (lambda p, c: [1.0] * (len(c) - 1), "returned 3 scores for 4 completions"),
+        (lambda p, c: [float("nan")] * len(c), "finite"),
+        (lambda p, c: [1.0] * (len(c) - 1) + [float("inf")], "finite"),
+        (lambda p, c: None, "list of floats"),
+        (lambda p, c: ["good"] * len(c), "finite number"),
+    ],
+)
+def test_bad_reward_functions_raise_and_change_nothing(trainer, reward_fn, message):
+    trainer.ppo_step(PROMPTS)
+    before = snapshot(trainer)
+    trainer.reward_fn = reward_fn
+    try:
+        with pytest.raises(RewardFunctionError, match=message):
+            trainer.ppo_step(PROMPTS)
+    finally:
+        trainer.reward_fn = length_reward
+    assert_unchanged(trainer, before)
+
+
+def test_a_prompt_longer_than_the_context_is_cut_from_the_left(trainer, caplog):
+    long_prompt = "word " * 600 + "TL;DR:"  # more than the 512-position context minus max_new_tokens
+    with caplog.at_level(logging.WARNING, logger="ppo_lm.generation"):
+        rollout = trainer.make_rollout([long_prompt, "Hello"])
+    assert "keep only their last" in caplog.text
+    assert rollout.batch.prompt_width == 512 - trainer.config.max_new_tokens
+    assert trainer.tokenizer.decode(rollout.batch.input_ids[0, : rollout.batch.prompt_width]).endswith("TL;DR:")
+
+
+def test_reward_model_scores_at_the_last_real_token(tiny_model_dir, tiny_reward_model_dir):
+    config = tiny_config(tiny_model_dir, reward_model_name=tiny_reward_model_dir, ppo_epochs=1)
+    trainer = PPOTrainer(config)
+    rollout = trainer.make_rollout(PROMPTS[:2])
+    reward_model = trainer.models.reward_model
+    for row in range(2):
+        keep = rollout.batch.attention_mask[row].bool()
+        ids = rollout.batch.input_ids[row][keep].unsqueeze(0)  # the sequence alone, no padding at all
+        with torch.no_grad():
+            expected = reward_model(input_ids=ids).logits[0, 0].item()
+        assert rollout.raw_scores[row].item() == pytest.approx(expected, abs=1e-4)
+    stats = trainer.ppo_step(PROMPTS[:2])
+    assert math.isfinite(stats["policy_loss"])
+
+
+def test_missing_eos_penalty_replaces_the_score(tiny_model_dir):
+    config = tiny_config(tiny_model_dir, missing_eos_penalty=-1.0, max_new_tokens=3)
+    trainer = PPOTrainer(config, reward_fn=lambda p, c: [5.0] * len(c))
+    rollout = trainer.make_rollout(PROMPTS)
+    expected = torch.where(rollout.ended, torch.tensor(5.0), torch.tensor(-1.0))
+    assert torch.equal(rollout.scores, expected)
+    assert torch.equal(rollout.raw_scores, torch.full((4,), 5.0))
+
+
+def test_target_kl_stops_the_epochs_early(tiny_model_dir):
+    config = tiny_config(tiny_model_dir, target_kl=1e-9, ppo_epochs=4, num_mini_batches=2, learning_rate=1e-2)
+    trainer = PPOTrainer(config, reward_fn=length_reward)
+    stats = trainer.ppo_step(PROMPTS)
+    # The first minibatch has ratio 1 (KL 0) and steps; the next one sees KL > 1e-9 and stops the update.
+    assert stats["optimizer_steps"] == 1.0 and stats["ppo_epochs_run"] == 0.5
+
+
+def test_full_fine_tuning_keeps_a_frozen_reference(tiny_model_dir):
+    trainer = PPOTrainer(tiny_config(tiny_model_dir, use_lora=False, ppo_epochs=1), reward_fn=length_reward)
+    assert trainer.models.reference is not None
+    reference_before = {n: p.clone() for n, p in trainer.models.reference.named_parameters()}
+    policy_before = {n: p.clone() for n, p in trainer.models.policy.named_parameters()}
+    trainer.ppo_step(PROMPTS)
+    assert all(torch.equal(p, reference_before[n]) for n, p in trainer.models.reference.named_parameters())
+    assert any(not torch.equal(p, policy_before[n]) for n, p in trainer.models.policy.named_parameters())
+
+
+def test_value_model_from_the_reward_model(tiny_model_dir, tiny_reward_model_dir):
+    config = tiny_config(tiny_model_dir, value_model_name=tiny_reward_model_dir, ppo_epochs=1)
+    trainer = PPOTrainer(config, reward_fn=length_reward)
+    stats = trainer.ppo_step(PROMPTS)
+    assert math.isfinite(stats["value_loss"]) and stats["value_grad_norm"] > 0
+
+
+def test_no_reward_is_an_error(tiny_model_dir):
+    with pytest.raises(ValueError, match="No reward"):
+        PPOTrainer(tiny_config(tiny_model_dir))
