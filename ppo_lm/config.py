@@ -1,7 +1,8 @@
-"""Configuration of a PPO run: one dataclass, a docstring under every field.
+"""Configuration: one dataclass per stage, a docstring under every field.
 
-The defaults are the original design's (gamma 0.99, kl_coef 0.1, 10 new tokens, lr 1e-5, value lr 1e-4).
-The published TL;DR recipe lives in a config file, not here.
+`RunConfig` holds what every training run shares (data, length, schedule, checkpoints, logging); each stage's
+config adds its own fields. `PPOConfig`'s defaults are the original design's (gamma 0.99, kl_coef 0.1, 10 new
+tokens, lr 1e-5, value lr 1e-4); the published TL;DR recipe lives in a config file, not here.
 """
 
 from __future__ import annotations
@@ -12,14 +13,97 @@ from typing import Any
 
 KL_ESTIMATORS = ("k1", "k3")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+LR_SCHEDULERS = ("constant", "linear", "cosine")
+TRACKERS = ("tensorboard", "wandb", "trackio")
 
 
-def _invalid(name: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"PPOConfig.{name}={value!r} is invalid: {allowed}.")
+def _invalid(config: Any, name: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"{type(config).__name__}.{name}={value!r} is invalid: {allowed}.")
 
 
 @dataclass
-class PPOConfig:
+class RunConfig:
+    """What every training run shares: where it writes, what data it reads, how long, how it saves and logs."""
+
+    output_dir: str = "runs/ppo"
+    """Run directory: checkpoints, metrics.jsonl, TensorBoard logs and the report go here."""
+    dataset: str | None = None
+    """Training data: a hub dataset name, a local .jsonl/.json/.csv/.parquet file, or a saved dataset directory."""
+    dataset_split: str = "train"
+    """Split of `dataset` to train on (a local file is one 'train' split)."""
+    eval_split: str | None = None
+    """Split of `dataset` to evaluate on. None: hold out `eval_fraction` of the training rows."""
+    eval_fraction: float = 0.05
+    """Fraction of the training rows held out for evaluation when there is no `eval_split` (0: no evaluation)."""
+    prompt_field: str = "prompt"
+    """Column that holds the prompt. Rows with subreddit/title/post columns become TL;DR prompts instead."""
+    max_prompt_length: int | None = None
+    """Longest prompt in tokens: a TL;DR post body is shortened to fit (the 'TL;DR:' suffix is kept). None: no limit."""
+    total_steps: int = 100
+    """Optimisation steps of the run (for PPO, one step is one rollout batch and its PPO epochs)."""
+    lr_scheduler: str = "constant"
+    """Learning-rate schedule after warmup: 'constant', 'linear' (to 0 at total_steps) or 'cosine'."""
+    warmup_steps: int = 0
+    """Steps of linear learning-rate warmup from 0."""
+    eval_steps: int = 50
+    """Evaluate on the held-out prompts every this many steps, and at the start and the end (0: only start and end)."""
+    max_eval_prompts: int = 64
+    """At most this many held-out prompts are evaluated (the same ones each time)."""
+    save_steps: int = 50
+    """Write a checkpoint every this many steps, and at the end (0: only at the end)."""
+    save_total_limit: int = 2
+    """Keep only the newest this many checkpoints (0: keep all)."""
+    report_to: str = "tensorboard"
+    """Trackers besides metrics.jsonl, comma-separated: 'tensorboard', 'wandb', 'trackio'; 'none' for none."""
+    seed: int = 0
+    """Seed of the python, numpy and torch random generators (sampling, minibatch order, data order, head init)."""
+    device: str = "auto"
+    """Where the models run: 'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:1', ..."""
+    dtype: str = "auto"
+    """Weights' dtype: 'auto' (bfloat16 on a GPU that supports it, else float32), 'float32', 'bfloat16', 'float16'."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a ValueError naming the first field whose value is not allowed."""
+        for name in ("total_steps",):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise _invalid(self, name, value, "must be an integer >= 1")
+        for name in ("warmup_steps", "eval_steps", "save_steps", "save_total_limit", "max_eval_prompts"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+                raise _invalid(self, name, value, "must be an integer >= 0")
+        if not (isinstance(self.eval_fraction, (int, float)) and 0 <= self.eval_fraction < 1):
+            raise _invalid(self, "eval_fraction", self.eval_fraction, "must be in [0, 1)")
+        if self.max_prompt_length is not None and not (isinstance(self.max_prompt_length, int)
+                                                       and self.max_prompt_length >= 1):
+            raise _invalid(self, "max_prompt_length", self.max_prompt_length, "must be an integer >= 1 or None")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise _invalid(self, "lr_scheduler", self.lr_scheduler, f"must be one of {LR_SCHEDULERS}")
+        if self.dtype not in DTYPES:
+            raise _invalid(self, "dtype", self.dtype, f"must be one of {DTYPES}")
+        unknown = [name for name in self.trackers() if name not in TRACKERS]
+        if unknown:
+            raise _invalid(self, "report_to", self.report_to, f"names unknown tracker(s) {unknown}: use "
+                           f"{', '.join(TRACKERS)}, a comma-separated list of them, or 'none'")
+        if not self.output_dir:
+            raise _invalid(self, "output_dir", self.output_dir, "must name a directory")
+
+    def trackers(self) -> list[str]:
+        """The trackers named by `report_to` (empty for 'none')."""
+        names = [name.strip() for name in self.report_to.split(",") if name.strip()]
+        return [] if names == ["none"] else names
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """Names of every field, in declaration order."""
+        return [f.name for f in fields(cls)]
+
+
+@dataclass
+class PPOConfig(RunConfig):
     """Everything one PPO run needs to know: the models, how to sample, how to reward, how to update."""
 
     # --- models -----------------------------------------------------------------------------------------
@@ -41,12 +125,8 @@ class PPOConfig:
     """Dropout inside LoRA layers. Inactive during PPO, which keeps every model in eval mode."""
     lora_target_modules: list[str] | None = None
     """Module names that get LoRA layers. None: every linear layer except the output head."""
-    device: str = "auto"
-    """Where the models run: 'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:1', ..."""
-    dtype: str = "auto"
-    """Weights' dtype: 'auto' (bfloat16 on a GPU that supports it, else float32), 'float32', 'bfloat16', 'float16'."""
-    seed: int = 0
-    """Seed of the python, numpy and torch random generators (sampling, minibatch order, head init)."""
+    reward_fn: str | None = None
+    """Reward function for the command line, 'package.module:function' or 'path/to/file.py:function'."""
 
     # --- rollout ----------------------------------------------------------------------------------------
     batch_size: int = 32
@@ -102,54 +182,45 @@ class PPOConfig:
     target_kl: float | None = None
     """Stop the PPO epochs early when a minibatch's approximate KL to the rollout policy passes this. None: off."""
 
-    def __post_init__(self) -> None:
-        self.validate()
-
     def validate(self) -> None:
         """Raise a ValueError naming the first field whose value is not allowed."""
+        super().validate()
         positive = ("learning_rate", "value_learning_rate", "clip_epsilon", "temperature", "lora_alpha",
                     "adaptive_kl_horizon")
         for name in positive:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise _invalid(name, value, "must be a finite number > 0")
+                raise _invalid(self, name, value, "must be a finite number > 0")
         at_least_one = ("batch_size", "max_new_tokens", "ppo_epochs", "num_mini_batches", "lora_r")
         for name in at_least_one:
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-                raise _invalid(name, value, "must be an integer >= 1")
+                raise _invalid(self, name, value, "must be an integer >= 1")
         non_negative = ("kl_coef", "value_clip", "vf_coef", "entropy_coef", "max_grad_norm")
         for name in non_negative:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise _invalid(name, value, "must be a finite number >= 0")
+                raise _invalid(self, name, value, "must be a finite number >= 0")
         for name in ("gamma", "lam"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 <= value <= 1):
-                raise _invalid(name, value, "must be in [0, 1]")
+                raise _invalid(self, name, value, "must be in [0, 1]")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise _invalid("top_p", self.top_p, "must be in (0, 1]")
+            raise _invalid(self, "top_p", self.top_p, "must be in (0, 1]")
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
-            raise _invalid("top_k", self.top_k, "must be an integer >= 0 (0 turns it off)")
+            raise _invalid(self, "top_k", self.top_k, "must be an integer >= 0 (0 turns it off)")
         if not (0 <= self.lora_dropout < 1):
-            raise _invalid("lora_dropout", self.lora_dropout, "must be in [0, 1)")
+            raise _invalid(self, "lora_dropout", self.lora_dropout, "must be in [0, 1)")
         if self.kl_estimator not in KL_ESTIMATORS:
-            raise _invalid("kl_estimator", self.kl_estimator, f"must be one of {KL_ESTIMATORS}")
-        if self.dtype not in DTYPES:
-            raise _invalid("dtype", self.dtype, f"must be one of {DTYPES}")
+            raise _invalid(self, "kl_estimator", self.kl_estimator, f"must be one of {KL_ESTIMATORS}")
         for name in ("target_kl", "adaptive_kl_target"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):
-                raise _invalid(name, value, "must be a number > 0, or None to turn it off")
+                raise _invalid(self, name, value, "must be a number > 0, or None to turn it off")
         if self.missing_eos_penalty is not None and not math.isfinite(self.missing_eos_penalty):
-            raise _invalid("missing_eos_penalty", self.missing_eos_penalty, "must be a finite number or None")
+            raise _invalid(self, "missing_eos_penalty", self.missing_eos_penalty, "must be a finite number or None")
         if not self.model_name:
-            raise _invalid("model_name", self.model_name, "must name a model (hub name or local directory)")
+            raise _invalid(self, "model_name", self.model_name, "must name a model (hub name or local directory)")
         if self.num_mini_batches > self.batch_size:
-            raise _invalid("num_mini_batches", self.num_mini_batches,
+            raise _invalid(self, "num_mini_batches", self.num_mini_batches,
                            f"must be <= batch_size ({self.batch_size}): each minibatch needs a sequence")
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        """Names of every field, in declaration order."""
-        return [f.name for f in fields(cls)]

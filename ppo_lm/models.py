@@ -34,7 +34,7 @@ from ppo_lm.losses import entropy_from_logits
 
 logger = logging.getLogger(__name__)
 
-POLICY_ADAPTER = "policy"
+POLICY_ADAPTER = "default"  # peft's default name: the policy adapter saves and loads like any peft adapter
 VALUE_ADAPTER = "value"
 
 
@@ -103,7 +103,7 @@ class RoleModels:
     """The policy, reference, value and reward models of one PPO run, and how to switch between them."""
 
     policy: nn.Module
-    """Causal LM being trained (a PeftModel with adapters 'policy' and, when shared, 'value')."""
+    """Causal LM being trained (a PeftModel with the policy adapter 'default' and, when shared, 'value')."""
     reference: nn.Module | None
     """Separate frozen reference, or None: the policy with its adapter disabled."""
     value_backbone: nn.Module
@@ -129,6 +129,16 @@ class RoleModels:
             body = [p for p in self.value_backbone.parameters() if p.requires_grad]
         head = [p for p in self.value_head.parameters() if id(p) not in {id(q) for q in body}]
         return body + head
+
+    def named_trainable(self) -> dict[str, nn.Parameter]:
+        """Every trained tensor by a stable name: `policy.*`, `value.*` and `value_head.*`."""
+        policy_ids = {id(p) for p in self.policy_parameters()}
+        value_ids = {id(p) for p in self.value_parameters()}
+        named = {f"policy.{n}": p for n, p in self.policy.named_parameters() if id(p) in policy_ids}
+        value_body = self.policy if self.value_adapter_on_policy else self.value_backbone
+        named.update({f"value.{n}": p for n, p in value_body.named_parameters() if id(p) in value_ids})
+        named.update({f"value_head.{n}": p for n, p in self.value_head.named_parameters()})
+        return named
 
     @contextlib.contextmanager
     def reference_model(self) -> Iterator[nn.Module]:

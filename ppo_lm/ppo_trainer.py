@@ -19,16 +19,20 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import set_seed
 
 from ppo_lm.advantages import compute_gae, masked_mean, masked_whiten
+from ppo_lm.checkpoint import load_state, save_state
 from ppo_lm.config import PPOConfig
 from ppo_lm.generation import SequenceBatch, encode_prompts, generate_responses, sampling_config
 from ppo_lm.losses import approx_kl, clipped_policy_loss, clipped_value_loss, kl_estimate
 from ppo_lm.models import (
+    POLICY_ADAPTER,
     load_role_models,
     load_tokenizer,
     resolve_device,
@@ -43,6 +47,7 @@ from ppo_lm.rewards import (
     apply_missing_eos_penalty,
     call_reward_fn,
     check_finite_scores,
+    load_reward_function,
     shape_rewards,
 )
 
@@ -114,8 +119,11 @@ class PPOTrainer:
     """
 
     def __init__(self, config: PPOConfig, reward_fn: RewardFn | None = None):
+        if reward_fn is None and config.reward_fn is not None:
+            reward_fn = load_reward_function(config.reward_fn)
         if reward_fn is None and config.reward_model_name is None:
-            raise ValueError("No reward: pass reward_fn=... or set PPOConfig.reward_model_name to a reward model.")
+            raise ValueError("No reward: pass reward_fn=... (or set PPOConfig.reward_fn) or set "
+                             "PPOConfig.reward_model_name to a reward model.")
         if reward_fn is not None and config.reward_model_name is not None:
             raise ValueError(
                 f"Both reward_fn and reward_model_name={config.reward_model_name!r} are given; choose one."
@@ -153,6 +161,10 @@ class PPOTrainer:
         )
         self.kl_controller = KLController(config.kl_coef, config.adaptive_kl_target, config.adaptive_kl_horizon)
         self.step_count = 0
+
+    def train_step(self, prompts: list[str]) -> dict:
+        """One step of a training run: a PPO step (the name every stage's trainer shares)."""
+        return self.ppo_step(prompts)
 
     def ppo_step(self, prompts: list[str]) -> dict:
         """Run one PPO iteration on `prompts` and return its statistics.
@@ -220,6 +232,70 @@ class PPOTrainer:
             kl_coef=kl_coef, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, values=values,
             advantages=advantages, returns=returns, timings=timings,
         )
+
+    def evaluate(self, prompts: list[str]) -> tuple[dict[str, float], list[dict]]:
+        """Mean reward, KL and response length on held-out prompts, and each prompt's sample; no weight changes.
+
+        Sampling uses its own seeded generator state, so evaluating never shifts the training run's randomness and
+        the same weights always give the same samples.
+        """
+        rollouts = []
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.config.seed)
+            for start in range(0, len(prompts), self.config.batch_size):
+                rollouts.append(self.make_rollout(prompts[start : start + self.config.batch_size]))
+        scores = torch.cat([r.raw_scores for r in rollouts])
+        summed_kl = torch.cat([r.summed_kl for r in rollouts])
+        lengths = torch.cat([r.batch.response_mask.sum(-1).float() for r in rollouts])
+        metrics = {
+            "eval/reward_mean": scores.mean().item(),
+            "eval/reward_std": scores.std().item() if len(scores) > 1 else 0.0,
+            "eval/kl": summed_kl.mean().item(),
+            "eval/response_length": lengths.mean().item(),
+        }
+        completions = [c for r in rollouts for c in r.completions]
+        samples = [{"prompt": p, "completion": c, "reward": s}
+                   for p, c, s in zip(prompts, completions, scores.tolist(), strict=True)]
+        return metrics, samples
+
+    # --- checkpoint state ----------------------------------------------------------------------------------------
+
+    def save_state(self, directory: Path) -> None:
+        """Write the trained weights, the policy (peft adapter or full model) and the optimizer to `directory`."""
+        trained = {name: p.detach().cpu().contiguous() for name, p in self.models.named_trainable().items()}
+        save_file(trained, str(directory / "trainable.safetensors"))
+        if self.config.use_lora:  # also the policy alone, as a peft adapter that PeftModel.from_pretrained reads
+            self.models.policy.save_pretrained(str(directory / "policy"), selected_adapters=[POLICY_ADAPTER])
+        self.tokenizer.save_pretrained(str(directory / "policy"))
+        save_state(self.optimizer.state_dict(), directory, "optimizer")
+
+    def load_state(self, directory: Path) -> None:
+        """Load what `save_state` wrote; every trained tensor must be there with its shape."""
+        saved = load_file(str(directory / "trainable.safetensors"))
+        named = self.models.named_trainable()
+        if saved.keys() != named.keys():
+            missing, extra = sorted(named.keys() - saved.keys()), sorted(saved.keys() - named.keys())
+            raise ValueError(
+                f"Checkpoint {directory} does not match this model: missing {missing[:3]}, unexpected {extra[:3]}. "
+                "Was it written with another model_name, use_lora or LoRA setting?"
+            )
+        with torch.no_grad():
+            for name, parameter in named.items():
+                if saved[name].shape != parameter.shape:
+                    raise ValueError(f"Checkpoint tensor {name} has shape {tuple(saved[name].shape)}, the model "
+                                     f"{tuple(parameter.shape)}.")
+                parameter.copy_(saved[name])
+        self.optimizer.load_state_dict(load_state(directory, "optimizer"))
+
+    def extra_state(self) -> dict:
+        """Small state a checkpoint keeps besides weights and optimizer: the KL controller and the step count."""
+        return {"kl_controller": self.kl_controller.state_dict(), "step_count": self.step_count}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore what `extra_state` returned."""
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        self.step_count = state["step_count"]
 
     def _score(self, prompts: list[str], completions: list[str], batch: SequenceBatch) -> torch.Tensor:
         """Scores of the completions from the reward function, or from the reward model at the last real token."""

@@ -7,8 +7,11 @@ token and the score on the last one; the KL coefficient is fixed or follows an a
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +21,29 @@ RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 
 class RewardFunctionError(RuntimeError):
     """A reward function raised, or returned something that is not one finite number per completion."""
+
+
+def load_reward_function(spec: str) -> RewardFn:
+    """Import a reward function named 'package.module:function' or 'path/to/file.py:function'."""
+    module_name, _, function_name = spec.rpartition(":")
+    if not module_name or not function_name:
+        raise ValueError(f"reward_fn={spec!r} must look like 'package.module:function' or 'file.py:function'.")
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_file():
+            raise ValueError(f"reward_fn={spec!r}: the file {path} does not exist.")
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as error:
+            raise ValueError(f"reward_fn={spec!r}: cannot import {module_name!r} ({error}).") from error
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ValueError(f"reward_fn={spec!r}: {module_name} has no function {function_name!r}.")
+    return function
 
 
 def call_reward_fn(reward_fn: RewardFn, prompts: list[str], completions: list[str]) -> torch.Tensor:

@@ -1,0 +1,205 @@
+"""Checkpoints that resume exactly, written atomically, read without unpickling anything.
+
+A checkpoint is a directory `checkpoint-<step>` in the run directory. It is written under a hidden temporary
+name and renamed into place only once complete; its manifest, written last, lists every file with its size. A
+directory whose manifest is missing or whose files do not match it is never taken for a good checkpoint.
+
+State that is not weights (optimizer moments, RNG states, data position, scheduler) is split into tensors, saved
+with safetensors, and a JSON skeleton that says where each tensor goes: loading runs no pickled code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "checkpoint.json"
+FORMAT = "ppo-lm-checkpoint"
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A directory given to resume from is not a usable ppo-lm checkpoint or run directory."""
+
+
+# --- state as safetensors + JSON ------------------------------------------------------------------------------
+
+def flatten_state(state: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split a nested state (dicts, lists, tuples, tensors, arrays, numbers) into a JSON skeleton and tensors."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def visit(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            key = f"t{len(tensors)}"
+            tensors[key] = value.detach().cpu().contiguous()
+            return {"__tensor__": key}
+        if isinstance(value, np.ndarray):
+            key = f"t{len(tensors)}"
+            tensors[key] = torch.from_numpy(value.astype(np.int64) if value.dtype == np.uint32 else value.copy())
+            return {"__ndarray__": key, "dtype": str(value.dtype)}
+        if isinstance(value, dict):
+            return {"__dict__": [[k, visit(v)] for k, v in value.items()]}
+        if isinstance(value, tuple):
+            return {"__tuple__": [visit(v) for v in value]}
+        if isinstance(value, list):
+            return [visit(v) for v in value]
+        if isinstance(value, np.generic):
+            return value.item()
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        raise TypeError(f"Cannot checkpoint a {type(value).__name__}: {value!r:.80}")
+
+    return visit(state), tensors
+
+
+def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Rebuild the state that `flatten_state` split."""
+    if isinstance(skeleton, list):
+        return [unflatten_state(v, tensors) for v in skeleton]
+    if isinstance(skeleton, dict):
+        if "__tensor__" in skeleton:
+            return tensors[skeleton["__tensor__"]]
+        if "__ndarray__" in skeleton:
+            return tensors[skeleton["__ndarray__"]].numpy().astype(skeleton["dtype"])
+        if "__tuple__" in skeleton:
+            return tuple(unflatten_state(v, tensors) for v in skeleton["__tuple__"])
+        return {key: unflatten_state(v, tensors) for key, v in skeleton["__dict__"]}
+    return skeleton
+
+
+def save_state(state: Any, directory: Path, name: str) -> None:
+    """Write `state` as `<name>.json` (skeleton) and `<name>.safetensors` (tensors) in `directory`."""
+    skeleton, tensors = flatten_state(state)
+    save_file(tensors, str(directory / f"{name}.safetensors"))
+    (directory / f"{name}.json").write_text(json.dumps(skeleton))
+
+
+def load_state(directory: Path, name: str) -> Any:
+    """Read the state that `save_state` wrote."""
+    tensors = load_file(str(directory / f"{name}.safetensors"))
+    return unflatten_state(json.loads((directory / f"{name}.json").read_text()), tensors)
+
+
+# --- random number generators ----------------------------------------------------------------------------------
+
+def rng_state() -> dict[str, Any]:
+    """The states of python's, numpy's and torch's (CPU and CUDA) random generators."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the generators to a state taken by `rng_state`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- writing, finding and verifying checkpoints -------------------------------------------------------------------
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step in a `checkpoint-<step>` directory name, or None for any other name."""
+    match = _CHECKPOINT_NAME.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def save_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None], keep: int = 0) -> Path:
+    """Write a checkpoint atomically: `write(tmp_dir)` fills it, the manifest seals it, a rename publishes it.
+
+    Keeps the newest `keep` checkpoints (0 keeps all). Returns the checkpoint's path.
+    """
+    run_dir = Path(run_dir)
+    final = run_dir / f"checkpoint-{step}"
+    partial = run_dir / f".checkpoint-{step}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    write(partial)
+    files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
+    manifest = {"format": FORMAT, "version": 1, "step": step, "files": files}
+    with open(partial / MANIFEST, "w") as handle:
+        json.dump(manifest, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    if final.exists():  # the same step saved again (e.g. the end of a run that just saved): replace it
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    if keep > 0:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` is not a complete checkpoint, or None when its manifest and files agree."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        return f"no {MANIFEST} (it was not finished, or is not a ppo-lm checkpoint)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as error:
+        return f"unreadable {MANIFEST}: {error}"
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        return f"{MANIFEST} is not a ppo-lm checkpoint manifest"
+    for name, size in manifest.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, the manifest says {size}"
+    return None
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """`checkpoint-<step>` directories in `run_dir`, oldest first (complete or not)."""
+    found = [p for p in Path(run_dir).iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
+
+
+def find_checkpoint(path: Path) -> Path:
+    """The checkpoint to resume from: `path` itself if it is a checkpoint, else the newest good one in it.
+
+    Incomplete checkpoints are skipped with a warning that names them and says which one is used instead.
+    Raises CheckpointError when `path` is missing, is a broken checkpoint, or holds no good checkpoint.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"Cannot resume from {path}: no such directory.")
+    if (path / MANIFEST).exists() or checkpoint_step(path) is not None:
+        problem = checkpoint_problem(path)
+        if problem:
+            raise CheckpointError(f"Cannot resume from {path}: it is not a complete checkpoint ({problem}).")
+        return path
+    candidates = list_checkpoints(path)
+    skipped = []
+    for candidate in reversed(candidates):
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            if skipped:
+                logger.warning("Skipping incomplete checkpoint(s) %s; resuming from %s.",
+                               "; ".join(skipped), candidate.name)
+            return candidate
+        skipped.append(f"{candidate.name} ({problem})")
+    if skipped:
+        raise CheckpointError(f"No complete checkpoint in {path}: {'; '.join(skipped)}.")
+    raise CheckpointError(
+        f"No checkpoint in {path}: resume needs a run directory written by `ppo-lm train` (with "
+        "checkpoint-<step> folders) or one checkpoint-<step> folder."
+    )

@@ -1,0 +1,191 @@
+"""The `ppo-lm` command: train, report, export.
+
+    ppo-lm train --config FILE.yaml [--FIELD VALUE ...] [--resume [DIR]] [--overwrite]
+    ppo-lm report RUN_DIR
+    ppo-lm export CHECKPOINT OUT_DIR [--overwrite]
+
+Config fields come from the YAML file, then from `--FIELD VALUE` overrides (parsed by tyro from the dataclass,
+docstrings and all). Everything that can be checked is checked before a model loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import tyro
+import yaml
+
+from ppo_lm.config import PPOConfig, RunConfig
+
+logger = logging.getLogger("ppo_lm")
+
+_TYRO_OPTIONS = dict(config=(tyro.conf.FlagConversionOff,), use_underscores=True)
+
+
+class CommandLineError(ValueError):
+    """The command line or config file asks for something that cannot be done."""
+
+
+def read_config_file(path: str | Path, config_class: type[RunConfig] = PPOConfig) -> dict[str, Any]:
+    """Field values from a YAML file; an unknown field is an error that suggests the closest one."""
+    path = Path(path)
+    if not path.is_file():
+        raise CommandLineError(f"Config file {path} does not exist.")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise CommandLineError(f"Config file {path} is not valid YAML: {error}") from error
+    if not isinstance(values, dict):
+        raise CommandLineError(f"Config file {path} must be a mapping of field: value, not a {type(values).__name__}.")
+    known = config_class.field_names()
+    for name in values:
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else f" Known fields: {', '.join(known)}."
+            raise CommandLineError(f"Unknown field {name!r} in {path}.{hint}")
+    return values
+
+
+def parse_config(
+    config_class: type[RunConfig], file_values: dict[str, Any], overrides: list[str], prog: str
+) -> RunConfig:
+    """The config: dataclass defaults, then the file's values, then `--FIELD VALUE` overrides."""
+    try:
+        base = config_class(**file_values)
+    except TypeError as error:
+        raise CommandLineError(str(error)) from error
+    return tyro.cli(config_class, args=overrides, default=base, prog=prog, **_TYRO_OPTIONS)
+
+
+def fields_help(config_class: type[RunConfig]) -> str:
+    """Every field of `config_class` with its docstring and default, as the help of `--FIELD VALUE`."""
+    parser = tyro.extras.get_parser(config_class, **_TYRO_OPTIONS)
+    return parser.format_help().split("\n", 1)[1]
+
+
+def _train_arguments() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ppo-lm train", add_help=False)
+    parser.add_argument("--config", help="YAML file of PPOConfig fields.")
+    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR",
+                        help="Continue from the newest complete checkpoint of the run in output_dir (or DIR: a run "
+                             "directory or one checkpoint-<step> folder).")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Delete a non-empty output_dir and start again.")
+    parser.add_argument("-h", "--help", action="store_true")
+    return parser
+
+
+def train_command(argv: list[str]) -> dict[str, Any]:
+    """`ppo-lm train`: check the config, run dir and data, then build the trainer and run the loop."""
+    arguments, overrides = _train_arguments().parse_known_args(argv)
+    if arguments.help:
+        print(_train_arguments().format_help().replace("usage:", "usage:", 1))
+        print("Config fields (set them in the YAML file or as --FIELD VALUE):")
+        print(fields_help(PPOConfig))
+        raise SystemExit(0)
+
+    resume_dir = None
+    file_values: dict[str, Any] = {}
+    if arguments.resume not in (None, True):
+        resume_dir = Path(arguments.resume)
+        run_dir = resume_dir.parent if (resume_dir / "checkpoint.json").exists() else resume_dir
+        saved_config = run_dir / "config.yaml"
+        if arguments.config is None and saved_config.is_file():
+            file_values = read_config_file(saved_config)
+        file_values["output_dir"] = str(run_dir)
+    if arguments.config is not None:
+        file_values = {**read_config_file(arguments.config), **file_values}
+    if arguments.resume is None and arguments.config is None and not overrides:
+        raise CommandLineError("ppo-lm train needs --config FILE.yaml (or --FIELD VALUE options); see --help.")
+    config = parse_config(PPOConfig, file_values, overrides, prog="ppo-lm train")
+    if config.dataset is None:
+        raise CommandLineError("No training data: set `dataset` (a hub dataset or a local .jsonl/.json/.csv/.parquet "
+                               "file of prompts) in the config or with --dataset.")
+
+    from ppo_lm.data import load_prompts
+    from ppo_lm.training import prepare_run_dir
+
+    resuming = arguments.resume is not None
+    run_dir = prepare_run_dir(config.output_dir, resume=resuming, overwrite=arguments.overwrite)
+    if resuming:
+        from ppo_lm.checkpoint import find_checkpoint
+
+        resume_dir = find_checkpoint(resume_dir or run_dir)
+
+    data_options = dict(split=config.dataset_split, eval_split=config.eval_split,
+                        eval_fraction=0.0 if config.eval_split else config.eval_fraction,
+                        prompt_field=config.prompt_field, seed=config.seed)
+    train_prompts, eval_prompts = load_prompts(config.dataset, **data_options)  # data errors before any model
+    from ppo_lm.models import load_tokenizer
+    from ppo_lm.ppo_trainer import PPOTrainer
+    from ppo_lm.training import run_training
+
+    if config.max_prompt_length is not None:
+        tokenizer = load_tokenizer(config.model_name)
+        train_prompts, eval_prompts = load_prompts(config.dataset, tokenizer=tokenizer,
+                                                   max_prompt_length=config.max_prompt_length, **data_options)
+    trainer = PPOTrainer(config)
+    result = run_training(config, trainer, train_prompts, eval_prompts, run_dir, resume_from=resume_dir)
+    _print_summary(result)
+    return result
+
+
+def _print_summary(result: dict[str, Any]) -> None:
+    evaluation = result.get("eval") or {}
+    lines = [f"checkpoint: {result['checkpoint']}"]
+    lines += [f"{name}: {value:.4g}" for name, value in evaluation.items()]
+    lines += [f"{name}: {path}" for name, path in result.get("report", {}).items()]
+    print("\n".join(lines))
+
+
+def report_command(argv: list[str]) -> None:
+    """`ppo-lm report RUN_DIR`: the curves PNG and the samples file of a run."""
+    parser = argparse.ArgumentParser(prog="ppo-lm report", description="Write report.png and samples.md of a run.")
+    parser.add_argument("run_dir")
+    arguments = parser.parse_args(argv)
+    from ppo_lm.report import write_report
+
+    for name, path in write_report(arguments.run_dir).items():
+        print(f"{name}: {path}")
+
+
+def export_command(argv: list[str]) -> None:
+    """`ppo-lm export CHECKPOINT OUT_DIR`: a merged model that plain transformers loads."""
+    parser = argparse.ArgumentParser(prog="ppo-lm export",
+                                     description="Merge a checkpoint's policy into a plain transformers model.")
+    parser.add_argument("checkpoint", help="A checkpoint-<step> folder, or a run directory (its newest checkpoint).")
+    parser.add_argument("out_dir")
+    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty OUT_DIR.")
+    arguments = parser.parse_args(argv)
+    from ppo_lm.export import export_policy
+
+    print(f"exported: {export_policy(arguments.checkpoint, arguments.out_dir, overwrite=arguments.overwrite)}")
+
+
+COMMANDS = {"train": train_command, "report": report_command, "export": export_command}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `ppo-lm` command."""
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip().split("\n\n")[0])
+        print(__doc__.strip().split("\n\n")[1])
+        print("\nConfig fields of `ppo-lm train` (YAML keys or --FIELD VALUE):")
+        print(fields_help(PPOConfig))
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"error: unknown command {argv[0]!r}; use one of {', '.join(COMMANDS)}.", file=sys.stderr)
+            return 2
+        return 0 if argv else 2
+    try:
+        COMMANDS[argv[0]](argv[1:])
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,362 @@
+"""Data loading shared by every kind of run: rows from a local file, a saved directory or the hub, then prompts.
+
+PPO runs call `load_prompts` (train and eval prompts as lists of strings) and feed the train prompts through a
+`PromptStream` (endless, seeded, resumable batches). SFT and reward-model runs reuse `load_rows` and
+`require_columns` for their prompt/completion and preference rows.
+
+Prompts come either from a text column (`prompt` by default) or, for Reddit TL;DR rows with `subreddit`, `title` and
+`post` columns, from `TLDR_TEMPLATE`; a TL;DR post that is too long for `max_prompt_length` tokens loses the end of
+its body, never the header or the `TL;DR:` cue the policy answers.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import datasets
+
+# Local file suffix -> the `datasets` builder that reads it.
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+TLDR_COLUMNS = ("subreddit", "title", "post")
+TLDR_TEMPLATE = "SUBREDDIT: r/{subreddit}\nTITLE: {title}\nPOST: {post}\nTL;DR:"
+# BPE merges where the cut post meets "\nTL;DR:" can shift the count by a token or two; a few retries settle it.
+_MAX_FIT_TRIES = 4
+
+
+class DataError(ValueError):
+    """The data given to a run cannot be used: missing, empty, in an unsupported format, or lacking a column."""
+
+
+def _supported_suffixes() -> str:
+    return ", ".join(FILE_BUILDERS)
+
+
+def _looks_like_path(dataset: str) -> bool:
+    """True for names that are meant as local paths rather than hub ids (`name` or `namespace/name`)."""
+    if dataset.lower().endswith(tuple(FILE_BUILDERS)) or dataset.startswith((".", "~", os.sep)):
+        return True
+    separators = dataset.count(os.sep) + (dataset.count(os.altsep) if os.altsep else 0)
+    # A hub id has at most one "/"; on Linux os.sep is "/" too, so one separator alone cannot mean a path.
+    return separators > 1
+
+
+def _load_file(path: str, split: str) -> datasets.Dataset:
+    """Read one local data file with the builder its suffix names; split "train" is the whole file."""
+    suffix = next((s for s in FILE_BUILDERS if path.lower().endswith(s)), None)
+    if suffix is None:
+        raise DataError(
+            f"Cannot read {path}: unsupported file type {os.path.splitext(path)[1] or '(no suffix)'!r}. "
+            f"Supported: {_supported_suffixes()}, or a directory saved with Dataset.save_to_disk."
+        )
+    if split.split("[")[0] != "train":
+        raise DataError(
+            f"{path} is a single file, so its only split is 'train' (slices such as 'train[:1000]' also work); got "
+            f"split {split!r}. Put other splits in their own files, or use a directory saved with "
+            "DatasetDict.save_to_disk."
+        )
+    # An empty .jsonl makes the json builder raise a bare StopIteration: catch it before it gets there.
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path} is empty: it holds no rows.")
+    try:
+        return datasets.load_dataset(FILE_BUILDERS[suffix], data_files=path, split=split)
+    except Exception as error:
+        # `datasets` reports a file with no rows (a header-only CSV, "[]", blank lines) this way.
+        if "corresponds to no data" in str(error):
+            raise DataError(f"{path} (split {split!r}) holds no rows.") from error
+        raise DataError(
+            f"Could not read {path} as {FILE_BUILDERS[suffix]} ({type(error).__name__}: {error}). Check that the "
+            f"file is valid {suffix[1:]} with one record per row."
+        ) from error
+
+
+def _load_saved(path: str, split: str) -> datasets.Dataset:
+    """Read a directory written by `Dataset.save_to_disk` (split "train" = all of it) or `DatasetDict.save_to_disk`."""
+    try:
+        saved = datasets.load_from_disk(path)
+    except FileNotFoundError as error:
+        raise DataError(
+            f"{path} is a directory but not one written by Dataset.save_to_disk or DatasetDict.save_to_disk. Pass "
+            f"such a directory or a data file ({_supported_suffixes()})."
+        ) from error
+    if isinstance(saved, datasets.DatasetDict):
+        if split not in saved:
+            raise DataError(f"{path} has no split {split!r}; its splits are {sorted(saved)}.")
+        return saved[split]
+    if split != "train":
+        raise DataError(
+            f"{path} holds a single Dataset, so its only split is 'train'; got split {split!r}. Save a DatasetDict "
+            "to have more splits."
+        )
+    return saved
+
+
+def _load_hub(name: str, split: str) -> datasets.Dataset:
+    """Load a split of a hub dataset, turning any failure (no network, no such dataset or split) into DataError."""
+    try:
+        return datasets.load_dataset(name, split=split)
+    except Exception as error:
+        raise DataError(
+            f"Could not load dataset {name!r} (split {split!r}) from the Hugging Face Hub "
+            f"({type(error).__name__}: {error}). No local file or directory of that name exists either. To use local "
+            f"data, pass a path to a {_supported_suffixes()} file or to a directory saved with save_to_disk."
+        ) from error
+
+
+def load_rows(dataset: str, split: str = "train") -> datasets.Dataset:
+    """Load the rows of one split of `dataset`.
+
+    `dataset` is a local `.jsonl`, `.json`, `.csv` or `.parquet` file (split "train" is the whole file), a directory
+    saved by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`, or else a hub dataset name. Raises DataError for
+    a local path that does not exist, an unsupported file type, an unknown split, no rows, or a hub load that fails.
+    """
+    path = os.path.expanduser(dataset)
+    if os.path.isdir(path):
+        rows = _load_saved(path, split)
+    elif os.path.isfile(path):
+        rows = _load_file(path, split)
+    elif _looks_like_path(dataset):
+        raise DataError(
+            f"Local dataset path {path} does not exist. Check it (relative paths start from {os.getcwd()})."
+        )
+    else:
+        rows = _load_hub(dataset, split)
+    if len(rows) == 0:
+        raise DataError(f"{dataset} (split {split!r}) holds no rows.")
+    return rows
+
+
+def require_columns(rows: datasets.Dataset, columns: Sequence[str], source: str) -> None:
+    """Raise DataError naming each of `columns` that `rows` lacks, the columns it has, and where it came from."""
+    missing = [column for column in columns if column not in rows.column_names]
+    if missing:
+        raise DataError(
+            f"{source} lacks column(s) {missing}; its columns are {rows.column_names}. Rename the columns in the "
+            "data, or choose the field to read (for prompts: prompt_field)."
+        )
+
+
+def _count_tokens(tokenizer: Any, text: str) -> int:
+    # Special tokens counted as the trainer counts them when it encodes prompts (generation.encode_prompts).
+    return len(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+def format_tldr_prompt(
+    subreddit: str, title: str, post: str, tokenizer: Any = None, max_prompt_length: int | None = None
+) -> str:
+    """Fill `TLDR_TEMPLATE`; with a tokenizer and `max_prompt_length` (tokens), cut the post's end until it fits.
+
+    Only the POST body is shortened, by whole tokens from its end (trailing whitespace removed); the subreddit and
+    title lines and the `TL;DR:` cue are always kept whole. Raises DataError when even an empty post does not fit,
+    and ValueError when `max_prompt_length` is given without a tokenizer.
+    """
+    prompt = TLDR_TEMPLATE.format(subreddit=subreddit, title=title, post=post)
+    if max_prompt_length is None:
+        return prompt
+    if tokenizer is None:
+        raise ValueError("max_prompt_length counts tokens: pass the tokenizer too.")
+    if _count_tokens(tokenizer, prompt) <= max_prompt_length:
+        return prompt
+    header = TLDR_TEMPLATE.format(subreddit=subreddit, title=title, post="")
+    header_length = _count_tokens(tokenizer, header)
+    if header_length > max_prompt_length:
+        raise DataError(
+            f"A TL;DR prompt for the post titled {title!r:.80} does not fit in max_prompt_length={max_prompt_length} "
+            f"tokens even with an empty post: the subreddit, title and TL;DR lines alone take {header_length} tokens. "
+            "Raise max_prompt_length or drop rows with such long titles."
+        )
+    post_ids = tokenizer(post, add_special_tokens=False)["input_ids"]
+    keep = min(len(post_ids), max_prompt_length - header_length)
+    for _ in range(_MAX_FIT_TRIES):
+        # A cut inside a multi-byte character decodes to U+FFFD: drop it with the trailing whitespace.
+        kept = tokenizer.decode(post_ids[:keep], clean_up_tokenization_spaces=False).rstrip().rstrip("\ufffd").rstrip()
+        prompt = TLDR_TEMPLATE.format(subreddit=subreddit, title=title, post=kept)
+        excess = _count_tokens(tokenizer, prompt) - max_prompt_length
+        if excess <= 0:
+            return prompt
+        keep = max(0, keep - excess)
+    return header  # Known to fit; only reached if merges kept defeating the cuts above.
+
+
+def _tldr_batch(batch: dict[str, list], indices: list[int], source: str) -> dict[str, list[str]]:
+    """`Dataset.map` function: one untruncated TL;DR prompt per row."""
+    for column in TLDR_COLUMNS:
+        for index, value in zip(indices, batch[column], strict=True):
+            if not isinstance(value, str):
+                raise DataError(
+                    f"{source}, row {index}: {column} is {value!r:.80}, not a string; every TL;DR row needs text there."
+                )
+    prompts = [
+        TLDR_TEMPLATE.format(subreddit=subreddit, title=title, post=post)
+        for subreddit, title, post in zip(batch["subreddit"], batch["title"], batch["post"], strict=True)
+    ]
+    return {"prompt": prompts}
+
+
+def prompts_from_rows(
+    rows: datasets.Dataset,
+    prompt_field: str = "prompt",
+    tokenizer: Any = None,
+    max_prompt_length: int | None = None,
+    *,
+    source: str = "The prompt rows",
+) -> list[str]:
+    """The prompts in `rows`, as a list of strings.
+
+    Rows with `subreddit`, `title` and `post` columns but no `prompt_field` column become TL;DR prompts
+    (`format_tldr_prompt`), their posts cut to fit `max_prompt_length` tokens when a tokenizer is given. Otherwise
+    the `prompt_field` column is returned as it is: plain prompts are never cut here, since the trainer keeps the
+    last tokens of a prompt that is too long and warns. Raises DataError for a missing column or a value that is not
+    a non-empty string; `source` (where the rows came from) starts the message.
+    """
+    if max_prompt_length is not None and tokenizer is None:
+        raise ValueError("max_prompt_length counts tokens: pass the tokenizer too.")
+    columns = rows.column_names
+    if prompt_field not in columns and all(column in columns for column in TLDR_COLUMNS):
+        formatted = rows.map(
+            _tldr_batch, batched=True, with_indices=True, remove_columns=columns, keep_in_memory=True,
+            fn_kwargs={"source": source}, desc="Formatting TL;DR prompts",
+        )
+        prompts = list(formatted["prompt"])
+        if tokenizer is None or max_prompt_length is None:
+            return prompts
+        # One batched tokenizer call finds the few prompts that need their post cut.
+        token_lists = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+        too_long = [i for i, tokens in enumerate(token_lists) if len(tokens) > max_prompt_length]
+        for i in too_long:
+            row = rows[i]
+            prompts[i] = format_tldr_prompt(*(row[column] for column in TLDR_COLUMNS), tokenizer, max_prompt_length)
+        return prompts
+    require_columns(rows, [prompt_field], source=f"{source} (read with prompt_field={prompt_field!r})")
+    prompts = list(rows[prompt_field])
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt:
+            raise DataError(
+                f"{source}, row {i}: {prompt_field} is {prompt!r:.80}; every prompt must be a non-empty string. Fix "
+                "or drop that row."
+            )
+    return prompts
+
+
+def train_eval_split(items: list, eval_fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out a seeded random `eval_fraction` of `items`; both parts keep the original order.
+
+    The eval part has `max(1, round(eval_fraction * len(items)))` items when `eval_fraction > 0` and there are at
+    least two items, and none otherwise. Raises ValueError for a fraction outside [0, 1).
+    """
+    if not 0 <= eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}.")
+    n = len(items)
+    if eval_fraction == 0 or n < 2:
+        return list(items), []
+    held_out = set(random.Random(seed).sample(range(n), max(1, round(eval_fraction * n))))
+    train = [item for i, item in enumerate(items) if i not in held_out]
+    evaluation = [item for i, item in enumerate(items) if i in held_out]
+    return train, evaluation
+
+
+def load_prompts(
+    dataset: str,
+    split: str = "train",
+    eval_split: str | None = None,
+    eval_fraction: float = 0.0,
+    prompt_field: str = "prompt",
+    tokenizer: Any = None,
+    max_prompt_length: int | None = None,
+    seed: int = 0,
+) -> tuple[list[str], list[str]]:
+    """Train and eval prompts for a PPO run: the one entry point runs use.
+
+    Train prompts come from `split` of `dataset` (see `load_rows`, `prompts_from_rows`). Eval prompts come from
+    `eval_split` of the same dataset when given, else from a seeded `eval_fraction` of the train prompts (see
+    `train_eval_split`); with neither, the eval list is empty. Raises DataError when no train prompt is left, and
+    ValueError when both `eval_split` and `eval_fraction` are given.
+    """
+    if eval_split is not None and eval_fraction > 0:
+        raise ValueError(
+            f"Give eval_split ({eval_split!r}) or eval_fraction ({eval_fraction}), not both: each picks the eval "
+            "prompts."
+        )
+    train = prompts_from_rows(
+        load_rows(dataset, split), prompt_field, tokenizer, max_prompt_length, source=f"{dataset} (split {split!r})"
+    )
+    if eval_split is not None:
+        evaluation = prompts_from_rows(
+            load_rows(dataset, eval_split), prompt_field, tokenizer, max_prompt_length,
+            source=f"{dataset} (split {eval_split!r})",
+        )
+    else:
+        train, evaluation = train_eval_split(train, eval_fraction, seed)
+    if not train:
+        raise DataError(
+            f"No train prompts are left: {dataset} (split {split!r}) has {len(evaluation)} and eval_fraction="
+            f"{eval_fraction} holds out all of them. Lower eval_fraction or add prompts."
+        )
+    return train, evaluation
+
+
+class PromptStream:
+    """Endless batches of prompts: a fresh seeded shuffle each epoch, resumable from `state_dict()`.
+
+    Epoch `e` visits the prompts in the order of a `random.Random(seed + e)` permutation; a batch that runs past
+    the end of an epoch continues into the next, and `batch_size` may exceed the number of prompts.
+    """
+
+    def __init__(self, prompts: list[str], batch_size: int, seed: int) -> None:
+        if len(prompts) == 0:
+            raise ValueError("PromptStream needs at least one prompt.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+        self.prompts = list(prompts)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0  # Index into this epoch's permutation of the next prompt to yield; always < len(prompts).
+        self._order_epoch: int | None = None
+        self._order: list[int] = []
+
+    def _epoch_order(self) -> list[int]:
+        # Rebuilt only when the epoch changes, so a batch costs O(batch_size) apart from one shuffle per epoch.
+        if self._order_epoch != self.epoch:
+            self._order = list(range(len(self.prompts)))
+            random.Random(self.seed + self.epoch).shuffle(self._order)
+            self._order_epoch = self.epoch
+        return self._order
+
+    def next_batch(self) -> list[str]:
+        """The next `batch_size` prompts, crossing into the next epoch (and its new order) where needed."""
+        batch = []
+        for _ in range(self.batch_size):
+            batch.append(self.prompts[self._epoch_order()[self.position]])
+            self.position += 1
+            if self.position == len(self.prompts):
+                self.epoch += 1
+                self.position = 0
+        return batch
+
+    def __iter__(self) -> Iterator[list[str]]:
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the stream stands: epoch, position, and the number of prompts (checked on load)."""
+        return {"epoch": self.epoch, "position": self.position, "num_prompts": len(self.prompts)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume from `state_dict()`: the next batches are those the saved stream would have given.
+
+        The stream must have been built with the same prompts, batch size and seed. Raises ValueError for a state
+        that does not fit this stream's prompts.
+        """
+        num_prompts = state.get("num_prompts", len(self.prompts))
+        if num_prompts != len(self.prompts):
+            raise ValueError(
+                f"This PromptStream state was saved for {num_prompts} prompts but the stream has {len(self.prompts)}; "
+                "resume with the same prompts (same dataset, split, eval settings and seed)."
+            )
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or not 0 <= position < len(self.prompts):
+            raise ValueError(f"Invalid PromptStream state {state}: need epoch >= 0 and 0 <= position < num_prompts.")
+        self.epoch, self.position = epoch, position

@@ -1,0 +1,218 @@
+"""The training loop every stage shares: schedule, progress bar, evaluation, logging, checkpoints, report.
+
+A stage's trainer (PPO now; SFT and reward models use the same loop) provides `optimizer`, `train_step(items)`,
+`evaluate(items)`, `save_state(dir)`, `load_state(dir)`, `extra_state()` and `load_extra_state(state)`. The loop
+owns everything around them: which items each step sees, when to evaluate and save, and what gets written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from ppo_lm.checkpoint import find_checkpoint, load_state, rng_state, save_checkpoint, save_state, set_rng_state
+from ppo_lm.config import RunConfig
+from ppo_lm.data import PromptStream
+from ppo_lm.report import write_report
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
+
+
+class StageTrainer(Protocol):
+    """What the loop needs from a stage's trainer."""
+
+    optimizer: torch.optim.Optimizer
+
+    def train_step(self, items: list) -> dict: ...
+    def evaluate(self, items: list) -> tuple[dict[str, float], list[dict]]: ...
+    def save_state(self, directory: Path) -> None: ...
+    def load_state(self, directory: Path) -> None: ...
+    def extra_state(self) -> dict: ...
+    def load_extra_state(self, state: dict) -> None: ...
+
+
+class RunDirectoryError(ValueError):
+    """The output directory cannot be used as asked (it holds another run, or nothing to resume)."""
+
+
+def prepare_run_dir(output_dir: str | Path, resume: bool, overwrite: bool) -> Path:
+    """Check the run directory before anything is loaded; never overwrite a run unless asked.
+
+    A new run needs a missing or empty directory, or `overwrite` (which deletes what is there). A resumed run
+    needs the directory to exist.
+    """
+    run_dir = Path(output_dir)
+    if resume:
+        if not run_dir.is_dir():
+            raise RunDirectoryError(f"Cannot resume: {run_dir} does not exist.")
+        return run_dir
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirectoryError(f"output_dir {run_dir} is a file; give a directory.")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise RunDirectoryError(
+                f"output_dir {run_dir} is not empty. Pass --resume to continue that run, --overwrite to delete it "
+                "and start again, or choose another --output_dir."
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    """Write the config as YAML, one key per field."""
+    path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule: warmup, then constant, linear decay to 0, or cosine."""
+    name = config.lr_scheduler
+    if name == "constant" and config.warmup_steps > 0:
+        name = "constant_with_warmup"
+    return get_scheduler(name, optimizer, num_warmup_steps=config.warmup_steps,
+                         num_training_steps=config.total_steps)
+
+
+class MetricsLogger:
+    """Writes metrics to `metrics.jsonl` always, and to the trackers of `report_to` (through accelerate)."""
+
+    def __init__(self, run_dir: Path, config: RunConfig, resumed_step: int | None):
+        self.metrics_path = run_dir / METRICS_FILE
+        self.samples_path = run_dir / SAMPLES_FILE
+        if resumed_step is not None:  # steps after the checkpoint will run again: drop their old lines
+            for path in (self.metrics_path, self.samples_path):
+                _truncate_jsonl_after(path, resumed_step)
+        self.accelerator = None
+        if config.trackers():
+            from accelerate import Accelerator
+
+            self.accelerator = Accelerator(log_with=config.trackers(), project_dir=str(run_dir))
+            hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                       for k, v in dataclasses.asdict(config).items()}
+            self.accelerator.init_trackers("tensorboard", config=hparams)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        """Append one line of numbers (lists and texts stay out of the trackers)."""
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        with open(self.metrics_path, "a") as handle:
+            handle.write(json.dumps({"step": step, **numbers}) + "\n")
+        if self.accelerator is not None:
+            self.accelerator.log(numbers, step=step)
+
+    def log_samples(self, samples: list[dict], step: int) -> None:
+        """Append the evaluation samples of one step."""
+        with open(self.samples_path, "a") as handle:
+            for sample in samples:
+                handle.write(json.dumps({"step": step, **sample}) + "\n")
+
+    def close(self) -> None:
+        """Flush and close the trackers."""
+        if self.accelerator is not None:
+            self.accelerator.end_training()
+
+
+def _truncate_jsonl_after(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except (ValueError, AttributeError):
+            continue  # a line cut short by an interrupted run
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def run_training(
+    config: RunConfig,
+    trainer: StageTrainer,
+    train_items: list,
+    eval_items: list,
+    run_dir: Path,
+    resume_from: Path | None = None,
+) -> dict[str, Any]:
+    """Train for `config.total_steps`, evaluating, logging and saving along the way; resume when asked.
+
+    Returns the last training metrics and the last evaluation metrics, and writes the report at the end.
+    """
+    run_dir = Path(run_dir)
+    eval_items = eval_items[: config.max_eval_prompts]
+    stream = PromptStream(train_items, config.batch_size, config.seed)
+    scheduler = build_scheduler(trainer.optimizer, config)
+    step = 0
+    if resume_from is not None:
+        checkpoint = find_checkpoint(resume_from)
+        trainer.load_state(checkpoint)
+        loop_state = load_state(checkpoint, "loop_state")
+        scheduler.load_state_dict(loop_state["scheduler"])
+        stream.load_state_dict(loop_state["data"])
+        trainer.load_extra_state(loop_state["trainer"])
+        set_rng_state(loop_state["rng"])
+        step = loop_state["step"]
+        logger.warning("Resuming from %s at step %d.", checkpoint, step)
+    save_config(config, run_dir / CONFIG_FILE)
+    metrics_logger = MetricsLogger(run_dir, config, step if resume_from is not None else None)
+
+    def save(at_step: int) -> Path:
+        def write(directory: Path) -> None:
+            trainer.save_state(directory)
+            save_state({"step": at_step, "scheduler": scheduler.state_dict(), "data": stream.state_dict(),
+                        "trainer": trainer.extra_state(), "rng": rng_state()}, directory, "loop_state")
+            save_config(config, directory / CONFIG_FILE)
+
+        return save_checkpoint(run_dir, at_step, write, keep=config.save_total_limit)
+
+    def evaluate(at_step: int) -> dict[str, float]:
+        if not eval_items:
+            return {}
+        metrics, samples = trainer.evaluate(eval_items)
+        metrics_logger.log(metrics, at_step)
+        metrics_logger.log_samples(samples, at_step)
+        return metrics
+
+    eval_metrics = evaluate(step) if resume_from is None else {}
+    train_metrics: dict[str, Any] = {}
+    progress = tqdm(total=config.total_steps, initial=step, desc="ppo-lm", dynamic_ncols=True)
+    try:
+        while step < config.total_steps:
+            start = time.perf_counter()
+            train_metrics = trainer.train_step(stream.next_batch())
+            scheduler.step()
+            step += 1
+            train_metrics["learning_rate"] = scheduler.get_last_lr()[0]
+            metrics_logger.log(train_metrics, step)
+            progress.update(1)
+            progress.set_postfix(_postfix(train_metrics, time.perf_counter() - start))
+            if config.eval_steps and step % config.eval_steps == 0 and step < config.total_steps:
+                eval_metrics = evaluate(step)
+            if config.save_steps and step % config.save_steps == 0 and step < config.total_steps:
+                save(step)
+    finally:
+        progress.close()
+    eval_metrics = evaluate(step) or eval_metrics
+    checkpoint = save(step)
+    metrics_logger.close()
+    report = write_report(run_dir)
+    return {"train": train_metrics, "eval": eval_metrics, "checkpoint": checkpoint, "report": report}
+
+
+def _postfix(metrics: dict[str, Any], seconds: float) -> dict[str, str]:
+    shown = {"reward": "reward_mean", "kl": "kl", "loss": "loss", "acc": "accuracy"}
+    postfix = {label: f"{metrics[key]:.3g}" for label, key in shown.items() if key in metrics}
+    postfix["s/step"] = f"{seconds:.2f}"
+    return postfix
