@@ -11,7 +11,9 @@ docstrings and all). Everything that can be checked is checked before a model lo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
+import io
 import logging
 import sys
 from pathlib import Path
@@ -64,8 +66,10 @@ def parse_config(
 
 def fields_help(config_class: type[RunConfig]) -> str:
     """Every field of `config_class` with its docstring and default, as the help of `--FIELD VALUE`."""
-    parser = tyro.extras.get_parser(config_class, **_TYRO_OPTIONS)
-    return parser.format_help().split("\n", 1)[1]
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured), contextlib.suppress(SystemExit):
+        tyro.cli(config_class, args=["--help"], prog="ppo-lm train", **_TYRO_OPTIONS)
+    return captured.getvalue().split("\n", 1)[1]
 
 
 def _train_arguments() -> argparse.ArgumentParser:
@@ -185,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     try:
         COMMANDS[argv[0]](argv[1:])
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

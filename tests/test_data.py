@@ -1,0 +1,353 @@
+"""Data loading: every source format, every error, TL;DR prompts and their truncation, splits, the prompt stream."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import huggingface_hub.constants
+import pytest
+
+from ppo_lm.data import (
+    TLDR_TEMPLATE,
+    DataError,
+    PromptStream,
+    format_tldr_prompt,
+    load_prompts,
+    load_rows,
+    prompts_from_rows,
+    require_columns,
+    train_eval_split,
+)
+
+PROMPTS = ["first prompt", "second prompt", "third prompt"]
+LONG_POST = " ".join(f"Sentence {i} of a long post about my roommate and the dishes." for i in range(60))
+
+
+def write_jsonl(path, records) -> str:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return str(path)
+
+
+# Loading each format -------------------------------------------------------------------------------------------
+
+
+def test_load_rows_jsonl(tmp_path):
+    rows = load_rows(write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in PROMPTS]))
+    assert list(rows["prompt"]) == PROMPTS
+
+
+def test_load_rows_json_list(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps([{"prompt": p, "id": i} for i, p in enumerate(PROMPTS)]))
+    rows = load_rows(str(path))
+    assert list(rows["prompt"]) == PROMPTS
+    assert list(rows["id"]) == [0, 1, 2]
+
+
+def test_load_rows_csv(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("prompt,label\n" + "".join(f'"{p}, with a comma",{i}\n' for i, p in enumerate(PROMPTS)))
+    rows = load_rows(str(path))
+    assert list(rows["prompt"]) == [f"{p}, with a comma" for p in PROMPTS]
+
+
+def test_load_rows_parquet(tmp_path):
+    path = str(tmp_path / "p.parquet")
+    datasets.Dataset.from_dict({"prompt": PROMPTS}).to_parquet(path)
+    assert list(load_rows(path)["prompt"]) == PROMPTS
+
+
+def test_load_rows_file_slice_split(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in PROMPTS])
+    assert list(load_rows(path, split="train[:2]")["prompt"]) == PROMPTS[:2]
+
+
+def test_load_rows_saved_dataset_dir(tmp_path):
+    datasets.Dataset.from_dict({"prompt": PROMPTS}).save_to_disk(str(tmp_path / "saved"))
+    assert list(load_rows(str(tmp_path / "saved"))["prompt"]) == PROMPTS
+    with pytest.raises(DataError, match="only split is 'train'"):
+        load_rows(str(tmp_path / "saved"), split="test")
+
+
+def test_load_rows_saved_dataset_dict_dir(tmp_path):
+    saved = datasets.DatasetDict(
+        train=datasets.Dataset.from_dict({"prompt": PROMPTS}), test=datasets.Dataset.from_dict({"prompt": ["held"]})
+    )
+    saved.save_to_disk(str(tmp_path / "saved"))
+    assert list(load_rows(str(tmp_path / "saved"), split="test")["prompt"]) == ["held"]
+    assert list(load_rows(str(tmp_path / "saved"))["prompt"]) == PROMPTS
+    with pytest.raises(DataError, match=r"no split 'validation'; its splits are \['test', 'train'\]"):
+        load_rows(str(tmp_path / "saved"), split="validation")
+
+
+# Loading errors ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["missing.jsonl", "data/more/missing", "./missing"])
+def test_load_rows_missing_path_names_it(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="does not exist") as info:
+        load_rows(name)
+    assert name.lstrip("./") in str(info.value)
+
+
+def test_load_rows_unsupported_suffix_lists_supported(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a prompt\n")
+    with pytest.raises(DataError, match=r"unsupported file type '\.txt'.*\.jsonl, \.json, \.csv, \.parquet"):
+        load_rows(str(path))
+
+
+def test_load_rows_plain_directory_is_an_error(tmp_path):
+    with pytest.raises(DataError, match="not one written by Dataset.save_to_disk"):
+        load_rows(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("name", "text"), [("e.jsonl", ""), ("blank.jsonl", "\n\n"), ("h.csv", "prompt\n"), ("e.json", "[]")]
+)
+def test_load_rows_empty_file(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(DataError, match="no rows"):
+        load_rows(str(path))
+
+
+def test_load_rows_file_has_only_train_split(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in PROMPTS])
+    with pytest.raises(DataError, match="only split is 'train'"):
+        load_rows(path, split="test")
+
+
+def test_load_rows_malformed_file(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "ok"}\n{not json\n')
+    with pytest.raises(DataError, match="Could not read .*bad.jsonl as json"):
+        load_rows(str(path))
+
+
+def test_load_rows_hub_failure_is_wrapped(tmp_path, monkeypatch):
+    # Offline mode makes the hub call fail at once instead of retrying for half a minute without network.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="from the Hugging Face Hub.*local file") as info:
+        load_rows("ppo-lm-tests/no-such-dataset")
+    assert "'ppo-lm-tests/no-such-dataset'" in str(info.value)
+    assert info.value.__cause__ is not None
+
+
+def test_require_columns_names_missing_and_present():
+    rows = datasets.Dataset.from_dict({"question": ["q"], "answer": ["a"]})
+    require_columns(rows, ["question"], source="x")  # Present: no error.
+    with pytest.raises(DataError) as info:
+        require_columns(rows, ["prompt", "chosen", "answer"], source="prefs.jsonl")
+    message = str(info.value)
+    assert "['prompt', 'chosen']" in message
+    assert "['question', 'answer']" in message
+    assert "prefs.jsonl" in message
+
+
+# Prompts from rows ---------------------------------------------------------------------------------------------
+
+
+def test_prompts_from_rows_plain_column():
+    rows = datasets.Dataset.from_dict({"text": PROMPTS, "other": [1, 2, 3]})
+    assert prompts_from_rows(rows, prompt_field="text") == PROMPTS
+
+
+def test_prompts_from_rows_missing_prompt_field():
+    rows = datasets.Dataset.from_dict({"text": PROMPTS})
+    with pytest.raises(DataError, match=r"lacks column\(s\) \['prompt'\]; its columns are \['text'\]"):
+        prompts_from_rows(rows)
+
+
+@pytest.mark.parametrize(("values", "bad_row"), [(["fine", "ok", None], 2), (["fine", "", "ok"], 1), ([3, 7], 0)])
+def test_prompts_from_rows_rejects_non_string_prompt(values, bad_row):
+    rows = datasets.Dataset.from_dict({"prompt": values})
+    with pytest.raises(DataError, match=f"row {bad_row}: prompt is .*non-empty string"):
+        prompts_from_rows(rows)
+
+
+def test_plain_prompts_are_not_truncated(qwen_tokenizer):
+    long_prompt = "word " * 200
+    rows = datasets.Dataset.from_dict({"prompt": [long_prompt]})
+    assert prompts_from_rows(rows, tokenizer=qwen_tokenizer, max_prompt_length=16) == [long_prompt]
+
+
+# TL;DR prompts -------------------------------------------------------------------------------------------------
+
+
+def test_format_tldr_prompt_exact():
+    prompt = format_tldr_prompt("relationships", "My roommate", "He never washes up.")
+    assert prompt == "SUBREDDIT: r/relationships\nTITLE: My roommate\nPOST: He never washes up.\nTL;DR:"
+    assert prompt == TLDR_TEMPLATE.format(subreddit="relationships", title="My roommate", post="He never washes up.")
+
+
+def test_format_tldr_prompt_leaves_short_post_untouched(qwen_tokenizer):
+    full = format_tldr_prompt("AskReddit", "A title", "A short post.")
+    assert format_tldr_prompt("AskReddit", "A title", "A short post.", qwen_tokenizer, 512) == full
+
+
+@pytest.mark.parametrize("max_prompt_length", [40, 97, 200])
+def test_format_tldr_prompt_truncates_post_only(qwen_tokenizer, max_prompt_length):
+    title = "My roommate and the dishes"
+    prompt = format_tldr_prompt("relationships", title, LONG_POST, qwen_tokenizer, max_prompt_length)
+    assert len(qwen_tokenizer(prompt)["input_ids"]) <= max_prompt_length
+    header = "SUBREDDIT: r/relationships\nTITLE: My roommate and the dishes\nPOST: "
+    assert prompt.startswith(header)
+    assert prompt.endswith("\nTL;DR:")
+    post = prompt[len(header) : -len("\nTL;DR:")]
+    assert post and LONG_POST.startswith(post)
+    assert post == post.rstrip()
+    # Cutting whole tokens: the kept post is within a couple of tokens of the budget, not far short of it.
+    assert len(qwen_tokenizer(prompt)["input_ids"]) >= max_prompt_length - 3
+
+
+def test_format_tldr_prompt_cut_never_splits_a_character(qwen_tokenizer):
+    # Emoji and CJK characters span several byte-level tokens: a cut inside one must not leave U+FFFD behind.
+    post = "我的室友从来不洗碗🙂🙃🦜" * 20
+    for max_prompt_length in range(20, 40):
+        prompt = format_tldr_prompt("r", "t", post, qwen_tokenizer, max_prompt_length)
+        assert len(qwen_tokenizer(prompt)["input_ids"]) <= max_prompt_length
+        assert "\ufffd" not in prompt
+        assert post.startswith(prompt[len("SUBREDDIT: r/r\nTITLE: t\nPOST: ") : -len("\nTL;DR:")])
+
+
+def test_format_tldr_prompt_header_too_long(qwen_tokenizer):
+    with pytest.raises(DataError, match=r"max_prompt_length=8 tokens even with an empty post.*take \d+ tokens"):
+        format_tldr_prompt("relationships", "A fairly long title that cannot fit", "post", qwen_tokenizer, 8)
+
+
+def test_format_tldr_prompt_needs_tokenizer_for_length():
+    with pytest.raises(ValueError, match="pass the tokenizer"):
+        format_tldr_prompt("a", "b", "c", max_prompt_length=10)
+
+
+def test_prompts_from_rows_tldr_columns(qwen_tokenizer):
+    rows = datasets.Dataset.from_dict(
+        {"subreddit": ["tifu", "pets"], "title": ["T1", "T2"], "post": ["Short.", LONG_POST], "summary": ["s", "s"]}
+    )
+    untruncated = prompts_from_rows(rows)
+    assert untruncated == [format_tldr_prompt("tifu", "T1", "Short."), format_tldr_prompt("pets", "T2", LONG_POST)]
+    cut = prompts_from_rows(rows, tokenizer=qwen_tokenizer, max_prompt_length=64)
+    assert cut[0] == untruncated[0]
+    assert cut[1] == format_tldr_prompt("pets", "T2", LONG_POST, qwen_tokenizer, 64) != untruncated[1]
+    assert len(qwen_tokenizer(cut[1])["input_ids"]) <= 64
+
+
+def test_prompts_from_rows_prefers_prompt_column_over_tldr_columns():
+    rows = datasets.Dataset.from_dict({"subreddit": ["a"], "title": ["b"], "post": ["c"], "prompt": ["given"]})
+    assert prompts_from_rows(rows) == ["given"]
+
+
+def test_prompts_from_rows_tldr_null_post():
+    rows = datasets.Dataset.from_dict({"subreddit": ["a", "a"], "title": ["b", "b"], "post": ["c", None]})
+    with pytest.raises(DataError, match="row 1: post is None"):
+        prompts_from_rows(rows)
+
+
+# Train/eval split and load_prompts -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("n", "fraction", "eval_size"), [(100, 0.1, 10), (10, 0.01, 1), (7, 0.5, 4), (5, 0.0, 0)])
+def test_train_eval_split_sizes_and_order(n, fraction, eval_size):
+    items = list(range(n))
+    train, evaluation = train_eval_split(items, fraction, seed=3)
+    assert len(evaluation) == eval_size
+    assert sorted(train + evaluation) == items
+    assert train == sorted(train) and evaluation == sorted(evaluation)
+
+
+def test_train_eval_split_deterministic_and_seeded():
+    items = [f"p{i}" for i in range(50)]
+    assert train_eval_split(items, 0.2, seed=1) == train_eval_split(items, 0.2, seed=1)
+    assert train_eval_split(items, 0.2, seed=1)[1] != train_eval_split(items, 0.2, seed=2)[1]
+
+
+def test_train_eval_split_single_item_and_bad_fraction():
+    assert train_eval_split(["only"], 0.5, seed=0) == (["only"], [])
+    for fraction in (-0.1, 1.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="eval_fraction"):
+            train_eval_split(["a", "b"], fraction, seed=0)
+
+
+def test_load_prompts_eval_fraction(tmp_path):
+    prompts = [f"prompt {i}" for i in range(20)]
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in prompts])
+    train, evaluation = load_prompts(path, eval_fraction=0.25, seed=5)
+    assert (train, evaluation) == train_eval_split(prompts, 0.25, seed=5)
+    assert len(evaluation) == 5
+    assert load_prompts(path) == (prompts, [])
+
+
+def test_load_prompts_eval_split(tmp_path):
+    saved = datasets.DatasetDict(
+        train=datasets.Dataset.from_dict({"q": PROMPTS}), validation=datasets.Dataset.from_dict({"q": ["held out"]})
+    )
+    saved.save_to_disk(str(tmp_path / "saved"))
+    assert load_prompts(str(tmp_path / "saved"), eval_split="validation", prompt_field="q") == (PROMPTS, ["held out"])
+    with pytest.raises(ValueError, match="not both"):
+        load_prompts(str(tmp_path / "saved"), eval_split="validation", eval_fraction=0.5, prompt_field="q")
+
+
+def test_load_prompts_names_the_file_in_errors(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"text": "a"}])
+    with pytest.raises(DataError, match=r"p\.jsonl \(split 'train'\) .*lacks column\(s\) \['prompt'\]; its columns"):
+        load_prompts(path)
+
+
+def test_load_prompts_no_train_left(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": "b"}])
+    with pytest.raises(DataError, match="No train prompts are left"):
+        load_prompts(path, eval_fraction=0.9)
+
+
+# PromptStream --------------------------------------------------------------------------------------------------
+
+
+def test_prompt_stream_epochs_are_seeded_permutations():
+    prompts = [f"p{i}" for i in range(10)]
+    stream = PromptStream(prompts, batch_size=4, seed=7)
+    drawn = [p for _ in range(5) for p in stream.next_batch()]  # 20 prompts: exactly two epochs.
+    assert sorted(drawn[:10]) == sorted(prompts) and sorted(drawn[10:]) == sorted(prompts)
+    assert drawn[:10] != drawn[10:]  # Each epoch has its own order.
+    again = PromptStream(prompts, batch_size=4, seed=7)
+    assert [p for _ in range(5) for p in again.next_batch()] == drawn
+    other = PromptStream(prompts, batch_size=4, seed=8)
+    assert [p for _ in range(5) for p in other.next_batch()] != drawn
+    assert stream.state_dict() == {"epoch": 2, "position": 0, "num_prompts": 10}
+
+
+def test_prompt_stream_batch_larger_than_prompts():
+    stream = PromptStream(["a", "b", "c"], batch_size=7, seed=0)
+    batch = stream.next_batch()
+    assert len(batch) == 7
+    assert sorted(batch[:3]) == ["a", "b", "c"] and sorted(batch[3:6]) == ["a", "b", "c"]
+    assert stream.state_dict()["epoch"] == 2 and stream.state_dict()["position"] == 1
+
+
+@pytest.mark.parametrize(("batch_size", "consumed"), [(3, 4), (4, 5), (1, 0)])
+def test_prompt_stream_resume_is_exact(batch_size, consumed):
+    prompts = [f"p{i}" for i in range(10)]
+    original = PromptStream(prompts, batch_size=batch_size, seed=11)
+    for _ in range(consumed):
+        original.next_batch()
+    state = json.loads(json.dumps(original.state_dict()))  # As a checkpoint would store it.
+    assert all(type(value) is int for value in state.values())
+    resumed = PromptStream(prompts, batch_size=batch_size, seed=11)
+    resumed.load_state_dict(state)
+    assert [resumed.next_batch() for _ in range(6)] == [original.next_batch() for _ in range(6)]
+
+
+def test_prompt_stream_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="at least one prompt"):
+        PromptStream([], batch_size=2, seed=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        PromptStream(["a"], batch_size=0, seed=0)
+    stream = PromptStream(["a", "b"], batch_size=1, seed=0)
+    with pytest.raises(ValueError, match="saved for 3 prompts"):
+        stream.load_state_dict({"epoch": 0, "position": 0, "num_prompts": 3})
+    with pytest.raises(ValueError, match="Invalid PromptStream state"):
+        stream.load_state_dict({"epoch": 0, "position": 2})

@@ -1,0 +1,200 @@
+"""`ppo-lm train` end to end on a tiny model: resume, checkpoints, export, report and bad input."""
+
+import json
+import logging
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ppo_lm.checkpoint import CheckpointError, find_checkpoint
+from ppo_lm.cli import main
+
+REWARD_SOURCE = "def reward(prompts, completions):\n    return [len(c) / 10 for c in completions]\n"
+
+
+@pytest.fixture()
+def run_files(tmp_path, tiny_model_dir):
+    """A prompts file, a reward function file and a config file for a 4-step run."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Question {i}: what is {i} plus {i}?"}) + "\n"
+                               for i in range(12)))
+    reward = tmp_path / "reward.py"
+    reward.write_text(REWARD_SOURCE)
+    config = tmp_path / "config.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        model_name: {tiny_model_dir}
+        dataset: {prompts}
+        reward_fn: {reward}:reward
+        batch_size: 4
+        max_new_tokens: 4
+        ppo_epochs: 2
+        learning_rate: 0.001
+        total_steps: 4
+        eval_steps: 2
+        save_steps: 2
+        eval_fraction: 0.25
+        report_to: none
+        device: cpu
+        """))
+    return {"config": str(config), "prompts": prompts, "dir": tmp_path}
+
+
+def read_metrics(run_dir):
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in line.items() if not k.startswith("time/")} for line in lines]
+
+
+def test_resumed_run_matches_the_straight_run(run_files):
+    straight, halves = run_files["dir"] / "straight", run_files["dir"] / "halves"
+    assert main(["train", "--config", run_files["config"], "--output_dir", str(straight)]) == 0
+    assert main(["train", "--config", run_files["config"], "--output_dir", str(halves), "--total_steps", "2"]) == 0
+    assert main(["train", "--config", run_files["config"], "--output_dir", str(halves), "--resume"]) == 0
+
+    straight_metrics, resumed_metrics = read_metrics(straight), read_metrics(halves)
+    assert [m["step"] for m in resumed_metrics] == [m["step"] for m in straight_metrics]
+    for a, b in zip(straight_metrics, resumed_metrics, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            if key != "learning_rate":
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    final_straight = load_file(str(straight / "checkpoint-4" / "trainable.safetensors"))
+    final_resumed = load_file(str(halves / "checkpoint-4" / "trainable.safetensors"))
+    assert final_straight.keys() == final_resumed.keys()
+    for name in final_straight:
+        torch.testing.assert_close(final_straight[name], final_resumed[name], atol=1e-6, rtol=1e-5)
+    assert (straight / "report.png").stat().st_size > 10_000
+    samples = (straight / "samples.md").read_text()
+    assert "Question" in samples
+
+
+def test_an_interrupted_checkpoint_is_skipped_on_resume(run_files, caplog):
+    run_dir = run_files["dir"] / "run"
+    assert main(["train", "--config", run_files["config"], "--output_dir", str(run_dir)]) == 0
+    # Simulate a crash while checkpoint-4 was being written: a weights file cut short.
+    weights = run_dir / "checkpoint-4" / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING):
+        assert find_checkpoint(run_dir).name == "checkpoint-2"
+    assert "checkpoint-4" in caplog.text and "resuming from checkpoint-2" in caplog.text
+    assert main(["train", "--config", run_files["config"], "--output_dir", str(run_dir), "--resume"]) == 0
+    assert [m["step"] for m in read_metrics(run_dir) if "reward_mean" in m] == [1, 2, 3, 4]
+
+
+def test_resume_from_a_foreign_or_broken_directory_is_a_clear_error(run_files, tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not a run")
+    with pytest.raises(CheckpointError, match="No checkpoint in"):
+        find_checkpoint(foreign)
+    broken = tmp_path / "checkpoint-7"
+    broken.mkdir()
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        find_checkpoint(broken)
+    with pytest.raises(CheckpointError, match="no such directory"):
+        find_checkpoint(tmp_path / "missing")
+    assert main(["train", "--config", run_files["config"], "--resume", str(foreign)]) == 2
+
+
+def test_export_loads_without_peft_and_generates_the_same_greedy_text(run_files, tmp_path):
+    run_dir = run_files["dir"] / "run"
+    assert main(["train", "--config", run_files["config"], "--output_dir", str(run_dir)]) == 0
+    out = tmp_path / "exported"
+    assert main(["export", str(run_dir / "checkpoint-4"), str(out)]) == 0
+    assert not (out / "adapter_config.json").exists()
+
+    # The trained policy: base + the checkpoint's peft adapter.
+    from peft import PeftModel
+
+    config = json.loads(json.dumps(__import__("yaml").safe_load((run_dir / "config.yaml").read_text())))
+    base = AutoModelForCausalLM.from_pretrained(config["model_name"])
+    policy = PeftModel.from_pretrained(base, str(run_dir / "checkpoint-4" / "policy")).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    inputs = tokenizer(["Question 3: what is 3 plus 3?"], return_tensors="pt")
+    expected = policy.generate(**inputs, do_sample=False, max_new_tokens=8)[0].tolist()
+
+    # The exported model, in a process where peft cannot be imported.
+    script = textwrap.dedent(f"""
+        import sys, json
+        sys.modules["peft"] = None
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        model = AutoModelForCausalLM.from_pretrained({str(out)!r}).eval()
+        tokenizer = AutoTokenizer.from_pretrained({str(out)!r})
+        inputs = tokenizer(["Question 3: what is 3 plus 3?"], return_tensors="pt")
+        print(json.dumps(model.generate(**inputs, do_sample=False, max_new_tokens=8)[0].tolist()))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == expected
+    assert main(["export", str(run_dir / "checkpoint-4"), str(out)]) == 2  # not overwritten unasked
+
+
+def test_a_non_empty_output_dir_is_refused_unless_overwrite(run_files, capsys):
+    run_dir = run_files["dir"] / "existing"
+    run_dir.mkdir()
+    keep = run_dir / "precious.txt"
+    keep.write_text("do not lose me")
+    assert main(["train", "--config", run_files["config"], "--output_dir", str(run_dir)]) == 2
+    assert "not empty" in capsys.readouterr().err and keep.read_text() == "do not lose me"
+    assert main(["train", "--config", run_files["config"], "--output_dir", str(run_dir), "--overwrite",
+                 "--total_steps", "1", "--eval_fraction", "0"]) == 0
+    assert not keep.exists() and (run_dir / "checkpoint-1").is_dir()
+
+
+def test_unknown_field_errors(run_files, capsys):
+    bad = run_files["dir"] / "bad.yaml"
+    bad.write_text(run_files["dir"].joinpath("config.yaml").read_text() + "learning_rat: 0.1\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    error = capsys.readouterr().err
+    assert "Unknown field 'learning_rat'" in error and "Did you mean 'learning_rate'" in error
+    with pytest.raises(SystemExit):
+        main(["train", "--config", run_files["config"], "--learning_rat", "0.1"])
+    error = capsys.readouterr().err
+    assert "--learning_rat" in error and "--learning_rate" in error
+
+
+@pytest.mark.parametrize(
+    "dataset_text, override, message",
+    [
+        (None, "missing.jsonl", "does not exist"),
+        ("", None, "empty"),
+        ('{"text": "no prompt column"}\n', None, "prompt"),
+    ],
+)
+def test_bad_data_is_an_error_before_any_model_loads(run_files, capsys, dataset_text, override, message):
+    dataset = run_files["dir"] / (override or "data.jsonl")
+    if dataset_text is not None:
+        dataset.write_text(dataset_text)
+    # A model name that cannot load: the data error must come first.
+    code = main(["train", "--config", run_files["config"], "--dataset", str(dataset),
+                 "--model_name", str(run_files["dir"] / "no-such-model"), "--output_dir",
+                 str(run_files["dir"] / "run")])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert message in error and "no-such-model" not in error
+
+
+def test_invalid_field_value_on_the_command_line(run_files, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--config", run_files["config"], "--top_p", "1.5"])
+    assert exit_info.value.code == 2
+    assert "top_p=1.5 is invalid" in capsys.readouterr().err
+
+
+def test_help_lists_every_field_with_its_docstring_and_default(capsys):
+    from ppo_lm.config import PPOConfig
+
+    assert main(["--help"]) == 0
+    top = capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    train = capsys.readouterr().out
+    for text in (top, train):
+        flat = " ".join(text.replace("│", " ").split())  # undo the help's line wrapping
+        for name in PPOConfig.field_names():
+            assert f"--{name}" in flat, name
+        assert "Sampling temperature." in flat and "(default: 0.95)" in flat
+    assert "--resume" in train and "--overwrite" in train
