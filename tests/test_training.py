@@ -198,3 +198,16 @@ def test_help_lists_every_field_with_its_docstring_and_default(capsys):
             assert f"--{name}" in flat, name
         assert "Sampling temperature." in flat and "(default: 0.95)" in flat
     assert "--resume" in train and "--overwrite" in train
+
+
+def test_the_quickstart_config_runs_one_step(tiny_model_dir, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the config names files relative to the repo
+    run_dir = tmp_path / "quickstart"
+    assert main(["train", "--config", "configs/quickstart.yaml", "--model_name", tiny_model_dir,
+                 "--output_dir", str(run_dir), "--total_steps", "1", "--batch_size", "2", "--max_new_tokens", "4",
+                 "--report_to", "none", "--device", "cpu"]) == 0
+    assert (run_dir / "checkpoint-1" / "checkpoint.json").is_file()
+    prompts = [json.loads(line)["prompt"] for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert prompts and all(p.startswith("SUBREDDIT: r/") and p.endswith("TL;DR:") for p in prompts)
