@@ -211,3 +211,71 @@ def test_the_quickstart_config_runs_one_step(tiny_model_dir, tmp_path, monkeypat
     assert (run_dir / "checkpoint-1" / "checkpoint.json").is_file()
     prompts = [json.loads(line)["prompt"] for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert prompts and all(p.startswith("SUBREDDIT: r/") and p.endswith("TL;DR:") for p in prompts)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_learning_rate_schedules_warm_up_then_follow_their_shape(schedule):
+    from ppo_lm.config import PPOConfig
+    from ppo_lm.training import build_scheduler
+
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([parameter], lr=1.0)
+    config = PPOConfig(lr_scheduler=schedule, warmup_steps=2, total_steps=10)
+    scheduler = build_scheduler(optimizer, config)
+    rates = []
+    for _ in range(10):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[:3] == pytest.approx([0.0, 0.5, 1.0])
+    if schedule == "constant":
+        assert rates[2:] == pytest.approx([1.0] * 8)
+    else:
+        assert all(a > b for a, b in zip(rates[2:], rates[3:], strict=False)) and rates[-1] < 0.2
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    from ppo_lm.checkpoint import list_checkpoints, save_checkpoint
+
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, lambda d: (d / "weights.bin").write_bytes(b"x" * 10), keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
+    assert not list(tmp_path.glob(".checkpoint-*"))  # no temporary directory is left behind
+
+
+def test_tensorboard_logs_by_default_and_report_on_demand(run_files, capsys):
+    run_dir = run_files["dir"] / "run"
+    assert main(["train", "--config", run_files["config"], "--output_dir", str(run_dir), "--report_to",
+                 "tensorboard", "--total_steps", "2"]) == 0
+    assert list(run_dir.rglob("events.out.tfevents.*")), "TensorBoard wrote no event file"
+    (run_dir / "report.png").unlink()
+    capsys.readouterr()
+    assert main(["report", str(run_dir)]) == 0
+    assert (run_dir / "report.png").stat().st_size > 10_000 and "report.png" in capsys.readouterr().out
+    assert main(["report", str(run_files["dir"] / "nothing-here")]) == 2
+
+
+def test_resume_from_an_explicit_checkpoint_directory(run_files):
+    run_dir = run_files["dir"] / "run"
+    assert main(["train", "--config", run_files["config"], "--output_dir", str(run_dir), "--save_total_limit",
+                 "0"]) == 0
+    before = load_file(str(run_dir / "checkpoint-4" / "trainable.safetensors"))
+    # Resume from checkpoint-2 by path: steps 3 and 4 run again and give the same weights.
+    assert main(["train", "--resume", str(run_dir / "checkpoint-2")]) == 0
+    after = load_file(str(run_dir / "checkpoint-4" / "trainable.safetensors"))
+    for name in before:
+        torch.testing.assert_close(before[name], after[name], atol=1e-6, rtol=1e-5)
+    assert [m["step"] for m in read_metrics(run_dir) if "reward_mean" in m] == [1, 2, 3, 4]
+
+
+def test_full_fine_tuning_run_exports_its_weights(run_files, tmp_path):
+    run_dir = run_files["dir"] / "full"
+    assert main(["train", "--config", run_files["config"], "--output_dir", str(run_dir), "--use_lora", "False",
+                 "--total_steps", "1", "--eval_fraction", "0"]) == 0
+    trained = load_file(str(run_dir / "checkpoint-1" / "trainable.safetensors"))
+    out = tmp_path / "exported-full"
+    assert main(["export", str(run_dir), str(out)]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(str(out)).state_dict()
+    for name, tensor in trained.items():
+        if name.startswith("policy."):
+            torch.testing.assert_close(exported[name[len("policy."):]], tensor)
