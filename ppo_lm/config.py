@@ -179,6 +179,11 @@ class PPOConfig(RunConfig):
     """Weight of the entropy bonus (0 turns it off)."""
     max_grad_norm: float = 1.0
     """Gradient norm clip, applied to the policy and to the value model separately."""
+    micro_batch_size: int | None = None
+    """Sequences per forward/backward pass: each batch runs as micro-batches of similar prompt length (less
+    padding, less memory), gradients accumulated to the same update. None: a whole minibatch per pass."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of storing them: less memory, about a third slower."""
     target_kl: float | None = None
     """Stop the PPO epochs early when a minibatch's approximate KL to the rollout policy passes this. None: off."""
 
@@ -213,6 +218,9 @@ class PPOConfig(RunConfig):
             raise _invalid(self, "lora_dropout", self.lora_dropout, "must be in [0, 1)")
         if self.kl_estimator not in KL_ESTIMATORS:
             raise _invalid(self, "kl_estimator", self.kl_estimator, f"must be one of {KL_ESTIMATORS}")
+        if self.micro_batch_size is not None and not (isinstance(self.micro_batch_size, int)
+                                                      and self.micro_batch_size >= 1):
+            raise _invalid(self, "micro_batch_size", self.micro_batch_size, "must be an integer >= 1, or None")
         for name in ("target_kl", "adaptive_kl_target"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):

@@ -48,6 +48,17 @@ class SequenceBatch:
         """Position of each token among the real tokens of its row."""
         return position_ids_from_mask(self.attention_mask)
 
+    def micro_batches(self, index: torch.Tensor, size: int | None) -> list[torch.Tensor]:
+        """Split the rows in `index` into groups of at most `size` rows of similar prompt length (None: one group).
+
+        Rows sorted by prompt length share their padding: a group of short prompts is trimmed to its own width.
+        """
+        if size is None or size >= len(index):
+            return [index]
+        prompt_lengths = self.attention_mask[index, : self.prompt_width].sum(-1)
+        ordered = index[torch.argsort(prompt_lengths, descending=True, stable=True)]
+        return list(ordered.split(size))
+
     def select(self, index: torch.Tensor) -> SequenceBatch:
         """The rows in `index`, without the padding columns that none of them needs."""
         input_ids, attention_mask = self.input_ids[index], self.attention_mask[index]

@@ -114,6 +114,19 @@ class RoleModels:
     """True when the value model is the 'value' adapter on the policy's base (switching adapters is needed)."""
     reward_model: nn.Module | None
     """Frozen sequence-classification reward model, or None when a reward function scores."""
+    checkpointed: list[nn.Module]
+    """Models with gradient checkpointing, put in training mode (their dropout zeroed) for gradient passes."""
+
+    @contextlib.contextmanager
+    def gradient_mode(self) -> Iterator[None]:
+        """Inside: the models with gradient checkpointing are in training mode, which turns it on."""
+        for model in self.checkpointed:
+            model.train()
+        try:
+            yield
+        finally:
+            for model in self.checkpointed:
+                model.eval()
 
     def policy_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters of the policy (its adapter, or all weights in full fine-tuning)."""
@@ -208,12 +221,21 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
         reward_model.to(device)
 
     # Dropout off everywhere: PPO's ratio and the KL are only meaningful between deterministic forward passes.
+    trained = [policy] if value_adapter_on_policy else [policy, value_backbone]
     for module in (policy, value_backbone, value_head):
         module.eval()
         module.to(device)
     if reference is not None:
         reference.to(device)
-    return RoleModels(policy, reference, value_backbone, value_head, value_adapter_on_policy, reward_model)
+    if config.gradient_checkpointing:
+        # transformers checkpoints only in training mode: zero every dropout so that mode changes nothing else.
+        for model in trained:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            for module in model.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = 0.0
+    return RoleModels(policy, reference, value_backbone, value_head, value_adapter_on_policy, reward_model,
+                      trained if config.gradient_checkpointing else [])
 
 
 def sequence_logprobs(

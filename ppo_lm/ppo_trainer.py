@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +80,8 @@ class Rollout:
     """GAE advantages (whitened when configured)."""
     returns: torch.Tensor
     """Value targets: raw advantages plus values."""
+    entropy: torch.Tensor
+    """Entropy of the policy's next-token distribution at each response position, when sampled."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds spent in each stage."""
 
@@ -105,6 +107,7 @@ class Rollout:
             "eos_fraction": self.ended.float().mean().item(),
             "value_mean": masked_mean(self.values, mask).item(),
             "return_mean": masked_mean(self.returns, mask).item(),
+            "entropy": masked_mean(self.entropy, mask).item(),
             **{f"time/{stage}": seconds for stage, seconds in self.timings.items()},
         }
 
@@ -206,10 +209,13 @@ class PPOTrainer:
             raw_scores = self._score(list(prompts), completions, batch).to(self.device)
 
         # 2. logprobs of the sampled tokens under the policy (old) and the reference, at the sampling temperature.
+        #    Each pass runs over micro-batches of similar prompt length, so short prompts carry little padding.
         with self._timed("logprobs", timings), torch.no_grad():
-            old_logprobs, _ = sequence_logprobs(models.policy, batch, cfg.temperature)
+            old_logprobs, entropy = self._per_token(batch, lambda micro: sequence_logprobs(
+                models.policy, micro, cfg.temperature, with_entropy=True))
             with models.reference_model() as reference:
-                ref_logprobs, _ = sequence_logprobs(reference, batch, cfg.temperature)
+                ref_logprobs, _ = self._per_token(batch, lambda micro: sequence_logprobs(
+                    reference, micro, cfg.temperature))
 
         # 4. shape: per-token KL penalty plus the (possibly penalised) score on the last valid token.
         kl_coef = self.kl_controller.value
@@ -220,7 +226,8 @@ class PPOTrainer:
 
         # 5. values of the state before each response token.
         with self._timed("values", timings), torch.no_grad(), models.value_mode():
-            values = sequence_values(models.value_backbone, models.value_head, batch)
+            values, _ = self._per_token(batch, lambda micro: (
+                sequence_values(models.value_backbone, models.value_head, micro), None))
 
         # 6. advantages by GAE over the response mask; returns are the value targets.
         advantages, returns = compute_gae(rewards, values, response_mask, cfg.gamma, cfg.lam)
@@ -230,8 +237,25 @@ class PPOTrainer:
         return Rollout(
             batch=batch, completions=completions, raw_scores=raw_scores, scores=scores, ended=ended, kl=kl,
             kl_coef=kl_coef, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, values=values,
-            advantages=advantages, returns=returns, timings=timings,
+            advantages=advantages, returns=returns, entropy=entropy, timings=timings,
         )
+
+    def _per_token(
+        self, batch: SequenceBatch, forward: Callable[[SequenceBatch], tuple[torch.Tensor, torch.Tensor | None]]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run `forward` over the batch's micro-batches and put its `[rows, response]` outputs back in row order."""
+        rows, width = batch.response_mask.shape
+        outputs: list[torch.Tensor | None] = [None, None]
+        everything = torch.arange(rows, device=batch.input_ids.device)
+        for index in batch.micro_batches(everything, self.config.micro_batch_size):
+            micro = batch.select(index)
+            for slot, result in enumerate(forward(micro)):
+                if result is None:
+                    continue
+                if outputs[slot] is None:
+                    outputs[slot] = torch.zeros(rows, width, dtype=result.dtype, device=result.device)
+                outputs[slot][index, : result.shape[1]] = result
+        return outputs[0], outputs[1]
 
     def evaluate(self, prompts: list[str]) -> tuple[dict[str, float], list[dict]]:
         """Mean reward, KL and response length on held-out prompts, and each prompt's sample; no weight changes.
@@ -316,65 +340,74 @@ class PPOTrainer:
         """Stage 7: PPO epochs over shuffled minibatches, stopping once the approximate KL passes target_kl.
 
         Each minibatch: clipped policy loss (minus the entropy bonus) and clipped value loss, gradients clipped
-        per model, one optimizer step. A minibatch whose approximate KL is over the target takes no step.
+        per model, one optimizer step. A minibatch runs as micro-batches of similar length whose gradients add up
+        to the whole minibatch's (each weighted by its share of the valid tokens). A minibatch whose approximate KL
+        is over the target takes no step and ends the update.
         """
         cfg, models = self.config, self.models
-        batch, old_logprobs, old_values = rollout.batch, rollout.old_logprobs, rollout.values
-        advantages, returns = rollout.advantages, rollout.returns
+        batch = rollout.batch
         policy_params, value_params = models.policy_parameters(), models.value_parameters()
         history: dict[str, list[float]] = defaultdict(list)
         optimizer_steps = 0
         for _epoch in range(cfg.ppo_epochs):
-            stop = False
             order = torch.randperm(batch.input_ids.shape[0]).to(self.device)
+            stop = False
             for index in order.tensor_split(cfg.num_mini_batches):
-                minibatch = batch.select(index)
-                width = minibatch.response_mask.shape[1]
-                mask = minibatch.response_mask
-
-                logprobs, entropy = sequence_logprobs(
-                    models.policy, minibatch, cfg.temperature, with_entropy=True,
-                    entropy_grad=cfg.entropy_coef > 0,
-                )
-                old = old_logprobs[index, :width]
-                kl_to_old = approx_kl(logprobs.detach(), old, mask).item()
-                if cfg.target_kl is not None and kl_to_old > cfg.target_kl:
+                with models.gradient_mode():
+                    stats = self._minibatch_gradients(rollout, index)
+                if cfg.target_kl is not None and stats["approx_kl"] > cfg.target_kl:
+                    self.optimizer.zero_grad(set_to_none=True)
                     stop = True
                     break
-                policy_loss, policy_clip = clipped_policy_loss(
-                    logprobs, old, advantages[index, :width], mask, cfg.clip_epsilon
-                )
-                entropy_mean = masked_mean(entropy, mask)
-                self._backward(policy_loss - cfg.entropy_coef * entropy_mean, "policy loss")
-
-                with models.value_mode():
-                    values = sequence_values(models.value_backbone, models.value_head, minibatch)
-                value_loss, value_clip = clipped_value_loss(
-                    values, old_values[index, :width], returns[index, :width], mask, cfg.value_clip
-                )
-                self._backward(cfg.vf_coef * value_loss, "value loss")
-
-                policy_grad_norm = nn.utils.clip_grad_norm_(policy_params, cfg.max_grad_norm)
-                value_grad_norm = nn.utils.clip_grad_norm_(value_params, cfg.max_grad_norm)
+                stats["policy_grad_norm"] = nn.utils.clip_grad_norm_(policy_params, cfg.max_grad_norm).item()
+                stats["value_grad_norm"] = nn.utils.clip_grad_norm_(value_params, cfg.max_grad_norm).item()
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 optimizer_steps += 1
-
-                history["policy_loss"].append(policy_loss.item())
-                history["value_loss"].append(value_loss.item())
-                history["entropy"].append(entropy_mean.item())
-                history["approx_kl"].append(kl_to_old)
-                history["policy_clip_fraction"].append(policy_clip.item())
-                history["value_clip_fraction"].append(value_clip.item())
-                history["ratio_mean"].append(masked_mean(torch.exp(logprobs.detach() - old), mask).item())
-                history["policy_grad_norm"].append(policy_grad_norm.item())
-                history["value_grad_norm"].append(value_grad_norm.item())
+                for name, value in stats.items():
+                    history[name].append(value)
             if stop:
                 break
         stats = {name: sum(values) / len(values) for name, values in history.items()}
         stats["ppo_epochs_run"] = optimizer_steps / cfg.num_mini_batches
         stats["optimizer_steps"] = float(optimizer_steps)
         return stats
+
+    def _minibatch_gradients(self, rollout: Rollout, index: torch.Tensor) -> dict[str, float]:
+        """Accumulate the gradients of one minibatch's losses, micro-batch by micro-batch; return its statistics."""
+        cfg, models, batch = self.config, self.models, rollout.batch
+        total_tokens = batch.response_mask[index].sum().clamp(min=1)
+        sums: dict[str, float] = defaultdict(float)
+        for micro_index in batch.micro_batches(index, cfg.micro_batch_size):
+            micro = batch.select(micro_index)
+            width, mask = micro.response_mask.shape[1], micro.response_mask
+            share = mask.sum() / total_tokens  # this micro-batch's weight in the minibatch's token mean
+            old = rollout.old_logprobs[micro_index, :width]
+
+            logprobs, entropy = sequence_logprobs(models.policy, micro, cfg.temperature,
+                                                  with_entropy=cfg.entropy_coef > 0, entropy_grad=True)
+            policy_loss, policy_clip = clipped_policy_loss(
+                logprobs, old, rollout.advantages[micro_index, :width], mask, cfg.clip_epsilon)
+            loss = policy_loss
+            if entropy is not None:
+                loss = loss - cfg.entropy_coef * masked_mean(entropy, mask)
+            self._backward(loss * share, "policy loss")
+
+            with models.value_mode():
+                values = sequence_values(models.value_backbone, models.value_head, micro)
+            value_loss, value_clip = clipped_value_loss(
+                values, rollout.values[micro_index, :width], rollout.returns[micro_index, :width], mask,
+                cfg.value_clip)
+            self._backward(cfg.vf_coef * value_loss * share, "value loss")
+
+            weight = share.item()
+            sums["policy_loss"] += policy_loss.item() * weight
+            sums["value_loss"] += value_loss.item() * weight
+            sums["approx_kl"] += approx_kl(logprobs.detach(), old, mask).item() * weight
+            sums["policy_clip_fraction"] += policy_clip.item() * weight
+            sums["value_clip_fraction"] += value_clip.item() * weight
+            sums["ratio_mean"] += masked_mean(torch.exp(logprobs.detach() - old), mask).item() * weight
+        return dict(sums)
 
     def _backward(self, loss: torch.Tensor, what: str) -> None:
         """Backpropagate `loss`, or drop every gradient of this minibatch and raise if it is not finite."""

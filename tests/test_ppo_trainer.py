@@ -227,3 +227,36 @@ def test_value_model_from_the_reward_model(tiny_model_dir, tiny_reward_model_dir
 def test_no_reward_is_an_error(tiny_model_dir):
     with pytest.raises(ValueError, match="No reward"):
         PPOTrainer(tiny_config(tiny_model_dir))
+
+
+def test_micro_batches_give_the_same_rollout_and_update_as_one_pass(tiny_model_dir):
+    prompts = PROMPTS * 2
+    results = []
+    for micro_batch_size in (None, 3):
+        config = tiny_config(tiny_model_dir, micro_batch_size=micro_batch_size, batch_size=8, num_mini_batches=2)
+        trainer = PPOTrainer(config, reward_fn=length_reward)
+        rollout = trainer.make_rollout(prompts)
+        stats = trainer.update(rollout)
+        weights = {n: p.detach().clone() for n, p in trainer.models.named_trainable().items()}
+        results.append((rollout, stats, weights))
+    (plain, plain_stats, plain_weights), (micro, micro_stats, micro_weights) = results
+    assert torch.equal(plain.batch.input_ids, micro.batch.input_ids)  # same seed, same samples
+    mask = plain.batch.response_mask.bool()
+    for name in ("old_logprobs", "ref_logprobs", "values", "advantages", "entropy"):
+        torch.testing.assert_close(getattr(plain, name)[mask], getattr(micro, name)[mask], atol=1e-5, rtol=1e-4)
+    for name in ("policy_loss", "value_loss", "approx_kl", "policy_clip_fraction", "ratio_mean"):
+        assert plain_stats[name] == pytest.approx(micro_stats[name], rel=1e-4, abs=1e-6), name
+    for name in plain_weights:
+        torch.testing.assert_close(plain_weights[name], micro_weights[name], atol=1e-5, rtol=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_update(tiny_model_dir):
+    weights = []
+    for checkpointing in (False, True):
+        trainer = PPOTrainer(tiny_config(tiny_model_dir, gradient_checkpointing=checkpointing, ppo_epochs=1),
+                             reward_fn=length_reward)
+        trainer.ppo_step(PROMPTS)
+        weights.append({n: p.detach().clone() for n, p in trainer.models.named_trainable().items()})
+        assert not trainer.models.policy.training  # back in eval mode after the update
+    for name in weights[0]:
+        torch.testing.assert_close(weights[0][name], weights[1][name], atol=1e-5, rtol=1e-4)
