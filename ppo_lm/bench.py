@@ -186,7 +186,8 @@ def run_benchmark(
         "median_step_s": round(step_seconds, 4),
         "stage_s": {stage: round(median[stage], 4) for stage in STAGES[:-1]},
         "generated_tokens_per_s": round(generated / step_seconds, 1),
-        "processed_tokens_per_s": round(sum(len(p) for p in trainer.tokenizer(prompts)["input_ids"]) / step_seconds, 1),
+        "tokens_per_s": round((sum(len(p) for p in trainer.tokenizer(prompts)["input_ids"]) + generated)
+                              / step_seconds, 1),
         "peak_memory_gib": round(peak_memory_gib(trainer.device), 3),
         "step_tflop": round(statistics.median(flops) / 1e12, 4),
         "matmul_tflops": round(rate / 1e12, 3),
