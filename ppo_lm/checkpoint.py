@@ -93,6 +93,32 @@ def load_state(directory: Path, name: str) -> Any:
     return unflatten_state(json.loads((directory / f"{name}.json").read_text()), tensors)
 
 
+def save_trained(named: dict[str, torch.Tensor], directory: Path, name: str = "trainable") -> None:
+    """Write the trained tensors, by name, to `<name>.safetensors` in `directory`."""
+    save_file({key: tensor.detach().cpu().contiguous() for key, tensor in named.items()},
+              str(directory / f"{name}.safetensors"))
+
+
+def load_trained(named: dict[str, torch.Tensor], directory: Path, name: str = "trainable") -> None:
+    """Copy what `save_trained` wrote into the tensors of `named`, in place.
+
+    Raises ValueError unless the file holds exactly these names, each with its tensor's shape.
+    """
+    saved = load_file(str(directory / f"{name}.safetensors"))
+    if saved.keys() != named.keys():
+        missing, extra = sorted(named.keys() - saved.keys()), sorted(saved.keys() - named.keys())
+        raise ValueError(
+            f"Checkpoint {directory} does not match this model: missing {missing[:3]}, unexpected {extra[:3]}. "
+            "Was it written with another model_name, use_lora or LoRA setting?"
+        )
+    with torch.no_grad():
+        for key, tensor in named.items():
+            if saved[key].shape != tensor.shape:
+                raise ValueError(f"Checkpoint tensor {key} has shape {tuple(saved[key].shape)}, the model "
+                                 f"{tuple(tensor.shape)}.")
+            tensor.copy_(saved[key])
+
+
 # --- random number generators ----------------------------------------------------------------------------------
 
 def rng_state() -> dict[str, Any]:

@@ -1,6 +1,8 @@
-"""The `ppo-lm` command: train, report, export.
+"""The `ppo-lm` command: train, report, export; sft and reward for the stages before PPO.
 
     ppo-lm train --config FILE.yaml [--FIELD VALUE ...] [--resume [DIR]] [--overwrite]
+    ppo-lm sft --config FILE.yaml [--FIELD VALUE ...] [--resume [DIR]] [--overwrite]
+    ppo-lm reward --config FILE.yaml [--FIELD VALUE ...] [--resume [DIR]] [--overwrite]
     ppo-lm report RUN_DIR
     ppo-lm export CHECKPOINT OUT_DIR [--overwrite]
 
@@ -15,14 +17,16 @@ import contextlib
 import difflib
 import io
 import logging
+import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import tyro
 import yaml
 
-from ppo_lm.config import PPOConfig, RunConfig
+from ppo_lm.config import PPOConfig, RewardConfig, RunConfig, SFTConfig
 
 logger = logging.getLogger("ppo_lm")
 
@@ -64,17 +68,17 @@ def parse_config(
     return tyro.cli(config_class, args=overrides, default=base, prog=prog, **_TYRO_OPTIONS)
 
 
-def fields_help(config_class: type[RunConfig]) -> str:
+def fields_help(config_class: type[RunConfig], prog: str = "ppo-lm train") -> str:
     """Every field of `config_class` with its docstring and default, as the help of `--FIELD VALUE`."""
     captured = io.StringIO()
     with contextlib.redirect_stdout(captured), contextlib.suppress(SystemExit):
-        tyro.cli(config_class, args=["--help"], prog="ppo-lm train", **_TYRO_OPTIONS)
+        tyro.cli(config_class, args=["--help"], prog=prog, **_TYRO_OPTIONS)
     return captured.getvalue().split("\n", 1)[1]
 
 
-def _train_arguments() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ppo-lm train", add_help=False)
-    parser.add_argument("--config", help="YAML file of PPOConfig fields.")
+def _stage_arguments(prog: str, config_class: type[RunConfig]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, add_help=False)
+    parser.add_argument("--config", help=f"YAML file of {config_class.__name__} fields.")
     parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR",
                         help="Continue from the newest complete checkpoint of the run in output_dir (or DIR: a run "
                              "directory or one checkpoint-<step> folder).")
@@ -84,13 +88,30 @@ def _train_arguments() -> argparse.ArgumentParser:
     return parser
 
 
-def train_command(argv: list[str]) -> dict[str, Any]:
-    """`ppo-lm train`: check the config, run dir and data, then build the trainer and run the loop."""
-    arguments, overrides = _train_arguments().parse_known_args(argv)
+DataLoader = Callable[[Any, Any], tuple[list, list, dict[str, Any]]]
+"""`load_data(config, tokenizer)`: train items, eval items, and extra data for `finish`; tokenizer None or the model's
+(given only when `max_prompt_length` needs it)."""
+
+
+def run_stage(
+    argv: list[str],
+    prog: str,
+    config_class: type[RunConfig],
+    load_data: DataLoader,
+    make_trainer: Callable[[Any], Any],
+    finish: Callable[[Any, Any, Path, dict[str, Any]], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """One stage's command: check the config, run dir and data, then build the trainer and run the shared loop.
+
+    Every stage (`train`, `sft`, `reward`) parses the same options and resumes the same way; it only brings its
+    config class, its data, its trainer, and `finish(config, trainer, run_dir, extra)`, which runs after the loop
+    (e.g. writes the final model) and adds to the result.
+    """
+    arguments, overrides = _stage_arguments(prog, config_class).parse_known_args(argv)
     if arguments.help:
-        print(_train_arguments().format_help().replace("usage:", "usage:", 1))
+        print(_stage_arguments(prog, config_class).format_help())
         print("Config fields (set them in the YAML file or as --FIELD VALUE):")
-        print(fields_help(PPOConfig))
+        print(fields_help(config_class, prog))
         raise SystemExit(0)
 
     resume_dir = None
@@ -100,18 +121,17 @@ def train_command(argv: list[str]) -> dict[str, Any]:
         run_dir = resume_dir.parent if (resume_dir / "checkpoint.json").exists() else resume_dir
         saved_config = run_dir / "config.yaml"
         if arguments.config is None and saved_config.is_file():
-            file_values = read_config_file(saved_config)
+            file_values = read_config_file(saved_config, config_class)
         file_values["output_dir"] = str(run_dir)
     if arguments.config is not None:
-        file_values = {**read_config_file(arguments.config), **file_values}
+        file_values = {**read_config_file(arguments.config, config_class), **file_values}
     if arguments.resume is None and arguments.config is None and not overrides:
-        raise CommandLineError("ppo-lm train needs --config FILE.yaml (or --FIELD VALUE options); see --help.")
-    config = parse_config(PPOConfig, file_values, overrides, prog="ppo-lm train")
+        raise CommandLineError(f"{prog} needs --config FILE.yaml (or --FIELD VALUE options); see --help.")
+    config = parse_config(config_class, file_values, overrides, prog=prog)
     if config.dataset is None:
         raise CommandLineError("No training data: set `dataset` (a hub dataset or a local .jsonl/.json/.csv/.parquet "
-                               "file of prompts) in the config or with --dataset.")
+                               "file) in the config or with --dataset.")
 
-    from ppo_lm.data import load_prompts
     from ppo_lm.training import prepare_run_dir
 
     resuming = arguments.resume is not None
@@ -121,22 +141,97 @@ def train_command(argv: list[str]) -> dict[str, Any]:
 
         resume_dir = find_checkpoint(resume_dir or run_dir)
 
-    data_options = dict(split=config.dataset_split, eval_split=config.eval_split,
-                        eval_fraction=0.0 if config.eval_split else config.eval_fraction,
-                        prompt_field=config.prompt_field, seed=config.seed)
-    train_prompts, eval_prompts = load_prompts(config.dataset, **data_options)  # data errors before any model
+    train_items, eval_items, extra = load_data(config, None)  # data errors before any model
     from ppo_lm.models import load_tokenizer
-    from ppo_lm.ppo_trainer import PPOTrainer
     from ppo_lm.training import run_training
 
     if config.max_prompt_length is not None:
-        tokenizer = load_tokenizer(config.model_name)
-        train_prompts, eval_prompts = load_prompts(config.dataset, tokenizer=tokenizer,
-                                                   max_prompt_length=config.max_prompt_length, **data_options)
-    trainer = PPOTrainer(config)
-    result = run_training(config, trainer, train_prompts, eval_prompts, run_dir, resume_from=resume_dir)
+        train_items, eval_items, extra = load_data(config, load_tokenizer(config.model_name))
+    trainer = make_trainer(config)
+    result = run_training(config, trainer, train_items, eval_items, run_dir, resume_from=resume_dir)
+    if finish is not None:
+        result.update(finish(config, trainer, run_dir, extra))
     _print_summary(result)
     return result
+
+
+def _data_options(config: RunConfig, tokenizer: Any) -> dict[str, Any]:
+    """The `load_*` arguments every stage takes from its config."""
+    return dict(split=config.dataset_split, eval_split=config.eval_split,
+                eval_fraction=0.0 if config.eval_split else config.eval_fraction, prompt_field=config.prompt_field,
+                seed=config.seed, tokenizer=tokenizer,
+                max_prompt_length=config.max_prompt_length if tokenizer is not None else None)
+
+
+def _prompt_data(config: PPOConfig, tokenizer: Any) -> tuple[list, list, dict[str, Any]]:
+    from ppo_lm.data import load_prompts
+
+    return (*load_prompts(config.dataset, **_data_options(config, tokenizer)), {})
+
+
+def _ppo_trainer(config: PPOConfig) -> Any:
+    from ppo_lm.ppo_trainer import PPOTrainer
+
+    return PPOTrainer(config)
+
+
+def train_command(argv: list[str]) -> dict[str, Any]:
+    """`ppo-lm train`: PPO on prompts (see `run_stage`)."""
+    return run_stage(argv, "ppo-lm train", PPOConfig, _prompt_data, _ppo_trainer)
+
+
+def _sft_data(config: SFTConfig, tokenizer: Any) -> tuple[list, list, dict[str, Any]]:
+    from ppo_lm.data import load_completion_rows
+
+    return (*load_completion_rows(config.dataset, completion_field=config.completion_field,
+                                  **_data_options(config, tokenizer)), {})
+
+
+def _sft_trainer(config: SFTConfig) -> Any:
+    from ppo_lm.sft_trainer import SFTTrainer
+
+    return SFTTrainer(config)
+
+
+def _write_final(config: Any, trainer: Any, run_dir: Path, extra: dict[str, Any]) -> dict[str, Any]:
+    """After an SFT or reward run: (normalise the reward model, then) write `<run_dir>/final`, replacing one there."""
+    from ppo_lm.finetune import FINAL_DIR
+
+    result: dict[str, Any] = {}
+    if extra.get("reference"):
+        result["score_offset"] = trainer.normalize(extra["reference"])
+    final = run_dir / FINAL_DIR
+    shutil.rmtree(final, ignore_errors=True)
+    result["final"] = trainer.save_final(final)
+    return result
+
+
+def sft_command(argv: list[str]) -> dict[str, Any]:
+    """`ppo-lm sft`: supervised fine-tuning on prompt/completion rows; the model goes to `<output_dir>/final`."""
+    return run_stage(argv, "ppo-lm sft", SFTConfig, _sft_data, _sft_trainer, _write_final)
+
+
+def _reward_data(config: RewardConfig, tokenizer: Any) -> tuple[list, list, dict[str, Any]]:
+    from ppo_lm.data import load_completion_rows, load_preference_rows
+
+    train, evaluation = load_preference_rows(config.dataset, **_data_options(config, tokenizer))
+    reference = None
+    if config.reference_dataset is not None:
+        reference, _ = load_completion_rows(config.reference_dataset, split=config.reference_split,
+                                            prompt_field=config.prompt_field, tokenizer=tokenizer,
+                                            max_prompt_length=config.max_prompt_length if tokenizer else None)
+    return train, evaluation, {"reference": reference}
+
+
+def _reward_trainer(config: RewardConfig) -> Any:
+    from ppo_lm.reward_trainer import RewardTrainer
+
+    return RewardTrainer(config)
+
+
+def reward_command(argv: list[str]) -> dict[str, Any]:
+    """`ppo-lm reward`: a pairwise reward model from preference rows; the model goes to `<output_dir>/final`."""
+    return run_stage(argv, "ppo-lm reward", RewardConfig, _reward_data, _reward_trainer, _write_final)
 
 
 def _print_summary(result: dict[str, Any]) -> None:
@@ -144,6 +239,7 @@ def _print_summary(result: dict[str, Any]) -> None:
     lines = [f"checkpoint: {result['checkpoint']}"]
     lines += [f"{name}: {value:.4g}" for name, value in evaluation.items()]
     lines += [f"{name}: {path}" for name, path in result.get("report", {}).items()]
+    lines += [f"{name}: {result[name]}" for name in ("score_offset", "final") if name in result]
     print("\n".join(lines))
 
 
@@ -178,7 +274,8 @@ def bench_command(argv: list[str]) -> None:
     run_bench(argv)
 
 
-COMMANDS = {"train": train_command, "report": report_command, "export": export_command, "bench": bench_command}
+COMMANDS = {"train": train_command, "report": report_command, "export": export_command,
+            "bench": bench_command, "sft": sft_command, "reward": reward_command}
 
 
 def main(argv: list[str] | None = None) -> int:

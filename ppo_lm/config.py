@@ -1,8 +1,10 @@
 """Configuration: one dataclass per stage, a docstring under every field.
 
 `RunConfig` holds what every training run shares (data, length, schedule, checkpoints, logging); each stage's
-config adds its own fields. `PPOConfig`'s defaults are the original design's (gamma 0.99, kl_coef 0.1, 10 new
-tokens, lr 1e-5, value lr 1e-4); the published TL;DR recipe lives in a config file, not here.
+config adds its own fields: `PPOConfig`, and `SFTConfig` and `RewardConfig` on `FinetuneConfig` (what the two
+supervised stages share: model, LoRA, optimiser, batches). `PPOConfig`'s defaults are the original design's
+(gamma 0.99, kl_coef 0.1, 10 new tokens, lr 1e-5, value lr 1e-4); the published TL;DR recipe lives in config
+files (configs/tldr/), not here.
 """
 
 from __future__ import annotations
@@ -19,6 +21,45 @@ TRACKERS = ("tensorboard", "wandb", "trackio")
 
 def _invalid(config: Any, name: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"{type(config).__name__}.{name}={value!r} is invalid: {allowed}.")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def require_ints(config: Any, names: tuple[str, ...], minimum: int) -> None:
+    """Raise a ValueError for the first of `names` whose value is not an integer >= `minimum`."""
+    for name in names:
+        value = getattr(config, name)
+        if not (_is_int(value) and value >= minimum):
+            raise _invalid(config, name, value, f"must be an integer >= {minimum}")
+
+
+def require_optional_ints(config: Any, names: tuple[str, ...], minimum: int = 1) -> None:
+    """Raise a ValueError for the first of `names` whose value is neither None nor an integer >= `minimum`."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and not (_is_int(value) and value >= minimum):
+            raise _invalid(config, name, value, f"must be an integer >= {minimum}, or None")
+
+
+def require_numbers(config: Any, names: tuple[str, ...], positive: bool) -> None:
+    """Raise a ValueError for the first of `names` whose value is not a finite number > 0 (`positive`) or >= 0."""
+    for name in names:
+        value = getattr(config, name)
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                and (value > 0 if positive else value >= 0)):
+            raise _invalid(config, name, value, f"must be a finite number {'>' if positive else '>='} 0")
+
+
+def require_model_and_lora(config: Any) -> None:
+    """Check the fields every model-training config shares: model_name, lora_r, lora_alpha, lora_dropout."""
+    require_ints(config, ("lora_r",), 1)
+    require_numbers(config, ("lora_alpha",), positive=True)
+    if not (isinstance(config.lora_dropout, (int, float)) and 0 <= config.lora_dropout < 1):
+        raise _invalid(config, "lora_dropout", config.lora_dropout, "must be in [0, 1)")
+    if not config.model_name:
+        raise _invalid(config, "model_name", config.model_name, "must name a model (hub name or local directory)")
 
 
 @dataclass
@@ -67,19 +108,11 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise a ValueError naming the first field whose value is not allowed."""
-        for name in ("total_steps",):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-                raise _invalid(self, name, value, "must be an integer >= 1")
-        for name in ("warmup_steps", "eval_steps", "save_steps", "save_total_limit", "max_eval_prompts"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
-                raise _invalid(self, name, value, "must be an integer >= 0")
+        require_ints(self, ("total_steps",), 1)
+        require_ints(self, ("warmup_steps", "eval_steps", "save_steps", "save_total_limit", "max_eval_prompts"), 0)
         if not (isinstance(self.eval_fraction, (int, float)) and 0 <= self.eval_fraction < 1):
             raise _invalid(self, "eval_fraction", self.eval_fraction, "must be in [0, 1)")
-        if self.max_prompt_length is not None and not (isinstance(self.max_prompt_length, int)
-                                                       and self.max_prompt_length >= 1):
-            raise _invalid(self, "max_prompt_length", self.max_prompt_length, "must be an integer >= 1 or None")
+        require_optional_ints(self, ("max_prompt_length",))
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise _invalid(self, "lr_scheduler", self.lr_scheduler, f"must be one of {LR_SCHEDULERS}")
         if self.dtype not in DTYPES:
@@ -190,22 +223,11 @@ class PPOConfig(RunConfig):
     def validate(self) -> None:
         """Raise a ValueError naming the first field whose value is not allowed."""
         super().validate()
-        positive = ("learning_rate", "value_learning_rate", "clip_epsilon", "temperature", "lora_alpha",
-                    "adaptive_kl_horizon")
-        for name in positive:
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise _invalid(self, name, value, "must be a finite number > 0")
-        at_least_one = ("batch_size", "max_new_tokens", "ppo_epochs", "num_mini_batches", "lora_r")
-        for name in at_least_one:
-            value = getattr(self, name)
-            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-                raise _invalid(self, name, value, "must be an integer >= 1")
-        non_negative = ("kl_coef", "value_clip", "vf_coef", "entropy_coef", "max_grad_norm")
-        for name in non_negative:
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise _invalid(self, name, value, "must be a finite number >= 0")
+        require_model_and_lora(self)
+        require_numbers(self, ("learning_rate", "value_learning_rate", "clip_epsilon", "temperature",
+                               "adaptive_kl_horizon"), positive=True)
+        require_ints(self, ("batch_size", "max_new_tokens", "ppo_epochs", "num_mini_batches"), 1)
+        require_numbers(self, ("kl_coef", "value_clip", "vf_coef", "entropy_coef", "max_grad_norm"), positive=False)
         for name in ("gamma", "lam"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 <= value <= 1):
@@ -214,21 +236,106 @@ class PPOConfig(RunConfig):
             raise _invalid(self, "top_p", self.top_p, "must be in (0, 1]")
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
             raise _invalid(self, "top_k", self.top_k, "must be an integer >= 0 (0 turns it off)")
-        if not (0 <= self.lora_dropout < 1):
-            raise _invalid(self, "lora_dropout", self.lora_dropout, "must be in [0, 1)")
         if self.kl_estimator not in KL_ESTIMATORS:
             raise _invalid(self, "kl_estimator", self.kl_estimator, f"must be one of {KL_ESTIMATORS}")
-        if self.micro_batch_size is not None and not (isinstance(self.micro_batch_size, int)
-                                                      and self.micro_batch_size >= 1):
-            raise _invalid(self, "micro_batch_size", self.micro_batch_size, "must be an integer >= 1, or None")
+        require_optional_ints(self, ("micro_batch_size",))
         for name in ("target_kl", "adaptive_kl_target"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):
                 raise _invalid(self, name, value, "must be a number > 0, or None to turn it off")
         if self.missing_eos_penalty is not None and not math.isfinite(self.missing_eos_penalty):
             raise _invalid(self, "missing_eos_penalty", self.missing_eos_penalty, "must be a finite number or None")
-        if not self.model_name:
-            raise _invalid(self, "model_name", self.model_name, "must name a model (hub name or local directory)")
         if self.num_mini_batches > self.batch_size:
             raise _invalid(self, "num_mini_batches", self.num_mini_batches,
                            f"must be <= batch_size ({self.batch_size}): each minibatch needs a sequence")
+
+
+@dataclass
+class FinetuneConfig(RunConfig):
+    """What the supervised stages (SFT and reward-model training) share: the model, LoRA, optimiser, batches."""
+
+    model_name: str = "Qwen/Qwen3-0.6B-Base"
+    """Model to start from (hub name or local directory). SFT trains it as a causal LM; reward-model training puts a
+    scalar head on its body (a sequence-classification checkpoint keeps its trained head)."""
+    use_lora: bool = True
+    """Train a LoRA adapter on a frozen base. False: full fine-tuning of every weight."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (the adapter output is scaled by lora_alpha / lora_r)."""
+    lora_dropout: float = 0.0
+    """Dropout inside LoRA layers while training (0: none, as in the N+ implementation details of RLHF)."""
+    lora_target_modules: list[str] | None = None
+    """Module names that get LoRA layers. None: every linear layer except the output head."""
+    merge_lora: bool = True
+    """At the end, write `<output_dir>/final` as one merged model (True), or as the LoRA adapter alone (False; it
+    loads with `from_pretrained` when peft is installed). The next stage of the pipeline needs a merged model."""
+    batch_size: int = 32
+    """Rows (SFT) or preference pairs (reward model) per optimizer step."""
+    micro_batch_size: int | None = None
+    """Rows (or pairs) per forward/backward pass, gradients accumulated to the same step. None: the whole batch."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of storing them: less memory, about a third slower."""
+    learning_rate: float = 1e-5
+    """AdamW learning rate (the peak, after warmup)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient norm clip (0 turns clipping off)."""
+    max_completion_length: int | None = None
+    """Longest completion in tokens, EOS included: a longer one is cut (and then lacks its EOS), with a warning.
+    None: no limit but the model's context (the prompt's start is cut first)."""
+    max_eval_samples: int = 8
+    """At most this many evaluation rows are written to samples.jsonl at each evaluation (SFT: with a greedily
+    generated completion; reward model: the chosen completion with its score and the rejected one's)."""
+
+    def validate(self) -> None:
+        """Raise a ValueError naming the first field whose value is not allowed."""
+        super().validate()
+        require_model_and_lora(self)
+        require_ints(self, ("batch_size",), 1)
+        require_ints(self, ("max_eval_samples",), 0)
+        require_optional_ints(self, ("micro_batch_size", "max_completion_length"))
+        require_numbers(self, ("learning_rate",), positive=True)
+        require_numbers(self, ("weight_decay", "max_grad_norm"), positive=False)
+
+
+@dataclass
+class SFTConfig(FinetuneConfig):
+    """Supervised fine-tuning on prompt/completion rows: the loss is on the completion tokens (and EOS) only."""
+
+    output_dir: str = "runs/sft"
+    """Run directory: checkpoints, metrics.jsonl, TensorBoard logs, the report, and `final/` (the fine-tuned model,
+    merged, with its tokenizer: what `ppo-lm reward` and `ppo-lm train` read as model_name)."""
+    completion_field: str = "completion"
+    """Column that holds the completion. TL;DR rows (subreddit/title/post) without it use their `summary` column."""
+    sample_max_new_tokens: int = 53
+    """Tokens generated greedily for each evaluation sample written to samples.jsonl (0: no samples)."""
+
+    def validate(self) -> None:
+        """Raise a ValueError naming the first field whose value is not allowed."""
+        super().validate()
+        require_ints(self, ("sample_max_new_tokens",), 0)
+        if not self.completion_field:
+            raise _invalid(self, "completion_field", self.completion_field, "must name a column")
+
+
+@dataclass
+class RewardConfig(FinetuneConfig):
+    """Pairwise (Bradley-Terry) reward-model training on preference rows: prompt, chosen and rejected completions."""
+
+    output_dir: str = "runs/reward"
+    """Run directory: checkpoints, metrics.jsonl, TensorBoard logs, the report, and `final/` (the reward model with
+    its tokenizer: what `ppo-lm train` reads as reward_model_name and value_model_name)."""
+    reference_dataset: str | None = None
+    """Prompt/completion rows (the SFT data's schema) whose completions should score 0 on average: after training, their
+    mean score is stored as `score_offset` in the model's config and subtracted from every score. None: no offset."""
+    reference_split: str = "train"
+    """Split of `reference_dataset` (slices such as 'train[:2000]' work)."""
+
+    def validate(self) -> None:
+        """Raise a ValueError naming the first field whose value is not allowed."""
+        super().validate()
+        if self.reference_dataset is not None and self.use_lora and not self.merge_lora:
+            raise _invalid(self, "merge_lora", self.merge_lora, "must be True when reference_dataset is set: the "
+                           "score offset lives in the merged model's config, which an adapter alone does not carry")

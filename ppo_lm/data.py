@@ -1,27 +1,36 @@
-"""Data loading shared by every kind of run: rows from a local file, a saved directory or the hub, then prompts.
+"""Data loading shared by every kind of run: rows from a local file, a saved directory or the hub, then items.
 
-PPO runs call `load_prompts` (train and eval prompts as lists of strings) and feed the train prompts through a
-`PromptStream` (endless, seeded, resumable batches). SFT and reward-model runs reuse `load_rows` and
-`require_columns` for their prompt/completion and preference rows.
+PPO runs call `load_prompts` (train and eval prompts as lists of strings), SFT runs `load_completion_rows`
+(`{"prompt", "completion"}` dicts) and reward-model runs `load_preference_rows` (`{"prompt", "chosen", "rejected"}`
+dicts); each feeds its train items through a `PromptStream` (endless, seeded, resumable batches of any items).
 
 Prompts come either from a text column (`prompt` by default) or, for Reddit TL;DR rows with `subreddit`, `title` and
 `post` columns, from `TLDR_TEMPLATE`; a TL;DR post that is too long for `max_prompt_length` tokens loses the end of
-its body, never the header or the `TL;DR:` cue the policy answers.
+its body, never the header or the `TL;DR:` cue the policy answers. A TL;DR summary becomes a completion with one
+leading space (the prompt ends in `TL;DR:`), as in the N+ implementation details of RLHF.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import datasets
+
+logger = logging.getLogger(__name__)
 
 # Local file suffix -> the `datasets` builder that reads it.
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 TLDR_COLUMNS = ("subreddit", "title", "post")
 TLDR_TEMPLATE = "SUBREDDIT: r/{subreddit}\nTITLE: {title}\nPOST: {post}\nTL;DR:"
+SUMMARY_COLUMN = "summary"
+"""Column of a TL;DR row's reference summary (the OpenAI TL;DR SFT release): the completion of an SFT row."""
+PREFERENCE_COLUMNS = ("chosen", "rejected")
+COMPARISON_COLUMNS = ("summaries", "choice")
+"""The OpenAI human-feedback comparisons: two summaries (dicts with `text`, or strings), the preferred one's index."""
 # BPE merges where the cut post meets "\nTL;DR:" can shift the count by a token or two; a few retries settle it.
 _MAX_FIT_TRIES = 4
 
@@ -274,37 +283,229 @@ def load_prompts(
     `train_eval_split`); with neither, the eval list is empty. Raises DataError when no train prompt is left, and
     ValueError when both `eval_split` and `eval_fraction` are given.
     """
+    return load_items(
+        dataset, lambda rows, source: prompts_from_rows(rows, prompt_field, tokenizer, max_prompt_length,
+                                                        source=source),
+        split, eval_split, eval_fraction, seed, what="prompts",
+    )
+
+
+def load_items(
+    dataset: str,
+    convert: Callable[[datasets.Dataset, str], list],
+    split: str = "train",
+    eval_split: str | None = None,
+    eval_fraction: float = 0.0,
+    seed: int = 0,
+    what: str = "items",
+) -> tuple[list, list]:
+    """Train and eval items of any kind: `convert(rows, source)` turns the rows of a split into items.
+
+    Train items come from `split`; eval items from `eval_split` when given, else from a seeded `eval_fraction` of the
+    train items (see `train_eval_split`). Raises DataError when no train item is left, and ValueError when both
+    `eval_split` and `eval_fraction` are given. `what` names the items in messages.
+    """
     if eval_split is not None and eval_fraction > 0:
         raise ValueError(
             f"Give eval_split ({eval_split!r}) or eval_fraction ({eval_fraction}), not both: each picks the eval "
-            "prompts."
+            f"{what}."
         )
-    train = prompts_from_rows(
-        load_rows(dataset, split), prompt_field, tokenizer, max_prompt_length, source=f"{dataset} (split {split!r})"
-    )
+    train = convert(load_rows(dataset, split), f"{dataset} (split {split!r})")
     if eval_split is not None:
-        evaluation = prompts_from_rows(
-            load_rows(dataset, eval_split), prompt_field, tokenizer, max_prompt_length,
-            source=f"{dataset} (split {eval_split!r})",
-        )
+        evaluation = convert(load_rows(dataset, eval_split), f"{dataset} (split {eval_split!r})")
     else:
         train, evaluation = train_eval_split(train, eval_fraction, seed)
     if not train:
         raise DataError(
-            f"No train prompts are left: {dataset} (split {split!r}) has {len(evaluation)} and eval_fraction="
-            f"{eval_fraction} holds out all of them. Lower eval_fraction or add prompts."
+            f"No train {what} are left: {dataset} (split {split!r}) has {len(evaluation)} and eval_fraction="
+            f"{eval_fraction} holds out all of them. Lower eval_fraction or add {what}."
         )
     return train, evaluation
 
 
+# --- SFT and preference rows ----------------------------------------------------------------------------------
+
+def _text(value: Any, row: int, column: str, source: str) -> str:
+    """A cell that must hold text: None reads as '' (an empty text), anything else but a string is a DataError."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{source}, row {row}: {column} is {value!r:.80}, not a string. Fix or drop that row.")
+    return value
+
+
+def _with_leading_space(text: str) -> str:
+    """A summary as the completion of a prompt that ends in 'TL;DR:': one space first (unless it has one)."""
+    return text if not text or text[0].isspace() else " " + text
+
+
+def _drop_rows(items: list[dict[str, str]], reasons: dict[str, list[int]], source: str) -> list[dict[str, str]]:
+    """`items` without the rows listed under each reason, with one warning per reason: how many, why, which first."""
+    for why, bad in reasons.items():
+        if bad:
+            logger.warning("%s: skipping %d of %d row(s) with %s (first: row %d).", source, len(bad), len(items), why,
+                           bad[0])
+    dropped = {i for bad in reasons.values() for i in bad}
+    return [item for i, item in enumerate(items) if i not in dropped]
+
+
+def _prompt_source_columns(rows: datasets.Dataset, prompt_field: str, source: str) -> datasets.Dataset:
+    """Rows whose prompt lives in an `info` dict (the OpenAI comparisons) get subreddit/title/post columns from it.
+
+    Rows whose `info` has no text `post` (the CNN/DM articles of that release) are dropped with a warning. Any other
+    rows are returned unchanged.
+    """
+    columns = rows.column_names
+    if prompt_field in columns or all(c in columns for c in TLDR_COLUMNS) or "info" not in columns:
+        return rows
+    infos = rows["info"]
+    keep = [i for i, info in enumerate(infos) if isinstance(info, dict) and isinstance(info.get("post"), str)]
+    if len(keep) < len(infos):
+        first = next(i for i in range(len(infos)) if i not in set(keep))
+        logger.warning("%s: skipping %d of %d row(s) whose info has no post text (not a TL;DR post; first: row %d).",
+                       source, len(infos) - len(keep), len(infos), first)
+    if not keep:
+        raise DataError(f"{source}: no row's info holds a Reddit post (info.post); there is no TL;DR prompt to build.")
+    rows = rows.select(keep)
+    infos = [infos[i] for i in keep]
+    for column in TLDR_COLUMNS:
+        rows = rows.add_column(column, [info.get(column) or "" for info in infos])
+    return rows
+
+
+def completion_rows(
+    rows: datasets.Dataset,
+    prompt_field: str = "prompt",
+    completion_field: str = "completion",
+    tokenizer: Any = None,
+    max_prompt_length: int | None = None,
+    *,
+    source: str = "The SFT rows",
+) -> list[dict[str, str]]:
+    """Prompt/completion pairs for SFT, as `{"prompt", "completion"}` dicts.
+
+    Two schemas: a `prompt_field` column (or TL;DR subreddit/title/post columns, see `prompts_from_rows`) and a
+    `completion_field` column, as in `trl-lib/tldr`; or TL;DR rows with a `summary` column (the OpenAI TL;DR
+    release), whose summary becomes the completion with one leading space. Rows with an empty or missing completion
+    are skipped with a warning (training on them would teach the model to stop at once). Raises DataError for a
+    missing column, a value that is not text, or when no row is left.
+    """
+    columns = rows.column_names
+    if completion_field in columns:
+        column, space = completion_field, False
+    elif SUMMARY_COLUMN in columns and all(c in columns for c in TLDR_COLUMNS):
+        column, space = SUMMARY_COLUMN, True
+    else:
+        raise DataError(
+            f"{source} lacks column {completion_field!r}; its columns are {columns}. SFT rows need a prompt and a "
+            f"completion column (set prompt_field and completion_field), or TL;DR subreddit/title/post columns and "
+            f"a {SUMMARY_COLUMN!r} column."
+        )
+    prompts = prompts_from_rows(rows, prompt_field, tokenizer, max_prompt_length, source=source)
+    completions = [_text(value, i, column, source) for i, value in enumerate(rows[column])]
+    if space:
+        completions = [_with_leading_space(text) for text in completions]
+    items = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions, strict=True)]
+    items = _drop_rows(items, {"an empty completion": [i for i, c in enumerate(completions) if not c.strip()]}, source)
+    if not items:
+        raise DataError(f"{source}: every row's completion is empty; there is nothing to train on.")
+    return items
+
+
+def _comparison_pair(summaries: Any, choice: Any, row: int, source: str) -> tuple[str, str]:
+    """(chosen, rejected) texts of one OpenAI comparison row: two summaries and the preferred one's index."""
+    if not isinstance(summaries, (list, tuple)) or len(summaries) != 2:
+        raise DataError(f"{source}, row {row}: summaries is {summaries!r:.80}; it must be a list of two summaries.")
+    texts = [_text(s.get("text") if isinstance(s, dict) else s, row, "summaries", source) for s in summaries]
+    if choice not in (0, 1) or isinstance(choice, bool):
+        raise DataError(f"{source}, row {row}: choice is {choice!r}; it must be 0 or 1, the preferred summary's index.")
+    return _with_leading_space(texts[choice]), _with_leading_space(texts[1 - choice])
+
+
+def preference_rows(
+    rows: datasets.Dataset,
+    prompt_field: str = "prompt",
+    tokenizer: Any = None,
+    max_prompt_length: int | None = None,
+    *,
+    source: str = "The preference rows",
+) -> list[dict[str, str]]:
+    """Preference pairs for reward-model training, as `{"prompt", "chosen", "rejected"}` dicts.
+
+    Two schemas: `chosen` and `rejected` text columns with a prompt (a `prompt_field` column or TL;DR columns), as in
+    `trl-lib/tldr-preference`; or the OpenAI human-feedback comparisons: `summaries` (two dicts with `text`, or two
+    strings) and `choice` (0 or 1), the prompt from TL;DR columns or from an `info` dict holding them. Summaries get
+    one leading space. Pairs whose chosen and rejected texts are equal (no preference to learn) or where either is
+    empty are skipped with a warning. Raises DataError for a missing column, a malformed value, or no pair left.
+    """
+    rows = _prompt_source_columns(rows, prompt_field, source)
+    columns = rows.column_names
+    if all(c in columns for c in PREFERENCE_COLUMNS):
+        pairs = [(_text(c, i, "chosen", source), _text(r, i, "rejected", source))
+                 for i, (c, r) in enumerate(zip(rows["chosen"], rows["rejected"], strict=True))]
+    elif all(c in columns for c in COMPARISON_COLUMNS):
+        pairs = [_comparison_pair(s, c, i, source)
+                 for i, (s, c) in enumerate(zip(rows["summaries"], rows["choice"], strict=True))]
+    else:
+        raise DataError(
+            f"{source} lacks preference columns; its columns are {columns}. Give 'chosen' and 'rejected' columns "
+            "(with a prompt), or 'summaries' (two texts) and 'choice' (the preferred one's index)."
+        )
+    prompts = prompts_from_rows(rows, prompt_field, tokenizer, max_prompt_length, source=source)
+    items = [{"prompt": p, "chosen": c, "rejected": r} for p, (c, r) in zip(prompts, pairs, strict=True)]
+    empty = [i for i, (c, r) in enumerate(pairs) if not c.strip() or not r.strip()]
+    same = [i for i, (c, r) in enumerate(pairs) if c.strip() and c.strip() == r.strip()]
+    items = _drop_rows(items, {"an empty chosen or rejected completion": empty,
+                               "chosen equal to rejected (no preference to learn)": same}, source)
+    if not items:
+        raise DataError(f"{source}: no usable preference pair is left (see the warnings above).")
+    return items
+
+
+def load_completion_rows(
+    dataset: str,
+    split: str = "train",
+    eval_split: str | None = None,
+    eval_fraction: float = 0.0,
+    prompt_field: str = "prompt",
+    completion_field: str = "completion",
+    tokenizer: Any = None,
+    max_prompt_length: int | None = None,
+    seed: int = 0,
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Train and eval prompt/completion rows for an SFT run (see `completion_rows` and `load_items`)."""
+    return load_items(
+        dataset, lambda rows, source: completion_rows(rows, prompt_field, completion_field, tokenizer,
+                                                      max_prompt_length, source=source),
+        split, eval_split, eval_fraction, seed, what="rows",
+    )
+
+
+def load_preference_rows(
+    dataset: str,
+    split: str = "train",
+    eval_split: str | None = None,
+    eval_fraction: float = 0.0,
+    prompt_field: str = "prompt",
+    tokenizer: Any = None,
+    max_prompt_length: int | None = None,
+    seed: int = 0,
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Train and eval preference pairs for a reward-model run (see `preference_rows` and `load_items`)."""
+    return load_items(
+        dataset, lambda rows, source: preference_rows(rows, prompt_field, tokenizer, max_prompt_length, source=source),
+        split, eval_split, eval_fraction, seed, what="pairs",
+    )
+
+
 class PromptStream:
-    """Endless batches of prompts: a fresh seeded shuffle each epoch, resumable from `state_dict()`.
+    """Endless batches of prompts (or any items): a fresh seeded shuffle each epoch, resumable from `state_dict()`.
 
     Epoch `e` visits the prompts in the order of a `random.Random(seed + e)` permutation; a batch that runs past
     the end of an epoch continues into the next, and `batch_size` may exceed the number of prompts.
     """
 
-    def __init__(self, prompts: list[str], batch_size: int, seed: int) -> None:
+    def __init__(self, prompts: Sequence, batch_size: int, seed: int) -> None:
         if len(prompts) == 0:
             raise ValueError("PromptStream needs at least one prompt.")
         if batch_size < 1:
@@ -325,7 +526,7 @@ class PromptStream:
             self._order_epoch = self.epoch
         return self._order
 
-    def next_batch(self) -> list[str]:
+    def next_batch(self) -> list:
         """The next `batch_size` prompts, crossing into the next epoch (and its new order) where needed."""
         batch = []
         for _ in range(self.batch_size):

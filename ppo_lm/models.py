@@ -28,7 +28,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from ppo_lm.config import PPOConfig
+from ppo_lm.config import FinetuneConfig, PPOConfig
 from ppo_lm.generation import SequenceBatch, position_ids_from_mask
 from ppo_lm.losses import entropy_from_logits
 
@@ -88,14 +88,23 @@ def _freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def _lora_config(config: PPOConfig) -> LoraConfig:
+def lora_config(config: PPOConfig | FinetuneConfig, modules_to_save: list[str] | None = None) -> LoraConfig:
+    """The LoRA settings of a run's config; `modules_to_save` are trained in full beside it (e.g. a scalar head)."""
     return LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=config.lora_target_modules or "all-linear",
         bias="none",
+        modules_to_save=modules_to_save,
     )
+
+
+def init_scalar_head(head: nn.Linear) -> None:
+    """Initialise a scalar head as the N+ implementation details do: normal with std 1/sqrt(hidden+1), bias 0."""
+    nn.init.normal_(head.weight, std=1.0 / (head.in_features + 1) ** 0.5)
+    if head.bias is not None:
+        nn.init.zeros_(head.bias)
 
 
 @dataclass
@@ -187,9 +196,9 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
 
     value_adapter_on_policy = config.use_lora and config.value_model_name is None
     if config.use_lora:
-        policy = get_peft_model(base, _lora_config(config), adapter_name=POLICY_ADAPTER)
+        policy = get_peft_model(base, lora_config(config), adapter_name=POLICY_ADAPTER)
         if value_adapter_on_policy:
-            policy.add_adapter(VALUE_ADAPTER, _lora_config(config))
+            policy.add_adapter(VALUE_ADAPTER, lora_config(config))
         policy.set_adapter(POLICY_ADAPTER)
     else:
         policy = base
@@ -200,7 +209,7 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
                                                                           dtype=dtype)
         value_head = score_head_of(value_model)
         if config.use_lora:
-            value_model = get_peft_model(value_model, _lora_config(config), adapter_name=VALUE_ADAPTER)
+            value_model = get_peft_model(value_model, lora_config(config), adapter_name=VALUE_ADAPTER)
             value_head.requires_grad_(True)
         value_backbone = backbone_of(value_model)
     elif value_adapter_on_policy:
@@ -210,8 +219,7 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
         value_backbone = AutoModel.from_pretrained(config.model_name, dtype=dtype)
         value_head = nn.Linear(hidden_size, 1)
     if isinstance(value_head, nn.Linear) and config.value_model_name is None:
-        nn.init.normal_(value_head.weight, std=1.0 / (hidden_size + 1) ** 0.5)
-        nn.init.zeros_(value_head.bias)
+        init_scalar_head(value_head)
     value_head = value_head.to(torch.float32)
 
     reward_model = None
@@ -284,10 +292,13 @@ def sequence_values(backbone: nn.Module, head: nn.Module, batch: SequenceBatch) 
 def sequence_scores(
     reward_model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
-    """Reward model score of each sequence, read at its last real token (the rightmost 1 of the mask), `[batch]`."""
+    """Reward model score of each sequence, read at its last real token (the rightmost 1 of the mask), `[batch]`.
+
+    A reward model normalised by `ppo-lm reward` carries `score_offset` in its config: it is subtracted here.
+    """
     hidden = last_hidden_states(backbone_of(reward_model), input_ids, attention_mask)
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     last = (positions * attention_mask).argmax(-1)
     last_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     head = score_head_of(reward_model)
-    return head(last_hidden).squeeze(-1).float()
+    return head(last_hidden).squeeze(-1).float() - getattr(reward_model.config, "score_offset", 0.0)

@@ -22,12 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import set_seed
 
 from ppo_lm.advantages import compute_gae, masked_mean, masked_whiten
-from ppo_lm.checkpoint import load_state, save_state
+from ppo_lm.checkpoint import load_state, load_trained, save_state, save_trained
 from ppo_lm.config import PPOConfig
 from ppo_lm.generation import SequenceBatch, encode_prompts, generate_responses, sampling_config
 from ppo_lm.losses import approx_kl, clipped_policy_loss, clipped_value_loss, kl_estimate
@@ -287,8 +286,7 @@ class PPOTrainer:
 
     def save_state(self, directory: Path) -> None:
         """Write the trained weights, the policy (peft adapter or full model) and the optimizer to `directory`."""
-        trained = {name: p.detach().cpu().contiguous() for name, p in self.models.named_trainable().items()}
-        save_file(trained, str(directory / "trainable.safetensors"))
+        save_trained(self.models.named_trainable(), directory)
         if self.config.use_lora:  # also the policy alone, as a peft adapter that PeftModel.from_pretrained reads
             self.models.policy.save_pretrained(str(directory / "policy"), selected_adapters=[POLICY_ADAPTER])
         self.tokenizer.save_pretrained(str(directory / "policy"))
@@ -296,20 +294,7 @@ class PPOTrainer:
 
     def load_state(self, directory: Path) -> None:
         """Load what `save_state` wrote; every trained tensor must be there with its shape."""
-        saved = load_file(str(directory / "trainable.safetensors"))
-        named = self.models.named_trainable()
-        if saved.keys() != named.keys():
-            missing, extra = sorted(named.keys() - saved.keys()), sorted(saved.keys() - named.keys())
-            raise ValueError(
-                f"Checkpoint {directory} does not match this model: missing {missing[:3]}, unexpected {extra[:3]}. "
-                "Was it written with another model_name, use_lora or LoRA setting?"
-            )
-        with torch.no_grad():
-            for name, parameter in named.items():
-                if saved[name].shape != parameter.shape:
-                    raise ValueError(f"Checkpoint tensor {name} has shape {tuple(saved[name].shape)}, the model "
-                                     f"{tuple(parameter.shape)}.")
-                parameter.copy_(saved[name])
+        load_trained(self.models.named_trainable(), directory)
         self.optimizer.load_state_dict(load_state(directory, "optimizer"))
 
     def extra_state(self) -> dict:

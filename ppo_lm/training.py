@@ -1,6 +1,6 @@
 """The training loop every stage shares: schedule, progress bar, evaluation, logging, checkpoints, report.
 
-A stage's trainer (PPO now; SFT and reward models use the same loop) provides `optimizer`, `train_step(items)`,
+A stage's trainer (`PPOTrainer`, `SFTTrainer`, `RewardTrainer`) provides `optimizer`, `train_step(items)`,
 `evaluate(items)`, `save_state(dir)`, `load_state(dir)`, `extra_state()` and `load_extra_state(state)`. The loop
 owns everything around them: which items each step sees, when to evaluate and save, and what gets written.
 """
