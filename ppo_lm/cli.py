@@ -1,5 +1,6 @@
-"""The `ppo-lm` command: train, report, export; sft and reward for the stages before PPO.
+"""The `ppo-lm` command: train, report, export; sft and reward for the stages before PPO; a demo.
 
+    ppo-lm demo [--FIELD VALUE ...] [--resume [DIR]] [--overwrite]       (PPO on a bundled model, offline, minutes)
     ppo-lm train --config FILE.yaml [--FIELD VALUE ...] [--resume [DIR]] [--overwrite]
     ppo-lm sft --config FILE.yaml [--FIELD VALUE ...] [--resume [DIR]] [--overwrite]
     ppo-lm reward --config FILE.yaml [--FIELD VALUE ...] [--resume [DIR]] [--overwrite]
@@ -274,7 +275,14 @@ def bench_command(argv: list[str]) -> None:
     run_bench(argv)
 
 
-COMMANDS = {"train": train_command, "report": report_command, "export": export_command,
+def demo_command(argv: list[str]) -> None:
+    """`ppo-lm demo`: PPO on SmolLM2-135M-Instruct with bundled TL;DR prompts and reward (see ppo_lm/demo.py)."""
+    from ppo_lm.demo import demo_command as run_demo
+
+    run_demo(argv)
+
+
+COMMANDS = {"demo": demo_command, "train": train_command, "report": report_command, "export": export_command,
             "bench": bench_command, "sft": sft_command, "reward": reward_command}
 
 

@@ -73,7 +73,8 @@ class RunConfig:
     dataset_split: str = "train"
     """Split of `dataset` to train on (a local file is one 'train' split)."""
     eval_split: str | None = None
-    """Split of `dataset` to evaluate on. None: hold out `eval_fraction` of the training rows."""
+    """Split of `dataset` to evaluate on, or a local data file of its own (all its rows). None: hold out
+    `eval_fraction` of the training rows."""
     eval_fraction: float = 0.05
     """Fraction of the training rows held out for evaluation when there is no `eval_split` (0: no evaluation)."""
     prompt_field: str = "prompt"

