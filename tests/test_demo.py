@@ -205,15 +205,28 @@ def test_eval_summary_and_table(tmp_path):
     assert summary["before"]["reward"] == pytest.approx(0.25) and summary["before"]["se"] == pytest.approx(se, 1e-4)
     assert summary["after"]["kl"] == 1.5 and summary["after"]["length"] == 12.0 and summary["steps"] == (0, 5)
     assert summary["change_in_se"] == pytest.approx(0.4 / (2 * se**2) ** 0.5, 1e-4)
+    assert summary["change_in_paired_se"] > 1000  # every prompt gained 0.4 (up to rounding)
     table = demo.format_table(summary, 125.0, {"plot": Path("runs/demo/report.png")})
     assert "0.250 ± 0.065" in table and "0.650 ± 0.065" in table and "1.50" in table and "2.1 min" in table
-    assert "+4.4 standard errors" in table and "runs/demo/report.png" in table
+    assert "(+4.4 unpaired)" in table and "runs/demo/report.png" in table
     assert demo.mean_and_se([2.0]) == (2.0, 0.0)
 
 
-def test_eval_summary_needs_two_evaluations(tmp_path):
+def test_eval_summary_pairs_the_prompts(tmp_path):
+    write_run(tmp_path / "run", before=[0.1, 0.3, 0.2, 0.4], after=[0.3, 0.4, 0.4, 0.4])
+    summary = demo.eval_summary(tmp_path / "run")
+    differences = [0.2, 0.1, 0.2, 0.0]
+    assert summary["change_in_paired_se"] == pytest.approx(0.125 / demo.mean_and_se(differences)[1])
+
+
+def test_eval_summary_needs_two_evaluations_of_the_same_prompts(tmp_path):
     (tmp_path / "samples.jsonl").write_text(json.dumps({"step": 0, "prompt": "p", "completion": "c", "reward": 1}))
     with pytest.raises(demo.DemoError, match="1 evaluated step"):
+        demo.eval_summary(tmp_path)
+    (tmp_path / "samples.jsonl").write_text("".join(
+        json.dumps({"step": step, "prompt": prompt, "completion": "c", "reward": 1}) + "\n"
+        for step, prompt in ((0, "p"), (2, "q"))))
+    with pytest.raises(demo.DemoError, match="different prompts"):
         demo.eval_summary(tmp_path)
 
 
