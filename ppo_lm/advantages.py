@@ -6,6 +6,8 @@ prefix of each row). Nothing loops over tokens in Python: GAE is a matrix produc
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -18,21 +20,31 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     return masked.sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Unbiased variance of `values` where `mask` is 1 (0 when fewer than two entries are valid)."""
-    mean = masked_mean(values, mask)
-    count = mask.sum()
-    sum_sq = masked_mean((values - mean) ** 2, mask) * count
-    return sum_sq / (count - 1).clamp(min=1)
+def _no_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Scale `values` to unit variance (and mean 0 when `shift_mean`) over the valid entries; 0 elsewhere."""
-    mean = masked_mean(values, mask)
-    whitened = (values - mean) * torch.rsqrt(masked_var(values, mask) + 1e-8)
+def masked_whiten(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    all_sum: Callable[[torch.Tensor], torch.Tensor] = _no_reduce,
+) -> torch.Tensor:
+    """Scale `values` to unit variance (and mean 0 when `shift_mean`) over the valid entries; 0 elsewhere.
+
+    The variance is the unbiased one. `all_sum` sums a tensor over the processes of a data-parallel run, so that the
+    mean and the variance cover every process's entries (`distributed.all_sum`); by default only these are used.
+    """
+    valid = mask.bool()
+    zeros = torch.zeros_like(values)
+    totals = all_sum(torch.stack([torch.where(valid, values, zeros).sum(), valid.sum().to(values.dtype)]))
+    count = totals[1]
+    mean = totals[0] / count.clamp(min=1)
+    squares = all_sum(torch.where(valid, (values - mean) ** 2, zeros).sum())
+    whitened = (values - mean) * torch.rsqrt(squares / (count - 1).clamp(min=1) + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
-    return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
+    return torch.where(valid, whitened, zeros)
 
 
 def compute_gae(

@@ -133,10 +133,31 @@ def run_stage(
         raise CommandLineError("No training data: set `dataset` (a hub dataset or a local .jsonl/.json/.csv/.parquet "
                                "file) in the config or with --dataset.")
 
-    from ppo_lm.training import prepare_run_dir
+    from ppo_lm.distributed import batch_layout, from_main_process, process_state
+    from ppo_lm.training import RunDirectoryError, prepare_run_dir
+
+    config.validate()
+    processes = process_state()
+    layout = batch_layout(config.batch_size, processes.num_processes,
+                          getattr(config, "num_mini_batches", 1),  # only PPO splits a batch into minibatches
+                          config.micro_batch_size)
+    if not processes.is_main_process:  # one copy of the log: the main process's
+        logging.getLogger().setLevel(logging.ERROR)
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    logger.info("%s", layout.describe())
 
     resuming = arguments.resume is not None
-    run_dir = prepare_run_dir(config.output_dir, resume=resuming, overwrite=arguments.overwrite)
+    problem, run_dir = None, Path(config.output_dir)
+    if processes.is_main_process:  # only the main process may create or delete the run directory
+        try:
+            run_dir = prepare_run_dir(config.output_dir, resume=resuming, overwrite=arguments.overwrite)
+        except RunDirectoryError as error:
+            problem = str(error)
+    problem = from_main_process(problem)  # every process stops, not only the main one
+    if problem is not None:
+        raise RunDirectoryError(problem)
     if resuming:
         from ppo_lm.checkpoint import find_checkpoint
 
@@ -150,9 +171,11 @@ def run_stage(
         train_items, eval_items, extra = load_data(config, load_tokenizer(config.model_name))
     trainer = make_trainer(config)
     result = run_training(config, trainer, train_items, eval_items, run_dir, resume_from=resume_dir)
-    if finish is not None:
-        result.update(finish(config, trainer, run_dir, extra))
-    _print_summary(result)
+    if processes.is_main_process:
+        if finish is not None:
+            result.update(finish(config, trainer, run_dir, extra))
+        _print_summary(result)
+    processes.wait_for_everyone()
     return result
 
 

@@ -26,6 +26,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from ppo_lm.checkpoint import load_state, load_trained, save_state, save_trained
 from ppo_lm.config import FinetuneConfig
+from ppo_lm.distributed import (
+    batch_layout,
+    broadcast_parameters,
+    gather_rows,
+    mean_over_processes,
+    process_state,
+    sum_gradients,
+)
 from ppo_lm.generation import SequenceBatch, encode_prompts
 from ppo_lm.models import load_tokenizer, lora_config, resolve_device, resolve_dtype
 
@@ -97,8 +105,10 @@ class FinetuneTrainer:
     def __init__(self, config: FinetuneConfig):
         config.validate()
         self.config = config
-        set_seed(config.seed)
-        self.device = resolve_device(config.device)
+        processes = process_state()
+        self.layout = batch_layout(config.batch_size, processes.num_processes, 1, config.micro_batch_size)
+        set_seed(config.seed + processes.process_index)  # the weights are the main process's (broadcast below)
+        self.device = resolve_device(config.device, processes)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.tokenizer = load_tokenizer(config.model_name)
         model = self.load_model(local_or_hub(config.model_name))
@@ -108,6 +118,7 @@ class FinetuneTrainer:
         if config.use_lora:
             model = get_peft_model(model, lora_config(config, self.full_modules))
         self.model = model.to(self.device).eval()
+        broadcast_parameters(self.trainable().values())
         self.optimizer = torch.optim.AdamW(self.trainable().values(), lr=config.learning_rate,
                                            weight_decay=config.weight_decay)
         self.step_count = 0
@@ -153,6 +164,9 @@ class FinetuneTrainer:
                     sums[name] += value
         finally:
             self.model.eval()
+        # Each process holds its own items' mean gradient: the step takes the mean over the processes.
+        sum_gradients(self.trainable().values(), scale=1 / self.layout.processes)
+        sums = mean_over_processes(sums)
         max_norm = self.config.max_grad_norm or float("inf")
         sums["grad_norm"] = nn.utils.clip_grad_norm_(list(self.trainable().values()), max_norm).item()
         self.optimizer.step()
@@ -168,8 +182,9 @@ class FinetuneTrainer:
             for _, stats in self.micro_losses(items, size):
                 for name, value in stats.items():
                     sums[name] += value
-        metrics = {f"eval/{name}": value for name, value in sums.items()}
-        return metrics, self.samples(items[: self.config.max_eval_samples])
+        metrics = {f"eval/{name}": value for name, value in mean_over_processes(dict(sums)).items()}
+        samples = gather_rows(self.samples(items[: self.config.max_eval_samples]))
+        return metrics, samples[: self.config.max_eval_samples]
 
     def save_state(self, directory: Path) -> None:
         """Write the trained tensors and the optimizer state to `directory` (safetensors + JSON)."""

@@ -15,6 +15,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -32,14 +33,20 @@ from ppo_lm.config import FinetuneConfig, PPOConfig
 from ppo_lm.generation import SequenceBatch, position_ids_from_mask
 from ppo_lm.losses import entropy_from_logits
 
+if TYPE_CHECKING:
+    from accelerate import PartialState
+
 logger = logging.getLogger(__name__)
 
 POLICY_ADAPTER = "default"  # peft's default name: the policy adapter saves and loads like any peft adapter
 VALUE_ADAPTER = "value"
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' becomes CUDA when available, else CPU; anything else is passed to torch.device."""
+def resolve_device(name: str, processes: PartialState | None = None) -> torch.device:
+    """'auto' becomes this process's device in a multi-process run (its own GPU), else CUDA when available, else
+    the CPU; anything else is passed to torch.device."""
+    if processes is not None and processes.num_processes > 1 and name in ("auto", "cuda"):
+        return processes.device if processes.device.type == "cuda" else torch.device("cpu")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)

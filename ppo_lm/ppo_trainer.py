@@ -28,6 +28,14 @@ from transformers import set_seed
 from ppo_lm.advantages import compute_gae, masked_mean, masked_whiten
 from ppo_lm.checkpoint import load_state, load_trained, save_state, save_trained
 from ppo_lm.config import PPOConfig
+from ppo_lm.distributed import (
+    all_sum,
+    batch_layout,
+    broadcast_parameters,
+    gather_rows,
+    process_state,
+    sum_gradients,
+)
 from ppo_lm.generation import SequenceBatch, encode_prompts, generate_responses, sampling_config
 from ppo_lm.losses import approx_kl, clipped_policy_loss, clipped_value_loss, kl_estimate
 from ppo_lm.models import (
@@ -90,23 +98,33 @@ class Rollout:
         return torch.where(self.batch.response_mask.bool(), self.kl, torch.zeros_like(self.kl)).sum(-1)
 
     def statistics(self) -> dict:
-        """The rollout's texts, scores and summary numbers (Python floats), for logging."""
+        """The texts, scores and summary numbers (Python floats) of the whole batch, every process's rows included.
+
+        Each process contributes per-row numbers; the means are taken over all rows (token means over all tokens),
+        so every process returns the same statistics.
+        """
         mask = self.batch.response_mask
-        n = self.raw_scores.shape[0]
+        zeros = torch.zeros_like(self.values)
+        row_sums = [torch.where(mask.bool(), per_token, zeros).sum(-1)
+                    for per_token in (self.values, self.returns, self.entropy)]
+        local = torch.stack([self.raw_scores, self.scores, self.summed_kl, mask.sum(-1), self.ended, *row_sums], -1)
+        rows = torch.tensor(gather_rows(local.double().tolist()), dtype=torch.float64).reshape(-1, local.shape[1])
+        raw, scores, summed_kl, lengths, ended, value_sums, return_sums, entropy_sums = rows.unbind(-1)
+        tokens = lengths.sum().clamp(min=1)
         return {
-            "generated_texts": self.completions,
-            "rewards": self.raw_scores.tolist(),
-            "reward_mean": self.raw_scores.mean().item(),
-            "reward_std": self.raw_scores.std().item() if n > 1 else 0.0,
-            "score_mean": self.scores.mean().item(),
-            "kl": self.summed_kl.mean().item(),
+            "generated_texts": gather_rows(self.completions),
+            "rewards": raw.tolist(),
+            "reward_mean": raw.mean().item(),
+            "reward_std": raw.std().item() if len(raw) > 1 else 0.0,
+            "score_mean": scores.mean().item(),
+            "kl": summed_kl.mean().item(),
             "kl_coef": self.kl_coef,
-            "non_score_reward": (-self.kl_coef * self.summed_kl).mean().item(),
-            "response_length": mask.sum(-1).float().mean().item(),
-            "eos_fraction": self.ended.float().mean().item(),
-            "value_mean": masked_mean(self.values, mask).item(),
-            "return_mean": masked_mean(self.returns, mask).item(),
-            "entropy": masked_mean(self.entropy, mask).item(),
+            "non_score_reward": (-self.kl_coef * summed_kl).mean().item(),
+            "response_length": lengths.mean().item(),
+            "eos_fraction": ended.mean().item(),
+            "value_mean": (value_sums.sum() / tokens).item(),
+            "return_mean": (return_sums.sum() / tokens).item(),
+            "entropy": (entropy_sums.sum() / tokens).item(),
             **{f"time/{stage}": seconds for stage, seconds in self.timings.items()},
         }
 
@@ -135,11 +153,16 @@ class PPOTrainer:
         config.validate()
         self.config = config
         self.reward_fn = reward_fn
-        set_seed(config.seed)
-        self.device = resolve_device(config.device)
+        processes = process_state()
+        self.layout = batch_layout(config.batch_size, processes.num_processes, config.num_mini_batches,
+                                   config.micro_batch_size)
+        # Each process samples its own rollouts (its own seed); the weights are the main process's (broadcast below).
+        set_seed(config.seed + processes.process_index)
+        self.device = resolve_device(config.device, processes)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.tokenizer = load_tokenizer(config.model_name)
         self.models = load_role_models(config, self.device, self.dtype)
+        broadcast_parameters(self.models.named_trainable().values())
         self.reward_tokenizer = self._reward_tokenizer_if_different()
 
         context = getattr(self.models.policy.config, "max_position_embeddings", None) or 2**31
@@ -183,13 +206,18 @@ class PPOTrainer:
         rollout = self.make_rollout(prompts)
         with self._timed("update", rollout.timings):
             update_stats = self.update(rollout)
-        self.kl_controller.update(rollout.summed_kl.mean().item(), len(prompts))
+        stats = rollout.statistics()  # over every process's rows
+        self.kl_controller.update(stats["kl"], len(stats["rewards"]))
         self.step_count += 1
-        rollout.timings["step"] = time.perf_counter() - step_start
-        return {**rollout.statistics(), **update_stats}
+        stats["time/step"] = time.perf_counter() - step_start
+        return {**stats, **update_stats}
 
-    def make_rollout(self, prompts: list[str]) -> Rollout:
-        """Stages 1 to 6: sample, score, compute logprobs, shape rewards, values and advantages. No weight changes."""
+    def make_rollout(self, prompts: list[str], for_update: bool = True) -> Rollout:
+        """Stages 1 to 6: sample, score, compute logprobs, shape rewards, values and advantages. No weight changes.
+
+        `prompts` are this process's share of the batch. Evaluation passes `for_update=False`: its advantages are
+        never used, so they are not whitened, the one stage that waits for the other processes.
+        """
         cfg, models = self.config, self.models
         timings: dict[str, float] = {}
 
@@ -230,8 +258,8 @@ class PPOTrainer:
 
         # 6. advantages by GAE over the response mask; returns are the value targets.
         advantages, returns = compute_gae(rewards, values, response_mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, response_mask)
+        if cfg.whiten_advantages and for_update:
+            advantages = masked_whiten(advantages, response_mask, all_sum=all_sum)  # over every process's tokens
 
         return Rollout(
             batch=batch, completions=completions, raw_scores=raw_scores, scores=scores, ended=ended, kl=kl,
@@ -262,24 +290,27 @@ class PPOTrainer:
         Sampling uses its own seeded generator state, so evaluating never shifts the training run's randomness and
         the same weights always give the same samples.
         """
-        rollouts = []
+        samples = []
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.config.seed)
-            for start in range(0, len(prompts), self.config.batch_size):
-                rollouts.append(self.make_rollout(prompts[start : start + self.config.batch_size]))
-        scores = torch.cat([r.raw_scores for r in rollouts])
-        summed_kl = torch.cat([r.summed_kl for r in rollouts])
-        lengths = torch.cat([r.batch.response_mask.sum(-1).float() for r in rollouts])
+            for start in range(0, len(prompts), self.layout.per_process):
+                part = prompts[start : start + self.layout.per_process]
+                rollout = self.make_rollout(part, for_update=False)
+                samples += [
+                    {"prompt": prompt, "completion": completion, "reward": score, "kl": kl, "length": length}
+                    for prompt, completion, score, kl, length in zip(
+                        part, rollout.completions, rollout.raw_scores.tolist(), rollout.summed_kl.tolist(),
+                        rollout.batch.response_mask.sum(-1).tolist(), strict=True)
+                ]
+        samples = gather_rows(samples)  # every process's share of the prompts, in order
+        scores = torch.tensor([sample["reward"] for sample in samples], dtype=torch.float64)
         metrics = {
             "eval/reward_mean": scores.mean().item(),
             "eval/reward_std": scores.std().item() if len(scores) > 1 else 0.0,
-            "eval/kl": summed_kl.mean().item(),
-            "eval/response_length": lengths.mean().item(),
+            "eval/kl": sum(sample["kl"] for sample in samples) / len(samples),
+            "eval/response_length": sum(sample["length"] for sample in samples) / len(samples),
         }
-        completions = [c for r in rollouts for c in r.completions]
-        samples = [{"prompt": p, "completion": c, "reward": s}
-                   for p, c, s in zip(prompts, completions, scores.tolist(), strict=True)]
         return metrics, samples
 
     # --- checkpoint state ----------------------------------------------------------------------------------------
@@ -340,6 +371,7 @@ class PPOTrainer:
             for index in order.tensor_split(cfg.num_mini_batches):
                 with models.gradient_mode():
                     stats = self._minibatch_gradients(rollout, index)
+                sum_gradients(policy_params + value_params)  # every process now holds the global minibatch's
                 if cfg.target_kl is not None and stats["approx_kl"] > cfg.target_kl:
                     self.optimizer.zero_grad(set_to_none=True)
                     stop = True
@@ -361,7 +393,8 @@ class PPOTrainer:
     def _minibatch_gradients(self, rollout: Rollout, index: torch.Tensor) -> dict[str, float]:
         """Accumulate the gradients of one minibatch's losses, micro-batch by micro-batch; return its statistics."""
         cfg, models, batch = self.config, self.models, rollout.batch
-        total_tokens = batch.response_mask[index].sum().clamp(min=1)
+        # Token shares are of the minibatch over all processes: the gradients then add up across processes.
+        total_tokens = all_sum(batch.response_mask[index].sum()).clamp(min=1)
         sums: dict[str, float] = defaultdict(float)
         for micro_index in batch.micro_batches(index, cfg.micro_batch_size):
             micro = batch.select(micro_index)
@@ -378,12 +411,14 @@ class PPOTrainer:
                 loss = loss - cfg.entropy_coef * masked_mean(entropy, mask)
             self._backward(loss * share, "policy loss")
 
+            # Backward inside value_mode: outside it peft has turned off requires_grad of the value adapter, and a
+            # leaf whose requires_grad is off by backward time receives no gradient.
             with models.value_mode():
                 values = sequence_values(models.value_backbone, models.value_head, micro)
-            value_loss, value_clip = clipped_value_loss(
-                values, rollout.values[micro_index, :width], rollout.returns[micro_index, :width], mask,
-                cfg.value_clip)
-            self._backward(cfg.vf_coef * value_loss * share, "value loss")
+                value_loss, value_clip = clipped_value_loss(
+                    values, rollout.values[micro_index, :width], rollout.returns[micro_index, :width], mask,
+                    cfg.value_clip)
+                self._backward(cfg.vf_coef * value_loss * share, "value loss")
 
             weight = share.item()
             sums["policy_loss"] += policy_loss.item() * weight
@@ -392,7 +427,9 @@ class PPOTrainer:
             sums["policy_clip_fraction"] += policy_clip.item() * weight
             sums["value_clip_fraction"] += value_clip.item() * weight
             sums["ratio_mean"] += masked_mean(torch.exp(logprobs.detach() - old), mask).item() * weight
-        return dict(sums)
+        names = sorted(sums)  # each process holds its tokens' share of every statistic: their sum is the whole's
+        totals = all_sum(torch.tensor([sums[name] for name in names], dtype=torch.float64, device=self.device))
+        return dict(zip(names, totals.tolist(), strict=True))
 
     def _backward(self, loss: torch.Tensor, what: str) -> None:
         """Backpropagate `loss`, or drop every gradient of this minibatch and raise if it is not finite."""

@@ -17,12 +17,14 @@ from typing import Any, Protocol
 
 import torch
 import yaml
+from accelerate import PartialState
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ppo_lm.checkpoint import find_checkpoint, load_state, rng_state, save_checkpoint, save_state, set_rng_state
 from ppo_lm.config import RunConfig
 from ppo_lm.data import PromptStream
+from ppo_lm.distributed import from_main_process, gather_rows, shard
 from ppo_lm.report import write_report
 
 logger = logging.getLogger(__name__)
@@ -88,15 +90,21 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig) -> torc
 
 
 class MetricsLogger:
-    """Writes metrics to `metrics.jsonl` always, and to the trackers of `report_to` (through accelerate)."""
+    """Writes metrics to `metrics.jsonl` always, and to the trackers of `report_to` (through accelerate).
 
-    def __init__(self, run_dir: Path, config: RunConfig, resumed_step: int | None):
+    Only the main process of a multi-process run writes (`active`); on the others every method does nothing.
+    """
+
+    def __init__(self, run_dir: Path, config: RunConfig, resumed_step: int | None, active: bool = True):
         self.metrics_path = run_dir / METRICS_FILE
         self.samples_path = run_dir / SAMPLES_FILE
+        self.active = active
+        self.accelerator = None
+        if not active:
+            return
         if resumed_step is not None:  # steps after the checkpoint will run again: drop their old lines
             for path in (self.metrics_path, self.samples_path):
                 _truncate_jsonl_after(path, resumed_step)
-        self.accelerator = None
         if config.trackers():
             from accelerate import Accelerator
 
@@ -107,6 +115,8 @@ class MetricsLogger:
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         """Append one line of numbers (lists and texts stay out of the trackers)."""
+        if not self.active:
+            return
         numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         with open(self.metrics_path, "a") as handle:
             handle.write(json.dumps({"step": step, **numbers}) + "\n")
@@ -115,6 +125,8 @@ class MetricsLogger:
 
     def log_samples(self, samples: list[dict], step: int) -> None:
         """Append the evaluation samples of one step."""
+        if not self.active:
+            return
         with open(self.samples_path, "a") as handle:
             for sample in samples:
                 handle.write(json.dumps({"step": step, **sample}) + "\n")
@@ -148,50 +160,72 @@ def run_training(
 ) -> dict[str, Any]:
     """Train for `config.total_steps`, evaluating, logging and saving along the way; resume when asked.
 
+    In a multi-process run every process calls this with the same items: each step's batch is drawn from the same
+    stream everywhere and each process trains on its share; evaluation prompts are split the same way. Only the
+    main process writes metrics, checkpoints and the report; the others wait for it at each checkpoint.
+
     Returns the last training metrics and the last evaluation metrics, and writes the report at the end.
     """
+    processes = PartialState()
+    rank, world, is_main = processes.process_index, processes.num_processes, processes.is_main_process
     run_dir = Path(run_dir)
     eval_items = eval_items[: config.max_eval_prompts]
+    if 0 < len(eval_items) < world:
+        raise ValueError(f"{len(eval_items)} evaluation prompt(s) cannot be shared by {world} processes; give at "
+                         f"least {world} or none.")
+    local_eval_items = shard(eval_items, rank, world)
     stream = PromptStream(train_items, config.batch_size, config.seed)
     scheduler = build_scheduler(trainer.optimizer, config)
     step = 0
     if resume_from is not None:
         checkpoint = find_checkpoint(resume_from)
-        trainer.load_state(checkpoint)
         loop_state = load_state(checkpoint, "loop_state")
+        rng_states = loop_state["rng"] if isinstance(loop_state["rng"], list) else [loop_state["rng"]]
+        if len(rng_states) != world:
+            raise ValueError(
+                f"{checkpoint} was written by a run of {len(rng_states)} process(es); this one has {world}. Resume "
+                f"with the same number (`accelerate launch --num_processes {len(rng_states)} ...`), or start a new "
+                "run from its weights."
+            )
+        trainer.load_state(checkpoint)
         scheduler.load_state_dict(loop_state["scheduler"])
         stream.load_state_dict(loop_state["data"])
         trainer.load_extra_state(loop_state["trainer"])
-        set_rng_state(loop_state["rng"])
+        set_rng_state(rng_states[rank])
         step = loop_state["step"]
         logger.warning("Resuming from %s at step %d.", checkpoint, step)
-    save_config(config, run_dir / CONFIG_FILE)
-    metrics_logger = MetricsLogger(run_dir, config, step if resume_from is not None else None)
+    if is_main:
+        save_config(config, run_dir / CONFIG_FILE)
+    metrics_logger = MetricsLogger(run_dir, config, step if resume_from is not None else None, active=is_main)
 
     def save(at_step: int) -> Path:
+        rng_states = gather_rows([rng_state()])  # each process's generators, so that a resume continues each one
+
         def write(directory: Path) -> None:
             trainer.save_state(directory)
             save_state({"step": at_step, "scheduler": scheduler.state_dict(), "data": stream.state_dict(),
-                        "trainer": trainer.extra_state(), "rng": rng_state()}, directory, "loop_state")
+                        "trainer": trainer.extra_state(), "rng": rng_states}, directory, "loop_state")
             save_config(config, directory / CONFIG_FILE)
 
-        return save_checkpoint(run_dir, at_step, write, keep=config.save_total_limit)
+        path = save_checkpoint(run_dir, at_step, write, keep=config.save_total_limit) if is_main else None
+        processes.wait_for_everyone()
+        return from_main_process(path)
 
     def evaluate(at_step: int) -> dict[str, float]:
         if not eval_items:
             return {}
-        metrics, samples = trainer.evaluate(eval_items)
+        metrics, samples = trainer.evaluate(local_eval_items)
         metrics_logger.log(metrics, at_step)
         metrics_logger.log_samples(samples, at_step)
         return metrics
 
     eval_metrics = evaluate(step) if resume_from is None else {}
     train_metrics: dict[str, Any] = {}
-    progress = tqdm(total=config.total_steps, initial=step, desc="ppo-lm", dynamic_ncols=True)
+    progress = tqdm(total=config.total_steps, initial=step, desc="ppo-lm", dynamic_ncols=True, disable=not is_main)
     try:
         while step < config.total_steps:
             start = time.perf_counter()
-            train_metrics = trainer.train_step(stream.next_batch())
+            train_metrics = trainer.train_step(shard(stream.next_batch(), rank, world))
             scheduler.step()
             step += 1
             train_metrics["learning_rate"] = scheduler.get_last_lr()[0]
@@ -207,7 +241,8 @@ def run_training(
     eval_metrics = evaluate(step) or eval_metrics
     checkpoint = save(step)
     metrics_logger.close()
-    report = write_report(run_dir)
+    report = write_report(run_dir) if is_main else {}
+    processes.wait_for_everyone()
     return {"train": train_metrics, "eval": eval_metrics, "checkpoint": checkpoint, "report": report}
 
 

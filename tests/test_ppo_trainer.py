@@ -275,3 +275,14 @@ def test_bench_prints_one_json_line_with_every_figure(capsys):
         assert key in result, key
     assert set(result["stage_s"]) == {"generate", "logprobs", "reward", "values", "update"}
     assert result["median_step_s"] > 0 and result["step_tflop"] > 0 and result["time_over_floor"] > 0
+
+
+def test_an_update_trains_the_value_adapter_and_head_as_well_as_the_policy(tiny_model_dir):
+    trainer = PPOTrainer(tiny_config(tiny_model_dir, ppo_epochs=1), reward_fn=length_reward)
+    before = {name: tensor.detach().clone() for name, tensor in trainer.models.named_trainable().items()}
+    trainer.ppo_step(PROMPTS)
+    moved = {name for name, tensor in trainer.models.named_trainable().items() if not torch.equal(tensor, before[name])}
+    # lora_B starts at zero, so after one step only the B matrices (and the head) can have moved.
+    for prefix in ("policy.", "value.", "value_head."):
+        assert any(name.startswith(prefix) for name in moved), prefix
+    assert any(".lora_B.value." in name for name in moved)

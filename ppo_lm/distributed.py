@@ -1,0 +1,167 @@
+"""Data parallelism over the processes that `accelerate launch` (or torchrun) starts.
+
+Every process holds the same weights (the main process's are broadcast once, after loading) and the same optimizer.
+Each process generates, scores and differentiates its own share of the batch; before every optimizer step one
+all-reduce adds up the gradients, so every process takes the same step and the copies never drift apart. Numbers
+that decide something (advantage whitening, the KL controller, early stopping on the approximate KL) and the logged
+means are computed over every process's rows. Only the main process writes logs, reports and checkpoints.
+
+With one process every function here is the plain local computation: no collective call is made.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast, gather_object, reduce
+
+T = TypeVar("T")
+
+UNSUPPORTED_LAUNCHES = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_FSDP": "FSDP"}
+"""accelerate sets these variables for launches whose sharded models ppo-lm does not drive (yet)."""
+
+
+def process_state() -> PartialState:
+    """accelerate's view of this run's processes: one process unless started by `accelerate launch` or torchrun.
+
+    Without CUDA the processes talk over gloo on the CPU. A DeepSpeed or FSDP launch is refused with a clear error:
+    ppo-lm replicates the model on every process (like DDP) and does not shard it.
+    """
+    for variable, name in UNSUPPORTED_LAUNCHES.items():
+        if os.environ.get(variable, "").lower() in ("1", "true"):
+            raise ValueError(
+                f"This run was launched with {name} ({variable} is set), which ppo-lm does not support yet: it keeps "
+                "a full copy of the model on every process and reduces gradients itself (DDP-style). Launch with "
+                "an accelerate config of distributed_type MULTI_GPU (or MULTI_CPU), e.g. "
+                "configs/accelerate/multi_gpu.yaml; see docs/multi-gpu.md."
+            )
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How one PPO step's rollouts split over processes, minibatches and micro-batches.
+
+    global batch = per-process batch x processes, and each process's minibatch runs as `accumulation` micro-batches
+    (gradient accumulation) before the all-reduce and the optimizer step.
+    """
+
+    global_batch: int
+    """Rollouts per PPO step over all processes (`batch_size`)."""
+    processes: int
+    """Processes sharing the step."""
+    per_process: int
+    """Rollouts each process generates and trains on."""
+    mini_batches: int
+    """Optimizer steps per PPO epoch (`num_mini_batches`)."""
+    per_process_minibatch: int
+    """Rows of a minibatch on one process."""
+    accumulation: int
+    """Micro-batches per process per optimizer step (1 without `micro_batch_size`)."""
+
+    def describe(self) -> str:
+        """One line for the log."""
+        return (f"batch {self.global_batch} = {self.per_process} per process x {self.processes} processes; "
+                f"{self.mini_batches} minibatch(es) of {self.per_process_minibatch} rows per process, "
+                f"{self.accumulation} micro-batch(es) each")
+
+
+def batch_layout(batch_size: int, processes: int, num_mini_batches: int, micro_batch_size: int | None) -> BatchLayout:
+    """Check that `batch_size` rollouts split evenly over the processes and each process's share into minibatches.
+
+    Raises ValueError, before any model loads, for a combination that does not divide, naming what to change.
+    """
+    if batch_size % processes:
+        raise ValueError(
+            f"batch_size={batch_size} does not split over {processes} processes: the global batch must be a multiple "
+            f"of the process count. Use batch_size={processes * max(1, batch_size // processes)} or launch "
+            f"{_divisors_hint(batch_size)} processes."
+        )
+    per_process = batch_size // processes
+    if per_process % num_mini_batches:
+        raise ValueError(
+            f"Each of the {processes} processes gets {per_process} rollouts (batch_size={batch_size}), which do not "
+            f"split into num_mini_batches={num_mini_batches} equal minibatches. Make batch_size a multiple of "
+            f"processes x num_mini_batches = {processes * num_mini_batches}."
+        )
+    minibatch = per_process // num_mini_batches
+    accumulation = math.ceil(minibatch / micro_batch_size) if micro_batch_size else 1
+    return BatchLayout(batch_size, processes, per_process, num_mini_batches, minibatch, accumulation)
+
+
+def _divisors_hint(n: int) -> str:
+    return " or ".join(str(d) for d in range(1, n + 1) if n % d == 0 and d > 1) or "1"
+
+
+def shard(items: Sequence[T], index: int, count: int) -> list[T]:
+    """Process `index`'s contiguous share of `items` when split `count` ways (sizes differ by at most one)."""
+    start, end = index * len(items) // count, (index + 1) * len(items) // count
+    return list(items[start:end])
+
+
+def all_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of `tensor` over all processes (every process gets it); `tensor` itself with one process."""
+    return reduce(tensor, "sum") if PartialState().num_processes > 1 else tensor
+
+
+def gather_rows(values: Sequence[T]) -> list[T]:
+    """Every process's list, concatenated in process order (lists may differ in length); `values` with one."""
+    return gather_object(list(values)) if PartialState().num_processes > 1 else list(values)
+
+
+def mean_over_processes(stats: dict[str, float]) -> dict[str, float]:
+    """The mean of each statistic over the processes (every process must pass the same keys)."""
+    count = PartialState().num_processes
+    if count == 1 or not stats:
+        return stats
+    names = sorted(stats)
+    summed = all_sum(torch.tensor([float(stats[name]) for name in names], dtype=torch.float64,
+                                  device=PartialState().device))
+    return {name: value / count for name, value in zip(names, summed.tolist(), strict=True)}
+
+
+def sum_gradients(parameters: Iterable[torch.nn.Parameter], scale: float = 1.0) -> None:
+    """Replace each gradient by `scale` x its sum over the processes, with one all-reduce of a flat buffer.
+
+    A parameter without a gradient counts as a zero gradient (another process may have one). No-op with one process.
+    """
+    if PartialState().num_processes == 1:
+        return
+    parameters = list({id(p): p for p in parameters}.values())  # a shared tensor is reduced once
+    for parameter in parameters:
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+    grads = [parameter.grad for parameter in parameters]
+    flat = all_sum(torch.cat([grad.reshape(-1).float() for grad in grads]))
+    if scale != 1.0:
+        flat *= scale
+    for grad, chunk in zip(grads, flat.split([grad.numel() for grad in grads]), strict=True):
+        grad.copy_(chunk.view_as(grad))
+
+
+def broadcast_parameters(parameters: Iterable[torch.nn.Parameter]) -> None:
+    """Copy the main process's values into every process's `parameters` (one flat broadcast). No-op with one."""
+    if PartialState().num_processes == 1:
+        return
+    parameters = list(parameters)
+    with torch.no_grad():
+        flat = broadcast(torch.cat([p.detach().reshape(-1).float() for p in parameters]), from_process=0)
+        for parameter, chunk in zip(parameters, flat.split([p.numel() for p in parameters]), strict=True):
+            parameter.copy_(chunk.view_as(parameter))
+
+
+def from_main_process(value: Any) -> Any:
+    """The main process's `value` on every process (a picklable object)."""
+    if PartialState().num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    holder = [value]
+    broadcast_object_list(holder, from_process=0)
+    return holder[0]

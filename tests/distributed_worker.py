@@ -1,0 +1,71 @@
+"""One process of the 2-process test in test_distributed.py (started by `accelerate launch`, gloo on the CPU).
+
+    distributed_worker.py CASE_FILE OUT_FILE
+
+CASE_FILE (torch.save) holds the PPOConfig fields, the trainable weights to start from and a rollout made in one
+process. Each process takes its half of the rollout's rows and runs one `PPOTrainer.update` on it; the gradients
+are summed across the processes. The main process writes to OUT_FILE the weights after the update, the update's
+statistics, the rollout statistics and how far whitening over both halves is from whitening the whole batch.
+"""
+
+import dataclasses
+import sys
+
+import torch
+from accelerate import PartialState
+
+from ppo_lm import PPOConfig, PPOTrainer
+from ppo_lm.advantages import masked_whiten
+from ppo_lm.distributed import all_sum, gather_rows, shard
+
+
+def rollout_rows(rollout, index: torch.Tensor):
+    """The rollout's rows in `index`, padding columns that none of them needs dropped (as the trainer does)."""
+    batch = rollout.batch.select(index)
+    width = batch.response_mask.shape[1]
+    values = {}
+    for field in dataclasses.fields(rollout):
+        value = getattr(rollout, field.name)
+        if field.name == "batch":
+            value = batch
+        elif field.name == "completions":
+            value = [value[i] for i in index.tolist()]
+        elif isinstance(value, torch.Tensor):
+            value = value[index, :width] if value.dim() == 2 else value[index]
+        values[field.name] = value
+    return dataclasses.replace(rollout, **values)
+
+
+def main(case_file: str, out_file: str) -> None:
+    case = torch.load(case_file, weights_only=False)
+    trainer = PPOTrainer(PPOConfig(**case["config"]), reward_fn=lambda prompts, completions: [0.0] * len(prompts))
+    processes = PartialState()
+    with torch.no_grad():
+        for name, tensor in trainer.models.named_trainable().items():
+            tensor.copy_(case["weights"][name])
+    rows = torch.tensor(shard(range(case["rollout"].raw_scores.shape[0]), processes.process_index,
+                              processes.num_processes))
+    local = rollout_rows(case["rollout"], rows)
+
+    # Whitening over both halves must equal whitening the whole batch in one process.
+    full = case["rollout"]
+    whole = masked_whiten(full.returns - full.values, full.batch.response_mask)
+    shared = masked_whiten(local.returns - local.values, local.batch.response_mask, all_sum=all_sum)
+    width = shared.shape[1]
+    whitening_error = gather_rows([(shared - whole[rows, :width]).abs().max().item()])
+    statistics = local.statistics()
+    update_stats = trainer.update(local)
+    if processes.is_main_process:
+        torch.save({
+            "weights": {name: tensor.detach().clone() for name, tensor in trainer.models.named_trainable().items()},
+            "update_stats": update_stats,
+            "statistics": statistics,
+            "whitening_error": whitening_error,
+            "processes": processes.num_processes,
+            "device": str(trainer.device),
+        }, out_file)
+    processes.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,168 @@
+"""Data parallelism: the batch arithmetic, and 2 processes on the CPU (gloo, through `accelerate launch`) against 1."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from ppo_lm import PPOConfig, PPOTrainer
+from ppo_lm.cli import main
+from ppo_lm.distributed import batch_layout, process_state, shard
+
+WORKER = Path(__file__).parent / "distributed_worker.py"
+PROMPTS = [f"Question {i}: what is {i} plus {i}? Answer in words." + " Please." * (i % 3) for i in range(8)]
+
+
+def length_reward(prompts, completions):
+    return [len(c) / 10 for c in completions]
+
+
+def launch(arguments: list[str], cwd: Path, processes: int = 2) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes N ...`; without a visible GPU its processes use gloo."""
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu",
+               "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--main_process_port", str(port), *arguments]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+# --- the batch arithmetic -----------------------------------------------------------------------------------------
+
+
+def test_batch_layout_splits_the_global_batch_over_processes_minibatches_and_micro_batches():
+    layout = batch_layout(batch_size=64, processes=4, num_mini_batches=2, micro_batch_size=3)
+    assert (layout.per_process, layout.per_process_minibatch, layout.accumulation) == (16, 8, 3)
+    assert layout.per_process * layout.processes == layout.global_batch
+    assert "64 = 16 per process x 4 processes" in layout.describe()
+    assert batch_layout(8, 1, 1, None).accumulation == 1
+
+
+@pytest.mark.parametrize("batch_size, processes, mini_batches, message", [
+    (10, 4, 1, "does not split over 4 processes"),
+    (8, 2, 3, "num_mini_batches=3"),
+])
+def test_an_impossible_batch_layout_is_a_clear_error(batch_size, processes, mini_batches, message):
+    with pytest.raises(ValueError, match=message):
+        batch_layout(batch_size, processes, mini_batches, None)
+
+
+def test_shards_cover_the_items_once_in_order():
+    items = list(range(11))
+    parts = [shard(items, index, 3) for index in range(3)]
+    assert sum(parts, []) == items
+    assert sorted(len(part) for part in parts) == [3, 4, 4]
+
+
+def test_a_deepspeed_launch_is_refused_with_what_to_use_instead(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ValueError, match="DeepSpeed.*MULTI_GPU"):
+        process_state()
+
+
+def test_the_layout_is_checked_before_any_model_loads(tmp_path, capsys):
+    # batch 6 over 1 process into 4 minibatches: refused by the config check, with no model at this path.
+    code = main(["train", "--model_name", str(tmp_path / "no-model"), "--dataset", str(tmp_path / "p.jsonl"),
+                 "--reward_fn", "x:y", "--batch_size", "6", "--num_mini_batches", "4",
+                 "--output_dir", str(tmp_path / "run")])
+    assert code == 2
+    assert "minibatch" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+# --- two processes ------------------------------------------------------------------------------------------------
+
+
+def test_an_update_split_over_two_processes_gives_the_weights_of_one_process(tiny_model_dir, tmp_path):
+    settings = dict(model_name=tiny_model_dir, batch_size=8, max_new_tokens=6, learning_rate=1e-3,
+                    value_learning_rate=1e-3, device="cpu", seed=0, ppo_epochs=2, num_mini_batches=1,
+                    micro_batch_size=3)
+    trainer = PPOTrainer(PPOConfig(**settings), reward_fn=length_reward)
+    rollout = trainer.make_rollout(PROMPTS)
+    before = {name: tensor.detach().clone() for name, tensor in trainer.models.named_trainable().items()}
+    case, out = tmp_path / "case.pt", tmp_path / "out.pt"
+    torch.save({"config": settings, "weights": before, "rollout": rollout}, case)
+
+    statistics = rollout.statistics()
+    update_stats = trainer.update(rollout)
+    after = trainer.models.named_trainable()
+
+    launch([str(WORKER), str(case), str(out)], cwd=tmp_path)
+    result = torch.load(out, weights_only=False)
+    assert result["processes"] == 2 and result["device"] == "cpu"
+    assert max(result["whitening_error"]) < 1e-5
+    assert any(not torch.equal(before[name], after[name]) for name in after)  # the update moved the weights
+    for name, tensor in after.items():
+        # Float tolerance, scaled to how far the update moved the tensor: Adam divides each gradient by its running
+        # size, so a gradient component near zero turns summation-order rounding into a visible (still tiny) step.
+        # Hence the test: the two updates differ by under 1% of the update's size, tensor by tensor.
+        step = (tensor.detach() - before[name]).norm().item()
+        difference = (result["weights"][name] - tensor.detach()).norm().item()
+        assert difference <= 1e-2 * step + 1e-7, (name, difference, step)
+    for name in ("policy_loss", "value_loss", "approx_kl", "policy_grad_norm", "value_grad_norm", "ppo_epochs_run"):
+        assert result["update_stats"][name] == pytest.approx(update_stats[name], rel=1e-4, abs=1e-6), name
+    for name in ("reward_mean", "reward_std", "kl", "value_mean", "entropy", "response_length", "eos_fraction"):
+        assert result["statistics"][name] == pytest.approx(statistics[name], rel=1e-5, abs=1e-6), name
+    assert result["statistics"]["generated_texts"] == statistics["generated_texts"]
+
+
+@pytest.fixture()
+def run_config(tmp_path, tiny_model_dir):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Question {i}: what is {i} plus {i}?"}) + "\n"
+                               for i in range(12)))
+    reward = tmp_path / "reward.py"
+    reward.write_text("def reward(prompts, completions):\n    return [len(c) / 10 for c in completions]\n")
+    config = tmp_path / "config.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        model_name: {tiny_model_dir}
+        dataset: {prompts}
+        reward_fn: {reward}:reward
+        output_dir: {tmp_path / "run"}
+        batch_size: 4
+        max_new_tokens: 4
+        ppo_epochs: 2
+        learning_rate: 0.001
+        total_steps: 2
+        eval_steps: 1
+        save_steps: 1
+        eval_fraction: 0.25
+        report_to: none
+        """))
+    return config
+
+
+def test_a_two_process_train_run_checkpoints_resumes_and_logs_once(run_config, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    first = launch(["-m", "ppo_lm", "train", "--config", str(run_config)], cwd=tmp_path)
+    assert first.stdout.count("checkpoint: ") == 1  # the summary is printed once
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [line["step"] for line in metrics if "reward_mean" in line]
+    eval_steps = [line["step"] for line in metrics if "eval/reward_mean" in line]
+    assert train_steps == [1, 2] and eval_steps == [0, 1, 2]  # one line per step: only the main process logs
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert (run_dir / "report.png").is_file()
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert len([s for s in samples if s["step"] == 0]) == 3  # 3 eval prompts, split 1 + 2 over the processes
+
+    launch(["-m", "ppo_lm", "train", "--resume", str(run_dir), "--total_steps", "3"], cwd=tmp_path)
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in metrics if "reward_mean" in line] == [1, 2, 3]
+    assert (run_dir / "checkpoint-3" / "checkpoint.json").is_file()
+
+    # The same run in one process cannot continue these two processes' generators: a clear error, nothing written.
+    checkpoints = sorted(p.name for p in run_dir.glob("checkpoint-*"))
+    code = main(["train", "--resume", str(run_dir), "--total_steps", "4"])
+    assert code == 2
+    assert "written by a run of 2 process(es); this one has 1" in capsys.readouterr().err
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == checkpoints
