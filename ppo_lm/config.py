@@ -53,13 +53,19 @@ def require_numbers(config: Any, names: tuple[str, ...], positive: bool) -> None
 
 
 def require_model_and_lora(config: Any) -> None:
-    """Check the fields every model-training config shares: model_name, lora_r, lora_alpha, lora_dropout."""
+    """Check the fields every model-training config shares: model_name and the LoRA settings."""
     require_ints(config, ("lora_r",), 1)
     require_numbers(config, ("lora_alpha",), positive=True)
     if not (isinstance(config.lora_dropout, (int, float)) and 0 <= config.lora_dropout < 1):
         raise _invalid(config, "lora_dropout", config.lora_dropout, "must be in [0, 1)")
     if not config.model_name:
         raise _invalid(config, "model_name", config.model_name, "must name a model (hub name or local directory)")
+    if config.lora_layers is not None:
+        if not config.lora_layers or not all(_is_int(i) and i >= 0 for i in config.lora_layers):
+            raise _invalid(config, "lora_layers", config.lora_layers, "must be a non-empty list of layer indices >= 0")
+        if not config.lora_target_modules:
+            raise _invalid(config, "lora_layers", config.lora_layers, "needs lora_target_modules too (module names "
+                           "such as [q_proj, k_proj, v_proj, o_proj]): peft cannot pick layers of 'all-linear'")
 
 
 @dataclass
@@ -159,6 +165,9 @@ class PPOConfig(RunConfig):
     """Dropout inside LoRA layers. Inactive during PPO, which keeps every model in eval mode."""
     lora_target_modules: list[str] | None = None
     """Module names that get LoRA layers. None: every linear layer except the output head."""
+    lora_layers: list[int] | None = None
+    """Indices of the decoder layers that get LoRA (None: all). Needs `lora_target_modules` (e.g. q_proj, v_proj).
+    The top layers alone make an update cheaper: the backward pass stops below the lowest adapted layer."""
     reward_fn: str | None = None
     """Reward function for the command line, 'package.module:function' or 'path/to/file.py:function'."""
 
@@ -268,6 +277,8 @@ class FinetuneConfig(RunConfig):
     """Dropout inside LoRA layers while training (0: none, as in the N+ implementation details of RLHF)."""
     lora_target_modules: list[str] | None = None
     """Module names that get LoRA layers. None: every linear layer except the output head."""
+    lora_layers: list[int] | None = None
+    """Indices of the decoder layers that get LoRA (None: all). Needs `lora_target_modules` (e.g. q_proj, v_proj)."""
     merge_lora: bool = True
     """At the end, write `<output_dir>/final` as one merged model (True), or as the LoRA adapter alone (False; it
     loads with `from_pretrained` when peft is installed). The next stage of the pipeline needs a merged model."""

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import broadcast, gather_object, reduce
+from accelerate.utils import broadcast, broadcast_object_list, gather_object, reduce
 
 T = TypeVar("T")
 
@@ -126,8 +126,26 @@ def mean_over_processes(stats: dict[str, float]) -> dict[str, float]:
     return {name: value / count for name, value in zip(names, summed.tolist(), strict=True)}
 
 
+BUCKET_ELEMENTS = 2**25
+"""Tensors travel in flat float32 buckets of at most this many elements (128 MiB): few collective calls for many
+small LoRA tensors, and no full extra copy of a fully fine-tuned model's gradients."""
+
+
+def _buckets(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """`tensors` in order, grouped so that each group holds at most `BUCKET_ELEMENTS` (or one larger tensor)."""
+    groups: list[list[torch.Tensor]] = [[]]
+    size = 0
+    for tensor in tensors:
+        if groups[-1] and size + tensor.numel() > BUCKET_ELEMENTS:
+            groups.append([])
+            size = 0
+        groups[-1].append(tensor)
+        size += tensor.numel()
+    return [group for group in groups if group]
+
+
 def sum_gradients(parameters: Iterable[torch.nn.Parameter], scale: float = 1.0) -> None:
-    """Replace each gradient by `scale` x its sum over the processes, with one all-reduce of a flat buffer.
+    """Replace each gradient by `scale` x its sum over the processes (all-reduce of flat buckets).
 
     A parameter without a gradient counts as a zero gradient (another process may have one). No-op with one process.
     """
@@ -137,31 +155,29 @@ def sum_gradients(parameters: Iterable[torch.nn.Parameter], scale: float = 1.0) 
     for parameter in parameters:
         if parameter.grad is None:
             parameter.grad = torch.zeros_like(parameter)
-    grads = [parameter.grad for parameter in parameters]
-    flat = all_sum(torch.cat([grad.reshape(-1).float() for grad in grads]))
-    if scale != 1.0:
-        flat *= scale
-    for grad, chunk in zip(grads, flat.split([grad.numel() for grad in grads]), strict=True):
-        grad.copy_(chunk.view_as(grad))
+    for grads in _buckets([parameter.grad for parameter in parameters]):
+        flat = all_sum(torch.cat([grad.reshape(-1).float() for grad in grads]))
+        if scale != 1.0:
+            flat *= scale
+        for grad, chunk in zip(grads, flat.split([grad.numel() for grad in grads]), strict=True):
+            grad.copy_(chunk.view_as(grad))
 
 
 def broadcast_parameters(parameters: Iterable[torch.nn.Parameter]) -> None:
-    """Copy the main process's values into every process's `parameters` (one flat broadcast). No-op with one."""
+    """Copy the main process's values into every process's `parameters` (flat buckets). No-op with one process."""
     if PartialState().num_processes == 1:
         return
-    parameters = list(parameters)
     with torch.no_grad():
-        flat = broadcast(torch.cat([p.detach().reshape(-1).float() for p in parameters]), from_process=0)
-        for parameter, chunk in zip(parameters, flat.split([p.numel() for p in parameters]), strict=True):
-            parameter.copy_(chunk.view_as(parameter))
+        for group in _buckets(list(parameters)):
+            flat = broadcast(torch.cat([p.detach().reshape(-1).float() for p in group]), from_process=0)
+            for parameter, chunk in zip(group, flat.split([p.numel() for p in group]), strict=True):
+                parameter.copy_(chunk.view_as(parameter))
 
 
 def from_main_process(value: Any) -> Any:
     """The main process's `value` on every process (a picklable object)."""
     if PartialState().num_processes == 1:
         return value
-    from accelerate.utils import broadcast_object_list
-
     holder = [value]
     broadcast_object_list(holder, from_process=0)
     return holder[0]

@@ -102,6 +102,7 @@ def lora_config(config: PPOConfig | FinetuneConfig, modules_to_save: list[str] |
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=config.lora_target_modules or "all-linear",
+        layers_to_transform=config.lora_layers,
         bias="none",
         modules_to_save=modules_to_save,
     )

@@ -215,8 +215,9 @@ class PPOTrainer:
     def make_rollout(self, prompts: list[str], for_update: bool = True) -> Rollout:
         """Stages 1 to 6: sample, score, compute logprobs, shape rewards, values and advantages. No weight changes.
 
-        `prompts` are this process's share of the batch. Evaluation passes `for_update=False`: its advantages are
-        never used, so they are not whitened, the one stage that waits for the other processes.
+        `prompts` are this process's share of the batch. Evaluation passes `for_update=False`: no update follows, so
+        the value pass is skipped (values and advantages are left from zero values) and advantages are not whitened,
+        the one stage that waits for the other processes.
         """
         cfg, models = self.config, self.models
         timings: dict[str, float] = {}
@@ -251,10 +252,12 @@ class PPOTrainer:
         scores = apply_missing_eos_penalty(raw_scores, ended, cfg.missing_eos_penalty)
         rewards = shape_rewards(scores, kl, response_mask, kl_coef)
 
-        # 5. values of the state before each response token.
-        with self._timed("values", timings), torch.no_grad(), models.value_mode():
-            values, _ = self._per_token(batch, lambda micro: (
-                sequence_values(models.value_backbone, models.value_head, micro), None))
+        # 5. values of the state before each response token (an evaluation, which never updates, needs none).
+        values = torch.zeros_like(old_logprobs)
+        if for_update:
+            with self._timed("values", timings), torch.no_grad(), models.value_mode():
+                values, _ = self._per_token(batch, lambda micro: (
+                    sequence_values(models.value_backbone, models.value_head, micro), None))
 
         # 6. advantages by GAE over the response mask; returns are the value targets.
         advantages, returns = compute_gae(rewards, values, response_mask, cfg.gamma, cfg.lam)

@@ -166,3 +166,28 @@ def test_a_two_process_train_run_checkpoints_resumes_and_logs_once(run_config, t
     assert code == 2
     assert "written by a run of 2 process(es); this one has 1" in capsys.readouterr().err
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == checkpoints
+
+
+def test_a_two_process_sft_run_trains_logs_once_and_writes_one_final_model(tiny_model_dir, tmp_path):
+    from rlhf_data import sft_rows, write_jsonl
+
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_rows(20))
+    run_dir = tmp_path / "sft-run"
+    launch(["-m", "ppo_lm", "sft", "--model_name", tiny_model_dir, "--dataset", str(data), "--batch_size", "4",
+            "--learning_rate", "0.001", "--use_lora", "false", "--total_steps", "3", "--eval_steps", "0",
+            "--save_steps", "0", "--eval_fraction", "0.2", "--sample_max_new_tokens", "4",
+            "--max_eval_samples", "2", "--report_to", "none", "--output_dir", str(run_dir)], cwd=tmp_path)
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in metrics if "loss" in line] == [1, 2, 3]
+    evals = [line for line in metrics if "eval/loss" in line]
+    assert [line["step"] for line in evals] == [0, 3] and evals[1]["eval/loss"] < evals[0]["eval/loss"]
+    assert (run_dir / "final" / "model.safetensors").is_file()
+
+
+def test_buckets_keep_order_and_respect_the_size_limit(monkeypatch):
+    import ppo_lm.distributed as distributed
+
+    monkeypatch.setattr(distributed, "BUCKET_ELEMENTS", 10)
+    tensors = [torch.zeros(n) for n in (4, 4, 4, 30, 1)]
+    groups = distributed._buckets(tensors)
+    assert [[t.numel() for t in group] for group in groups] == [[4, 4], [4], [30], [1]]

@@ -286,3 +286,13 @@ def test_an_update_trains_the_value_adapter_and_head_as_well_as_the_policy(tiny_
     for prefix in ("policy.", "value.", "value_head."):
         assert any(name.startswith(prefix) for name in moved), prefix
     assert any(".lora_B.value." in name for name in moved)
+
+
+def test_lora_layers_put_adapters_on_the_chosen_layers_only(tiny_model_dir):
+    trainer = PPOTrainer(tiny_config(tiny_model_dir, lora_target_modules=["q_proj", "down_proj"], lora_layers=[1]),
+                         reward_fn=length_reward)
+    names = [name for name in trainer.models.named_trainable() if ".lora_" in name]
+    assert names and all(".layers.1." in name for name in names)
+    assert {name.split(".lora_")[0].rsplit(".", 1)[1] for name in names} == {"q_proj", "down_proj"}
+    with pytest.raises(ValueError, match="lora_layers.*needs lora_target_modules"):
+        tiny_config(tiny_model_dir, lora_layers=[1]).validate()
