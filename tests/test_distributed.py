@@ -174,7 +174,7 @@ def test_a_two_process_sft_run_trains_logs_once_and_writes_one_final_model(tiny_
     data = write_jsonl(tmp_path / "sft.jsonl", sft_rows(20))
     run_dir = tmp_path / "sft-run"
     launch(["-m", "ppo_lm", "sft", "--model_name", tiny_model_dir, "--dataset", str(data), "--batch_size", "4",
-            "--learning_rate", "0.001", "--use_lora", "false", "--total_steps", "3", "--eval_steps", "0",
+            "--learning_rate", "0.001", "--use_lora", "False", "--total_steps", "3", "--eval_steps", "0",
             "--save_steps", "0", "--eval_fraction", "0.2", "--sample_max_new_tokens", "4",
             "--max_eval_samples", "2", "--report_to", "none", "--output_dir", str(run_dir)], cwd=tmp_path)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
