@@ -2,7 +2,14 @@
 
 from ppo_lm.advantages import compute_gae, masked_mean, masked_whiten
 from ppo_lm.config import PPOConfig, RewardConfig, SFTConfig
-from ppo_lm.losses import approx_kl, clipped_policy_loss, clipped_value_loss, entropy_from_logits, kl_estimate
+from ppo_lm.losses import (
+    approx_kl,
+    clipped_policy_loss,
+    clipped_value_loss,
+    entropy_from_logits,
+    exact_kl,
+    kl_estimate,
+)
 from ppo_lm.ppo_trainer import PPOTrainer
 from ppo_lm.reward_trainer import RewardTrainer
 from ppo_lm.rewards import KLController, RewardFunctionError, shape_rewards
@@ -22,6 +29,7 @@ __all__ = [
     "clipped_value_loss",
     "compute_gae",
     "entropy_from_logits",
+    "exact_kl",
     "kl_estimate",
     "masked_mean",
     "masked_whiten",

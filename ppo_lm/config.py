@@ -182,6 +182,12 @@ class PPOConfig(RunConfig):
     """Sample among the k most likely tokens; 0 turns top-k filtering off."""
     top_p: float = 0.95
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p; 1.0 turns it off."""
+    eval_greedy: bool = False
+    """Evaluate greedy responses (the most likely token at each step) instead of sampled ones: one deterministic
+    response per prompt, so a change in the eval reward is not hidden under sampling noise."""
+    eval_samples_per_prompt: int = 1
+    """Sampled responses evaluated per held-out prompt; more average out sampling noise (samples.jsonl gets one row
+    each, the demo's summary averages each prompt's before its standard error). Must be 1 with `eval_greedy`."""
 
     # --- reward -----------------------------------------------------------------------------------------
     kl_coef: float = 0.1
@@ -227,6 +233,10 @@ class PPOConfig(RunConfig):
     padding, less memory), gradients accumulated to the same update. None: a whole minibatch per pass."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of storing them: less memory, about a third slower."""
+    cache_frozen_layers: bool = True
+    """With `lora_layers`, run the layers below the lowest adapted one once per rollout and start every later pass
+    (reference, values, each PPO epoch) from their output: the same numbers for less compute, at the memory of one
+    hidden state per token. Applies when the reference and the value model are the shared base (the default)."""
     target_kl: float | None = None
     """Stop the PPO epochs early when a minibatch's approximate KL to the rollout policy passes this. None: off."""
 
@@ -236,7 +246,11 @@ class PPOConfig(RunConfig):
         require_model_and_lora(self)
         require_numbers(self, ("learning_rate", "value_learning_rate", "clip_epsilon", "temperature",
                                "adaptive_kl_horizon"), positive=True)
-        require_ints(self, ("batch_size", "max_new_tokens", "ppo_epochs", "num_mini_batches"), 1)
+        require_ints(self, ("batch_size", "max_new_tokens", "ppo_epochs", "num_mini_batches",
+                            "eval_samples_per_prompt"), 1)
+        if self.eval_greedy and self.eval_samples_per_prompt != 1:
+            raise _invalid(self, "eval_samples_per_prompt", self.eval_samples_per_prompt,
+                           "must be 1 with eval_greedy: greedy decoding gives the same response every time")
         require_numbers(self, ("kl_coef", "value_clip", "vf_coef", "entropy_coef", "max_grad_norm"), positive=False)
         for name in ("gamma", "lam"):
             value = getattr(self, name)

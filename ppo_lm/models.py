@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -87,6 +87,15 @@ def score_head_of(model: PreTrainedModel) -> nn.Module:
             "(e.g. LlamaForSequenceClassification, Qwen3ForSequenceClassification)."
         )
     return head
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each layer's activations in the backward pass (non-reentrant checkpoints), by the method name of the
+    installed transformers: `activation_checkpointing_enable`, or `gradient_checkpointing_enable` in older 5.x."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _freeze(model: nn.Module) -> nn.Module:
@@ -246,12 +255,105 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
     if config.gradient_checkpointing:
         # transformers checkpoints only in training mode: zero every dropout so that mode changes nothing else.
         for model in trained:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
             for module in model.modules():
                 if isinstance(module, nn.Dropout):
                     module.p = 0.0
     return RoleModels(policy, reference, value_backbone, value_head, value_adapter_on_policy, reward_model,
                       trained if config.gradient_checkpointing else [])
+
+
+def shared_frozen_layers(config: PPOConfig, models: RoleModels) -> int:
+    """How many bottom decoder layers compute the same hidden states in every pass of a PPO step, 0 if none.
+
+    Those are the layers below the lowest LoRA layer, when the reference is the policy with its adapters off and the
+    value model an adapter on it. The count is used only if starting a pass from their output was checked to give
+    the same logprobs as a whole forward pass (an architecture that rescales `inputs_embeds` would not).
+    """
+    if not (config.cache_frozen_layers and config.lora_layers and models.reference is None
+            and models.value_adapter_on_policy):
+        return 0
+    decoder = backbone_of(models.policy)
+    if not (isinstance(getattr(decoder, "layers", None), nn.ModuleList) and hasattr(decoder, "norm")):
+        logger.info("cache_frozen_layers: %s has no `layers` and `norm` to split; every pass runs every layer.",
+                    type(decoder).__name__)
+        return 0
+    layers = min(config.lora_layers)
+    if layers and not _prefix_reproduces_forward(models.policy, layers):
+        logger.warning("cache_frozen_layers: starting %s from its layer %d's input does not reproduce a whole "
+                       "forward pass; every pass runs every layer.", type(decoder).__name__, layers)
+        return 0
+    return layers
+
+
+def _prefix_reproduces_forward(model: nn.Module, layers: int) -> bool:
+    """Whether logprobs from the cached output of the bottom `layers` match a whole pass, on two short rows."""
+    device = next(model.parameters()).device
+    input_ids = torch.arange(2, 14, device=device).reshape(2, 6)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 0] = 0
+    batch = SequenceBatch(input_ids, attention_mask, prompt_width=3)
+    with torch.no_grad():
+        whole, _ = sequence_logprobs(model, batch, temperature=1.0)
+        cached = replace(batch, prefix_hidden=prefix_hidden_states(model, batch, layers, None), prefix_layers=layers)
+        split, _ = sequence_logprobs(model, cached, temperature=1.0)
+    tolerance = 1e-4 if next(model.parameters()).dtype == torch.float32 else 5e-2
+    return torch.allclose(whole, split, atol=tolerance, rtol=0)
+
+
+@contextlib.contextmanager
+def decoder_layers(decoder: nn.Module, start: int, stop: int | None = None) -> Iterator[None]:
+    """Inside, `decoder` runs only its `layers[start:stop]`, and no final norm when `stop` leaves layers out.
+
+    Given the hidden states that enter layer `start` as `inputs_embeds`, it computes what the whole decoder does.
+    """
+    layers, norm = decoder.layers, decoder.norm
+    decoder.layers = nn.ModuleList(list(layers)[start:stop])
+    if stop is not None:
+        decoder.norm = nn.Identity()
+    try:
+        yield
+    finally:
+        decoder.layers, decoder.norm = layers, norm
+
+
+def prefix_hidden_states(
+    model: nn.Module, batch: SequenceBatch, layers: int, micro_batch_size: int | None
+) -> torch.Tensor:
+    """Hidden states entering decoder layer `layers` at every position, `[batch, length, hidden]`, without gradients,
+    `micro_batch_size` rows at a time (None: all)."""
+    decoder = backbone_of(model)
+    rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
+    with torch.no_grad(), decoder_layers(decoder, 0, layers):
+        return torch.cat([
+            last_hidden_states(decoder, batch.input_ids[part], batch.attention_mask[part])
+            for part in rows.split(micro_batch_size or len(rows))
+        ])
+
+
+@contextlib.contextmanager
+def forward_inputs(model: nn.Module, batch: SequenceBatch) -> Iterator[dict[str, torch.Tensor]]:
+    """What a forward pass over `batch` starts from: its token ids, or the cached output of its frozen bottom layers
+    (which are then skipped while inside)."""
+    if batch.prefix_hidden is None:
+        yield {"input_ids": batch.input_ids}
+        return
+    with decoder_layers(backbone_of(model), batch.prefix_layers):
+        yield {"inputs_embeds": batch.prefix_hidden}
+
+
+def response_logits(model: nn.Module, batch: SequenceBatch, temperature: float) -> torch.Tensor:
+    """Logits divided by the temperature at each position that predicts a response token, `[batch, response, vocab]`
+    (float32). Only those positions go through the output head."""
+    keep = torch.arange(batch.prompt_width - 1, batch.input_ids.shape[1] - 1, device=batch.input_ids.device)
+    with forward_inputs(model, batch) as inputs:
+        return model(
+            **inputs,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            logits_to_keep=keep,
+            use_cache=False,
+        ).logits.float() / temperature
 
 
 def sequence_logprobs(
@@ -263,18 +365,10 @@ def sequence_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logprob of each response token under `model` (logits divided by the temperature), `[batch, response]`.
 
-    Only the response positions go through the output head. With `with_entropy`, also the entropy of the
-    model's next-token distribution at each response position (differentiable only with `entropy_grad`).
+    With `with_entropy`, also the entropy of the model's next-token distribution at each response position
+    (differentiable only with `entropy_grad`).
     """
-    width = batch.prompt_width
-    keep = torch.arange(width - 1, batch.input_ids.shape[1] - 1, device=batch.input_ids.device)
-    logits = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        logits_to_keep=keep,
-        use_cache=False,
-    ).logits.float() / temperature
+    logits = response_logits(model, batch, temperature)
     tokens = batch.responses
     logprobs = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     entropy = entropy_from_logits(logits if entropy_grad else logits.detach()) if with_entropy else None
@@ -293,7 +387,10 @@ def last_hidden_states(backbone: nn.Module, input_ids: torch.Tensor, attention_m
 
 def sequence_values(backbone: nn.Module, head: nn.Module, batch: SequenceBatch) -> torch.Tensor:
     """Value of the state before each response token (read where that token is predicted), `[batch, response]`."""
-    hidden = last_hidden_states(backbone, batch.input_ids, batch.attention_mask)[:, batch.prompt_width - 1 : -1]
+    with forward_inputs(backbone, batch) as inputs:
+        hidden = backbone(
+            **inputs, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
+        ).last_hidden_state[:, batch.prompt_width - 1 : -1]
     return head(hidden.to(head.weight.dtype)).squeeze(-1)
 
 

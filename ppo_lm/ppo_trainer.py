@@ -18,12 +18,12 @@ import contextlib
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import set_seed
+from transformers import GenerationConfig, set_seed
 
 from ppo_lm.advantages import compute_gae, masked_mean, masked_whiten
 from ppo_lm.checkpoint import load_state, load_trained, save_state, save_trained
@@ -36,17 +36,20 @@ from ppo_lm.distributed import (
     process_state,
     sum_gradients,
 )
-from ppo_lm.generation import SequenceBatch, encode_prompts, generate_responses, sampling_config
-from ppo_lm.losses import approx_kl, clipped_policy_loss, clipped_value_loss, kl_estimate
+from ppo_lm.generation import SequenceBatch, encode_prompts, generate_responses, greedy_config, sampling_config
+from ppo_lm.losses import approx_kl, clipped_policy_loss, clipped_value_loss, exact_kl, kl_estimate
 from ppo_lm.models import (
     POLICY_ADAPTER,
     load_role_models,
     load_tokenizer,
+    prefix_hidden_states,
     resolve_device,
     resolve_dtype,
+    response_logits,
     sequence_logprobs,
     sequence_scores,
     sequence_values,
+    shared_frozen_layers,
 )
 from ppo_lm.rewards import (
     KLController,
@@ -162,6 +165,7 @@ class PPOTrainer:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.tokenizer = load_tokenizer(config.model_name)
         self.models = load_role_models(config, self.device, self.dtype)
+        self.frozen_layers = shared_frozen_layers(config, self.models)  # run once per rollout, then reused
         broadcast_parameters(self.models.named_trainable().values())
         self.reward_tokenizer = self._reward_tokenizer_if_different()
 
@@ -177,6 +181,7 @@ class PPOTrainer:
             config.max_new_tokens, config.temperature, config.top_k, config.top_p,
             self.stop_token_id, self.tokenizer.pad_token_id,
         )
+        self.greedy_config = greedy_config(config.max_new_tokens, self.stop_token_id, self.tokenizer.pad_token_id)
         self.optimizer = torch.optim.AdamW(
             [
                 {"params": self.models.policy_parameters(), "lr": config.learning_rate},
@@ -212,25 +217,18 @@ class PPOTrainer:
         stats["time/step"] = time.perf_counter() - step_start
         return {**stats, **update_stats}
 
-    def make_rollout(self, prompts: list[str], for_update: bool = True) -> Rollout:
+    def make_rollout(self, prompts: list[str]) -> Rollout:
         """Stages 1 to 6: sample, score, compute logprobs, shape rewards, values and advantages. No weight changes.
 
-        `prompts` are this process's share of the batch. Evaluation passes `for_update=False`: no update follows, so
-        the value pass is skipped (values and advantages are left from zero values) and advantages are not whitened,
-        the one stage that waits for the other processes.
+        `prompts` are this process's share of the batch.
         """
         cfg, models = self.config, self.models
         timings: dict[str, float] = {}
 
         # 1. generate: left-padded prompts -> sampled responses, cut after the first stop token.
         with self._timed("generate", timings):
-            prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, self.max_prompt_tokens)
-            batch = generate_responses(
-                models.policy, prompt_ids.to(self.device), prompt_mask.to(self.device),
-                self.generation_config, self.stop_token_id, self.tokenizer.pad_token_id,
-            )
+            batch, completions = self._generate(prompts, self.generation_config)
             response_mask = batch.response_mask
-            completions = self.tokenizer.batch_decode(batch.responses, skip_special_tokens=True)
 
         # 3. score (before the heavier passes, so that a failing reward function fails fast).
         with self._timed("reward", timings):
@@ -238,7 +236,9 @@ class PPOTrainer:
 
         # 2. logprobs of the sampled tokens under the policy (old) and the reference, at the sampling temperature.
         #    Each pass runs over micro-batches of similar prompt length, so short prompts carry little padding.
+        #    The frozen bottom layers, the same in every role, run once here; every later pass starts from them.
         with self._timed("logprobs", timings), torch.no_grad():
+            batch = self._with_frozen_prefix(batch)
             old_logprobs, entropy = self._per_token(batch, lambda micro: sequence_logprobs(
                 models.policy, micro, cfg.temperature, with_entropy=True))
             with models.reference_model() as reference:
@@ -252,16 +252,14 @@ class PPOTrainer:
         scores = apply_missing_eos_penalty(raw_scores, ended, cfg.missing_eos_penalty)
         rewards = shape_rewards(scores, kl, response_mask, kl_coef)
 
-        # 5. values of the state before each response token (an evaluation, which never updates, needs none).
-        values = torch.zeros_like(old_logprobs)
-        if for_update:
-            with self._timed("values", timings), torch.no_grad(), models.value_mode():
-                values, _ = self._per_token(batch, lambda micro: (
-                    sequence_values(models.value_backbone, models.value_head, micro), None))
+        # 5. values of the state before each response token.
+        with self._timed("values", timings), torch.no_grad(), models.value_mode():
+            values, _ = self._per_token(batch, lambda micro: (
+                sequence_values(models.value_backbone, models.value_head, micro), None))
 
         # 6. advantages by GAE over the response mask; returns are the value targets.
         advantages, returns = compute_gae(rewards, values, response_mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages and for_update:
+        if cfg.whiten_advantages:
             advantages = masked_whiten(advantages, response_mask, all_sum=all_sum)  # over every process's tokens
 
         return Rollout(
@@ -288,23 +286,38 @@ class PPOTrainer:
         return outputs[0], outputs[1]
 
     def evaluate(self, prompts: list[str]) -> tuple[dict[str, float], list[dict]]:
-        """Mean reward, KL and response length on held-out prompts, and each prompt's sample; no weight changes.
+        """Mean reward, KL to the reference and response length on held-out prompts, and each prompt's sample.
 
-        Sampling uses its own seeded generator state, so evaluating never shifts the training run's randomness and
-        the same weights always give the same samples.
+        Each prompt gets `eval_samples_per_prompt` responses sampled as in training (consecutive samples), or one
+        greedy response with `eval_greedy`. Sampling uses its own seeded generator state, so evaluating never shifts
+        the training run's randomness and the same weights always give the same samples. The KL of a response is
+        exact rather than estimated from its tokens: the KL between the policy's and the reference's next-token
+        distributions at each position, summed over the response. No weight changes.
         """
+        cfg, models = self.config, self.models
+
+        def exact_kl_per_token(micro: SequenceBatch) -> tuple[torch.Tensor, None]:
+            logits = response_logits(models.policy, micro, cfg.temperature)
+            with models.reference_model() as reference:
+                return exact_kl(logits, response_logits(reference, micro, cfg.temperature)), None
+
+        generation_config = self.greedy_config if cfg.eval_greedy else self.generation_config
+        prompts = [prompt for prompt in prompts for _ in range(cfg.eval_samples_per_prompt)]
         samples = []
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.config.seed)
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            torch.manual_seed(cfg.seed)
             for start in range(0, len(prompts), self.layout.per_process):
                 part = prompts[start : start + self.layout.per_process]
-                rollout = self.make_rollout(part, for_update=False)
+                batch, completions = self._generate(part, generation_config)
+                scores = self._score(part, completions, batch)
+                kl_per_token, _ = self._per_token(self._with_frozen_prefix(batch), exact_kl_per_token)
+                mask = batch.response_mask
                 samples += [
                     {"prompt": prompt, "completion": completion, "reward": score, "kl": kl, "length": length}
                     for prompt, completion, score, kl, length in zip(
-                        part, rollout.completions, rollout.raw_scores.tolist(), rollout.summed_kl.tolist(),
-                        rollout.batch.response_mask.sum(-1).tolist(), strict=True)
+                        part, completions, scores.tolist(), (kl_per_token * mask).sum(-1).tolist(),
+                        mask.sum(-1).tolist(), strict=True)
                 ]
         samples = gather_rows(samples)  # every process's share of the prompts, in order
         scores = torch.tensor([sample["reward"] for sample in samples], dtype=torch.float64)
@@ -315,6 +328,22 @@ class PPOTrainer:
             "eval/response_length": sum(sample["length"] for sample in samples) / len(samples),
         }
         return metrics, samples
+
+    def _generate(self, prompts: list[str], generation_config: GenerationConfig) -> tuple[SequenceBatch, list[str]]:
+        """Left-padded prompts -> responses cut after the first stop token, and their decoded texts."""
+        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, self.max_prompt_tokens)
+        batch = generate_responses(
+            self.models.policy, prompt_ids.to(self.device), prompt_mask.to(self.device), generation_config,
+            self.stop_token_id, self.tokenizer.pad_token_id,
+        )
+        return batch, self.tokenizer.batch_decode(batch.responses, skip_special_tokens=True)
+
+    def _with_frozen_prefix(self, batch: SequenceBatch) -> SequenceBatch:
+        """The batch with the output of the frozen bottom layers attached, for every later pass to start from."""
+        if not self.frozen_layers:
+            return batch
+        hidden = prefix_hidden_states(self.models.policy, batch, self.frozen_layers, self.config.micro_batch_size)
+        return replace(batch, prefix_hidden=hidden, prefix_layers=self.frozen_layers)
 
     # --- checkpoint state ----------------------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import runpy
+import statistics
 from pathlib import Path
 
 import pytest
@@ -212,6 +213,25 @@ def test_eval_summary_and_table(tmp_path):
     assert demo.mean_and_se([2.0]) == (2.0, 0.0)
 
 
+def test_eval_summary_averages_the_samples_of_each_prompt(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    rewards = {0: [0.0, 0.2, 0.4, 0.6, 1.0, 1.0], 5: [0.5, 0.5, 0.7, 0.9, 1.0, 1.2]}  # two samples of each prompt
+    samples = [{"step": step, "prompt": f"p{i // 2}", "completion": "c", "reward": r}
+               for step, values in rewards.items() for i, r in enumerate(values)]
+    (run_dir / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    (run_dir / "metrics.jsonl").write_text("")
+    summary = demo.eval_summary(run_dir)
+    before, after = [0.1, 0.5, 1.0], [0.5, 0.8, 1.1]  # the prompts' means: the standard errors are over 3 prompts
+    assert summary["prompts"] == 3 and summary["samples"] == 6
+    assert summary["before"]["reward"] == pytest.approx(statistics.mean(before))
+    assert summary["before"]["se"] == pytest.approx(statistics.stdev(before) / 3**0.5)
+    differences = [b - a for a, b in zip(before, after, strict=True)]
+    paired_se = statistics.stdev(differences) / 3**0.5
+    assert summary["change_in_paired_se"] == pytest.approx(statistics.mean(differences) / paired_se)
+    assert "eval reward (3 prompts x 2 samples)" in demo.format_table(summary, 60.0, {})
+
+
 def test_eval_summary_pairs_the_prompts(tmp_path):
     write_run(tmp_path / "run", before=[0.1, 0.3, 0.2, 0.4], after=[0.3, 0.4, 0.4, 0.4])
     summary = demo.eval_summary(tmp_path / "run")
@@ -257,8 +277,8 @@ def test_a_two_step_demo_end_to_end(tmp_path, monkeypatch, capsys):
              "--ppo_epochs", "1"]
     assert run_demo(tmp_path, *small) == 0
     out = capsys.readouterr().out
-    for text in ("eval reward (2 prompts)", "before (step 0)", "after (step 2)", "KL to reference", "mean length",
-                 "standard errors", "time taken", "report.png"):
+    for text in ("eval reward (2 prompts x 2 samples)", "before (step 0)", "after (step 2)", "KL to reference",
+                 "mean length", "standard errors", "time taken", "report.png"):
         assert text in out, text
     cache = tmp_path / "cache" / "ppo-lm" / "smollm2-135m-instruct"
     assert demo.cache_is_complete(cache, demo.source_stamp(demo.gguf_path()))

@@ -13,6 +13,7 @@ from ppo_lm import (
     clipped_value_loss,
     compute_gae,
     entropy_from_logits,
+    exact_kl,
     kl_estimate,
     masked_mean,
     masked_whiten,
@@ -93,6 +94,19 @@ def test_kl_estimators_by_hand():
     assert kl_estimate(ref, ref, "k3").item() == 0.0
     with pytest.raises(ValueError, match="kl_estimator"):
         kl_estimate(logp, ref, "k2")
+
+
+def test_exact_kl_by_hand_and_at_every_position():
+    # p = (1/2, 1/2), q = (1/4, 3/4): KL = 1/2 log 2 + 1/2 log(2/3)
+    logits, ref_logits = torch.log(torch.tensor([0.5, 0.5])), torch.log(torch.tensor([0.25, 0.75]))
+    expected = 0.5 * math.log(2) + 0.5 * math.log(2 / 3)
+    assert exact_kl(logits, ref_logits).item() == pytest.approx(expected, abs=1e-6)
+    assert exact_kl(logits + 3.0, ref_logits - 1.0).item() == pytest.approx(expected, abs=1e-6)  # shifts cancel
+    batch = torch.randn(2, 3, 7), torch.randn(2, 3, 7)
+    by_torch = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=batch[0]),
+                                                 torch.distributions.Categorical(logits=batch[1]))
+    torch.testing.assert_close(exact_kl(*batch), by_torch)
+    assert exact_kl(batch[0], batch[0]).abs().max().item() < 1e-6
 
 
 def test_approx_kl_is_zero_at_ratio_one_and_positive_otherwise():

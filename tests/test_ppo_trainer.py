@@ -1,14 +1,15 @@
 """PPOTrainer on a tiny random Qwen3 with the real Qwen tokenizer, loaded from disk through from_pretrained."""
 
 import copy
+import dataclasses
 import logging
 import math
 
 import pytest
 import torch
 
-from ppo_lm import PPOConfig, PPOTrainer, RewardFunctionError
-from ppo_lm.models import sequence_logprobs, sequence_values
+from ppo_lm import PPOConfig, PPOTrainer, RewardFunctionError, exact_kl
+from ppo_lm.models import backbone_of, response_logits, sequence_logprobs, sequence_values, shared_frozen_layers
 
 PROMPTS = [
     "SUBREDDIT: r/cooking\nTITLE: Bread\nPOST: My bread never rises.\nTL;DR:",
@@ -296,3 +297,82 @@ def test_lora_layers_put_adapters_on_the_chosen_layers_only(tiny_model_dir):
     assert {name.split(".lora_")[0].rsplit(".", 1)[1] for name in names} == {"q_proj", "down_proj"}
     with pytest.raises(ValueError, match="lora_layers.*needs lora_target_modules"):
         tiny_config(tiny_model_dir, lora_layers=[1]).validate()
+
+
+def test_caching_the_frozen_layers_gives_the_same_rollout_and_update(tiny_model_dir):
+    """The fast path (bottom layer run once per rollout) against the plain one (every pass runs every layer)."""
+    results = []
+    for cache in (False, True):
+        config = tiny_config(tiny_model_dir, lora_target_modules=["q_proj", "v_proj", "down_proj"], lora_layers=[1],
+                             cache_frozen_layers=cache, batch_size=8, micro_batch_size=3, ppo_epochs=2)
+        trainer = PPOTrainer(config, reward_fn=length_reward)
+        assert trainer.frozen_layers == (1 if cache else 0)
+        rollout = trainer.make_rollout(PROMPTS * 2)
+        assert (rollout.batch.prefix_hidden is not None) == cache
+        stats = trainer.update(rollout)
+        weights = {n: p.detach().clone() for n, p in trainer.models.named_trainable().items()}
+        results.append((rollout, stats, weights))
+    (plain, plain_stats, plain_weights), (cached, cached_stats, cached_weights) = results
+    assert torch.equal(plain.batch.input_ids, cached.batch.input_ids)
+    mask = plain.batch.response_mask.bool()
+    for name in ("old_logprobs", "ref_logprobs", "values", "advantages", "entropy"):
+        torch.testing.assert_close(getattr(plain, name)[mask], getattr(cached, name)[mask], atol=1e-5, rtol=1e-4)
+    for name in ("policy_loss", "value_loss", "approx_kl", "policy_clip_fraction", "ratio_mean"):
+        assert plain_stats[name] == pytest.approx(cached_stats[name], rel=1e-4, abs=1e-6), name
+    assert plain_stats["policy_grad_norm"] > 0 and plain_stats["value_grad_norm"] > 0
+    for name in plain_weights:
+        torch.testing.assert_close(plain_weights[name], cached_weights[name], atol=1e-5, rtol=1e-4)
+    # The decoder has all its layers back after every pass.
+    assert len(backbone_of(trainer.models.policy).layers) == 2
+
+
+def test_frozen_layers_are_not_cached_where_that_would_change_the_numbers(tiny_model_dir, caplog):
+    config = tiny_config(tiny_model_dir, lora_target_modules=["q_proj"], lora_layers=[1])
+    trainer = PPOTrainer(config, reward_fn=length_reward)
+    assert shared_frozen_layers(config, trainer.models) == 1
+    # An architecture that transforms `inputs_embeds` on the way in: the cached path no longer matches.
+    decoder = backbone_of(trainer.models.policy)
+    handle = decoder.register_forward_pre_hook(
+        lambda module, args, kwargs: (args, {**kwargs, "inputs_embeds": kwargs["inputs_embeds"] * 2})
+        if kwargs.get("inputs_embeds") is not None else None, with_kwargs=True)
+    with caplog.at_level(logging.WARNING):
+        assert shared_frozen_layers(config, trainer.models) == 0
+    handle.remove()
+    assert "does not reproduce a whole forward pass" in caplog.text
+    # A separate reference model, or the switch turned off: every pass runs every layer.
+    assert shared_frozen_layers(dataclasses.replace(config, cache_frozen_layers=False), trainer.models) == 0
+    separate_reference = dataclasses.replace(config, ref_model_name=tiny_model_dir)
+    assert PPOTrainer(separate_reference, reward_fn=length_reward).frozen_layers == 0
+
+
+def test_evaluation_reports_the_exact_kl_and_greedy_responses_when_asked(tiny_model_dir):
+    trainer = PPOTrainer(tiny_config(tiny_model_dir, eval_greedy=True, temperature=0.7), reward_fn=length_reward)
+    metrics, samples = trainer.evaluate(PROMPTS)
+    assert metrics["eval/kl"] == 0.0  # the policy adapter starts as the identity: policy == reference
+    assert [s["reward"] for s in samples] == pytest.approx([len(s["completion"]) / 10 for s in samples])
+    trainer.ppo_step(PROMPTS)
+    metrics, samples = trainer.evaluate(PROMPTS)
+    assert trainer.evaluate(PROMPTS)[1] == samples  # greedy and seeded: the same weights give the same samples
+    # Greedy: every response token is the policy's most likely next token.
+    batch, _ = trainer._generate(PROMPTS, trainer.greedy_config)
+    with torch.no_grad():
+        logits = response_logits(trainer.models.policy, batch, trainer.config.temperature)
+        with trainer.models.reference_model() as reference:
+            ref_logits = response_logits(reference, batch, trainer.config.temperature)
+    mask = batch.response_mask.bool()
+    assert torch.equal(logits.argmax(-1)[mask], batch.responses[mask])
+    # The KL of each sample: the exact KL of the next-token distributions, summed over its response.
+    expected = torch.where(mask, exact_kl(logits, ref_logits), 0.0).sum(-1)
+    assert [s["kl"] for s in samples] == pytest.approx(expected.tolist(), rel=1e-4, abs=1e-7)
+    assert metrics["eval/kl"] == pytest.approx(expected.mean().item(), rel=1e-4) and metrics["eval/kl"] > 0
+    assert metrics["eval/response_length"] == pytest.approx(mask.sum(-1).float().mean().item())
+
+
+def test_evaluation_samples_each_prompt_several_times(tiny_model_dir):
+    trainer = PPOTrainer(tiny_config(tiny_model_dir, eval_samples_per_prompt=3, batch_size=4), reward_fn=length_reward)
+    metrics, samples = trainer.evaluate(PROMPTS[:2])
+    assert [s["prompt"] for s in samples] == [PROMPTS[0]] * 3 + [PROMPTS[1]] * 3
+    assert len({s["completion"] for s in samples[:3]}) > 1  # sampled, not repeated
+    assert metrics["eval/reward_mean"] == pytest.approx(sum(s["reward"] for s in samples) / 6)
+    with pytest.raises(ValueError, match="eval_samples_per_prompt.*must be 1 with eval_greedy"):
+        tiny_config(tiny_model_dir, eval_samples_per_prompt=2, eval_greedy=True).validate()
