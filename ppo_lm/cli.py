@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import difflib
 import io
 import logging
@@ -66,7 +67,23 @@ def parse_config(
         base = config_class(**file_values)
     except TypeError as error:
         raise CommandLineError(str(error)) from error
+    overrides = _capitalised_booleans(config_class, overrides)
     return tyro.cli(config_class, args=overrides, default=base, prog=prog, **_TYRO_OPTIONS)
+
+
+def _capitalised_booleans(config_class: type[RunConfig], overrides: list[str]) -> list[str]:
+    """`--FIELD true` or `--FIELD=false` for a yes/no field, spelled as in YAML, becomes the True/False tyro takes."""
+    booleans = {f"--{field.name}" for field in dataclasses.fields(config_class) if field.type in (bool, "bool")}
+    spelled = {"true": "True", "false": "False"}
+    result = []
+    for position, argument in enumerate(overrides):
+        name, equals, value = argument.partition("=")
+        if equals and name in booleans:
+            argument = f"{name}={spelled.get(value.lower(), value)}"
+        elif position > 0 and overrides[position - 1] in booleans:
+            argument = spelled.get(argument.lower(), argument)
+        result.append(argument)
+    return result
 
 
 def fields_help(config_class: type[RunConfig], prog: str = "ppo-lm train") -> str:

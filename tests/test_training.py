@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ppo_lm import PPOConfig
 from ppo_lm.checkpoint import CheckpointError, find_checkpoint
-from ppo_lm.cli import main
+from ppo_lm.cli import main, parse_config
 
 REWARD_SOURCE = "def reward(prompts, completions):\n    return [len(c) / 10 for c in completions]\n"
 
@@ -182,6 +183,14 @@ def test_invalid_field_value_on_the_command_line(run_files, capsys):
         main(["train", "--config", run_files["config"], "--top_p", "1.5"])
     assert exit_info.value.code == 2
     assert "top_p=1.5 is invalid" in capsys.readouterr().err
+
+
+def test_yes_no_fields_take_true_and_false_spelled_as_in_yaml():
+    config = parse_config(PPOConfig, {}, ["--eval_greedy", "true", "--use_lora=false", "--seed", "3"], "ppo-lm")
+    assert config.eval_greedy is True and config.use_lora is False and config.seed == 3
+    assert parse_config(PPOConfig, {"eval_greedy": True}, ["--eval_greedy", "False"], "ppo-lm").eval_greedy is False
+    with pytest.raises(SystemExit):  # anything else is still refused, by tyro
+        parse_config(PPOConfig, {}, ["--eval_greedy", "maybe"], "ppo-lm")
 
 
 def test_help_lists_every_field_with_its_docstring_and_default(capsys):
