@@ -376,3 +376,16 @@ def test_evaluation_samples_each_prompt_several_times(tiny_model_dir):
     assert metrics["eval/reward_mean"] == pytest.approx(sum(s["reward"] for s in samples) / 6)
     with pytest.raises(ValueError, match="eval_samples_per_prompt.*must be 1 with eval_greedy"):
         tiny_config(tiny_model_dir, eval_samples_per_prompt=2, eval_greedy=True).validate()
+
+
+def test_cached_frozen_layers_work_with_gradient_checkpointing(tiny_model_dir):
+    weights = []
+    for cache, checkpointing in ((False, False), (True, True)):
+        config = tiny_config(tiny_model_dir, lora_target_modules=["q_proj", "down_proj"], lora_layers=[1],
+                             cache_frozen_layers=cache, gradient_checkpointing=checkpointing, ppo_epochs=1)
+        trainer = PPOTrainer(config, reward_fn=length_reward)
+        trainer.ppo_step(PROMPTS)
+        weights.append({n: p.detach().clone() for n, p in trainer.models.named_trainable().items()})
+    assert any(not torch.equal(w, torch.zeros_like(w)) for n, w in weights[1].items() if ".lora_B." in n)
+    for name in weights[0]:
+        torch.testing.assert_close(weights[0][name], weights[1][name], atol=1e-5, rtol=1e-4)
