@@ -313,11 +313,11 @@ class PPOTrainer:
                 scores = self._score(part, completions, batch)
                 kl_per_token, _ = self._per_token(self._with_frozen_prefix(batch), exact_kl_per_token)
                 mask = batch.response_mask
+                summed_kl = torch.where(mask.bool(), kl_per_token, 0.0).sum(-1)  # padding's numbers never count
                 samples += [
                     {"prompt": prompt, "completion": completion, "reward": score, "kl": kl, "length": length}
                     for prompt, completion, score, kl, length in zip(
-                        part, completions, scores.tolist(), (kl_per_token * mask).sum(-1).tolist(),
-                        mask.sum(-1).tolist(), strict=True)
+                        part, completions, scores.tolist(), summed_kl.tolist(), mask.sum(-1).tolist(), strict=True)
                 ]
         samples = gather_rows(samples)  # every process's share of the prompts, in order
         scores = torch.tensor([sample["reward"] for sample in samples], dtype=torch.float64)
