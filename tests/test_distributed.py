@@ -5,11 +5,11 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_ppo_run
 
 from ppo_lm import PPOConfig, PPOTrainer
 from ppo_lm.cli import main
@@ -118,28 +118,8 @@ def test_an_update_split_over_two_processes_gives_the_weights_of_one_process(tin
 
 @pytest.fixture()
 def run_config(tmp_path, tiny_model_dir):
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"Question {i}: what is {i} plus {i}?"}) + "\n"
-                               for i in range(12)))
-    reward = tmp_path / "reward.py"
-    reward.write_text("def reward(prompts, completions):\n    return [len(c) / 10 for c in completions]\n")
-    config = tmp_path / "config.yaml"
-    config.write_text(textwrap.dedent(f"""\
-        model_name: {tiny_model_dir}
-        dataset: {prompts}
-        reward_fn: {reward}:reward
-        output_dir: {tmp_path / "run"}
-        batch_size: 4
-        max_new_tokens: 4
-        ppo_epochs: 2
-        learning_rate: 0.001
-        total_steps: 2
-        eval_steps: 1
-        save_steps: 1
-        eval_fraction: 0.25
-        report_to: none
-        """))
-    return config
+    return write_ppo_run(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "run"), total_steps=2, eval_steps=1,
+                         save_steps=1)
 
 
 def test_a_two_process_train_run_checkpoints_resumes_and_logs_once(run_config, tmp_path, capsys):

@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import write_ppo_run
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -15,34 +16,12 @@ from ppo_lm import PPOConfig
 from ppo_lm.checkpoint import CheckpointError, find_checkpoint
 from ppo_lm.cli import main, parse_config
 
-REWARD_SOURCE = "def reward(prompts, completions):\n    return [len(c) / 10 for c in completions]\n"
-
 
 @pytest.fixture()
 def run_files(tmp_path, tiny_model_dir):
     """A prompts file, a reward function file and a config file for a 4-step run."""
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"Question {i}: what is {i} plus {i}?"}) + "\n"
-                               for i in range(12)))
-    reward = tmp_path / "reward.py"
-    reward.write_text(REWARD_SOURCE)
-    config = tmp_path / "config.yaml"
-    config.write_text(textwrap.dedent(f"""\
-        model_name: {tiny_model_dir}
-        dataset: {prompts}
-        reward_fn: {reward}:reward
-        batch_size: 4
-        max_new_tokens: 4
-        ppo_epochs: 2
-        learning_rate: 0.001
-        total_steps: 4
-        eval_steps: 2
-        save_steps: 2
-        eval_fraction: 0.25
-        report_to: none
-        device: cpu
-        """))
-    return {"config": str(config), "prompts": prompts, "dir": tmp_path}
+    config = write_ppo_run(tmp_path, tiny_model_dir, total_steps=4, eval_steps=2, save_steps=2, device="cpu")
+    return {"config": str(config), "prompts": tmp_path / "prompts.jsonl", "dir": tmp_path}
 
 
 def read_metrics(run_dir):
