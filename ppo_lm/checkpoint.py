@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ppo_lm.distributed import shard_like
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "checkpoint.json"
@@ -116,7 +118,7 @@ def load_trained(named: dict[str, torch.Tensor], directory: Path, name: str = "t
             if saved[key].shape != tensor.shape:
                 raise ValueError(f"Checkpoint tensor {key} has shape {tuple(saved[key].shape)}, the model "
                                  f"{tuple(tensor.shape)}.")
-            tensor.copy_(saved[key])
+            tensor.copy_(shard_like(saved[key], tensor))  # a sharded tensor takes its own shard
 
 
 # --- random number generators ----------------------------------------------------------------------------------

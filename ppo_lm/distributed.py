@@ -1,47 +1,177 @@
-"""Data parallelism over the processes that `accelerate launch` (or torchrun) starts.
+"""Data parallelism over the processes that `accelerate launch` (or torchrun) starts, replicated or sharded.
 
-Every process holds the same weights (the main process's are broadcast once, after loading) and the same optimizer.
-Each process generates, scores and differentiates its own share of the batch; before every optimizer step one
-all-reduce adds up the gradients, so every process takes the same step and the copies never drift apart. Numbers
-that decide something (advantage whitening, the KL controller, early stopping on the approximate KL) and the logged
-means are computed over every process's rows. Only the main process writes logs, reports and checkpoints.
+Every process starts from the same weights (the main process's are broadcast once, after loading). Each process
+generates, scores and differentiates its own share of the batch. Numbers that decide something (advantage
+whitening, the KL controller, early stopping on the approximate KL) and the logged means are computed over every
+process's rows. Only the main process writes logs, reports and checkpoints.
+
+Two ways to hold the weights:
+- replicated (an accelerate config of distributed_type MULTI_GPU, like DDP): every process keeps the whole model and
+  optimizer; before every optimizer step one all-reduce adds up the gradients (`sum_gradients`), so every process
+  takes the same step and the copies never drift apart.
+- sharded (distributed_type FSDP, version 2): torch's `fully_shard` splits every weight, gradient and optimizer
+  moment over the processes; each layer gathers its weights just before it runs and the backward pass
+  reduce-scatters its gradients. Passes without gradients (generation, logprobs, values, evaluation) run with the
+  weights gathered (`gathered`), so that processes may run different numbers of them.
 
 With one process every function here is the plain local computation: no collective call is made.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Iterable, Sequence
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast, broadcast_object_list, gather_object, reduce
+from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 T = TypeVar("T")
 
-UNSUPPORTED_LAUNCHES = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_FSDP": "FSDP"}
-"""accelerate sets these variables for launches whose sharded models ppo-lm does not drive (yet)."""
+
+def _flag(variable: str) -> bool:
+    return os.environ.get(variable, "").lower() in ("1", "true")
 
 
 def process_state() -> PartialState:
     """accelerate's view of this run's processes: one process unless started by `accelerate launch` or torchrun.
 
-    Without CUDA the processes talk over gloo on the CPU. A DeepSpeed or FSDP launch is refused with a clear error:
-    ppo-lm replicates the model on every process (like DDP) and does not shard it.
+    Without CUDA the processes talk over gloo on the CPU. A DeepSpeed launch is refused with a clear error (shard
+    with an FSDP config instead), and so is an FSDP config that asks for what ppo-lm does not do (`fsdp_sharding`).
     """
-    for variable, name in UNSUPPORTED_LAUNCHES.items():
-        if os.environ.get(variable, "").lower() in ("1", "true"):
-            raise ValueError(
-                f"This run was launched with {name} ({variable} is set), which ppo-lm does not support yet: it keeps "
-                "a full copy of the model on every process and reduces gradients itself (DDP-style). Launch with "
-                "an accelerate config of distributed_type MULTI_GPU (or MULTI_CPU), e.g. "
-                "configs/accelerate/multi_gpu.yaml; see docs/multi-gpu.md."
-            )
+    if _flag("ACCELERATE_USE_DEEPSPEED"):
+        raise ValueError(
+            "This run was launched with DeepSpeed (ACCELERATE_USE_DEEPSPEED is set), which ppo-lm does not drive: "
+            "to shard the weights, gradients and optimizer state over the GPUs, launch with an FSDP config "
+            "(configs/accelerate/fsdp.yaml, ZeRO-3-like, or fsdp_zero2.yaml, ZeRO-2-like); to replicate the model, "
+            "with configs/accelerate/multi_gpu.yaml (distributed_type MULTI_GPU). See docs/multi-gpu.md."
+        )
+    fsdp_sharding()  # an FSDP config ppo-lm cannot follow stops here, before any model loads
     return PartialState(cpu=not torch.cuda.is_available())
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """How an FSDP launch spreads the weights over the processes (read from its accelerate config)."""
+
+    reshard_after_forward: bool
+    """Free each layer's gathered weights after its forward pass and gather them again for the backward pass
+    (least memory, like ZeRO-3), rather than keep them until the backward pass (less communication, like ZeRO-2)."""
+
+
+def fsdp_sharding() -> Sharding | None:
+    """The sharding an `accelerate launch` with an FSDP config asks for, or None when the run is not sharded.
+
+    Raises ValueError for settings ppo-lm does not follow: FSDP version 1 (ppo-lm uses torch's FSDP2,
+    `fully_shard`), FSDP's own activation checkpointing (use the run's `gradient_checkpointing`) and parameter
+    offloading to the CPU.
+    """
+    if not _flag("ACCELERATE_USE_FSDP"):
+        return None
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables that `accelerate launch` sets
+    if plugin.fsdp_version != 2:
+        raise ValueError(f"This FSDP launch asks for fsdp_version {plugin.fsdp_version}; ppo-lm shards with FSDP2 "
+                         "(torch's fully_shard). Set `fsdp_version: 2` in the accelerate config "
+                         "(see configs/accelerate/fsdp.yaml).")
+    if plugin.activation_checkpointing:
+        raise ValueError("This FSDP launch sets fsdp_activation_checkpointing; ppo-lm checkpoints activations "
+                         "itself: set it to false and set `gradient_checkpointing: true` in the ppo-lm config.")
+    if isinstance(plugin.cpu_offload, CPUOffloadPolicy):
+        raise ValueError("This FSDP launch sets fsdp_offload_params, which ppo-lm does not support: set it to false "
+                         "(sharding over more GPUs, micro_batch_size and gradient_checkpointing lower the memory).")
+    return Sharding(reshard_after_forward=bool(plugin.reshard_after_forward))
+
+
+_RESHARDS_AFTER_FORWARD: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+"""Each FSDP unit's own `reshard_after_forward`, restored when `gathered` ends."""
+
+
+def shard_units(units: Sequence[nn.Module], root: nn.Module, sharding: Sharding) -> None:
+    """Shard `root`'s weights with FSDP2: each module of `units` (inner first, e.g. the decoder layers, then the
+    body) becomes a unit whose weights are gathered together just before it runs, and `root` holds the rest.
+
+    Gradients are reduce-scattered as sums, not means: ppo-lm weights each process's loss by its share of the
+    global batch already, as it does when replicated.
+    """
+    for unit in units:
+        fully_shard(unit, reshard_after_forward=sharding.reshard_after_forward)
+        _RESHARDS_AFTER_FORWARD[unit] = sharding.reshard_after_forward
+    fully_shard(root, reshard_after_forward=False)  # its weights are the first used in the backward pass
+    _RESHARDS_AFTER_FORWARD[root] = False
+    for module in root.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # a plain sum: gloo has no pre-multiplied sum
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether `module` was sharded by `shard_units` (its weights are DTensors)."""
+    return isinstance(module, FSDPModule)
+
+
+@contextlib.contextmanager
+def gathered(*models: nn.Module | None) -> Iterator[None]:
+    """Inside, each sharded model of `models` holds its whole weights on every process and its forward passes make
+    no collective call, so processes may run different numbers of them (generation lengths differ). Memory: one
+    whole copy of the model per process while inside. Nothing happens for a model that is not sharded.
+    """
+    units = [module for model in models if model is not None for module in model.modules()
+             if isinstance(module, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.set_reshard_after_forward(_RESHARDS_AFTER_FORWARD.get(unit, True), recurse=False)
+            unit.reshard()
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole value of a sharded tensor (every process must call this, in the same order); `tensor` itself
+    when it is not sharded."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def full_tensors(state: Any) -> Any:
+    """`state` (nested dicts and lists, e.g. an optimizer's state_dict) with every sharded tensor made whole."""
+    if isinstance(state, dict):
+        return {key: full_tensors(value) for key, value in state.items()}
+    if isinstance(state, list):
+        return [full_tensors(value) for value in state]
+    return full_tensor(state) if isinstance(state, torch.Tensor) else state
+
+
+def shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`value` (a whole tensor) cut the way `like` is sharded: this process's shard as a DTensor; `value` itself
+    when `like` is not sharded. Every process holds the whole `value`, so nothing is communicated."""
+    if not isinstance(like, DTensor):
+        return value
+    return distribute_tensor(value.to(like.device, like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def shard_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """An optimizer state_dict of whole tensors (as `full_tensors` saved it) cut like the optimizer's parameters,
+    ready for `optimizer.load_state_dict`."""
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    per_parameter = {
+        index: {name: shard_like(value, parameters[int(index)])
+                if isinstance(value, torch.Tensor) and value.shape == parameters[int(index)].shape else value
+                for name, value in moments.items()}
+        for index, moments in state["state"].items()
+    }
+    return {**state, "state": per_parameter}
 
 
 @dataclass(frozen=True)
@@ -147,11 +277,13 @@ def _buckets(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
 def sum_gradients(parameters: Iterable[torch.nn.Parameter], scale: float = 1.0) -> None:
     """Replace each gradient by `scale` x its sum over the processes (all-reduce of flat buckets).
 
-    A parameter without a gradient counts as a zero gradient (another process may have one). No-op with one process.
+    A parameter without a gradient counts as a zero gradient (another process may have one). No-op with one process,
+    and for sharded parameters: FSDP reduced their gradients in the backward pass.
     """
     if PartialState().num_processes == 1:
         return
-    parameters = list({id(p): p for p in parameters}.values())  # a shared tensor is reduced once
+    # a shared tensor is reduced once
+    parameters = [p for p in {id(p): p for p in parameters}.values() if not isinstance(p, DTensor)]
     for parameter in parameters:
         if parameter.grad is None:
             parameter.grad = torch.zeros_like(parameter)

@@ -192,8 +192,11 @@ class FinetuneTrainer:
         samples = gather_rows(self.samples(items[: self.config.max_eval_samples]))
         return metrics, samples[: self.config.max_eval_samples]
 
-    def save_state(self, directory: Path) -> None:
-        """Write the trained tensors and the optimizer state to `directory` (safetensors + JSON)."""
+    def save_state(self, directory: Path | None) -> None:
+        """Write the trained tensors and the optimizer state to `directory` (safetensors + JSON). Every process
+        calls it; only the main process passes a directory and writes."""
+        if directory is None:
+            return
         save_trained(self.trainable(), directory)
         save_state(self.optimizer.state_dict(), directory, "optimizer")
 

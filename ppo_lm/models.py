@@ -30,6 +30,7 @@ from transformers import (
 )
 
 from ppo_lm.config import FinetuneConfig, PPOConfig
+from ppo_lm.distributed import Sharding, gathered, is_sharded, shard_units
 from ppo_lm.generation import SequenceBatch, position_ids_from_mask
 from ppo_lm.losses import entropy_from_logits
 
@@ -98,6 +99,18 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def shard_model(model: nn.Module, sharding: Sharding) -> None:
+    """Shard a transformers model (or a peft model around one) over the processes with FSDP: each decoder layer is
+    a unit whose weights are gathered just before it runs; the model itself holds the rest (embeddings, final norm,
+    output head)."""
+    body = backbone_of(model)
+    layers = getattr(body, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"Cannot shard {type(body).__name__}: FSDP units are its decoder layers, and it has no "
+                         "`layers` list. Launch with configs/accelerate/multi_gpu.yaml (replicated) instead.")
+    shard_units(list(layers), model, sharding)
+
+
 def _freeze(model: nn.Module) -> nn.Module:
     model.eval()
     model.requires_grad_(False)
@@ -143,6 +156,22 @@ class RoleModels:
     checkpointed: list[nn.Module]
     """Models with gradient checkpointing, put in training mode (their dropout zeroed) for gradient passes."""
 
+    def shard(self, sharding: Sharding) -> None:
+        """Shard every trained or reference weight over the processes (FSDP); the reward model stays whole.
+
+        Call after the processes hold the same weights, and before the optimizer is built (its tensors change)."""
+        for model in (self.policy, self.reference, None if self.value_adapter_on_policy else self.value_backbone):
+            if model is not None:
+                shard_model(model, sharding)
+        shard_units([], self.value_head, sharding)
+
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[None]:
+        """Inside, every sharded role holds its whole weights (`distributed.gathered`): for passes without
+        gradients, which may differ in number between processes, and for writing checkpoints."""
+        with gathered(self.policy, self.reference, self.value_backbone, self.value_head):
+            yield
+
     @contextlib.contextmanager
     def gradient_mode(self) -> Iterator[None]:
         """Inside: the models with gradient checkpointing are in training mode, which turns it on."""
@@ -185,8 +214,11 @@ class RoleModels:
         if self.reference is not None:
             yield self.reference
         else:
-            with self.policy.disable_adapter():
-                yield self.policy
+            try:
+                with self.policy.disable_adapter():
+                    yield self.policy
+            finally:
+                self.keep_adapters_trainable()
 
     @contextlib.contextmanager
     def value_mode(self) -> Iterator[None]:
@@ -195,10 +227,24 @@ class RoleModels:
             yield
             return
         self.policy.set_adapter(VALUE_ADAPTER)
+        self.keep_adapters_trainable()
+        if is_sharded(self.policy):
+            # The value model runs the policy's body directly, not through the sharded model's own forward: gather
+            # the model's own weights (embeddings, final norm) that this forward would have gathered.
+            self.policy.unshard()
         try:
             yield
         finally:
             self.policy.set_adapter(POLICY_ADAPTER)
+            self.keep_adapters_trainable()
+
+    def keep_adapters_trainable(self) -> None:
+        """Turn requires_grad back on for both adapters after peft switched adapters (it turns off the inactive
+        one's). An inactive adapter takes no part in a forward pass, so it gets no gradient either way; but FSDP
+        copies requires_grad only when it gathers a layer, so it must not change between passes."""
+        if self.value_adapter_on_policy:
+            for parameter in self.policy_parameters() + self.value_parameters():
+                parameter.requires_grad_(True)
 
 
 def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype) -> RoleModels:
@@ -217,6 +263,9 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
         if value_adapter_on_policy:
             policy.add_adapter(VALUE_ADAPTER, lora_config(config))
         policy.set_adapter(POLICY_ADAPTER)
+        for name, parameter in policy.named_parameters():  # both adapters trainable (see keep_adapters_trainable)
+            if f".{VALUE_ADAPTER}." in name:
+                parameter.requires_grad_(True)
     else:
         policy = base
 

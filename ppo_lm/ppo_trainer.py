@@ -32,8 +32,11 @@ from ppo_lm.distributed import (
     all_sum,
     batch_layout,
     broadcast_parameters,
+    fsdp_sharding,
+    full_tensors,
     gather_rows,
     process_state,
+    shard_optimizer_state,
     sum_gradients,
 )
 from ppo_lm.generation import SequenceBatch, encode_prompts, generate_responses, greedy_config, sampling_config
@@ -165,8 +168,12 @@ class PPOTrainer:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.tokenizer = load_tokenizer(config.model_name)
         self.models = load_role_models(config, self.device, self.dtype)
-        self.frozen_layers = shared_frozen_layers(config, self.models)  # run once per rollout, then reused
         broadcast_parameters(self.models.named_trainable().values())
+        self.sharding = fsdp_sharding()
+        if self.sharding is not None:
+            self.models.shard(self.sharding)
+        with self.models.gathered():
+            self.frozen_layers = shared_frozen_layers(config, self.models)  # run once per rollout, then reused
         self.reward_tokenizer = self._reward_tokenizer_if_different()
 
         context = getattr(self.models.policy.config, "max_position_embeddings", None) or 2**31
@@ -224,38 +231,40 @@ class PPOTrainer:
         """
         cfg, models = self.config, self.models
         timings: dict[str, float] = {}
+        # Sharded weights are gathered whole for these passes: they need no gradients, and processes may run
+        # different numbers of them (generation lengths differ).
+        with models.gathered():
+            # 1. generate: left-padded prompts -> sampled responses, cut after the first stop token.
+            with self._timed("generate", timings):
+                batch, completions = self._generate(prompts, self.generation_config)
+                response_mask = batch.response_mask
 
-        # 1. generate: left-padded prompts -> sampled responses, cut after the first stop token.
-        with self._timed("generate", timings):
-            batch, completions = self._generate(prompts, self.generation_config)
-            response_mask = batch.response_mask
+            # 3. score (before the heavier passes, so that a failing reward function fails fast).
+            with self._timed("reward", timings):
+                raw_scores = self._score(list(prompts), completions, batch).to(self.device)
 
-        # 3. score (before the heavier passes, so that a failing reward function fails fast).
-        with self._timed("reward", timings):
-            raw_scores = self._score(list(prompts), completions, batch).to(self.device)
+            # 2. logprobs of the sampled tokens under the policy (old) and the reference, at the sampling temperature.
+            #    Each pass runs over micro-batches of similar prompt length, so short prompts carry little padding.
+            #    The frozen bottom layers, the same in every role, run once here; every later pass starts from them.
+            with self._timed("logprobs", timings), torch.no_grad():
+                batch = self._with_frozen_prefix(batch)
+                old_logprobs, entropy = self._per_token(batch, lambda micro: sequence_logprobs(
+                    models.policy, micro, cfg.temperature, with_entropy=True))
+                with models.reference_model() as reference:
+                    ref_logprobs, _ = self._per_token(batch, lambda micro: sequence_logprobs(
+                        reference, micro, cfg.temperature))
 
-        # 2. logprobs of the sampled tokens under the policy (old) and the reference, at the sampling temperature.
-        #    Each pass runs over micro-batches of similar prompt length, so short prompts carry little padding.
-        #    The frozen bottom layers, the same in every role, run once here; every later pass starts from them.
-        with self._timed("logprobs", timings), torch.no_grad():
-            batch = self._with_frozen_prefix(batch)
-            old_logprobs, entropy = self._per_token(batch, lambda micro: sequence_logprobs(
-                models.policy, micro, cfg.temperature, with_entropy=True))
-            with models.reference_model() as reference:
-                ref_logprobs, _ = self._per_token(batch, lambda micro: sequence_logprobs(
-                    reference, micro, cfg.temperature))
+            # 4. shape: per-token KL penalty plus the (possibly penalised) score on the last valid token.
+            kl_coef = self.kl_controller.value
+            kl = kl_estimate(old_logprobs, ref_logprobs, cfg.kl_estimator)
+            ended = ((batch.responses == self.stop_token_id) & response_mask.bool()).any(-1)
+            scores = apply_missing_eos_penalty(raw_scores, ended, cfg.missing_eos_penalty)
+            rewards = shape_rewards(scores, kl, response_mask, kl_coef)
 
-        # 4. shape: per-token KL penalty plus the (possibly penalised) score on the last valid token.
-        kl_coef = self.kl_controller.value
-        kl = kl_estimate(old_logprobs, ref_logprobs, cfg.kl_estimator)
-        ended = ((batch.responses == self.stop_token_id) & response_mask.bool()).any(-1)
-        scores = apply_missing_eos_penalty(raw_scores, ended, cfg.missing_eos_penalty)
-        rewards = shape_rewards(scores, kl, response_mask, kl_coef)
-
-        # 5. values of the state before each response token.
-        with self._timed("values", timings), torch.no_grad(), models.value_mode():
-            values, _ = self._per_token(batch, lambda micro: (
-                sequence_values(models.value_backbone, models.value_head, micro), None))
+            # 5. values of the state before each response token.
+            with self._timed("values", timings), torch.no_grad(), models.value_mode():
+                values, _ = self._per_token(batch, lambda micro: (
+                    sequence_values(models.value_backbone, models.value_head, micro), None))
 
         # 6. advantages by GAE over the response mask; returns are the value targets.
         advantages, returns = compute_gae(rewards, values, response_mask, cfg.gamma, cfg.lam)
@@ -305,7 +314,7 @@ class PPOTrainer:
         prompts = [prompt for prompt in prompts for _ in range(cfg.eval_samples_per_prompt)]
         samples = []
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), models.gathered():
             torch.manual_seed(cfg.seed)
             for start in range(0, len(prompts), self.layout.per_process):
                 part = prompts[start : start + self.layout.per_process]
@@ -347,18 +356,26 @@ class PPOTrainer:
 
     # --- checkpoint state ----------------------------------------------------------------------------------------
 
-    def save_state(self, directory: Path) -> None:
-        """Write the trained weights, the policy (peft adapter or full model) and the optimizer to `directory`."""
-        save_trained(self.models.named_trainable(), directory)
-        if self.config.use_lora:  # also the policy alone, as a peft adapter that PeftModel.from_pretrained reads
-            self.models.policy.save_pretrained(str(directory / "policy"), selected_adapters=[POLICY_ADAPTER])
+    def save_state(self, directory: Path | None) -> None:
+        """Write the trained weights, the policy (peft adapter or full model) and the optimizer to `directory`.
+
+        Every process calls it (sharded tensors are gathered whole, together); only the main process passes a
+        directory and writes."""
+        optimizer_state = full_tensors(self.optimizer.state_dict())
+        with self.models.gathered():
+            if directory is None:
+                return
+            save_trained(self.models.named_trainable(), directory)
+            if self.config.use_lora:  # also the policy alone, as a peft adapter that PeftModel.from_pretrained reads
+                self.models.policy.save_pretrained(str(directory / "policy"), selected_adapters=[POLICY_ADAPTER])
         self.tokenizer.save_pretrained(str(directory / "policy"))
-        save_state(self.optimizer.state_dict(), directory, "optimizer")
+        save_state(optimizer_state, directory, "optimizer")
 
     def load_state(self, directory: Path) -> None:
-        """Load what `save_state` wrote; every trained tensor must be there with its shape."""
+        """Load what `save_state` wrote (every process reads it); every trained tensor must be there with its
+        shape."""
         load_trained(self.models.named_trainable(), directory)
-        self.optimizer.load_state_dict(load_state(directory, "optimizer"))
+        self.optimizer.load_state_dict(shard_optimizer_state(self.optimizer, load_state(directory, "optimizer")))
 
     def extra_state(self) -> dict:
         """Small state a checkpoint keeps besides weights and optimizer: the KL controller and the step count."""

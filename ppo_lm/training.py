@@ -2,7 +2,9 @@
 
 A stage's trainer (`PPOTrainer`, `SFTTrainer`, `RewardTrainer`) provides `optimizer`, `train_step(items)`,
 `evaluate(items)`, `save_state(dir)`, `load_state(dir)`, `extra_state()` and `load_extra_state(state)`. The loop
-owns everything around them: which items each step sees, when to evaluate and save, and what gets written.
+owns everything around them: which items each step sees, when to evaluate and save, and what gets written. Every
+process calls `save_state` at a checkpoint (gathering sharded weights is collective): the main process with the
+directory to write, the others with None.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class StageTrainer(Protocol):
 
     def train_step(self, items: list) -> dict: ...
     def evaluate(self, items: list) -> tuple[dict[str, float], list[dict]]: ...
-    def save_state(self, directory: Path) -> None: ...
+    def save_state(self, directory: Path | None) -> None: ...
     def load_state(self, directory: Path) -> None: ...
     def extra_state(self) -> dict: ...
     def load_extra_state(self, state: dict) -> None: ...
@@ -207,7 +209,11 @@ def run_training(
                         "trainer": trainer.extra_state(), "rng": rng_states}, directory, "loop_state")
             save_config(config, directory / CONFIG_FILE)
 
-        path = save_checkpoint(run_dir, at_step, write, keep=config.save_total_limit) if is_main else None
+        if is_main:
+            path = save_checkpoint(run_dir, at_step, write, keep=config.save_total_limit)
+        else:
+            path = None
+            trainer.save_state(None)  # gathers sharded weights with the main process
         processes.wait_for_everyone()
         return from_main_process(path)
 

@@ -4,8 +4,9 @@
 
 CASE_FILE (torch.save) holds the PPOConfig fields, the trainable weights to start from and a rollout made in one
 process. Each process takes its half of the rollout's rows and runs one `PPOTrainer.update` on it; the gradients
-are summed across the processes. The main process writes to OUT_FILE the weights after the update, the update's
-statistics, the rollout statistics and how far whitening over both halves is from whitening the whole batch.
+are summed across the processes (all-reduced, or reduce-scattered when an FSDP launch shards the weights). The main
+process writes to OUT_FILE the weights after the update (whole), the update's statistics, the rollout statistics
+and how far whitening over both halves is from whitening the whole batch.
 """
 
 import dataclasses
@@ -16,7 +17,7 @@ from accelerate import PartialState
 
 from ppo_lm import PPOConfig, PPOTrainer
 from ppo_lm.advantages import masked_whiten
-from ppo_lm.distributed import all_sum, gather_rows, shard
+from ppo_lm.distributed import all_sum, full_tensor, gather_rows, shard, shard_like
 
 
 def rollout_rows(rollout, index: torch.Tensor):
@@ -42,7 +43,7 @@ def main(case_file: str, out_file: str) -> None:
     processes = PartialState()
     with torch.no_grad():
         for name, tensor in trainer.models.named_trainable().items():
-            tensor.copy_(case["weights"][name])
+            tensor.copy_(shard_like(case["weights"][name], tensor))
     rows = torch.tensor(shard(range(case["rollout"].raw_scores.shape[0]), processes.process_index,
                               processes.num_processes))
     local = rollout_rows(case["rollout"], rows)
@@ -55,9 +56,11 @@ def main(case_file: str, out_file: str) -> None:
     whitening_error = gather_rows([(shared - whole[rows, :width]).abs().max().item()])
     statistics = local.statistics()
     update_stats = trainer.update(local)
+    weights = {name: full_tensor(tensor.detach()).clone() for name, tensor in trainer.models.named_trainable().items()}
     if processes.is_main_process:
         torch.save({
-            "weights": {name: tensor.detach().clone() for name, tensor in trainer.models.named_trainable().items()},
+            "weights": weights,
+            "sharded": trainer.sharding is not None,
             "update_stats": update_stats,
             "statistics": statistics,
             "whitening_error": whitening_error,

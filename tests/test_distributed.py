@@ -23,12 +23,20 @@ def length_reward(prompts, completions):
     return [len(c) / 10 for c in completions]
 
 
-def launch(arguments: list[str], cwd: Path, processes: int = 2) -> subprocess.CompletedProcess:
-    """`accelerate launch --multi_gpu --num_processes N ...`; without a visible GPU its processes use gloo."""
+REPLICATED = ["--multi_gpu"]
+"""`accelerate launch` options of a data-parallel launch with the whole model in every process."""
+SHARDED = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_reshard_after_forward", "true"]
+"""`accelerate launch` options of an FSDP launch (the weights sharded over the processes)."""
+
+
+def launch(arguments: list[str], cwd: Path, processes: int = 2, sharding: list[str] = REPLICATED
+           ) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes N ...` (or FSDP's options instead of --multi_gpu); without a
+    visible GPU its processes use gloo."""
     with socket.socket() as probe:  # a free port for the rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu",
+    command = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", *sharding,
                "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
                "--dynamo_backend", "no", "--main_process_port", str(port), *arguments]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -83,10 +91,16 @@ def test_the_layout_is_checked_before_any_model_loads(tmp_path, capsys):
 # --- two processes ------------------------------------------------------------------------------------------------
 
 
-def test_an_update_split_over_two_processes_gives_the_weights_of_one_process(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("sharding, extra", [
+    (REPLICATED, {}),
+    # FSDP, with the bottom layer frozen and cached: a forward pass of the update skips one of the sharded layers.
+    (SHARDED, {"lora_layers": [1], "lora_target_modules": ["q_proj", "v_proj", "down_proj"]}),
+], ids=["replicated", "sharded"])
+def test_an_update_split_over_two_processes_gives_the_weights_of_one_process(tiny_model_dir, tmp_path, sharding,
+                                                                             extra):
     settings = dict(model_name=tiny_model_dir, batch_size=8, max_new_tokens=6, learning_rate=1e-3,
                     value_learning_rate=1e-3, device="cpu", seed=0, ppo_epochs=2, num_mini_batches=1,
-                    micro_batch_size=3)
+                    micro_batch_size=3, **extra)
     trainer = PPOTrainer(PPOConfig(**settings), reward_fn=length_reward)
     rollout = trainer.make_rollout(PROMPTS)
     before = {name: tensor.detach().clone() for name, tensor in trainer.models.named_trainable().items()}
@@ -97,9 +111,9 @@ def test_an_update_split_over_two_processes_gives_the_weights_of_one_process(tin
     update_stats = trainer.update(rollout)
     after = trainer.models.named_trainable()
 
-    launch([str(WORKER), str(case), str(out)], cwd=tmp_path)
+    launch([str(WORKER), str(case), str(out)], cwd=tmp_path, sharding=sharding)
     result = torch.load(out, weights_only=False)
-    assert result["processes"] == 2 and result["device"] == "cpu"
+    assert result["processes"] == 2 and result["device"] == "cpu" and result["sharded"] == (sharding == SHARDED)
     assert max(result["whitening_error"]) < 1e-5
     assert any(not torch.equal(before[name], after[name]) for name in after)  # the update moved the weights
     for name, tensor in after.items():
