@@ -162,6 +162,35 @@ def test_a_two_process_train_run_checkpoints_resumes_and_logs_once(run_config, t
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == checkpoints
 
 
+def test_a_sharded_full_fine_tuning_run_checkpoints_resumes_and_exports_whole_weights(tmp_path, tiny_model_dir):
+    # FSDP over 2 processes shards the policy, the reference, the value model and its head; checkpoints hold the
+    # whole tensors, and the resumed run (sharded again) goes on from them.
+    from safetensors.torch import load_file
+
+    from ppo_lm.export import export_policy
+
+    run_dir = tmp_path / "run"
+    config = write_ppo_run(tmp_path, tiny_model_dir, output_dir=str(run_dir), total_steps=2, eval_steps=0,
+                           save_steps=1, use_lora=False, learning_rate=1e-4)
+    first = launch(["-m", "ppo_lm", "train", "--config", str(config)], cwd=tmp_path, sharding=SHARDED)
+    assert first.stdout.count("checkpoint: ") == 1
+    saved = load_file(str(run_dir / "checkpoint-2" / "trainable.safetensors"))
+    base = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    for name, tensor in base.items():
+        assert saved[f"policy.{name}"].shape == tensor.shape, name  # whole, not one process's shard
+    assert any(not torch.equal(saved[f"policy.{name}"], tensor) for name, tensor in base.items())  # it trained
+    assert saved["value_head.weight"].shape == (1, 64)
+
+    launch(["-m", "ppo_lm", "train", "--resume", str(run_dir), "--total_steps", "3"], cwd=tmp_path,
+           sharding=SHARDED)
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in metrics if "reward_mean" in line] == [1, 2, 3]
+    resumed = load_file(str(run_dir / "checkpoint-3" / "trainable.safetensors"))
+    assert any(not torch.equal(resumed[name], saved[name]) for name in saved)
+    export_policy(run_dir / "checkpoint-3", tmp_path / "exported")  # loads into the plain model, shapes checked
+    assert (tmp_path / "exported" / "model.safetensors").is_file()
+
+
 def test_a_two_process_sft_run_trains_logs_once_and_writes_one_final_model(tiny_model_dir, tmp_path):
     from rlhf_data import sft_rows, write_jsonl
 
