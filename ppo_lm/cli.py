@@ -188,9 +188,11 @@ def run_stage(
         train_items, eval_items, extra = load_data(config, load_tokenizer(config.model_name))
     trainer = make_trainer(config)
     result = run_training(config, trainer, train_items, eval_items, run_dir, resume_from=resume_dir)
+    if finish is not None:
+        with trainer.whole_weights():  # every process gathers a sharded model's weights; the main one writes
+            if processes.is_main_process:
+                result.update(finish(config, trainer, run_dir, extra))
     if processes.is_main_process:
-        if finish is not None:
-            result.update(finish(config, trainer, run_dir, extra))
         _print_summary(result)
     processes.wait_for_everyone()
     return result

@@ -96,12 +96,13 @@ _RESHARDS_AFTER_FORWARD: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.We
 """Each FSDP unit's own `reshard_after_forward`, restored when `gathered` ends."""
 
 
-def shard_units(units: Sequence[nn.Module], root: nn.Module, sharding: Sharding) -> None:
-    """Shard `root`'s weights with FSDP2: each module of `units` (inner first, e.g. the decoder layers, then the
-    body) becomes a unit whose weights are gathered together just before it runs, and `root` holds the rest.
+def shard_units(units: Sequence[nn.Module], root: nn.Module, sharding: Sharding,
+                gradient_divide_factor: float = 1.0) -> None:
+    """Shard `root`'s weights with FSDP2: each module of `units` (e.g. the decoder layers) becomes a unit whose
+    weights are gathered together just before it runs, and `root` holds the rest.
 
-    Gradients are reduce-scattered as sums, not means: ppo-lm weights each process's loss by its share of the
-    global batch already, as it does when replicated.
+    Gradients are reduce-scattered as sums divided by `gradient_divide_factor`: 1 (a plain sum) where each process's
+    loss is already weighted by its share of the global batch, as in PPO; the process count for a mean.
     """
     for unit in units:
         fully_shard(unit, reshard_after_forward=sharding.reshard_after_forward)
@@ -110,7 +111,7 @@ def shard_units(units: Sequence[nn.Module], root: nn.Module, sharding: Sharding)
     _RESHARDS_AFTER_FORWARD[root] = False
     for module in root.modules():
         if isinstance(module, FSDPModule):
-            module.set_gradient_divide_factor(1.0)
+            module.set_gradient_divide_factor(float(gradient_divide_factor))
             module.set_force_sum_reduction_for_comms(True)  # a plain sum: gloo has no pre-multiplied sum
 
 
@@ -136,6 +137,14 @@ def gathered(*models: nn.Module | None) -> Iterator[None]:
         for unit in units:
             unit.set_reshard_after_forward(_RESHARDS_AFTER_FORWARD.get(unit, True), recurse=False)
             unit.reshard()
+
+
+def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """For `save_pretrained(state_dict=...)` inside `gathered`: a sharded model's parameters by name, whole (its own
+    `state_dict()` would give its shards); None for a model that is not sharded (its state_dict is whole)."""
+    if not is_sharded(model):
+        return None
+    return {name: parameter.detach() for name, parameter in model.named_parameters()}
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:

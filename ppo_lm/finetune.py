@@ -12,15 +12,17 @@ Texts become one batch of tensors with `encode_completions`: `[left pad | prompt
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
+import tempfile
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
@@ -29,9 +31,14 @@ from ppo_lm.config import FinetuneConfig
 from ppo_lm.distributed import (
     batch_layout,
     broadcast_parameters,
+    fsdp_sharding,
+    full_tensors,
     gather_rows,
+    gathered,
+    gathered_state_dict,
     mean_over_processes,
     process_state,
+    shard_optimizer_state,
     sum_gradients,
 )
 from ppo_lm.generation import SequenceBatch, encode_prompts
@@ -41,6 +48,7 @@ from ppo_lm.models import (
     lora_config,
     resolve_device,
     resolve_dtype,
+    shard_model,
 )
 
 logger = logging.getLogger(__name__)
@@ -125,6 +133,10 @@ class FinetuneTrainer:
             model = get_peft_model(model, lora_config(config, self.full_modules))
         self.model = model.to(self.device).eval()
         broadcast_parameters(self.trainable().values())
+        self.sharding = fsdp_sharding()
+        if self.sharding is not None:
+            # FSDP reduces these gradients: their mean over the processes, as `sum_gradients` takes when replicated.
+            shard_model(self.model, self.sharding, gradient_divide_factor=processes.num_processes)
         self.optimizer = torch.optim.AdamW(self.trainable().values(), lr=config.learning_rate,
                                            weight_decay=config.weight_decay)
         self.step_count = 0
@@ -184,26 +196,33 @@ class FinetuneTrainer:
         """The training statistics over all of `items` (prefixed `eval/`) without gradients, and samples."""
         size = self.config.micro_batch_size or self.config.batch_size
         sums: dict[str, float] = defaultdict(float)
-        with torch.no_grad():
+        with torch.no_grad(), self.whole_weights():  # processes may hold different numbers of items
             for _, stats in self.micro_losses(items, size):
                 for name, value in stats.items():
                     sums[name] += value
+            local_samples = self.samples(items[: self.config.max_eval_samples])
         metrics = {f"eval/{name}": value for name, value in mean_over_processes(dict(sums)).items()}
-        samples = gather_rows(self.samples(items[: self.config.max_eval_samples]))
+        samples = gather_rows(local_samples)
         return metrics, samples[: self.config.max_eval_samples]
+
+    def whole_weights(self) -> contextlib.AbstractContextManager:
+        """Inside, a sharded model holds its whole weights on every process (`distributed.gathered`)."""
+        return gathered(self.model)
 
     def save_state(self, directory: Path | None) -> None:
         """Write the trained tensors and the optimizer state to `directory` (safetensors + JSON). Every process
-        calls it; only the main process passes a directory and writes."""
-        if directory is None:
-            return
-        save_trained(self.trainable(), directory)
-        save_state(self.optimizer.state_dict(), directory, "optimizer")
+        calls it (sharded tensors are gathered whole, together); only the main process passes a directory."""
+        optimizer_state = full_tensors(self.optimizer.state_dict())
+        with self.whole_weights():
+            if directory is None:
+                return
+            save_trained(self.trainable(), directory)
+        save_state(optimizer_state, directory, "optimizer")
 
     def load_state(self, directory: Path) -> None:
         """Load what `save_state` wrote; every trained tensor must be there with its shape."""
         load_trained(self.trainable(), directory)
-        self.optimizer.load_state_dict(load_state(directory, "optimizer"))
+        self.optimizer.load_state_dict(shard_optimizer_state(self.optimizer, load_state(directory, "optimizer")))
 
     def extra_state(self) -> dict:
         """Small state a checkpoint keeps besides weights and optimizer: the step count."""
@@ -215,20 +234,34 @@ class FinetuneTrainer:
 
     # --- the stage's output ------------------------------------------------------------------------------------
 
+    def _merged_copy(self) -> PreTrainedModel:
+        """A plain transformers model with the adapter merged in; the trainer's own model keeps its adapter."""
+        if self.sharding is None:
+            return copy.deepcopy(self.model).merge_and_unload()
+        # A sharded model cannot be deep-copied: load the base again and merge the adapter (whole inside
+        # `whole_weights`, where this runs) into it; the trained model's config (e.g. score_offset) goes with it.
+        with tempfile.TemporaryDirectory() as adapter_dir:
+            self.model.save_pretrained(adapter_dir, state_dict=gathered_state_dict(self.model))
+            base = self.load_model(local_or_hub(self.config.model_name))
+            merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+        merged.config = copy.deepcopy(self.model.config)
+        return merged
+
     def save_final(self, directory: str | Path) -> Path:
         """Write the trained model and its tokenizer to `directory`, for the next stage or plain transformers.
 
         With LoRA and `merge_lora`, a merged copy is written (the trainer keeps its adapter and can go on training);
         with LoRA alone, the adapter (its config names the base model, so `from_pretrained` on the folder loads both
-        when peft is installed); in full fine-tuning, the whole model. Weights are safetensors.
+        when peft is installed); in full fine-tuning, the whole model. Weights are safetensors. A sharded model must
+        be inside `whole_weights` (on every process).
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if self.config.use_lora and self.config.merge_lora:
-            merged = copy.deepcopy(self.model).merge_and_unload()
+            merged = self._merged_copy()
             merged.save_pretrained(str(directory))
             del merged
         else:
-            self.model.save_pretrained(str(directory))
+            self.model.save_pretrained(str(directory), state_dict=gathered_state_dict(self.model))
         self.tokenizer.save_pretrained(str(directory))
         return directory

@@ -99,16 +99,16 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def shard_model(model: nn.Module, sharding: Sharding) -> None:
+def shard_model(model: nn.Module, sharding: Sharding, gradient_divide_factor: float = 1.0) -> None:
     """Shard a transformers model (or a peft model around one) over the processes with FSDP: each decoder layer is
     a unit whose weights are gathered just before it runs; the model itself holds the rest (embeddings, final norm,
-    output head)."""
+    output head). Gradients are summed over the processes and divided by `gradient_divide_factor`."""
     body = backbone_of(model)
     layers = getattr(body, "layers", None)
     if not isinstance(layers, nn.ModuleList):
         raise ValueError(f"Cannot shard {type(body).__name__}: FSDP units are its decoder layers, and it has no "
                          "`layers` list. Launch with configs/accelerate/multi_gpu.yaml (replicated) instead.")
-    shard_units(list(layers), model, sharding)
+    shard_units(list(layers), model, sharding, gradient_divide_factor)
 
 
 def _freeze(model: nn.Module) -> nn.Module:

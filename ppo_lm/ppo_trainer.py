@@ -35,6 +35,7 @@ from ppo_lm.distributed import (
     fsdp_sharding,
     full_tensors,
     gather_rows,
+    gathered_state_dict,
     process_state,
     shard_optimizer_state,
     sum_gradients,
@@ -367,7 +368,8 @@ class PPOTrainer:
                 return
             save_trained(self.models.named_trainable(), directory)
             if self.config.use_lora:  # also the policy alone, as a peft adapter that PeftModel.from_pretrained reads
-                self.models.policy.save_pretrained(str(directory / "policy"), selected_adapters=[POLICY_ADAPTER])
+                self.models.policy.save_pretrained(str(directory / "policy"), selected_adapters=[POLICY_ADAPTER],
+                                                   state_dict=gathered_state_dict(self.models.policy))
         self.tokenizer.save_pretrained(str(directory / "policy"))
         save_state(optimizer_state, directory, "optimizer")
 

@@ -191,15 +191,18 @@ def test_a_sharded_full_fine_tuning_run_checkpoints_resumes_and_exports_whole_we
     assert (tmp_path / "exported" / "model.safetensors").is_file()
 
 
-def test_a_two_process_sft_run_trains_logs_once_and_writes_one_final_model(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("sharding, lora", [(REPLICATED, "false"), (SHARDED, "true")],
+                         ids=["replicated", "sharded-lora-merged"])
+def test_a_two_process_sft_run_trains_logs_once_and_writes_one_final_model(tiny_model_dir, tmp_path, sharding, lora):
     from rlhf_data import sft_rows, write_jsonl
 
     data = write_jsonl(tmp_path / "sft.jsonl", sft_rows(20))
     run_dir = tmp_path / "sft-run"
     launch(["-m", "ppo_lm", "sft", "--model_name", tiny_model_dir, "--dataset", str(data), "--batch_size", "4",
-            "--learning_rate", "0.001", "--use_lora", "False", "--total_steps", "3", "--eval_steps", "0",
-            "--save_steps", "0", "--eval_fraction", "0.2", "--sample_max_new_tokens", "4",
-            "--max_eval_samples", "2", "--report_to", "none", "--output_dir", str(run_dir)], cwd=tmp_path)
+            "--learning_rate", "0.003" if lora == "true" else "0.001", "--use_lora", lora, "--total_steps", "3",
+            "--eval_steps", "0", "--save_steps", "0", "--eval_fraction", "0.2", "--sample_max_new_tokens", "4",
+            "--max_eval_samples", "2", "--report_to", "none", "--output_dir", str(run_dir)], cwd=tmp_path,
+           sharding=sharding)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in metrics if "loss" in line] == [1, 2, 3]
     evals = [line for line in metrics if "eval/loss" in line]
