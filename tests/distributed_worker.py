@@ -6,11 +6,13 @@ CASE_FILE (torch.save) holds the PPOConfig fields, the trainable weights to star
 process. Each process takes its half of the rollout's rows and runs one `PPOTrainer.update` on it; the gradients
 are summed across the processes (all-reduced, or reduce-scattered when an FSDP launch shards the weights). The main
 process writes to OUT_FILE the weights after the update (whole), the update's statistics, the rollout statistics
-and how far whitening over both halves is from whitening the whole batch.
+and how far whitening over both halves is from whitening the whole batch, and the trainer's checkpoint state to the
+folder OUT_FILE with the suffix `.state`.
 """
 
 import dataclasses
 import sys
+from pathlib import Path
 
 import torch
 from accelerate import PartialState
@@ -57,6 +59,12 @@ def main(case_file: str, out_file: str) -> None:
     statistics = local.statistics()
     update_stats = trainer.update(local)
     weights = {name: full_tensor(tensor.detach()).clone() for name, tensor in trainer.models.named_trainable().items()}
+    # The checkpoint state after the update, written by the main process (every process takes part).
+    state_dir = Path(out_file).with_suffix(".state")
+    if processes.is_main_process:
+        state_dir.mkdir()
+    processes.wait_for_everyone()
+    trainer.save_state(state_dir if processes.is_main_process else None)
     if processes.is_main_process:
         torch.save({
             "weights": weights,

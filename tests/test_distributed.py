@@ -123,6 +123,19 @@ def test_an_update_split_over_two_processes_gives_the_weights_of_one_process(tin
         step = (tensor.detach() - before[name]).norm().item()
         difference = (result["weights"][name] - tensor.detach()).norm().item()
         assert difference <= 1e-2 * step + 1e-7, (name, difference, step)
+    # The checkpoint state holds the whole updated tensors, and the policy adapter that peft loads.
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    saved = load_file(str(out.with_suffix(".state") / "trainable.safetensors"))
+    assert saved.keys() == result["weights"].keys()
+    assert all(torch.equal(saved[name], result["weights"][name]) for name in saved)
+    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                       str(out.with_suffix(".state") / "policy"))
+    for name, tensor in policy.named_parameters():
+        if "lora_" in name:
+            assert torch.equal(tensor, result["weights"][f"policy.{name}"]), name
     for name in ("policy_loss", "value_loss", "approx_kl", "policy_grad_norm", "value_grad_norm", "ppo_epochs_run"):
         assert result["update_stats"][name] == pytest.approx(update_stats[name], rel=1e-4, abs=1e-6), name
     for name in ("reward_mean", "reward_std", "kl", "value_mean", "entropy", "response_length", "eos_fraction"):
