@@ -113,6 +113,9 @@ def shard_units(units: Sequence[nn.Module], root: nn.Module, sharding: Sharding,
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(float(gradient_divide_factor))
             module.set_force_sum_reduction_for_comms(True)  # a plain sum: gloo has no pre-multiplied sum
+    # FSDP takes the first unit that runs a forward pass for the root. Generation (peft's `generate`) and the value
+    # model call inner modules directly, so settle the root now. (torch has no public call for this.)
+    root._get_fsdp_state()._lazy_init()
 
 
 def is_sharded(module: nn.Module) -> bool:

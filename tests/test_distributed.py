@@ -204,6 +204,26 @@ def test_a_sharded_full_fine_tuning_run_checkpoints_resumes_and_exports_whole_we
     assert (tmp_path / "exported" / "model.safetensors").is_file()
 
 
+def test_a_sharded_lora_run_in_bfloat16_generates_evaluates_and_saves_the_policy_adapter(tmp_path, tiny_model_dir):
+    # The LoRA path under FSDP: peft's generate and the value model enter the sharded model below its root (the first
+    # forward pass is generation's); bfloat16 base weights share FSDP units with float32 adapters; gradient
+    # checkpointing.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run_dir = tmp_path / "run"
+    config = write_ppo_run(tmp_path, tiny_model_dir, output_dir=str(run_dir), total_steps=2, eval_steps=1,
+                           save_steps=0, dtype="bfloat16", gradient_checkpointing=True, micro_batch_size=1)
+    launch(["-m", "ppo_lm", "train", "--config", str(config)], cwd=tmp_path,
+           sharding=[*SHARDED[:-1], "false"])  # weights kept gathered from forward to backward (ZeRO-2-like)
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in metrics if "eval/kl" in line] == [0, 1, 2]
+    assert [line["step"] for line in metrics if "reward_mean" in line] == [1, 2]
+    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                       str(run_dir / "checkpoint-2" / "policy"))
+    assert any(torch.count_nonzero(p) for n, p in policy.named_parameters() if "lora_B" in n)  # trained
+
+
 @pytest.mark.parametrize("sharding, lora", [(REPLICATED, "false"), (SHARDED, "true")],
                          ids=["replicated", "sharded-lora-merged"])
 def test_a_two_process_sft_run_trains_logs_once_and_writes_one_final_model(tiny_model_dir, tmp_path, sharding, lora):
