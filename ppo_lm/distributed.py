@@ -99,7 +99,8 @@ _RESHARDS_AFTER_FORWARD: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.We
 def shard_units(units: Sequence[nn.Module], root: nn.Module, sharding: Sharding,
                 gradient_divide_factor: float = 1.0) -> None:
     """Shard `root`'s weights with FSDP2: each module of `units` (e.g. the decoder layers) becomes a unit whose
-    weights are gathered together just before it runs, and `root` holds the rest.
+    weights are gathered together just before it runs, and `root` holds the rest. Weights on the CPU move to this
+    process's device unit by unit as they are sharded.
 
     Gradients are reduce-scattered as sums divided by `gradient_divide_factor`: 1 (a plain sum) where each process's
     loss is already weighted by its share of the global batch, as in PPO; the process count for a mean.
@@ -313,7 +314,8 @@ def broadcast_parameters(parameters: Iterable[torch.nn.Parameter]) -> None:
         return
     with torch.no_grad():
         for group in _buckets(list(parameters)):
-            flat = broadcast(torch.cat([p.detach().reshape(-1).float() for p in group]), from_process=0)
+            flat = torch.cat([p.detach().reshape(-1).float() for p in group])
+            flat = broadcast(flat.to(PartialState().device), from_process=0)  # NCCL needs it on the GPU
             for parameter, chunk in zip(group, flat.split([p.numel() for p in group]), strict=True):
                 parameter.copy_(chunk.view_as(parameter))
 

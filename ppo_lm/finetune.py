@@ -131,9 +131,10 @@ class FinetuneTrainer:
             enable_activation_checkpointing(model)
         if config.use_lora:
             model = get_peft_model(model, lora_config(config, self.full_modules))
-        self.model = model.to(self.device).eval()
-        broadcast_parameters(self.trainable().values())
         self.sharding = fsdp_sharding()
+        # A model to shard stays on the CPU: sharding moves each unit's shard to the device.
+        self.model = model.to("cpu" if self.sharding is not None else self.device).eval()
+        broadcast_parameters(self.trainable().values())
         if self.sharding is not None:
             # FSDP reduces these gradients: their mean over the processes, as `sum_gradients` takes when replicated.
             shard_model(self.model, self.sharding, gradient_divide_factor=processes.num_processes)

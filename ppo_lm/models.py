@@ -247,8 +247,12 @@ class RoleModels:
                 parameter.requires_grad_(True)
 
 
-def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype) -> RoleModels:
-    """Build the four roles from the config: one base with LoRA adapters unless separate models are named."""
+def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype, sharded: bool = False
+                     ) -> RoleModels:
+    """Build the four roles from the config: one base with LoRA adapters unless separate models are named.
+
+    With `sharded`, all but the reward model stay on the CPU: `RoleModels.shard` moves each FSDP unit's shard to the
+    device as it shards it, so a model larger than one GPU never sits whole on one."""
     base = AutoModelForCausalLM.from_pretrained(config.model_name, dtype=dtype)
     hidden_size = base.config.hidden_size
 
@@ -296,11 +300,10 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
 
     # Dropout off everywhere: PPO's ratio and the KL are only meaningful between deterministic forward passes.
     trained = [policy] if value_adapter_on_policy else [policy, value_backbone]
-    for module in (policy, value_backbone, value_head):
-        module.eval()
-        module.to(device)
-    if reference is not None:
-        reference.to(device)
+    for module in (policy, value_backbone, value_head, reference):
+        if module is not None:
+            module.eval()
+            module.to("cpu" if sharded else device)
     if config.gradient_checkpointing:
         # transformers checkpoints only in training mode: zero every dropout so that mode changes nothing else.
         for model in trained:

@@ -168,9 +168,9 @@ class PPOTrainer:
         self.device = resolve_device(config.device, processes)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.tokenizer = load_tokenizer(config.model_name)
-        self.models = load_role_models(config, self.device, self.dtype)
-        broadcast_parameters(self.models.named_trainable().values())
         self.sharding = fsdp_sharding()
+        self.models = load_role_models(config, self.device, self.dtype, sharded=self.sharding is not None)
+        broadcast_parameters(self.models.named_trainable().values())
         if self.sharding is not None:
             self.models.shard(self.sharding)
         with self.models.gathered():
