@@ -25,8 +25,11 @@ def length_reward(prompts, completions):
 
 REPLICATED = ["--multi_gpu"]
 """`accelerate launch` options of a data-parallel launch with the whole model in every process."""
-SHARDED = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_reshard_after_forward", "true"]
-"""`accelerate launch` options of an FSDP launch (the weights sharded over the processes)."""
+ACCELERATE_CONFIGS = Path(__file__).parent.parent / "configs" / "accelerate"
+SHARDED = ["--config_file", str(ACCELERATE_CONFIGS / "fsdp.yaml")]
+"""An FSDP launch with the shipped config: the weights sharded over the processes, freed after each forward."""
+SHARDED_KEPT_FOR_BACKWARD = ["--config_file", str(ACCELERATE_CONFIGS / "fsdp_zero2.yaml")]
+"""The same, each layer's gathered weights kept from its forward to its backward pass."""
 
 
 def launch(arguments: list[str], cwd: Path, processes: int = 2, sharding: list[str] = REPLICATED
@@ -74,8 +77,33 @@ def test_shards_cover_the_items_once_in_order():
 
 def test_a_deepspeed_launch_is_refused_with_what_to_use_instead(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(ValueError, match="DeepSpeed.*MULTI_GPU"):
+    with pytest.raises(ValueError, match="DeepSpeed.*fsdp.yaml.*multi_gpu.yaml"):
         process_state()
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("FSDP_VERSION", "1", "fsdp_version: 2"),
+    ("FSDP_ACTIVATION_CHECKPOINTING", "true", "gradient_checkpointing: true"),
+    ("FSDP_OFFLOAD_PARAMS", "true", "fsdp_offload_params"),
+])
+def test_fsdp_settings_ppo_lm_does_not_follow_are_refused_before_any_model_loads(monkeypatch, variable, value,
+                                                                                message):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match=message):
+        process_state()
+
+
+def test_an_fsdp_launch_reads_its_resharding_from_the_accelerate_config(monkeypatch):
+    from ppo_lm.distributed import fsdp_sharding
+
+    assert fsdp_sharding() is None  # not an FSDP launch
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    for value in (True, False):
+        monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", str(value).lower())
+        assert fsdp_sharding().reshard_after_forward is value
 
 
 def test_the_layout_is_checked_before_any_model_loads(tmp_path, capsys):
@@ -215,7 +243,7 @@ def test_a_sharded_lora_run_in_bfloat16_generates_evaluates_and_saves_the_policy
     config = write_ppo_run(tmp_path, tiny_model_dir, output_dir=str(run_dir), total_steps=2, eval_steps=1,
                            save_steps=0, dtype="bfloat16", gradient_checkpointing=True, micro_batch_size=1)
     launch(["-m", "ppo_lm", "train", "--config", str(config)], cwd=tmp_path,
-           sharding=[*SHARDED[:-1], "false"])  # weights kept gathered from forward to backward (ZeRO-2-like)
+           sharding=SHARDED_KEPT_FOR_BACKWARD)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in metrics if "eval/kl" in line] == [0, 1, 2]
     assert [line["step"] for line in metrics if "reward_mean" in line] == [1, 2]
