@@ -6,6 +6,9 @@ It builds the policy and a reward model from a config (no download), saves them 
 `from_pretrained`, runs warm-up steps and then timed steps on synthetic prompts, and reports the median step time,
 the seconds per stage, tokens per second, peak memory, the step's FLOP count, the floor that count implies at the
 device's measured matmul rate, and how far the measured time is from that floor.
+
+Under `accelerate launch` each process steps on its share of the prompts; the figures are the whole step's (peak
+memory: the largest process's; the floor: the FLOPs shared by the processes).
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 
 from ppo_lm.config import PPOConfig
+from ppo_lm.distributed import gather_rows, shard
 
 QWEN3_VOCAB = 151936
 ARCHITECTURES: dict[str, dict[str, Any]] = {
@@ -165,11 +170,13 @@ def run_benchmark(
         return [len(c) / 100 for c in completions]
 
     trainer = PPOTrainer(config, reward_fn=None if config.reward_model_name else length_reward)
+    processes = PartialState()  # under `accelerate launch`, each process steps on its share of the prompts
+    local_prompts = shard(prompts, processes.process_index, processes.num_processes)
     for _ in range(warmup):
-        trainer.ppo_step(prompts)
+        trainer.ppo_step(local_prompts)
     records, flops = [], []
     for _ in range(steps):
-        rollout_stats = trainer.ppo_step(prompts)
+        rollout_stats = trainer.ppo_step(local_prompts)  # its texts and statistics are every process's
         records.append(rollout_stats)
         prompt_lens = [len(ids) for ids in trainer.tokenizer(prompts)["input_ids"]]
         response_lens = [max(1, len(trainer.tokenizer(c)["input_ids"])) for c in rollout_stats["generated_texts"]]
@@ -178,17 +185,18 @@ def run_benchmark(
     step_seconds = median["step"]
     generated = statistics.median(r["response_length"] for r in records) * len(prompts)
     rate = matmul_rate(trainer.device, trainer.dtype)
-    floor = statistics.median(flops) / rate
+    floor = statistics.median(flops) / (rate * processes.num_processes)  # the processes share the step's FLOPs
     return {
         "arch": arch or config.model_name, "device": str(trainer.device), "dtype": str(trainer.dtype).split(".")[-1],
-        "use_lora": config.use_lora, "batch_size": len(prompts), "max_new_tokens": config.max_new_tokens,
+        "use_lora": config.use_lora, "batch_size": config.batch_size, "processes": processes.num_processes,
+        "sharded": trainer.sharding is not None, "max_new_tokens": config.max_new_tokens,
         "ppo_epochs": config.ppo_epochs, "micro_batch_size": config.micro_batch_size,
         "median_step_s": round(step_seconds, 4),
         "stage_s": {stage: round(median[stage], 4) for stage in STAGES[:-1]},
         "generated_tokens_per_s": round(generated / step_seconds, 1),
         "tokens_per_s": round((sum(len(p) for p in trainer.tokenizer(prompts)["input_ids"]) + generated)
                               / step_seconds, 1),
-        "peak_memory_gib": round(peak_memory_gib(trainer.device), 3),
+        "peak_memory_gib": round(max(gather_rows([peak_memory_gib(trainer.device)])), 3),  # the largest process's
         "step_tflop": round(statistics.median(flops) / 1e12, 4),
         "matmul_tflops": round(rate / 1e12, 3),
         "floor_s": round(floor, 4),
@@ -228,5 +236,6 @@ def bench_command(argv: list[str]) -> dict[str, Any]:
             prompts = synthetic_prompts(prompt_lengths(arguments.prompt_lengths, config.batch_size, config.seed))
         result = run_benchmark(config, prompts, arguments.warmup, arguments.steps,
                                None if model_given else arguments.arch)
-    print(json.dumps(result))
+    if PartialState().is_main_process:
+        print(json.dumps(result))
     return result
