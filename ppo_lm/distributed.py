@@ -78,11 +78,16 @@ def fsdp_sharding() -> Sharding | None:
         return None
     from accelerate.utils import FullyShardedDataParallelPlugin
 
+    if not hasattr(FSDPModule, "set_force_sum_reduction_for_comms"):
+        raise ValueError(f"This torch ({torch.__version__}) has an FSDP2 without `set_force_sum_reduction_for_comms`, "
+                         "which ppo-lm's sharding needs: upgrade torch (tested with 2.15), or launch replicated "
+                         "with configs/accelerate/multi_gpu.yaml.")
     plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables that `accelerate launch` sets
-    if plugin.fsdp_version != 2:
-        raise ValueError(f"This FSDP launch asks for fsdp_version {plugin.fsdp_version}; ppo-lm shards with FSDP2 "
-                         "(torch's fully_shard). Set `fsdp_version: 2` in the accelerate config "
-                         "(see configs/accelerate/fsdp.yaml).")
+    version = getattr(plugin, "fsdp_version", 1)  # accelerate versions without FSDP2 have no such field
+    if version != 2:
+        raise ValueError(f"This FSDP launch asks for fsdp_version {version}; ppo-lm shards with FSDP2 (torch's "
+                         "fully_shard). Set `fsdp_version: 2` in the accelerate config (see "
+                         "configs/accelerate/fsdp.yaml), with an accelerate version that knows it.")
     if plugin.activation_checkpointing:
         raise ValueError("This FSDP launch sets fsdp_activation_checkpointing; ppo-lm checkpoints activations "
                          "itself: set it to false and set `gradient_checkpointing: true` in the ppo-lm config.")
