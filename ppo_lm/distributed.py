@@ -149,11 +149,25 @@ def gathered(*models: nn.Module | None) -> Iterator[None]:
 
 
 def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
-    """For `save_pretrained(state_dict=...)` inside `gathered`: a sharded model's parameters by name, whole (its own
-    `state_dict()` would give its shards); None for a model that is not sharded (its state_dict is whole)."""
+    """For `save_pretrained(state_dict=...)` inside `gathered`: a sharded model's trained parameters by name, whole
+    (its own `state_dict()` would give its shards), copied to the CPU; None for a model that is not sharded (its
+    state_dict is whole).
+
+    Trained parameters are what peft saves of an adapter model (adapters, modules_to_save), and every weight in full
+    fine-tuning. The copies are their own tensors: gathered weights are views into FSDP's all-gather buffers, which
+    safetensors will not write."""
     if not is_sharded(model):
         return None
-    return {name: parameter.detach() for name, parameter in model.named_parameters()}
+    return {name: parameter.detach().to("cpu", copy=True)
+            for name, parameter in model.named_parameters() if parameter.requires_grad}
+
+
+def gather_own_weights(model: nn.Module) -> None:
+    """Gather a sharded model's own weights (those not in one of its units: embeddings, final norm, heads) before a
+    forward pass that calls its inner modules directly instead of the model, whose forward would have gathered them.
+    FSDP frees them again after the backward pass. Nothing happens for a model that is not sharded."""
+    if is_sharded(model):
+        model.unshard()
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from ppo_lm.config import FinetuneConfig, PPOConfig
-from ppo_lm.distributed import Sharding, gathered, is_sharded, shard_units
+from ppo_lm.distributed import Sharding, gather_own_weights, gathered, shard_units
 from ppo_lm.generation import SequenceBatch, position_ids_from_mask
 from ppo_lm.losses import entropy_from_logits
 
@@ -228,10 +228,7 @@ class RoleModels:
             return
         self.policy.set_adapter(VALUE_ADAPTER)
         self.keep_adapters_trainable()
-        if is_sharded(self.policy):
-            # The value model runs the policy's body directly, not through the sharded model's own forward: gather
-            # the model's own weights (embeddings, final norm) that this forward would have gathered.
-            self.policy.unshard()
+        gather_own_weights(self.policy)  # the value model runs the policy's body, not the policy itself
         try:
             yield
         finally:

@@ -252,8 +252,8 @@ def test_a_sharded_lora_run_in_bfloat16_generates_evaluates_and_saves_the_policy
     assert any(torch.count_nonzero(p) for n, p in policy.named_parameters() if "lora_B" in n)  # trained
 
 
-@pytest.mark.parametrize("sharding, lora", [(REPLICATED, "false"), (SHARDED, "true")],
-                         ids=["replicated", "sharded-lora-merged"])
+@pytest.mark.parametrize("sharding, lora", [(REPLICATED, "false"), (SHARDED, "true"), (SHARDED, "false")],
+                         ids=["replicated", "sharded-lora-merged", "sharded-full"])
 def test_a_two_process_sft_run_trains_logs_once_and_writes_one_final_model(tiny_model_dir, tmp_path, sharding, lora):
     from rlhf_data import sft_rows, write_jsonl
 
@@ -268,7 +268,37 @@ def test_a_two_process_sft_run_trains_logs_once_and_writes_one_final_model(tiny_
     assert [line["step"] for line in metrics if "loss" in line] == [1, 2, 3]
     evals = [line for line in metrics if "eval/loss" in line]
     assert [line["step"] for line in evals] == [0, 3] and evals[1]["eval/loss"] < evals[0]["eval/loss"]
-    assert (run_dir / "final" / "model.safetensors").is_file()
+    from transformers import AutoModelForCausalLM
+
+    # The final model is whole: every weight of the architecture is in the file, at its shape.
+    _, info = AutoModelForCausalLM.from_pretrained(str(run_dir / "final"), output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"] and not info["unexpected_keys"], info
+
+
+def test_a_sharded_lora_reward_run_normalises_and_writes_a_merged_model(tiny_model_dir, tmp_path):
+    # The final model of a sharded LoRA reward run: the adapter merged into a base loaded again (a sharded model
+    # cannot be copied), with the score_offset that normalisation set on the main process.
+    from rlhf_data import preference_rows, sft_rows, write_jsonl
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from ppo_lm.finetune import encode_completions
+    from ppo_lm.models import sequence_scores
+
+    data = write_jsonl(tmp_path / "pref.jsonl", preference_rows(24, seed=1))
+    reference = write_jsonl(tmp_path / "reference.jsonl", sft_rows(6))
+    run_dir = tmp_path / "reward-run"
+    launch(["-m", "ppo_lm", "reward", "--model_name", tiny_model_dir, "--dataset", str(data), "--batch_size", "4",
+            "--learning_rate", "0.003", "--use_lora", "true", "--total_steps", "2", "--eval_steps", "0",
+            "--save_steps", "0", "--eval_fraction", "0.2", "--max_eval_samples", "2", "--report_to", "none",
+            "--reference_dataset", reference, "--output_dir", str(run_dir)], cwd=tmp_path, sharding=SHARDED)
+    model = AutoModelForSequenceClassification.from_pretrained(str(run_dir / "final")).eval()
+    assert model.config.score_offset != 0.0
+    rows = sft_rows(6)
+    batch = encode_completions(AutoTokenizer.from_pretrained(str(run_dir / "final")), [r["prompt"] for r in rows],
+                               [r["completion"] for r in rows], 512)
+    with torch.no_grad():
+        assert sequence_scores(model, batch.input_ids, batch.attention_mask).mean().item() == pytest.approx(
+            0.0, abs=1e-3)
 
 
 def test_buckets_keep_order_and_respect_the_size_limit(monkeypatch):
