@@ -135,8 +135,9 @@ def gathered(*models: nn.Module | None) -> Iterator[None]:
     no collective call, so processes may run different numbers of them (generation lengths differ). Memory: one
     whole copy of the model per process while inside. Nothing happens for a model that is not sharded.
     """
-    units = [module for model in models if model is not None for module in model.modules()
-             if isinstance(module, FSDPModule)]
+    units = list(dict.fromkeys(  # once each, though a model may be a part of another (the value body of the policy)
+        module for model in models if model is not None for module in model.modules() if isinstance(module, FSDPModule)
+    ))
     for unit in units:
         unit.unshard()
         unit.set_reshard_after_forward(False, recurse=False)
