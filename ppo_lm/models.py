@@ -264,9 +264,6 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
         if value_adapter_on_policy:
             policy.add_adapter(VALUE_ADAPTER, lora_config(config))
         policy.set_adapter(POLICY_ADAPTER)
-        for name, parameter in policy.named_parameters():  # both adapters trainable (see keep_adapters_trainable)
-            if f".{VALUE_ADAPTER}." in name:
-                parameter.requires_grad_(True)
     else:
         policy = base
 
@@ -308,8 +305,10 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
             for module in model.modules():
                 if isinstance(module, nn.Dropout):
                     module.p = 0.0
-    return RoleModels(policy, reference, value_backbone, value_head, value_adapter_on_policy, reward_model,
-                      trained if config.gradient_checkpointing else [])
+    models = RoleModels(policy, reference, value_backbone, value_head, value_adapter_on_policy, reward_model,
+                        trained if config.gradient_checkpointing else [])
+    models.keep_adapters_trainable()  # set_adapter turned the value adapter's requires_grad off
+    return models
 
 
 def shared_frozen_layers(config: PPOConfig, models: RoleModels) -> int:
