@@ -270,6 +270,7 @@ def test_a_two_process_sft_run_trains_logs_once_and_writes_one_final_model(tiny_
     assert [line["step"] for line in evals] == [0, 3] and evals[1]["eval/loss"] < evals[0]["eval/loss"]
     from transformers import AutoModelForCausalLM
 
+    assert (run_dir / "final" / "model.safetensors").is_file()
     # The final model is whole: every weight of the architecture is in the file, at its shape.
     _, info = AutoModelForCausalLM.from_pretrained(str(run_dir / "final"), output_loading_info=True)
     assert not info["missing_keys"] and not info["mismatched_keys"] and not info["unexpected_keys"], info
