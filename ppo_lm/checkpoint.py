@@ -16,7 +16,6 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -149,17 +148,25 @@ def checkpoint_step(path: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def save_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None], keep: int = 0) -> Path:
-    """Write a checkpoint atomically: `write(tmp_dir)` fills it, the manifest seals it, a rename publishes it.
+def partial_checkpoint(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of `step` is written before `seal_checkpoint` publishes it."""
+    return Path(run_dir) / f".checkpoint-{step}.partial"
 
-    Keeps the newest `keep` checkpoints (0 keeps all). Returns the checkpoint's path.
-    """
-    run_dir = Path(run_dir)
-    final = run_dir / f"checkpoint-{step}"
-    partial = run_dir / f".checkpoint-{step}.partial"
+
+def open_checkpoint(run_dir: Path, step: int) -> Path:
+    """Make an empty `partial_checkpoint` directory (a leftover of an interrupted save is removed) and return it."""
+    partial = partial_checkpoint(run_dir, step)
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    write(partial)
+    return partial
+
+
+def seal_checkpoint(run_dir: Path, step: int, keep: int = 0) -> Path:
+    """Publish the filled `partial_checkpoint` of `step`: the manifest seals it, a rename makes it
+    `checkpoint-<step>`. Keeps the newest `keep` checkpoints (0 keeps all). Returns the checkpoint's path."""
+    run_dir = Path(run_dir)
+    final = run_dir / f"checkpoint-{step}"
+    partial = partial_checkpoint(run_dir, step)
     files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
     manifest = {"format": FORMAT, "version": 1, "step": step, "files": files}
     with open(partial / MANIFEST, "w") as handle:

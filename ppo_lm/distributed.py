@@ -5,7 +5,7 @@ generates, scores and differentiates its own share of the batch. Numbers that de
 whitening, the KL controller, early stopping on the approximate KL) and the logged means are computed over every
 process's rows. Only the main process writes logs, reports and checkpoints.
 
-Two ways to hold the weights:
+Three ways to hold the weights:
 - replicated (an accelerate config of distributed_type MULTI_GPU, like DDP): every process keeps the whole model and
   optimizer; before every optimizer step one all-reduce adds up the gradients (`sum_gradients`), so every process
   takes the same step and the copies never drift apart.
@@ -13,6 +13,9 @@ Two ways to hold the weights:
   moment over the processes; each layer gathers its weights just before it runs and the backward pass
   reduce-scatters its gradients. Passes without gradients (generation, logprobs, values, evaluation) run with the
   weights gathered (`gathered`), so that processes may run different numbers of them.
+- DeepSpeed ZeRO (distributed_type DEEPSPEED, stage 1 to 3): a DeepSpeed engine takes the trained models and the
+  optimizer; it partitions the optimizer state (stage 1), the gradients (stage 2) and the weights (stage 3), reduces
+  the gradients, clips them and steps (`start_deepspeed`). ppo-lm still forms its micro-batches and losses.
 
 With one process every function here is the plain local computation: no collective call is made.
 """
@@ -23,7 +26,7 @@ import contextlib
 import math
 import os
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -44,16 +47,10 @@ def _flag(variable: str) -> bool:
 def process_state() -> PartialState:
     """accelerate's view of this run's processes: one process unless started by `accelerate launch` or torchrun.
 
-    Without CUDA the processes talk over gloo on the CPU. A DeepSpeed launch is refused with a clear error (shard
-    with an FSDP config instead), and so is an FSDP config that asks for what ppo-lm does not do (`fsdp_sharding`).
+    Without CUDA the processes talk over gloo on the CPU. An FSDP or DeepSpeed config that asks for what ppo-lm does
+    not do stops here with a clear error (`fsdp_sharding`, `deepspeed_settings`).
     """
-    if _flag("ACCELERATE_USE_DEEPSPEED"):
-        raise ValueError(
-            "This run was launched with DeepSpeed (ACCELERATE_USE_DEEPSPEED is set), which ppo-lm does not drive: "
-            "to shard the weights, gradients and optimizer state over the GPUs, launch with an FSDP config "
-            "(configs/accelerate/fsdp.yaml, ZeRO-3-like, or fsdp_zero2.yaml, ZeRO-2-like); to replicate the model, "
-            "with configs/accelerate/multi_gpu.yaml (distributed_type MULTI_GPU). See docs/multi-gpu.md."
-        )
+    deepspeed_settings()  # a DeepSpeed config ppo-lm cannot follow stops here, before any model loads
     fsdp_sharding()  # an FSDP config ppo-lm cannot follow stops here, before any model loads
     return PartialState(cpu=not torch.cuda.is_available())
 
@@ -205,6 +202,108 @@ def shard_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> dict
         for index, moments in state["state"].items()
     }
     return {**state, "state": per_parameter}
+
+
+# --- DeepSpeed ZeRO ---------------------------------------------------------------------------------------------
+
+DEEPSPEED_MIN_VERSION = "0.19.4"
+"""The first DeepSpeed with `managed_gradient_accumulation: false`, which lets ppo-lm decide when a step ends."""
+
+
+@dataclass(frozen=True)
+class DeepSpeedSettings:
+    """What a DeepSpeed launch asks for (read from its accelerate config)."""
+
+    zero_optimization: dict[str, Any]
+    """The `zero_optimization` section of the DeepSpeed config: `stage` and any tuning keys (bucket sizes, ...)."""
+
+    @property
+    def stage(self) -> int:
+        """The ZeRO stage: 1 partitions the optimizer state, 2 also the gradients, 3 also the weights."""
+        return int(self.zero_optimization["stage"])
+
+
+def deepspeed_settings() -> DeepSpeedSettings | None:
+    """The ZeRO settings an `accelerate launch` with a DeepSpeed config asks for, or None for another launch.
+
+    They come from accelerate's `DeepSpeedPlugin` (the `deepspeed_config` of the accelerate config, or the DeepSpeed
+    JSON file it names). ppo-lm builds the rest of DeepSpeed's config itself (batch sizes, clipping, precision).
+    Raises ValueError for what ppo-lm does not follow: ZeRO stage 0, offloading to the CPU or NVMe, and a DeepSpeed
+    older than `DEEPSPEED_MIN_VERSION` or not installed.
+    """
+    if not _flag("ACCELERATE_USE_DEEPSPEED"):
+        return None
+    try:
+        import deepspeed
+    except ImportError as error:
+        raise ValueError("This run was launched with a DeepSpeed config, but DeepSpeed is not installed: "
+                         "`pip install 'ppo-lm[deepspeed]'`, or launch with configs/accelerate/fsdp.yaml.") from error
+    from accelerate.utils import DeepSpeedPlugin
+    from packaging.version import Version
+
+    if Version(deepspeed.__version__) < Version(DEEPSPEED_MIN_VERSION):
+        raise ValueError(f"DeepSpeed {deepspeed.__version__} is too old for ppo-lm, which needs "
+                         f"{DEEPSPEED_MIN_VERSION} or newer (`pip install -U 'ppo-lm[deepspeed]'`).")
+    plugin = DeepSpeedPlugin()  # reads the ACCELERATE_DEEPSPEED_* variables that `accelerate launch` sets
+    zero = {key: value for key, value in plugin.deepspeed_config["zero_optimization"].items() if value != "auto"}
+    # accelerate registers its config with transformers, which would then load every model partitioned (ZeRO-3):
+    # ppo-lm loads whole models and lets the engine partition the trained ones.
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+    del plugin
+    unset_hf_deepspeed_config()
+    for part in ("offload_optimizer", "offload_param"):
+        if str((zero.pop(part, None) or {}).get("device", "none")).lower() != "none":
+            raise ValueError(f"This DeepSpeed launch sets {part}, which ppo-lm does not support: set its device "
+                             "to none (more GPUs, a higher ZeRO stage, micro_batch_size and gradient_checkpointing "
+                             "lower the memory per GPU).")
+    settings = DeepSpeedSettings(zero)
+    if settings.stage not in (1, 2, 3):
+        raise ValueError(f"This DeepSpeed launch asks for ZeRO stage {settings.stage}; ppo-lm drives stages 1, 2 and "
+                         "3. To replicate the model with plain data parallelism, launch with "
+                         "configs/accelerate/multi_gpu.yaml.")
+    return settings
+
+
+class EngineModules(nn.ModuleDict):
+    """The trained models, as the one module a DeepSpeed engine takes. Its forward pass runs a function of them:
+    `engine(compute)` brackets any computation the way DeepSpeed needs a forward pass bracketed (ZeRO counts its
+    gradient accumulation by forward passes)."""
+
+    def forward(self, compute: Callable[[], T]) -> T:
+        return compute()
+
+
+def start_deepspeed(modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, settings: DeepSpeedSettings,
+                    max_grad_norm: float) -> Any:
+    """A DeepSpeed engine over `modules` (the trained models) and `optimizer` (whose parameter groups it partitions).
+
+    ppo-lm forms the micro-batches and decides when a step ends (`managed_gradient_accumulation: false`): call
+    `engine(compute)` for each micro-batch's forward pass, `engine.backward(loss)` and, once per optimizer step,
+    `engine.step()`. The engine clips the gradients of every trained weight together to `max_grad_norm` (0: no
+    clipping). DeepSpeed's own mixed precision stays off: ppo-lm sets the models' dtype itself.
+    """
+    import deepspeed
+
+    config = {
+        "train_micro_batch_size_per_gpu": 1,  # bookkeeping only: ppo-lm forms its micro-batches itself
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": float(max_grad_norm),
+        "zero_optimization": dict(settings.zero_optimization),
+        "zero_allow_untested_optimizer": True,  # torch's AdamW, with a learning rate per role
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**62,  # ppo-lm logs its own metrics
+    }
+    engine, *_ = deepspeed.initialize(model=EngineModules(modules), optimizer=optimizer, config=config)
+    return engine
+
+
+def deepspeed_backward(engine: Any, loss: torch.Tensor) -> None:
+    """Backpropagate `loss`, a share of the whole step's loss over every process, through `engine`.
+
+    DeepSpeed averages the gradients over the processes; ppo-lm's losses already carry each process's share, so
+    the loss is scaled by the process count to get their sum, as `sum_gradients` does."""
+    engine.backward(loss * PartialState().num_processes, scale_wrt_gas=False)
 
 
 @dataclass(frozen=True)

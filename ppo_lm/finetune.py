@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from peft import PeftModel, get_peft_model
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
@@ -31,6 +32,7 @@ from ppo_lm.config import FinetuneConfig
 from ppo_lm.distributed import (
     batch_layout,
     broadcast_parameters,
+    deepspeed_settings,
     fsdp_sharding,
     full_tensors,
     gather_rows,
@@ -119,6 +121,10 @@ class FinetuneTrainer:
     def __init__(self, config: FinetuneConfig):
         config.validate()
         self.config = config
+        if deepspeed_settings() is not None:
+            raise ValueError("`ppo-lm sft` and `ppo-lm reward` do not run under DeepSpeed (only `ppo-lm train` does): "
+                             "launch them with configs/accelerate/fsdp.yaml to shard the model (like ZeRO-3), or "
+                             "with multi_gpu.yaml to replicate it.")
         processes = process_state()
         self.layout = batch_layout(config.batch_size, processes.num_processes, 1, config.micro_batch_size)
         set_seed(config.seed + processes.process_index)  # the weights are the main process's (broadcast below)
@@ -210,12 +216,12 @@ class FinetuneTrainer:
         """Inside, a sharded model holds its whole weights on every process (`distributed.gathered`)."""
         return gathered(self.model)
 
-    def save_state(self, directory: Path | None) -> None:
+    def save_state(self, directory: Path) -> None:
         """Write the trained tensors and the optimizer state to `directory` (safetensors + JSON). Every process
-        calls it (sharded tensors are gathered whole, together); only the main process passes a directory."""
+        calls it (sharded tensors are gathered whole, together); the main process writes."""
         optimizer_state = full_tensors(self.optimizer.state_dict())
         with self.whole_weights():
-            if directory is None:
+            if not PartialState().is_main_process:
                 return
             save_trained(self.trainable(), directory)
         save_state(optimizer_state, directory, "optimizer")

@@ -198,6 +198,13 @@ class RoleModels:
         head = [p for p in self.value_head.parameters() if id(p) not in {id(q) for q in body}]
         return body + head
 
+    def trained_modules(self) -> dict[str, nn.Module]:
+        """The models that hold trained weights, by role, each once: what a DeepSpeed engine takes."""
+        modules = {"policy": self.policy, "value_head": self.value_head}
+        if not self.value_adapter_on_policy:
+            modules["value_backbone"] = self.value_backbone
+        return modules
+
     def named_trainable(self) -> dict[str, nn.Parameter]:
         """Every trained tensor by a stable name: `policy.*`, `value.*` and `value_head.*`."""
         policy_ids = {id(p) for p in self.policy_parameters()}

@@ -22,22 +22,26 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from torch import nn
 from transformers import GenerationConfig, set_seed
 
 from ppo_lm.advantages import compute_gae, masked_mean, masked_whiten
-from ppo_lm.checkpoint import load_state, load_trained, save_state, save_trained
+from ppo_lm.checkpoint import CheckpointError, load_state, load_trained, save_state, save_trained
 from ppo_lm.config import PPOConfig
 from ppo_lm.distributed import (
     all_sum,
     batch_layout,
     broadcast_parameters,
+    deepspeed_backward,
+    deepspeed_settings,
     fsdp_sharding,
     full_tensors,
     gather_rows,
     gathered_state_dict,
     process_state,
     shard_optimizer_state,
+    start_deepspeed,
     sum_gradients,
 )
 from ppo_lm.generation import SequenceBatch, encode_prompts, generate_responses, greedy_config, sampling_config
@@ -64,6 +68,10 @@ from ppo_lm.rewards import (
     load_reward_function,
     shape_rewards,
 )
+
+DEEPSPEED_STATE = "deepspeed"
+"""A checkpoint's folder of DeepSpeed's own files (the optimizer state, partitioned as the engine holds it)."""
+DEEPSPEED_TAG = "state"
 
 
 @dataclass
@@ -197,6 +205,11 @@ class PPOTrainer:
             ],
             weight_decay=0.0,
         )
+        # Under DeepSpeed its engine owns the trained models and the optimizer: it reduces, clips and steps.
+        self.engine = None
+        if (deepspeed := deepspeed_settings()) is not None:
+            self.engine = start_deepspeed(self.models.trained_modules(), self.optimizer, deepspeed,
+                                          config.max_grad_norm)
         self.kl_controller = KLController(config.kl_coef, config.adaptive_kl_target, config.adaptive_kl_horizon)
         self.step_count = 0
 
@@ -357,25 +370,44 @@ class PPOTrainer:
 
     # --- checkpoint state ----------------------------------------------------------------------------------------
 
-    def save_state(self, directory: Path | None) -> None:
+    def save_state(self, directory: Path) -> None:
         """Write the trained weights, the policy (peft adapter or full model) and the optimizer to `directory`.
 
-        Every process calls it (sharded tensors are gathered whole, together); only the main process passes a
-        directory and writes."""
-        optimizer_state = full_tensors(self.optimizer.state_dict())
+        Every process calls it: sharded weights are gathered whole together, and under DeepSpeed each process writes
+        its partition of the optimizer state (DeepSpeed's own files, under `deepspeed/`). The main process writes the
+        rest."""
+        if self.engine is not None:
+            self.engine.save_checkpoint(str(directory / DEEPSPEED_STATE), tag=DEEPSPEED_TAG, save_latest=False,
+                                        exclude_frozen_parameters=True)
+            optimizer_state = None
+        else:
+            optimizer_state = full_tensors(self.optimizer.state_dict())
         with self.models.gathered():
-            if directory is None:
+            if not PartialState().is_main_process:
                 return
             save_trained(self.models.named_trainable(), directory)
             if self.config.use_lora:  # also the policy alone, as a peft adapter that PeftModel.from_pretrained reads
                 self.models.policy.save_pretrained(str(directory / "policy"), selected_adapters=[POLICY_ADAPTER],
                                                    state_dict=gathered_state_dict(self.models.policy))
         self.tokenizer.save_pretrained(str(directory / "policy"))
-        save_state(optimizer_state, directory, "optimizer")
+        if optimizer_state is not None:
+            save_state(optimizer_state, directory, "optimizer")
 
     def load_state(self, directory: Path) -> None:
         """Load what `save_state` wrote (every process reads it); every trained tensor must be there with its
-        shape."""
+        shape. A checkpoint written under DeepSpeed resumes only under DeepSpeed, and the other way round."""
+        written_by_deepspeed = (directory / DEEPSPEED_STATE).is_dir()
+        if written_by_deepspeed != (self.engine is not None):
+            written, launched = ("with", "without") if written_by_deepspeed else ("without", "with")
+            raise CheckpointError(
+                f"{directory} was written by a run {written} DeepSpeed and this run is launched {launched} it: resume "
+                "with the accelerate config that wrote it, or start a new run from its policy (`ppo-lm export`).")
+        if self.engine is not None:
+            path, _ = self.engine.load_checkpoint(str(directory / DEEPSPEED_STATE), tag=DEEPSPEED_TAG,
+                                                  load_module_strict=False, load_lr_scheduler_states=False)
+            if path is None:
+                raise CheckpointError(f"DeepSpeed found no state to load in {directory / DEEPSPEED_STATE}.")
+            return
         load_trained(self.models.named_trainable(), directory)
         self.optimizer.load_state_dict(shard_optimizer_state(self.optimizer, load_state(directory, "optimizer")))
 
@@ -410,86 +442,146 @@ class PPOTrainer:
         per model, one optimizer step. A minibatch runs as micro-batches of similar length whose gradients add up
         to the whole minibatch's (each weighted by its share of the valid tokens). A minibatch whose approximate KL
         is over the target takes no step and ends the update.
+
+        Under DeepSpeed, the policy and value losses of a micro-batch are backpropagated together and the engine
+        clips every trained weight's gradient together (`grad_norm`); the approximate KL is measured in a pass
+        without gradients before the minibatch's gradients, because the engine cannot drop gradients it has reduced.
         """
-        cfg, models = self.config, self.models
-        batch = rollout.batch
-        policy_params, value_params = models.policy_parameters(), models.value_parameters()
         history: dict[str, list[float]] = defaultdict(list)
         optimizer_steps = 0
-        for _epoch in range(cfg.ppo_epochs):
-            order = torch.randperm(batch.input_ids.shape[0]).to(self.device)
-            stop = False
-            for index in order.tensor_split(cfg.num_mini_batches):
-                with models.gradient_mode():
-                    stats = self._minibatch_gradients(rollout, index)
-                sum_gradients(policy_params + value_params)  # every process now holds the global minibatch's
-                if cfg.target_kl is not None and stats["approx_kl"] > cfg.target_kl:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    stop = True
+        rows = rollout.batch.input_ids.shape[0]
+        for _epoch in range(self.config.ppo_epochs):
+            order = torch.randperm(rows).to(self.device)
+            for index in order.tensor_split(self.config.num_mini_batches):
+                stats = self._minibatch_step(rollout, index)
+                if stats is None:
                     break
-                stats["policy_grad_norm"] = nn.utils.clip_grad_norm_(policy_params, cfg.max_grad_norm).item()
-                stats["value_grad_norm"] = nn.utils.clip_grad_norm_(value_params, cfg.max_grad_norm).item()
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
                 optimizer_steps += 1
                 for name, value in stats.items():
                     history[name].append(value)
-            if stop:
-                break
+            else:
+                continue
+            break  # the approximate KL passed the target
         stats = {name: sum(values) / len(values) for name, values in history.items()}
-        stats["ppo_epochs_run"] = optimizer_steps / cfg.num_mini_batches
+        stats["ppo_epochs_run"] = optimizer_steps / self.config.num_mini_batches
         stats["optimizer_steps"] = float(optimizer_steps)
         return stats
 
+    def _minibatch_step(self, rollout: Rollout, index: torch.Tensor) -> dict[str, float] | None:
+        """One optimizer step on the minibatch `index`; its statistics, or None (and no step) when its approximate
+        KL is over `target_kl`."""
+        cfg, models = self.config, self.models
+        if self.engine is not None:
+            if cfg.target_kl is not None and self._minibatch_approx_kl(rollout, index) > cfg.target_kl:
+                return None
+            with models.gradient_mode():
+                stats = self._minibatch_gradients(rollout, index)
+            self.engine.step()
+            stats["grad_norm"] = float(self.engine.get_global_grad_norm())
+            return stats
+        policy_params, value_params = models.policy_parameters(), models.value_parameters()
+        with models.gradient_mode():
+            stats = self._minibatch_gradients(rollout, index)
+        sum_gradients(policy_params + value_params)  # every process now holds the global minibatch's
+        if cfg.target_kl is not None and stats["approx_kl"] > cfg.target_kl:
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        stats["policy_grad_norm"] = nn.utils.clip_grad_norm_(policy_params, cfg.max_grad_norm).item()
+        stats["value_grad_norm"] = nn.utils.clip_grad_norm_(value_params, cfg.max_grad_norm).item()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return stats
+
+    def _minibatch_approx_kl(self, rollout: Rollout, index: torch.Tensor) -> float:
+        """The minibatch's approximate KL between the current policy and the rollout's, over every process, from
+        a pass without gradients."""
+        batch = rollout.batch
+        total_tokens = all_sum(batch.response_mask[index].sum()).clamp(min=1)
+        kl_sum = torch.zeros((), device=self.device)
+        with torch.no_grad():
+            for micro_index in batch.micro_batches(index, self.config.micro_batch_size):
+                micro = batch.select(micro_index)
+                mask = micro.response_mask
+                logprobs, _ = sequence_logprobs(self.models.policy, micro, self.config.temperature)
+                old = rollout.old_logprobs[micro_index, : mask.shape[1]]
+                kl_sum += approx_kl(logprobs, old, mask) * mask.sum() / total_tokens
+        return all_sum(kl_sum).item()
+
     def _minibatch_gradients(self, rollout: Rollout, index: torch.Tensor) -> dict[str, float]:
         """Accumulate the gradients of one minibatch's losses, micro-batch by micro-batch; return its statistics."""
-        cfg, models, batch = self.config, self.models, rollout.batch
+        models, batch = self.models, rollout.batch
         # Token shares are of the minibatch over all processes: the gradients then add up across processes.
         total_tokens = all_sum(batch.response_mask[index].sum()).clamp(min=1)
         sums: dict[str, float] = defaultdict(float)
-        for micro_index in batch.micro_batches(index, cfg.micro_batch_size):
+        for micro_index in batch.micro_batches(index, self.config.micro_batch_size):
             micro = batch.select(micro_index)
-            width, mask = micro.response_mask.shape[1], micro.response_mask
-            share = mask.sum() / total_tokens  # this micro-batch's weight in the minibatch's token mean
-            old = rollout.old_logprobs[micro_index, :width]
-
-            logprobs, entropy = sequence_logprobs(models.policy, micro, cfg.temperature,
-                                                  with_entropy=cfg.entropy_coef > 0, entropy_grad=True)
-            policy_loss, policy_clip = clipped_policy_loss(
-                logprobs, old, rollout.advantages[micro_index, :width], mask, cfg.clip_epsilon)
-            loss = policy_loss
-            if entropy is not None:
-                loss = loss - cfg.entropy_coef * masked_mean(entropy, mask)
-            self._backward(loss * share, "policy loss")
-
-            # Backward inside value_mode: outside it peft has turned off requires_grad of the value adapter, and a
-            # leaf whose requires_grad is off by backward time receives no gradient.
-            with models.value_mode():
-                values = sequence_values(models.value_backbone, models.value_head, micro)
-                value_loss, value_clip = clipped_value_loss(
-                    values, rollout.values[micro_index, :width], rollout.returns[micro_index, :width], mask,
-                    cfg.value_clip)
-                self._backward(cfg.vf_coef * value_loss * share, "value loss")
-
+            share = micro.response_mask.sum() / total_tokens  # this micro-batch's weight in the minibatch's mean
+            if self.engine is None:
+                policy_objective, stats = self._policy_terms(rollout, micro_index, micro)
+                self._backward(policy_objective * share, "policy loss")
+                with models.value_mode():  # backward inside, where the value adapter is the active one
+                    value_objective, value_stats = self._value_terms(rollout, micro_index, micro)
+                    self._backward(value_objective * share, "value loss")
+            else:  # one pass of the engine per micro-batch: both losses, backpropagated together
+                policy_objective, value_objective, stats, value_stats = self.engine(
+                    lambda micro=micro, micro_index=micro_index: self._both_terms(rollout, micro_index, micro))
+                self._check_finite(policy_objective, "policy loss")
+                self._check_finite(value_objective, "value loss")
+                deepspeed_backward(self.engine, (policy_objective + value_objective) * share)
             weight = share.item()
-            sums["policy_loss"] += policy_loss.item() * weight
-            sums["value_loss"] += value_loss.item() * weight
-            sums["approx_kl"] += approx_kl(logprobs.detach(), old, mask).item() * weight
-            sums["policy_clip_fraction"] += policy_clip.item() * weight
-            sums["value_clip_fraction"] += value_clip.item() * weight
-            sums["ratio_mean"] += masked_mean(torch.exp(logprobs.detach() - old), mask).item() * weight
+            for name, value in {**stats, **value_stats}.items():
+                sums[name] += value.item() * weight
         names = sorted(sums)  # each process holds its tokens' share of every statistic: their sum is the whole's
         totals = all_sum(torch.tensor([sums[name] for name in names], dtype=torch.float64, device=self.device))
         return dict(zip(names, totals.tolist(), strict=True))
 
-    def _backward(self, loss: torch.Tensor, what: str) -> None:
-        """Backpropagate `loss`, or drop every gradient of this minibatch and raise if it is not finite."""
+    def _policy_terms(self, rollout: Rollout, micro_index: torch.Tensor, micro: SequenceBatch
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """A micro-batch's policy objective (clipped policy loss minus the entropy bonus) and its statistics."""
+        cfg, mask = self.config, micro.response_mask
+        width = mask.shape[1]
+        old = rollout.old_logprobs[micro_index, :width]
+        logprobs, entropy = sequence_logprobs(self.models.policy, micro, cfg.temperature,
+                                              with_entropy=cfg.entropy_coef > 0, entropy_grad=True)
+        policy_loss, policy_clip = clipped_policy_loss(
+            logprobs, old, rollout.advantages[micro_index, :width], mask, cfg.clip_epsilon)
+        objective = policy_loss
+        if entropy is not None:
+            objective = objective - cfg.entropy_coef * masked_mean(entropy, mask)
+        logprobs = logprobs.detach()
+        return objective, {"policy_loss": policy_loss.detach(), "policy_clip_fraction": policy_clip,
+                           "approx_kl": approx_kl(logprobs, old, mask),
+                           "ratio_mean": masked_mean(torch.exp(logprobs - old), mask)}
+
+    def _value_terms(self, rollout: Rollout, micro_index: torch.Tensor, micro: SequenceBatch
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """A micro-batch's value objective (vf_coef x clipped value loss) and its statistics; inside value_mode."""
+        width = micro.response_mask.shape[1]
+        values = sequence_values(self.models.value_backbone, self.models.value_head, micro)
+        value_loss, value_clip = clipped_value_loss(
+            values, rollout.values[micro_index, :width], rollout.returns[micro_index, :width], micro.response_mask,
+            self.config.value_clip)
+        return self.config.vf_coef * value_loss, {"value_loss": value_loss.detach(), "value_clip_fraction": value_clip}
+
+    def _both_terms(self, rollout: Rollout, micro_index: torch.Tensor, micro: SequenceBatch) -> tuple:
+        """`_policy_terms` and `_value_terms` of one micro-batch, for one forward pass of the DeepSpeed engine."""
+        policy_objective, stats = self._policy_terms(rollout, micro_index, micro)
+        with self.models.value_mode():
+            value_objective, value_stats = self._value_terms(rollout, micro_index, micro)
+        return policy_objective, value_objective, stats, value_stats
+
+    def _check_finite(self, loss: torch.Tensor, what: str) -> None:
+        """Drop every gradient of this minibatch and raise if `loss` is not finite."""
         if not torch.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(
                 f"The {what} is {loss.item()} at PPO step {self.step_count}; this minibatch took no optimizer step. "
                 "Lower the learning rate or check the rewards."
             )
+
+    def _backward(self, loss: torch.Tensor, what: str) -> None:
+        """Backpropagate `loss`, or drop every gradient of this minibatch and raise if it is not finite."""
+        self._check_finite(loss, what)
         loss.backward()
 
     def _reward_tokenizer_if_different(self):

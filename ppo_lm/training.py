@@ -23,7 +23,16 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from ppo_lm.checkpoint import find_checkpoint, load_state, rng_state, save_checkpoint, save_state, set_rng_state
+from ppo_lm.checkpoint import (
+    find_checkpoint,
+    load_state,
+    open_checkpoint,
+    partial_checkpoint,
+    rng_state,
+    save_state,
+    seal_checkpoint,
+    set_rng_state,
+)
 from ppo_lm.config import RunConfig
 from ppo_lm.data import PromptStream
 from ppo_lm.distributed import from_main_process, gather_rows, shard
@@ -43,7 +52,7 @@ class StageTrainer(Protocol):
 
     def train_step(self, items: list) -> dict: ...
     def evaluate(self, items: list) -> tuple[dict[str, float], list[dict]]: ...
-    def save_state(self, directory: Path | None) -> None: ...
+    def save_state(self, directory: Path) -> None: ...
     def load_state(self, directory: Path) -> None: ...
     def extra_state(self) -> dict: ...
     def load_extra_state(self, state: dict) -> None: ...
@@ -202,20 +211,15 @@ def run_training(
 
     def save(at_step: int) -> Path:
         rng_states = gather_rows([rng_state()])  # each process's generators, so that a resume continues each one
-
-        def write(directory: Path) -> None:
-            trainer.save_state(directory)
+        directory = open_checkpoint(run_dir, at_step) if is_main else partial_checkpoint(run_dir, at_step)
+        processes.wait_for_everyone()  # the directory exists before any process writes into it
+        trainer.save_state(directory)  # every process: sharded weights are gathered together
+        if is_main:
             save_state({"step": at_step, "scheduler": scheduler.state_dict(), "data": stream.state_dict(),
                         "trainer": trainer.extra_state(), "rng": rng_states}, directory, "loop_state")
             save_config(config, directory / CONFIG_FILE)
-
-        if is_main:
-            path = save_checkpoint(run_dir, at_step, write, keep=config.save_total_limit)
-        else:
-            path = None
-            trainer.save_state(None)  # gathers sharded weights with the main process
-        processes.wait_for_everyone()
-        return from_main_process(path)
+        processes.wait_for_everyone()  # every process's files are written before the manifest seals them
+        return from_main_process(seal_checkpoint(run_dir, at_step, keep=config.save_total_limit) if is_main else None)
 
     def evaluate(at_step: int) -> dict[str, float]:
         if not eval_items:

@@ -64,7 +64,7 @@ def main(case_file: str, out_file: str) -> None:
     if processes.is_main_process:
         state_dir.mkdir()
     processes.wait_for_everyone()
-    trainer.save_state(state_dir if processes.is_main_process else None)
+    trainer.save_state(state_dir)
     if processes.is_main_process:
         torch.save({
             "weights": weights,

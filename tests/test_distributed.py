@@ -30,6 +30,10 @@ SHARDED = ["--config_file", str(ACCELERATE_CONFIGS / "fsdp.yaml")]
 """An FSDP launch with the shipped config: the weights sharded over the processes, freed after each forward."""
 SHARDED_KEPT_FOR_BACKWARD = ["--config_file", str(ACCELERATE_CONFIGS / "fsdp_zero2.yaml")]
 """The same, each layer's gathered weights kept from its forward to its backward pass."""
+DEEPSPEED_ZERO2 = ["--config_file", str(ACCELERATE_CONFIGS / "deepspeed_zero2.yaml")]
+"""A DeepSpeed ZeRO-2 launch with the shipped config: gradients and optimizer state partitioned."""
+DEEPSPEED_ZERO3 = ["--config_file", str(ACCELERATE_CONFIGS / "deepspeed_zero3.yaml")]
+"""A DeepSpeed ZeRO-3 launch with the shipped config: the weights partitioned too."""
 
 
 def launch(arguments: list[str], cwd: Path, processes: int = 2, sharding: list[str] = REPLICATED
@@ -75,10 +79,32 @@ def test_shards_cover_the_items_once_in_order():
     assert sorted(len(part) for part in parts) == [3, 4, 4]
 
 
-def test_a_deepspeed_launch_is_refused_with_what_to_use_instead(monkeypatch):
+@pytest.mark.parametrize("variable, value, message", [
+    ("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0", "stage 0.*multi_gpu.yaml"),
+    ("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu", "offload_optimizer"),
+    ("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "cpu", "offload_param"),
+])
+def test_deepspeed_settings_ppo_lm_does_not_follow_are_refused_before_any_model_loads(monkeypatch, variable, value,
+                                                                                     message):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(ValueError, match="DeepSpeed.*fsdp.yaml.*multi_gpu.yaml"):
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match=message):
         process_state()
+
+
+def test_a_deepspeed_launch_reads_its_zero_stage_and_refuses_sft_and_reward_training(monkeypatch, tmp_path):
+    from ppo_lm.config import SFTConfig
+    from ppo_lm.distributed import deepspeed_settings
+    from ppo_lm.sft_trainer import SFTTrainer
+
+    assert deepspeed_settings() is None  # not a DeepSpeed launch
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    for stage in (1, 2, 3):
+        monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", str(stage))
+        assert deepspeed_settings().stage == stage
+    with pytest.raises(ValueError, match="do not run under DeepSpeed.*fsdp.yaml"):
+        SFTTrainer(SFTConfig(model_name=str(tmp_path / "no-model"), dataset=str(tmp_path / "rows.jsonl")))
 
 
 @pytest.mark.parametrize("variable, value, message", [
@@ -123,7 +149,10 @@ def test_the_layout_is_checked_before_any_model_loads(tmp_path, capsys):
     (REPLICATED, {}),
     # FSDP, with the bottom layer frozen and cached: a forward pass of the update skips one of the sharded layers.
     (SHARDED, {"lora_layers": [1], "lora_target_modules": ["q_proj", "v_proj", "down_proj"]}),
-], ids=["replicated", "sharded"])
+    # DeepSpeed clips the policy and value gradients together: no clipping here, in either run.
+    (DEEPSPEED_ZERO2, {"max_grad_norm": 1e6}),
+    (DEEPSPEED_ZERO3, {"max_grad_norm": 1e6}),
+], ids=["replicated", "sharded", "deepspeed-zero2", "deepspeed-zero3"])
 def test_an_update_split_over_two_processes_gives_the_weights_of_one_process(tiny_model_dir, tmp_path, sharding,
                                                                              extra):
     settings = dict(model_name=tiny_model_dir, batch_size=8, max_new_tokens=6, learning_rate=1e-3,
@@ -164,8 +193,17 @@ def test_an_update_split_over_two_processes_gives_the_weights_of_one_process(tin
     for name, tensor in policy.named_parameters():
         if "lora_" in name:
             assert torch.equal(tensor, result["weights"][f"policy.{name}"]), name
-    for name in ("policy_loss", "value_loss", "approx_kl", "policy_grad_norm", "value_grad_norm", "ppo_epochs_run"):
+    for name in ("policy_loss", "value_loss", "approx_kl", "ppo_epochs_run"):
         assert result["update_stats"][name] == pytest.approx(update_stats[name], rel=1e-4, abs=1e-6), name
+    if sharding in (DEEPSPEED_ZERO2, DEEPSPEED_ZERO3):
+        # One norm over every trained weight per step, averaged over the steps like the per-model norms: between
+        # the norm of the averages and their sum.
+        policy_norm, value_norm = update_stats["policy_grad_norm"], update_stats["value_grad_norm"]
+        assert (policy_norm ** 2 + value_norm ** 2) ** 0.5 <= result["update_stats"]["grad_norm"] <= policy_norm + \
+            value_norm
+    else:
+        for name in ("policy_grad_norm", "value_grad_norm"):
+            assert result["update_stats"][name] == pytest.approx(update_stats[name], rel=1e-4, abs=1e-6), name
     for name in ("reward_mean", "reward_std", "kl", "value_mean", "entropy", "response_length", "eos_fraction"):
         assert result["statistics"][name] == pytest.approx(statistics[name], rel=1e-5, abs=1e-6), name
     assert result["statistics"]["generated_texts"] == statistics["generated_texts"]

@@ -223,10 +223,11 @@ def test_learning_rate_schedules_warm_up_then_follow_their_shape(schedule):
 
 
 def test_only_the_newest_checkpoints_are_kept(tmp_path):
-    from ppo_lm.checkpoint import list_checkpoints, save_checkpoint
+    from ppo_lm.checkpoint import list_checkpoints, open_checkpoint, seal_checkpoint
 
     for step in (1, 2, 3):
-        save_checkpoint(tmp_path, step, lambda d: (d / "weights.bin").write_bytes(b"x" * 10), keep=2)
+        (open_checkpoint(tmp_path, step) / "weights.bin").write_bytes(b"x" * 10)
+        seal_checkpoint(tmp_path, step, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
     assert not list(tmp_path.glob(".checkpoint-*"))  # no temporary directory is left behind
 
