@@ -298,6 +298,17 @@ def start_deepspeed(modules: dict[str, nn.Module], optimizer: torch.optim.Optimi
     return engine
 
 
+def deepspeed_gathered(engine: Any | None) -> contextlib.AbstractContextManager:
+    """Inside, the models of a ZeRO-3 `engine` hold their whole weights on every process and their forward passes
+    make no collective call (DeepSpeed's generation with gathered weights), so that processes may run different
+    numbers of them. Nothing happens without an engine, or under ZeRO-1/2 (whose weights are whole)."""
+    if engine is None or engine.zero_optimization_stage() < 3:
+        return contextlib.nullcontext()
+    from deepspeed.runtime.zero import unwrap_model_for_generation
+
+    return unwrap_model_for_generation(engine)
+
+
 def deepspeed_backward(engine: Any, loss: torch.Tensor) -> None:
     """Backpropagate `loss`, a share of the whole step's loss over every process, through `engine`.
 

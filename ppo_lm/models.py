@@ -15,7 +15,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from ppo_lm.config import FinetuneConfig, PPOConfig
-from ppo_lm.distributed import Sharding, gather_own_weights, gathered, shard_units
+from ppo_lm.distributed import Sharding, deepspeed_gathered, gather_own_weights, gathered, shard_units
 from ppo_lm.generation import SequenceBatch, position_ids_from_mask
 from ppo_lm.losses import entropy_from_logits
 
@@ -155,6 +155,8 @@ class RoleModels:
     """Frozen sequence-classification reward model, or None when a reward function scores."""
     checkpointed: list[nn.Module]
     """Models with gradient checkpointing, put in training mode (their dropout zeroed) for gradient passes."""
+    engine: Any = None
+    """The DeepSpeed engine that holds the trained models (`trained_modules`), or None."""
 
     def shard(self, sharding: Sharding) -> None:
         """Shard every trained or reference weight over the processes (FSDP); the reward model stays whole.
@@ -167,9 +169,10 @@ class RoleModels:
 
     @contextlib.contextmanager
     def gathered(self) -> Iterator[None]:
-        """Inside, every sharded role holds its whole weights (`distributed.gathered`): for passes without
+        """Inside, every sharded or partitioned (ZeRO-3) role holds its whole weights: for passes without
         gradients, which may differ in number between processes, and for writing checkpoints."""
-        with gathered(self.policy, self.reference, self.value_backbone, self.value_head):
+        with gathered(self.policy, self.reference, self.value_backbone, self.value_head), \
+                deepspeed_gathered(self.engine):
             yield
 
     @contextlib.contextmanager

@@ -210,6 +210,7 @@ class PPOTrainer:
         if (deepspeed := deepspeed_settings()) is not None:
             self.engine = start_deepspeed(self.models.trained_modules(), self.optimizer, deepspeed,
                                           config.max_grad_norm)
+            self.models.engine = self.engine
         self.kl_controller = KLController(config.kl_coef, config.adaptive_kl_target, config.adaptive_kl_horizon)
         self.step_count = 0
 

@@ -43,9 +43,14 @@ def main(case_file: str, out_file: str) -> None:
     case = torch.load(case_file, weights_only=False)
     trainer = PPOTrainer(PPOConfig(**case["config"]), reward_fn=lambda prompts, completions: [0.0] * len(prompts))
     processes = PartialState()
-    with torch.no_grad():
-        for name, tensor in trainer.models.named_trainable().items():
-            tensor.copy_(shard_like(case["weights"][name], tensor))
+    if trainer.engine is None:
+        with torch.no_grad():
+            for name, tensor in trainer.models.named_trainable().items():
+                tensor.copy_(shard_like(case["weights"][name], tensor))
+    else:  # the engine holds its own copy of the weights: check that they start from the same
+        with trainer.models.gathered():
+            for name, tensor in trainer.models.named_trainable().items():
+                assert torch.equal(tensor.detach(), case["weights"][name]), name
     rows = torch.tensor(shard(range(case["rollout"].raw_scores.shape[0]), processes.process_index,
                               processes.num_processes))
     local = rollout_rows(case["rollout"], rows)
@@ -58,7 +63,9 @@ def main(case_file: str, out_file: str) -> None:
     whitening_error = gather_rows([(shared - whole[rows, :width]).abs().max().item()])
     statistics = local.statistics()
     update_stats = trainer.update(local)
-    weights = {name: full_tensor(tensor.detach()).clone() for name, tensor in trainer.models.named_trainable().items()}
+    with trainer.models.gathered():
+        weights = {name: full_tensor(tensor.detach()).clone()
+                   for name, tensor in trainer.models.named_trainable().items()}
     # The checkpoint state after the update, written by the main process (every process takes part).
     state_dir = Path(out_file).with_suffix(".state")
     if processes.is_main_process:
