@@ -241,6 +241,46 @@ def test_a_two_process_train_run_checkpoints_resumes_and_logs_once(run_config, t
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == checkpoints
 
 
+def test_a_deepspeed_zero3_run_generates_on_gathered_weights_and_resumes_where_it_stopped(tmp_path, tiny_model_dir,
+                                                                                         capsys):
+    # ZeRO-3 partitions the policy (base and both adapters) and the value head. Generation and evaluation run on
+    # gathered weights although the processes' responses end at different lengths (3 eval prompts: 1 + 2), and
+    # the approximate-KL check runs before each minibatch. Resuming from checkpoint-2 redoes step 3 as it was.
+    from safetensors.torch import load_file
+
+    from ppo_lm.checkpoint import CheckpointError
+
+    run_dir = tmp_path / "run"
+    config = write_ppo_run(tmp_path, tiny_model_dir, output_dir=str(run_dir), total_steps=3, eval_steps=2,
+                           save_steps=1, max_new_tokens=6, micro_batch_size=1, target_kl=10.0)
+    first = launch(["-m", "ppo_lm", "train", "--config", str(config)], cwd=tmp_path, sharding=DEEPSPEED_ZERO3)
+    assert first.stdout.count("checkpoint: ") == 1
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in metrics if "reward_mean" in line] == [1, 2, 3]
+    assert [line["step"] for line in metrics if "eval/reward_mean" in line] == [0, 2, 3]
+    assert all(line["ppo_epochs_run"] == 2 and line["grad_norm"] > 0 for line in metrics if "reward_mean" in line)
+    assert sorted(p.name for p in (run_dir / "checkpoint-2" / "deepspeed" / "state").glob("*optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    uninterrupted = load_file(str(run_dir / "checkpoint-3" / "trainable.safetensors"))
+    at_two = load_file(str(run_dir / "checkpoint-2" / "trainable.safetensors"))
+    assert any(not torch.equal(uninterrupted[name], at_two[name]) for name in at_two)  # step 3 trained
+
+    launch(["-m", "ppo_lm", "train", "--resume", str(run_dir / "checkpoint-2")], cwd=tmp_path,
+           sharding=DEEPSPEED_ZERO3)
+    resumed = load_file(str(run_dir / "checkpoint-3" / "trainable.safetensors"))
+    for name, tensor in uninterrupted.items():
+        step = (tensor - at_two[name]).norm().item()
+        assert (resumed[name] - tensor).norm().item() <= 1e-3 * step + 1e-7, name
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in metrics if "reward_mean" in line] == [1, 2, 3]
+
+    # A DeepSpeed checkpoint does not resume without DeepSpeed: a clear error, before any weight changes.
+    trainer = PPOTrainer(PPOConfig(model_name=tiny_model_dir, batch_size=4, max_new_tokens=4, device="cpu"),
+                         reward_fn=length_reward)
+    with pytest.raises(CheckpointError, match="written by a run with DeepSpeed.*launched without it"):
+        trainer.load_state(run_dir / "checkpoint-3")
+
+
 def test_a_sharded_full_fine_tuning_run_checkpoints_resumes_and_exports_whole_weights(tmp_path, tiny_model_dir):
     # FSDP over 2 processes shards the policy, the reference, the value model and its head; checkpoints hold the
     # whole tensors, and the resumed run (sharded again) goes on from them.
