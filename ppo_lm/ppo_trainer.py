@@ -454,15 +454,14 @@ class PPOTrainer:
         for _epoch in range(self.config.ppo_epochs):
             order = torch.randperm(rows).to(self.device)
             for index in order.tensor_split(self.config.num_mini_batches):
-                stats = self._minibatch_step(rollout, index)
-                if stats is None:
+                step_stats = self._minibatch_step(rollout, index)
+                if step_stats is None:
                     break
                 optimizer_steps += 1
-                for name, value in stats.items():
+                for name, value in step_stats.items():
                     history[name].append(value)
-            else:
-                continue
-            break  # the approximate KL passed the target
+            if step_stats is None:  # the approximate KL passed the target
+                break
         stats = {name: sum(values) / len(values) for name, values in history.items()}
         stats["ppo_epochs_run"] = optimizer_steps / self.config.num_mini_batches
         stats["optimizer_steps"] = float(optimizer_steps)
