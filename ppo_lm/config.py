@@ -227,7 +227,8 @@ class PPOConfig(RunConfig):
     entropy_coef: float = 0.0
     """Weight of the entropy bonus (0 turns it off)."""
     max_grad_norm: float = 1.0
-    """Gradient norm clip, applied to the policy and to the value model separately."""
+    """Gradient norm clip, applied to the policy and to the value model separately (under DeepSpeed: to both
+    together); 0 turns clipping off."""
     micro_batch_size: int | None = None
     """Sequences per forward/backward pass: each batch runs as micro-batches of similar prompt length (less
     padding, less memory), gradients accumulated to the same update. None: a whole minibatch per pass."""

@@ -486,8 +486,9 @@ class PPOTrainer:
         if cfg.target_kl is not None and stats["approx_kl"] > cfg.target_kl:
             self.optimizer.zero_grad(set_to_none=True)
             return None
-        stats["policy_grad_norm"] = nn.utils.clip_grad_norm_(policy_params, cfg.max_grad_norm).item()
-        stats["value_grad_norm"] = nn.utils.clip_grad_norm_(value_params, cfg.max_grad_norm).item()
+        max_norm = cfg.max_grad_norm or float("inf")  # 0: no clipping (as DeepSpeed's gradient_clipping)
+        stats["policy_grad_norm"] = nn.utils.clip_grad_norm_(policy_params, max_norm).item()
+        stats["value_grad_norm"] = nn.utils.clip_grad_norm_(value_params, max_norm).item()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return stats

@@ -263,6 +263,19 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_model_dir):
         torch.testing.assert_close(weights[0][name], weights[1][name], atol=1e-5, rtol=1e-4)
 
 
+def test_a_max_grad_norm_of_zero_turns_clipping_off(tiny_model_dir):
+    weights = []
+    for max_grad_norm in (0.0, 1e9, 1e-4):
+        trainer = PPOTrainer(tiny_config(tiny_model_dir, ppo_epochs=1, max_grad_norm=max_grad_norm),
+                             reward_fn=length_reward)
+        trainer.ppo_step(PROMPTS)
+        weights.append({n: p.detach().clone() for n, p in trainer.models.named_trainable().items()})
+    off, unclipped, clipped = weights
+    for name in off:
+        torch.testing.assert_close(off[name], unclipped[name])
+    assert any(not torch.allclose(clipped[name], unclipped[name]) for name in off)
+
+
 def test_bench_prints_one_json_line_with_every_figure(capsys):
     from ppo_lm.cli import main
 
