@@ -189,7 +189,9 @@ def run_benchmark(
     return {
         "arch": arch or config.model_name, "device": str(trainer.device), "dtype": str(trainer.dtype).split(".")[-1],
         "use_lora": config.use_lora, "batch_size": config.batch_size, "processes": processes.num_processes,
-        "sharded": trainer.sharding is not None, "max_new_tokens": config.max_new_tokens,
+        "sharded": trainer.sharding is not None,
+        "zero_stage": trainer.engine.zero_optimization_stage() if trainer.engine is not None else None,
+        "max_new_tokens": config.max_new_tokens,
         "ppo_epochs": config.ppo_epochs, "micro_batch_size": config.micro_batch_size,
         "median_step_s": round(step_seconds, 4),
         "stage_s": {stage: round(median[stage], 4) for stage in STAGES[:-1]},
