@@ -270,6 +270,7 @@ class EngineModules(nn.ModuleDict):
     gradient accumulation by forward passes)."""
 
     def forward(self, compute: Callable[[], T]) -> T:
+        """Return `compute()`, run as the engine's forward pass."""
         return compute()
 
 

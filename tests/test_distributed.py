@@ -270,6 +270,7 @@ def test_a_deepspeed_zero3_run_generates_on_gathered_weights_and_resumes_where_i
     from safetensors.torch import load_file
 
     from ppo_lm.checkpoint import CheckpointError
+    from ppo_lm.export import export_policy
 
     run_dir = tmp_path / "run"
     config = write_ppo_run(tmp_path, tiny_model_dir, output_dir=str(run_dir), total_steps=3, eval_steps=2,
@@ -294,6 +295,8 @@ def test_a_deepspeed_zero3_run_generates_on_gathered_weights_and_resumes_where_i
         assert (resumed[name] - tensor).norm().item() <= 1e-3 * step + 1e-7, name
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in metrics if "reward_mean" in line] == [1, 2, 3]
+    export_policy(run_dir / "checkpoint-3", tmp_path / "exported")  # the whole weights, as from any checkpoint
+    assert (tmp_path / "exported" / "model.safetensors").is_file()
 
     # A DeepSpeed checkpoint does not resume without DeepSpeed: a clear error, before any weight changes.
     trainer = PPOTrainer(PPOConfig(model_name=tiny_model_dir, batch_size=4, max_new_tokens=4, device="cpu"),
