@@ -262,8 +262,7 @@ def test_a_two_process_train_run_checkpoints_resumes_and_logs_once(run_config, t
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == checkpoints
 
 
-def test_a_deepspeed_zero3_run_generates_on_gathered_weights_and_resumes_where_it_stopped(tmp_path, tiny_model_dir,
-                                                                                         capsys):
+def test_a_deepspeed_zero3_run_generates_on_gathered_weights_and_resumes_where_it_stopped(tmp_path, tiny_model_dir):
     # ZeRO-3 partitions the policy (base and both adapters) and the value head. Generation and evaluation run on
     # gathered weights although the processes' responses end at different lengths (3 eval prompts: 1 + 2), and
     # the approximate-KL check runs before each minibatch. Resuming from checkpoint-2 redoes step 3 as it was.
