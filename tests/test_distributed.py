@@ -79,20 +79,6 @@ def test_shards_cover_the_items_once_in_order():
     assert sorted(len(part) for part in parts) == [3, 4, 4]
 
 
-@pytest.mark.parametrize("variable, value, message", [
-    ("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0", "stage 0.*multi_gpu.yaml"),
-    ("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu", "offload_optimizer"),
-    ("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "cpu", "offload_param"),
-])
-def test_deepspeed_settings_ppo_lm_does_not_follow_are_refused_before_any_model_loads(monkeypatch, variable, value,
-                                                                                     message):
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
-    monkeypatch.setenv(variable, value)
-    with pytest.raises(ValueError, match=message):
-        process_state()
-
-
 def test_a_deepspeed_config_file_passes_its_zero_settings_on_without_auto_values(monkeypatch, tmp_path):
     from ppo_lm.distributed import deepspeed_settings
 
@@ -124,16 +110,22 @@ def test_a_deepspeed_launch_reads_its_zero_stage_and_refuses_sft_and_reward_trai
         SFTTrainer(SFTConfig(model_name=str(tmp_path / "no-model"), dataset=str(tmp_path / "rows.jsonl")))
 
 
-@pytest.mark.parametrize("variable, value, message", [
-    ("FSDP_VERSION", "1", "fsdp_version: 2"),
-    ("FSDP_ACTIVATION_CHECKPOINTING", "true", "gradient_checkpointing: true"),
-    ("FSDP_OFFLOAD_PARAMS", "true", "fsdp_offload_params"),
+FSDP_LAUNCH = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+DEEPSPEED_LAUNCH = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
+
+
+@pytest.mark.parametrize("launch, variable, value, message", [
+    (FSDP_LAUNCH, "FSDP_VERSION", "1", "fsdp_version: 2"),
+    (FSDP_LAUNCH, "FSDP_ACTIVATION_CHECKPOINTING", "true", "gradient_checkpointing: true"),
+    (FSDP_LAUNCH, "FSDP_OFFLOAD_PARAMS", "true", "fsdp_offload_params"),
+    (DEEPSPEED_LAUNCH, "ACCELERATE_DEEPSPEED_ZERO_STAGE", "0", "stage 0.*multi_gpu.yaml"),
+    (DEEPSPEED_LAUNCH, "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu", "offload_optimizer"),
+    (DEEPSPEED_LAUNCH, "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "cpu", "offload_param"),
 ])
-def test_fsdp_settings_ppo_lm_does_not_follow_are_refused_before_any_model_loads(monkeypatch, variable, value,
-                                                                                message):
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    monkeypatch.setenv("FSDP_VERSION", "2")
-    monkeypatch.setenv(variable, value)
+def test_launch_settings_ppo_lm_does_not_follow_are_refused_before_any_model_loads(monkeypatch, launch, variable,
+                                                                                  value, message):
+    for name, setting in {**launch, variable: value}.items():
+        monkeypatch.setenv(name, setting)
     with pytest.raises(ValueError, match=message):
         process_state()
 
