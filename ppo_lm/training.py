@@ -3,8 +3,8 @@
 A stage's trainer (`PPOTrainer`, `SFTTrainer`, `RewardTrainer`) provides `optimizer`, `train_step(items)`,
 `evaluate(items)`, `save_state(dir)`, `load_state(dir)`, `extra_state()` and `load_extra_state(state)`. The loop
 owns everything around them: which items each step sees, when to evaluate and save, and what gets written. Every
-process calls `save_state` at a checkpoint (gathering sharded weights is collective): the main process with the
-directory to write, the others with None.
+process calls `save_state` with the checkpoint's directory (gathering sharded weights is collective): the main
+process writes the whole tensors, and under DeepSpeed each process also writes its partition of the optimizer state.
 """
 
 from __future__ import annotations
