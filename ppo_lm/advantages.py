@@ -1,14 +1,20 @@
-"""Stage 6 of a PPO step: advantages and returns by GAE, and masked whitening.
+"""Stage 6 of a PPO step: advantages and returns, the registry of advantage estimators, and masked whitening.
 
 Every function works on `[batch, time]` tensors with a 0/1 `mask` that is 1 on the valid response tokens (a
 prefix of each row). Nothing loops over tokens in Python: GAE is a matrix product with a discount matrix.
+
+An advantage estimator is a function of `AdvantageInputs` returning `(advantages, returns)`, registered by name in
+`ADVANTAGE_ESTIMATORS` with whether it needs the value model's estimates; `PPOConfig.advantage_estimator` names one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+
+from ppo_lm.registry import Registry
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -71,3 +77,34 @@ def compute_gae(
     advantages = torch.where(valid, advantages, torch.zeros_like(advantages))
     returns = torch.where(valid, advantages + values, torch.zeros_like(values))
     return advantages, returns
+
+
+@dataclass(frozen=True)
+class AdvantageInputs:
+    """What an advantage estimator may read of one process's rollout; `[batch, response]` unless noted."""
+
+    rewards: torch.Tensor
+    """Shaped per-token rewards: -kl_coef * KL on each valid token, plus the score on the last."""
+    values: torch.Tensor | None
+    """The value model's estimate before each response token; None for an estimator that does not need them."""
+    mask: torch.Tensor
+    """1 on valid response tokens."""
+    scores: torch.Tensor
+    """The score of each response (after the missing-EOS penalty), `[batch]`."""
+    gamma: float
+    """Discount factor."""
+    lam: float
+    """GAE lambda."""
+
+
+AdvantageEstimator = Callable[[AdvantageInputs], tuple[torch.Tensor, torch.Tensor]]
+"""`estimator(inputs) -> (advantages, returns)`, both `[batch, response]` and 0 where the mask is 0; the returns are
+the value model's targets."""
+
+ADVANTAGE_ESTIMATORS: Registry[AdvantageEstimator] = Registry("advantage estimator")
+
+
+@ADVANTAGE_ESTIMATORS.register("gae", needs_values=True)
+def gae(inputs: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's estimator: GAE over the shaped per-token rewards and the value model's estimates (`compute_gae`)."""
+    return compute_gae(inputs.rewards, inputs.values, inputs.mask, inputs.gamma, inputs.lam)

@@ -189,8 +189,7 @@ def run_benchmark(
     return {
         "arch": arch or config.model_name, "device": str(trainer.device), "dtype": str(trainer.dtype).split(".")[-1],
         "use_lora": config.use_lora, "batch_size": config.batch_size, "processes": processes.num_processes,
-        "sharded": trainer.sharding is not None,
-        "zero_stage": trainer.engine.zero_optimization_stage() if trainer.engine is not None else None,
+        **trainer.backend.describe(),
         "max_new_tokens": config.max_new_tokens,
         "ppo_epochs": config.ppo_epochs, "micro_batch_size": config.micro_batch_size,
         "median_step_s": round(step_seconds, 4),

@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Literal
 
-KL_ESTIMATORS = ("k1", "k3")
+from ppo_lm.advantages import ADVANTAGE_ESTIMATORS
+from ppo_lm.losses import KL_ESTIMATORS, POLICY_LOSSES
+
+KLEstimatorName = Literal[KL_ESTIMATORS.names()]
+AdvantageEstimatorName = Literal[ADVANTAGE_ESTIMATORS.names()]
+PolicyLossName = Literal[POLICY_LOSSES.names()]
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 TRACKERS = ("tensorboard", "wandb", "trackio")
@@ -192,7 +197,7 @@ class PPOConfig(RunConfig):
     # --- reward -----------------------------------------------------------------------------------------
     kl_coef: float = 0.1
     """Weight of the per-token KL penalty against the reference (the initial value when adaptive)."""
-    kl_estimator: str = "k1"
+    kl_estimator: KLEstimatorName = "k1"
     """Per-token KL estimator in the reward: 'k1' (logp - logp_ref) or 'k3' ((r - 1) - log r, r = p_ref / p)."""
     adaptive_kl_target: float | None = None
     """Target of the adaptive KL controller (summed KL per response). None: kl_coef stays fixed."""
@@ -202,6 +207,9 @@ class PPOConfig(RunConfig):
     """Score given instead of the reward to a response that never emits EOS (e.g. -1.0). None: no penalty."""
 
     # --- advantages -------------------------------------------------------------------------------------
+    advantage_estimator: AdvantageEstimatorName = "gae"
+    """How advantages are estimated (`advantages.ADVANTAGE_ESTIMATORS`): 'gae', generalised advantage estimation
+    over the shaped rewards and the value model's estimates."""
     gamma: float = 0.99
     """Discount factor of the per-token return."""
     lam: float = 0.95
@@ -218,6 +226,8 @@ class PPOConfig(RunConfig):
     """Passes over each rollout batch."""
     num_mini_batches: int = 1
     """Minibatches per pass; one optimizer step each."""
+    policy_loss: PolicyLossName = "clipped"
+    """The policy loss (`losses.POLICY_LOSSES`): 'clipped', PPO's clipped surrogate."""
     clip_epsilon: float = 0.2
     """Policy ratio clip range: the ratio is clipped to [1 - clip_epsilon, 1 + clip_epsilon]."""
     value_clip: float = 0.2
@@ -261,8 +271,10 @@ class PPOConfig(RunConfig):
             raise _invalid(self, "top_p", self.top_p, "must be in (0, 1]")
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
             raise _invalid(self, "top_k", self.top_k, "must be an integer >= 0 (0 turns it off)")
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise _invalid(self, "kl_estimator", self.kl_estimator, f"must be one of {KL_ESTIMATORS}")
+        for name, registry in (("kl_estimator", KL_ESTIMATORS), ("advantage_estimator", ADVANTAGE_ESTIMATORS),
+                               ("policy_loss", POLICY_LOSSES)):
+            if getattr(self, name) not in registry:
+                raise _invalid(self, name, getattr(self, name), f"must be one of {registry.names()}")
         require_optional_ints(self, ("micro_batch_size",))
         for name in ("target_kl", "adaptive_kl_target"):
             value = getattr(self, name)

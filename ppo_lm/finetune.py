@@ -27,31 +27,12 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
-from ppo_lm.checkpoint import load_state, load_trained, save_state, save_trained
+from ppo_lm.backend import select_backend
+from ppo_lm.checkpoint import save_trained
 from ppo_lm.config import FinetuneConfig
-from ppo_lm.distributed import (
-    batch_layout,
-    broadcast_parameters,
-    deepspeed_settings,
-    fsdp_sharding,
-    full_tensors,
-    gather_rows,
-    gathered,
-    gathered_state_dict,
-    mean_over_processes,
-    process_state,
-    shard_optimizer_state,
-    sum_gradients,
-)
+from ppo_lm.distributed import batch_layout, gather_rows, mean_over_processes, process_state
 from ppo_lm.generation import SequenceBatch, encode_prompts
-from ppo_lm.models import (
-    enable_activation_checkpointing,
-    load_tokenizer,
-    lora_config,
-    resolve_device,
-    resolve_dtype,
-    shard_model,
-)
+from ppo_lm.models import enable_activation_checkpointing, load_tokenizer, lora_config, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -112,19 +93,17 @@ def local_or_hub(name: str) -> str:
 class FinetuneTrainer:
     """One model trained by gradient descent on a supervised loss; SFT and reward-model training subclass it.
 
-    Subclasses set `full_modules` (modules trained in full beside a LoRA adapter, e.g. a new scalar head) and
-    implement `load_model`, `micro_losses` and `samples`.
+    Subclasses set `stage` (their command's name) and `full_modules` (modules trained in full beside a LoRA adapter,
+    e.g. a new scalar head) and implement `load_model`, `micro_losses` and `samples`.
     """
 
+    stage: str = ""
     full_modules: list[str] | None = None
 
     def __init__(self, config: FinetuneConfig):
         config.validate()
         self.config = config
-        if deepspeed_settings() is not None:
-            raise ValueError("`ppo-lm sft` and `ppo-lm reward` do not run under DeepSpeed (only `ppo-lm train` does): "
-                             "launch them with configs/accelerate/fsdp.yaml to shard the model (like ZeRO-3), or "
-                             "with multi_gpu.yaml to replicate it.")
+        self.backend = select_backend(self.stage)  # how the launch holds and updates the weights
         processes = process_state()
         self.layout = batch_layout(config.batch_size, processes.num_processes, 1, config.micro_batch_size)
         set_seed(config.seed + processes.process_index)  # the weights are the main process's (broadcast below)
@@ -137,15 +116,11 @@ class FinetuneTrainer:
             enable_activation_checkpointing(model)
         if config.use_lora:
             model = get_peft_model(model, lora_config(config, self.full_modules))
-        self.sharding = fsdp_sharding()
-        # A model to shard stays on the CPU: sharding moves each unit's shard to the device.
-        self.model = model.to("cpu" if self.sharding is not None else self.device).eval()
-        broadcast_parameters(self.trainable().values())
-        if self.sharding is not None:
-            # FSDP reduces these gradients: their mean over the processes, as `sum_gradients` takes when replicated.
-            shard_model(self.model, self.sharding, gradient_divide_factor=processes.num_processes)
-        self.optimizer = torch.optim.AdamW(self.trainable().values(), lr=config.learning_rate,
-                                           weight_decay=config.weight_decay)
+        self.model = model.to(self.backend.load_device(self.device)).eval()
+        self.optimizer = self.backend.prepare(
+            {"model": self.model}, [], lambda: torch.optim.AdamW(
+                self.trainable().values(), lr=config.learning_rate, weight_decay=config.weight_decay),
+            config.max_grad_norm)
         self.step_count = 0
 
     # --- what a stage provides -----------------------------------------------------------------------------------
@@ -172,6 +147,8 @@ class FinetuneTrainer:
     def train_step(self, items: list) -> dict:
         """One optimizer step on a batch of items: micro-batch gradients accumulated, clipped, applied.
 
+        Each process's items give their own mean loss; the step's loss is the mean of those over the processes, so
+        each process backpropagates its mean divided by the process count (the backend sums the gradients).
         A non-finite loss raises FloatingPointError before the step, with every gradient of the batch dropped.
         """
         self.model.train()  # dropout as configured (off by default); turns gradient checkpointing on
@@ -179,23 +156,18 @@ class FinetuneTrainer:
         try:
             for loss, stats in self.micro_losses(items, self.config.micro_batch_size):
                 if not torch.isfinite(loss):
-                    self.optimizer.zero_grad(set_to_none=True)
+                    self.backend.discard_gradients()
                     raise FloatingPointError(
                         f"The loss is {loss.item()} at step {self.step_count + 1}; no optimizer step was taken. "
                         "Lower the learning rate or check the data."
                     )
-                loss.backward()
+                self.backend.backward(loss / self.layout.processes)
                 for name, value in stats.items():
                     sums[name] += value
         finally:
             self.model.eval()
-        # Each process holds its own items' mean gradient: the step takes the mean over the processes.
-        sum_gradients(self.trainable().values(), scale=1 / self.layout.processes)
         sums = mean_over_processes(sums)
-        max_norm = self.config.max_grad_norm or float("inf")
-        sums["grad_norm"] = nn.utils.clip_grad_norm_(list(self.trainable().values()), max_norm).item()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        sums["grad_norm"] = self.backend.step([list(self.trainable().values())])
         self.step_count += 1
         return dict(sums)
 
@@ -213,23 +185,20 @@ class FinetuneTrainer:
         return metrics, samples[: self.config.max_eval_samples]
 
     def whole_weights(self) -> contextlib.AbstractContextManager:
-        """Inside, a sharded model holds its whole weights on every process (`distributed.gathered`)."""
-        return gathered(self.model)
+        """Inside, the model holds its whole weights on every process, however the launch holds them."""
+        return self.backend.gathered(self.model)
 
     def save_state(self, directory: Path) -> None:
         """Write the trained tensors and the optimizer state to `directory` (safetensors + JSON). Every process
         calls it (sharded tensors are gathered whole, together); the main process writes."""
-        optimizer_state = full_tensors(self.optimizer.state_dict())
+        self.backend.save_optimizer(directory)
         with self.whole_weights():
-            if not PartialState().is_main_process:
-                return
-            save_trained(self.trainable(), directory)
-        save_state(optimizer_state, directory, "optimizer")
+            if PartialState().is_main_process:
+                save_trained(self.trainable(), directory)
 
     def load_state(self, directory: Path) -> None:
         """Load what `save_state` wrote; every trained tensor must be there with its shape."""
-        load_trained(self.trainable(), directory)
-        self.optimizer.load_state_dict(shard_optimizer_state(self.optimizer, load_state(directory, "optimizer")))
+        self.backend.load_trained_state(directory, self.trainable())
 
     def extra_state(self) -> dict:
         """Small state a checkpoint keeps besides weights and optimizer: the step count."""
@@ -242,13 +211,12 @@ class FinetuneTrainer:
     # --- the stage's output ------------------------------------------------------------------------------------
 
     def _merged_copy(self) -> PreTrainedModel:
-        """A plain transformers model with the adapter merged in; the trainer's own model keeps its adapter."""
-        if self.sharding is None:
-            return copy.deepcopy(self.model).merge_and_unload()
-        # A sharded model cannot be deep-copied: load the base again and merge the adapter (whole inside
-        # `whole_weights`, where this runs) into it; the trained model's config (e.g. score_offset) goes with it.
+        """A plain transformers model with the adapter merged in; the trainer's own model keeps its adapter.
+
+        The base is loaded again and the adapter (whole inside `whole_weights`, where this runs) merged into it,
+        since a sharded model cannot be deep-copied; the trained model's config (e.g. score_offset) goes with it."""
         with tempfile.TemporaryDirectory() as adapter_dir:
-            self.model.save_pretrained(adapter_dir, state_dict=gathered_state_dict(self.model))
+            self.model.save_pretrained(adapter_dir, state_dict=self.backend.whole_state_dict(self.model))
             base = self.load_model(local_or_hub(self.config.model_name))
             merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
         merged.config = copy.deepcopy(self.model.config)
@@ -269,6 +237,6 @@ class FinetuneTrainer:
             merged.save_pretrained(str(directory))
             del merged
         else:
-            self.model.save_pretrained(str(directory), state_dict=gathered_state_dict(self.model))
+            self.model.save_pretrained(str(directory), state_dict=self.backend.whole_state_dict(self.model))
         self.tokenizer.save_pretrained(str(directory))
         return directory

@@ -15,7 +15,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -30,7 +30,6 @@ from transformers import (
 )
 
 from ppo_lm.config import FinetuneConfig, PPOConfig
-from ppo_lm.distributed import Sharding, deepspeed_gathered, gather_own_weights, gathered, shard_units
 from ppo_lm.generation import SequenceBatch, position_ids_from_mask
 from ppo_lm.losses import entropy_from_logits
 
@@ -99,18 +98,6 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def shard_model(model: nn.Module, sharding: Sharding, gradient_divide_factor: float = 1.0) -> None:
-    """Shard a transformers model (or a peft model around one) over the processes with FSDP: each decoder layer is
-    a unit whose weights are gathered just before it runs; the model itself holds the rest (embeddings, final norm,
-    output head). Gradients are summed over the processes and divided by `gradient_divide_factor`."""
-    body = backbone_of(model)
-    layers = getattr(body, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"Cannot shard {type(body).__name__}: FSDP units are its decoder layers, and it has no "
-                         "`layers` list. Launch with configs/accelerate/multi_gpu.yaml (replicated) instead.")
-    shard_units(list(layers), model, sharding, gradient_divide_factor)
-
-
 def _freeze(model: nn.Module) -> nn.Module:
     model.eval()
     model.requires_grad_(False)
@@ -155,25 +142,16 @@ class RoleModels:
     """Frozen sequence-classification reward model, or None when a reward function scores."""
     checkpointed: list[nn.Module]
     """Models with gradient checkpointing, put in training mode (their dropout zeroed) for gradient passes."""
-    engine: Any = None
-    """The DeepSpeed engine that holds the trained models (`trained_modules`), or None."""
 
-    def shard(self, sharding: Sharding) -> None:
-        """Shard every trained or reference weight over the processes (FSDP); the reward model stays whole.
+    def held(self) -> list[nn.Module]:
+        """The models a launch backend holds (places, gathers): every role but the reward model."""
+        return [m for m in (self.policy, self.reference, self.value_backbone, self.value_head) if m is not None]
 
-        Call after the processes hold the same weights, and before the optimizer is built (its tensors change)."""
-        for model in (self.policy, self.reference, None if self.value_adapter_on_policy else self.value_backbone):
-            if model is not None:
-                shard_model(model, sharding)
-        shard_units([], self.value_head, sharding)
-
-    @contextlib.contextmanager
-    def gathered(self) -> Iterator[None]:
-        """Inside, every sharded or partitioned (ZeRO-3) role holds its whole weights: for passes without
-        gradients, which may differ in number between processes, and for writing checkpoints."""
-        with gathered(self.policy, self.reference, self.value_backbone, self.value_head), \
-                deepspeed_gathered(self.engine):
-            yield
+    @property
+    def value_root(self) -> nn.Module:
+        """The model whose forward pass the value body is part of: the policy when the value model is its adapter,
+        else the value body itself. The value pass calls the body directly, not this model's forward."""
+        return self.policy if self.value_adapter_on_policy else self.value_backbone
 
     @contextlib.contextmanager
     def gradient_mode(self) -> Iterator[None]:
@@ -202,7 +180,7 @@ class RoleModels:
         return body + head
 
     def trained_modules(self) -> dict[str, nn.Module]:
-        """The models that hold trained weights, by role, each once: what a DeepSpeed engine takes."""
+        """The models that hold trained weights, by role, each once: what the launch backend prepares."""
         modules = {"policy": self.policy, "value_head": self.value_head}
         if not self.value_adapter_on_policy:
             modules["value_backbone"] = self.value_backbone
@@ -238,7 +216,6 @@ class RoleModels:
             return
         self.policy.set_adapter(VALUE_ADAPTER)
         self.keep_adapters_trainable()
-        gather_own_weights(self.policy)  # the value model runs the policy's body, not the policy itself
         try:
             yield
         finally:
@@ -247,19 +224,19 @@ class RoleModels:
 
     def keep_adapters_trainable(self) -> None:
         """Turn requires_grad back on for both adapters after peft switched adapters (it turns off the inactive
-        one's). An inactive adapter takes no part in a forward pass, so it gets no gradient either way; but FSDP
-        copies requires_grad only when it gathers a layer, so it must not change between passes."""
+        one's). An inactive adapter takes no part in a forward pass, so it gets no gradient either way; but a sharding
+        backend copies requires_grad only when it gathers a layer, so it must not change between passes."""
         if self.value_adapter_on_policy:
             for parameter in self.policy_parameters() + self.value_parameters():
                 parameter.requires_grad_(True)
 
 
-def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype, sharded: bool = False
-                     ) -> RoleModels:
+def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype,
+                     load_device: torch.device | None = None) -> RoleModels:
     """Build the four roles from the config: one base with LoRA adapters unless separate models are named.
 
-    With `sharded`, all but the reward model stay on the CPU: `RoleModels.shard` moves each FSDP unit's shard to the
-    device as it shards it, so a model larger than one GPU never sits whole on one."""
+    The reward model goes to `device`; the others to `load_device` (default `device`), where the launch backend
+    wants them before it places them (a sharding backend keeps them on the CPU)."""
     base = AutoModelForCausalLM.from_pretrained(config.model_name, dtype=dtype)
     hidden_size = base.config.hidden_size
 
@@ -307,7 +284,7 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
     for module in (policy, value_backbone, value_head, reference):
         if module is not None:
             module.eval()
-            module.to("cpu" if sharded else device)
+            module.to(load_device or device)
     if config.gradient_checkpointing:
         # transformers checkpoints only in training mode: zero every dropout so that mode changes nothing else.
         for model in trained:

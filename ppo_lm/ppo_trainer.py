@@ -4,12 +4,14 @@
     2. logprobs    the policy's (old) and the reference's logprobs of the sampled tokens
     3. score       the reward model or function scores prompt + response
     4. shape       per-token reward: -kl_coef * KL on each token, the score on the last
-    5. values      the value model's estimate before each response token
-    6. advantages  GAE, returns, whitening
-    7. update      PPO epochs over shuffled minibatches: clipped policy and value losses
+    5. values      the value model's estimate before each response token (when the estimator needs them)
+    6. advantages  the advantage estimator (GAE by default), returns, whitening
+    7. update      PPO epochs over shuffled minibatches: the policy loss and the clipped value loss
 
 Each stage is a function of tensors from its own module; this class holds the models and the optimizer and calls
-the stages in order. A rollout is one batch of tensors: nothing here loops over tokens.
+the stages in order. A rollout is one batch of tensors: nothing here loops over tokens. The variable parts of the
+algorithm (the advantage estimator, the policy loss, the KL estimator) are functions looked up by the config's
+names in their registries; how the launch holds the weights is the backend's business (`backend.py`).
 """
 
 from __future__ import annotations
@@ -23,29 +25,15 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from torch import nn
 from transformers import GenerationConfig, set_seed
 
-from ppo_lm.advantages import compute_gae, masked_mean, masked_whiten
-from ppo_lm.checkpoint import CheckpointError, load_state, load_trained, save_state, save_trained
+from ppo_lm.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs, masked_mean, masked_whiten
+from ppo_lm.backend import select_backend
+from ppo_lm.checkpoint import save_trained
 from ppo_lm.config import PPOConfig
-from ppo_lm.distributed import (
-    all_sum,
-    batch_layout,
-    broadcast_parameters,
-    deepspeed_backward,
-    deepspeed_settings,
-    fsdp_sharding,
-    full_tensors,
-    gather_rows,
-    gathered_state_dict,
-    process_state,
-    shard_optimizer_state,
-    start_deepspeed,
-    sum_gradients,
-)
+from ppo_lm.distributed import all_sum, batch_layout, gather_rows, process_state
 from ppo_lm.generation import SequenceBatch, encode_prompts, generate_responses, greedy_config, sampling_config
-from ppo_lm.losses import approx_kl, clipped_policy_loss, clipped_value_loss, exact_kl, kl_estimate
+from ppo_lm.losses import KL_ESTIMATORS, POLICY_LOSSES, approx_kl, clipped_value_loss, exact_kl
 from ppo_lm.models import (
     POLICY_ADAPTER,
     load_role_models,
@@ -68,10 +56,6 @@ from ppo_lm.rewards import (
     load_reward_function,
     shape_rewards,
 )
-
-DEEPSPEED_STATE = "deepspeed"
-"""A checkpoint's folder of DeepSpeed's own files (the optimizer state, partitioned as the engine holds it)."""
-DEEPSPEED_TAG = "state"
 
 
 @dataclass
@@ -96,12 +80,12 @@ class Rollout:
     """Policy logprobs of the sampled tokens when sampled."""
     ref_logprobs: torch.Tensor
     """Reference logprobs of the sampled tokens."""
-    values: torch.Tensor
-    """Value estimates when sampled."""
+    values: torch.Tensor | None
+    """Value estimates when sampled; None when the advantage estimator needs none."""
     advantages: torch.Tensor
-    """GAE advantages (whitened when configured)."""
+    """The estimator's advantages (whitened when configured)."""
     returns: torch.Tensor
-    """Value targets: raw advantages plus values."""
+    """The estimator's returns, the value targets (GAE: raw advantages plus values)."""
     entropy: torch.Tensor
     """Entropy of the policy's next-token distribution at each response position, when sampled."""
     timings: dict[str, float] = field(default_factory=dict)
@@ -119,12 +103,12 @@ class Rollout:
         so every process returns the same statistics.
         """
         mask = self.batch.response_mask
-        zeros = torch.zeros_like(self.values)
-        row_sums = [torch.where(mask.bool(), per_token, zeros).sum(-1)
-                    for per_token in (self.values, self.returns, self.entropy)]
+        per_token = {"value_mean": self.values, "return_mean": self.returns, "entropy": self.entropy}
+        per_token = {name: values for name, values in per_token.items() if values is not None}
+        row_sums = [torch.where(mask.bool(), values, torch.zeros_like(values)).sum(-1) for values in per_token.values()]
         local = torch.stack([self.raw_scores, self.scores, self.summed_kl, mask.sum(-1), self.ended, *row_sums], -1)
         rows = torch.tensor(gather_rows(local.double().tolist()), dtype=torch.float64).reshape(-1, local.shape[1])
-        raw, scores, summed_kl, lengths, ended, value_sums, return_sums, entropy_sums = rows.unbind(-1)
+        raw, scores, summed_kl, lengths, ended, *token_sums = rows.unbind(-1)
         tokens = lengths.sum().clamp(min=1)
         return {
             "generated_texts": gather_rows(self.completions),
@@ -137,9 +121,7 @@ class Rollout:
             "non_score_reward": (-self.kl_coef * summed_kl).mean().item(),
             "response_length": lengths.mean().item(),
             "eos_fraction": ended.mean().item(),
-            "value_mean": (value_sums.sum() / tokens).item(),
-            "return_mean": (return_sums.sum() / tokens).item(),
-            "entropy": (entropy_sums.sum() / tokens).item(),
+            **{name: (sums.sum() / tokens).item() for name, sums in zip(per_token, token_sums, strict=True)},
             **{f"time/{stage}": seconds for stage, seconds in self.timings.items()},
         }
 
@@ -168,6 +150,9 @@ class PPOTrainer:
         config.validate()
         self.config = config
         self.reward_fn = reward_fn
+        self.estimator = ADVANTAGE_ESTIMATORS[config.advantage_estimator]
+        self.policy_loss = POLICY_LOSSES[config.policy_loss]
+        self.backend = select_backend("train")  # how the launch holds and updates the weights
         processes = process_state()
         self.layout = batch_layout(config.batch_size, processes.num_processes, config.num_mini_batches,
                                    config.micro_batch_size)
@@ -176,12 +161,14 @@ class PPOTrainer:
         self.device = resolve_device(config.device, processes)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.tokenizer = load_tokenizer(config.model_name)
-        self.sharding = fsdp_sharding()
-        self.models = load_role_models(config, self.device, self.dtype, sharded=self.sharding is not None)
-        broadcast_parameters(self.models.named_trainable().values())
-        if self.sharding is not None:
-            self.models.shard(self.sharding)
-        with self.models.gathered():
+        self.models = load_role_models(config, self.device, self.dtype, self.backend.load_device(self.device))
+        self.optimizer = self.backend.prepare(
+            self.models.trained_modules(), [self.models.reference], lambda: torch.optim.AdamW(
+                [{"params": self.models.policy_parameters(), "lr": config.learning_rate},
+                 {"params": self.models.value_parameters(), "lr": config.value_learning_rate}],
+                weight_decay=0.0),
+            config.max_grad_norm)
+        with self.whole_weights():
             self.frozen_layers = shared_frozen_layers(config, self.models)  # run once per rollout, then reused
         self.reward_tokenizer = self._reward_tokenizer_if_different()
 
@@ -198,19 +185,6 @@ class PPOTrainer:
             self.stop_token_id, self.tokenizer.pad_token_id,
         )
         self.greedy_config = greedy_config(config.max_new_tokens, self.stop_token_id, self.tokenizer.pad_token_id)
-        self.optimizer = torch.optim.AdamW(
-            [
-                {"params": self.models.policy_parameters(), "lr": config.learning_rate},
-                {"params": self.models.value_parameters(), "lr": config.value_learning_rate},
-            ],
-            weight_decay=0.0,
-        )
-        # Under DeepSpeed its engine owns the trained models and the optimizer: it reduces, clips and steps.
-        self.engine = None
-        if (deepspeed := deepspeed_settings()) is not None:
-            self.engine = start_deepspeed(self.models.trained_modules(), self.optimizer, deepspeed,
-                                          config.max_grad_norm)
-            self.models.engine = self.engine
         self.kl_controller = KLController(config.kl_coef, config.adaptive_kl_target, config.adaptive_kl_horizon)
         self.step_count = 0
 
@@ -248,7 +222,7 @@ class PPOTrainer:
         timings: dict[str, float] = {}
         # Sharded weights are gathered whole for these passes: they need no gradients, and processes may run
         # different numbers of them (generation lengths differ).
-        with models.gathered():
+        with self.whole_weights():
             # 1. generate: left-padded prompts -> sampled responses, cut after the first stop token.
             with self._timed("generate", timings):
                 batch, completions = self._generate(prompts, self.generation_config)
@@ -271,18 +245,21 @@ class PPOTrainer:
 
             # 4. shape: per-token KL penalty plus the (possibly penalised) score on the last valid token.
             kl_coef = self.kl_controller.value
-            kl = kl_estimate(old_logprobs, ref_logprobs, cfg.kl_estimator)
+            kl = KL_ESTIMATORS[cfg.kl_estimator](old_logprobs, ref_logprobs)
             ended = ((batch.responses == self.stop_token_id) & response_mask.bool()).any(-1)
             scores = apply_missing_eos_penalty(raw_scores, ended, cfg.missing_eos_penalty)
             rewards = shape_rewards(scores, kl, response_mask, kl_coef)
 
-            # 5. values of the state before each response token.
-            with self._timed("values", timings), torch.no_grad(), models.value_mode():
-                values, _ = self._per_token(batch, lambda micro: (
-                    sequence_values(models.value_backbone, models.value_head, micro), None))
+            # 5. values of the state before each response token, for an estimator that needs them.
+            values = None
+            if self.estimator.needs_values:
+                with self._timed("values", timings), torch.no_grad(), models.value_mode():
+                    values, _ = self._per_token(batch, lambda micro: (
+                        sequence_values(models.value_backbone, models.value_head, micro), None))
 
-        # 6. advantages by GAE over the response mask; returns are the value targets.
-        advantages, returns = compute_gae(rewards, values, response_mask, cfg.gamma, cfg.lam)
+        # 6. advantages by the configured estimator (GAE by default); returns are the value targets.
+        inputs = AdvantageInputs(rewards, values, response_mask, scores, cfg.gamma, cfg.lam)
+        advantages, returns = self.estimator(inputs)
         if cfg.whiten_advantages:
             advantages = masked_whiten(advantages, response_mask, all_sum=all_sum)  # over every process's tokens
 
@@ -329,7 +306,7 @@ class PPOTrainer:
         prompts = [prompt for prompt in prompts for _ in range(cfg.eval_samples_per_prompt)]
         samples = []
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), models.gathered():
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), self.whole_weights():
             torch.manual_seed(cfg.seed)
             for start in range(0, len(prompts), self.layout.per_process):
                 part = prompts[start : start + self.layout.per_process]
@@ -371,46 +348,30 @@ class PPOTrainer:
 
     # --- checkpoint state ----------------------------------------------------------------------------------------
 
+    def whole_weights(self) -> contextlib.AbstractContextManager:
+        """Inside, every role holds its whole weights on every process, however the launch holds them: for passes
+        without gradients, which may differ in number between processes, and for writing checkpoints."""
+        return self.backend.gathered(*self.models.held())
+
     def save_state(self, directory: Path) -> None:
         """Write the trained weights, the policy (peft adapter or full model) and the optimizer to `directory`.
 
-        Every process calls it: sharded weights are gathered whole together, and under DeepSpeed each process writes
-        its partition of the optimizer state (DeepSpeed's own files, under `deepspeed/`). The main process writes the
-        rest."""
-        if self.engine is not None:
-            self.engine.save_checkpoint(str(directory / DEEPSPEED_STATE), tag=DEEPSPEED_TAG, save_latest=False,
-                                        exclude_frozen_parameters=True)
-            optimizer_state = None
-        else:
-            optimizer_state = full_tensors(self.optimizer.state_dict())
-        with self.models.gathered():
+        Every process calls it: sharded weights and optimizer state are gathered whole together (or each process
+        writes its partition, as the backend does). The main process writes the rest."""
+        self.backend.save_optimizer(directory)
+        with self.whole_weights():
             if not PartialState().is_main_process:
                 return
             save_trained(self.models.named_trainable(), directory)
             if self.config.use_lora:  # also the policy alone, as a peft adapter that PeftModel.from_pretrained reads
                 self.models.policy.save_pretrained(str(directory / "policy"), selected_adapters=[POLICY_ADAPTER],
-                                                   state_dict=gathered_state_dict(self.models.policy))
+                                                   state_dict=self.backend.whole_state_dict(self.models.policy))
         self.tokenizer.save_pretrained(str(directory / "policy"))
-        if optimizer_state is not None:
-            save_state(optimizer_state, directory, "optimizer")
 
     def load_state(self, directory: Path) -> None:
         """Load what `save_state` wrote (every process reads it); every trained tensor must be there with its
-        shape. A checkpoint written under DeepSpeed resumes only under DeepSpeed, and the other way round."""
-        written_by_deepspeed = (directory / DEEPSPEED_STATE).is_dir()
-        if written_by_deepspeed != (self.engine is not None):
-            written, launched = ("with", "without") if written_by_deepspeed else ("without", "with")
-            raise CheckpointError(
-                f"{directory} was written by a run {written} DeepSpeed and this run is launched {launched} it: resume "
-                "with the accelerate config that wrote it, or start a new run from its policy (`ppo-lm export`).")
-        if self.engine is not None:
-            path, _ = self.engine.load_checkpoint(str(directory / DEEPSPEED_STATE), tag=DEEPSPEED_TAG,
-                                                  load_module_strict=False, load_lr_scheduler_states=False)
-            if path is None:
-                raise CheckpointError(f"DeepSpeed found no state to load in {directory / DEEPSPEED_STATE}.")
-            return
-        load_trained(self.models.named_trainable(), directory)
-        self.optimizer.load_state_dict(shard_optimizer_state(self.optimizer, load_state(directory, "optimizer")))
+        shape."""
+        self.backend.load_trained_state(directory, self.models.named_trainable())
 
     def extra_state(self) -> dict:
         """Small state a checkpoint keeps besides weights and optimizer: the KL controller and the step count."""
@@ -440,13 +401,9 @@ class PPOTrainer:
         """Stage 7: PPO epochs over shuffled minibatches, stopping once the approximate KL passes target_kl.
 
         Each minibatch: clipped policy loss (minus the entropy bonus) and clipped value loss, gradients clipped
-        per model, one optimizer step. A minibatch runs as micro-batches of similar length whose gradients add up
-        to the whole minibatch's (each weighted by its share of the valid tokens). A minibatch whose approximate KL
-        is over the target takes no step and ends the update.
-
-        Under DeepSpeed, the policy and value losses of a micro-batch are backpropagated together and the engine
-        clips every trained weight's gradient together (`grad_norm`); the approximate KL is measured in a pass
-        without gradients before the minibatch's gradients, because the engine cannot drop gradients it has reduced.
+        (`grad_norm` is their norm before clipping), one optimizer step. A minibatch runs as micro-batches of similar
+        length whose gradients add up to the whole minibatch's (each weighted by its share of the valid tokens). A
+        minibatch whose approximate KL is over the target takes no step and ends the update.
         """
         history: dict[str, list[float]] = defaultdict(list)
         optimizer_steps = 0
@@ -469,28 +426,21 @@ class PPOTrainer:
 
     def _minibatch_step(self, rollout: Rollout, index: torch.Tensor) -> dict[str, float] | None:
         """One optimizer step on the minibatch `index`; its statistics, or None (and no step) when its approximate
-        KL is over `target_kl`."""
-        cfg, models = self.config, self.models
-        if self.engine is not None:
-            if cfg.target_kl is not None and self._minibatch_approx_kl(rollout, index) > cfg.target_kl:
-                return None
-            with models.gradient_mode():
-                stats = self._minibatch_gradients(rollout, index)
-            self.engine.step()
-            stats["grad_norm"] = float(self.engine.get_global_grad_norm())
-            return stats
-        policy_params, value_params = models.policy_parameters(), models.value_parameters()
-        with models.gradient_mode():
-            stats = self._minibatch_gradients(rollout, index)
-        sum_gradients(policy_params + value_params)  # every process now holds the global minibatch's
-        if cfg.target_kl is not None and stats["approx_kl"] > cfg.target_kl:
-            self.optimizer.zero_grad(set_to_none=True)
+        KL is over `target_kl`.
+
+        The approximate KL comes with the minibatch's gradients, which are dropped when it is over the target; a
+        backend that cannot drop gradients it has computed gets the decision first, from a pass without gradients.
+        """
+        target_kl = self.config.target_kl
+        if (target_kl is not None and not self.backend.can_discard_gradients
+                and self._minibatch_approx_kl(rollout, index) > target_kl):
             return None
-        max_norm = cfg.max_grad_norm or float("inf")  # 0: no clipping (as DeepSpeed's gradient_clipping)
-        stats["policy_grad_norm"] = nn.utils.clip_grad_norm_(policy_params, max_norm).item()
-        stats["value_grad_norm"] = nn.utils.clip_grad_norm_(value_params, max_norm).item()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with self.models.gradient_mode():
+            stats = self._minibatch_gradients(rollout, index)
+        if target_kl is not None and self.backend.can_discard_gradients and stats["approx_kl"] > target_kl:
+            self.backend.discard_gradients()
+            return None
+        stats["grad_norm"] = self.backend.step([self.models.policy_parameters(), self.models.value_parameters()])
         return stats
 
     def _minibatch_approx_kl(self, rollout: Rollout, index: torch.Tensor) -> float:
@@ -509,28 +459,29 @@ class PPOTrainer:
         return all_sum(kl_sum).item()
 
     def _minibatch_gradients(self, rollout: Rollout, index: torch.Tensor) -> dict[str, float]:
-        """Accumulate the gradients of one minibatch's losses, micro-batch by micro-batch; return its statistics."""
-        models, batch = self.models, rollout.batch
+        """Accumulate the gradients of one minibatch's losses, micro-batch by micro-batch; return its statistics.
+
+        Each micro-batch runs two forward passes, each followed by its backward pass: the policy's, then the value
+        model's (inside `value_mode`, where a recomputing backward pass finds the value adapter active)."""
+        models, backend, batch = self.models, self.backend, rollout.batch
         # Token shares are of the minibatch over all processes: the gradients then add up across processes.
         total_tokens = all_sum(batch.response_mask[index].sum()).clamp(min=1)
         sums: dict[str, float] = defaultdict(float)
         for micro_index in batch.micro_batches(index, self.config.micro_batch_size):
             micro = batch.select(micro_index)
             share = micro.response_mask.sum() / total_tokens  # this micro-batch's weight in the minibatch's mean
-            if self.engine is None:
-                policy_objective, stats = self._policy_terms(rollout, micro_index, micro)
-                self._backward(policy_objective * share, "policy loss")
-                with models.value_mode():  # backward inside, where the value adapter is the active one
-                    value_objective, value_stats = self._value_terms(rollout, micro_index, micro)
+            policy_objective, stats = backend.forward(
+                lambda micro=micro, micro_index=micro_index: self._policy_terms(rollout, micro_index, micro))
+            self._backward(policy_objective * share, "policy loss")
+            if self.estimator.needs_values:
+                with models.value_mode():
+                    backend.gather_root_weights(models.value_root)  # the value pass runs a body, not a forward
+                    value_objective, value_stats = backend.forward(
+                        lambda micro=micro, micro_index=micro_index: self._value_terms(rollout, micro_index, micro))
                     self._backward(value_objective * share, "value loss")
-            else:  # one pass of the engine per micro-batch: both losses, backpropagated together
-                policy_objective, value_objective, stats, value_stats = self.engine(
-                    lambda micro=micro, micro_index=micro_index: self._both_terms(rollout, micro_index, micro))
-                self._check_finite(policy_objective, "policy loss")
-                self._check_finite(value_objective, "value loss")
-                deepspeed_backward(self.engine, (policy_objective + value_objective) * share)
+                stats.update(value_stats)
             weight = share.item()
-            for name, value in {**stats, **value_stats}.items():
+            for name, value in stats.items():
                 sums[name] += value.item() * weight
         names = sorted(sums)  # each process holds its tokens' share of every statistic: their sum is the whole's
         totals = all_sum(torch.tensor([sums[name] for name in names], dtype=torch.float64, device=self.device))
@@ -538,19 +489,19 @@ class PPOTrainer:
 
     def _policy_terms(self, rollout: Rollout, micro_index: torch.Tensor, micro: SequenceBatch
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """A micro-batch's policy objective (clipped policy loss minus the entropy bonus) and its statistics."""
+        """A micro-batch's policy objective (the configured policy loss minus the entropy bonus) and its
+        statistics."""
         cfg, mask = self.config, micro.response_mask
         width = mask.shape[1]
         old = rollout.old_logprobs[micro_index, :width]
         logprobs, entropy = sequence_logprobs(self.models.policy, micro, cfg.temperature,
                                               with_entropy=cfg.entropy_coef > 0, entropy_grad=True)
-        policy_loss, policy_clip = clipped_policy_loss(
-            logprobs, old, rollout.advantages[micro_index, :width], mask, cfg.clip_epsilon)
+        policy_loss, loss_stats = self.policy_loss(logprobs, old, rollout.advantages[micro_index, :width], mask, cfg)
         objective = policy_loss
         if entropy is not None:
             objective = objective - cfg.entropy_coef * masked_mean(entropy, mask)
         logprobs = logprobs.detach()
-        return objective, {"policy_loss": policy_loss.detach(), "policy_clip_fraction": policy_clip,
+        return objective, {"policy_loss": policy_loss.detach(), **loss_stats,
                            "approx_kl": approx_kl(logprobs, old, mask),
                            "ratio_mean": masked_mean(torch.exp(logprobs - old), mask)}
 
@@ -564,26 +515,15 @@ class PPOTrainer:
             self.config.value_clip)
         return self.config.vf_coef * value_loss, {"value_loss": value_loss.detach(), "value_clip_fraction": value_clip}
 
-    def _both_terms(self, rollout: Rollout, micro_index: torch.Tensor, micro: SequenceBatch) -> tuple:
-        """`_policy_terms` and `_value_terms` of one micro-batch, for one forward pass of the DeepSpeed engine."""
-        policy_objective, stats = self._policy_terms(rollout, micro_index, micro)
-        with self.models.value_mode():
-            value_objective, value_stats = self._value_terms(rollout, micro_index, micro)
-        return policy_objective, value_objective, stats, value_stats
-
-    def _check_finite(self, loss: torch.Tensor, what: str) -> None:
-        """Drop every gradient of this minibatch and raise if `loss` is not finite."""
+    def _backward(self, loss: torch.Tensor, what: str) -> None:
+        """Backpropagate `loss`, or drop every gradient of this minibatch and raise if it is not finite."""
         if not torch.isfinite(loss):
-            self.optimizer.zero_grad(set_to_none=True)
+            self.backend.discard_gradients()
             raise FloatingPointError(
                 f"The {what} is {loss.item()} at PPO step {self.step_count}; this minibatch took no optimizer step. "
                 "Lower the learning rate or check the rewards."
             )
-
-    def _backward(self, loss: torch.Tensor, what: str) -> None:
-        """Backpropagate `loss`, or drop every gradient of this minibatch and raise if it is not finite."""
-        self._check_finite(loss, what)
-        loss.backward()
+        self.backend.backward(loss)
 
     def _reward_tokenizer_if_different(self):
         """The reward model's tokenizer when its vocabulary differs from the policy's, else None (share tokens)."""

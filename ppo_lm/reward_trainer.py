@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from ppo_lm.config import RewardConfig
-from ppo_lm.distributed import gather_own_weights
 from ppo_lm.finetune import FinetuneTrainer, encode_completions
 from ppo_lm.generation import SequenceBatch
 from ppo_lm.models import init_scalar_head, score_head_of, sequence_scores
@@ -51,6 +50,7 @@ class RewardTrainer(FinetuneTrainer):
     """
 
     config: RewardConfig
+    stage = "reward"
     full_modules = ["score"]  # the scalar head is trained in full beside the LoRA adapter
 
     def load_model(self, name: str) -> PreTrainedModel:
@@ -79,7 +79,7 @@ class RewardTrainer(FinetuneTrainer):
         batch = self.encode(prompts * 2, [item["chosen"] for item in items] + [item["rejected"] for item in items])
         for pairs in torch.arange(n, device=self.device).split(micro_batch_size or n):
             micro = batch.select(torch.cat([pairs, pairs + n]))
-            gather_own_weights(self.model)  # sequence_scores runs the body and the head, not the model's forward
+            self.backend.gather_root_weights(self.model)  # scoring runs the body and the head, not the forward
             chosen, rejected = sequence_scores(self.model, micro.input_ids, micro.attention_mask).chunk(2)
             share = len(pairs) / n
             loss = pairwise_loss(chosen, rejected) * share

@@ -36,6 +36,7 @@ class SFTTrainer(FinetuneTrainer):
     """
 
     config: SFTConfig
+    stage = "sft"
 
     def load_model(self, name: str) -> PreTrainedModel:
         """The causal LM to fine-tune."""

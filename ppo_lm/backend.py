@@ -1,0 +1,471 @@
+"""How a launch holds and updates the trained weights: one backend object, chosen at start-up.
+
+The trainers do the algorithm; a backend does what differs between launches, behind one small interface:
+- `prepare(trained, frozen, make_optimizer, max_grad_norm)`: the processes start from the same weights, which are
+  then placed (sharded, or handed to an engine), and the optimizer is built over the placed parameters;
+- `gathered(*modules)`: whole weights, for passes without gradients (generation, logprobs, values, evaluation,
+  checkpoints), which processes may run different numbers of;
+- `forward(compute)` and `backward(loss)`: one micro-batch's pass and its gradients, the loss being this process's
+  share of the whole step's loss (gradients are summed over the processes, never averaged);
+- `step(groups)`: reduce, clip, take the optimizer step; returns `grad_norm`, the norm of every trained gradient
+  before clipping, under every backend;
+- `discard_gradients()`, and `can_discard_gradients`: whether gradients it has already reduced can still be dropped;
+- `save_optimizer(directory)` and `load_trained_state(directory, named_trainable)`.
+
+The three backends:
+- `Backend` (replicated, like DDP; also a single process): every process keeps the whole model and optimizer; before
+  each optimizer step one all-reduce adds up the gradients, so every process takes the same step.
+- `FSDPBackend` (accelerate's distributed_type FSDP, version 2): torch's `fully_shard` splits every weight, gradient
+  and optimizer moment over the processes; each decoder layer gathers its weights just before it runs and the
+  backward pass reduce-scatters its gradients.
+- `DeepSpeedBackend` (distributed_type DEEPSPEED, ZeRO stage 1 to 3): a DeepSpeed engine takes the trained models
+  and the optimizer; it partitions the optimizer state (stage 1), the gradients (stage 2) and the weights (stage 3),
+  reduces, clips and steps. ppo-lm still forms its micro-batches and losses.
+
+What differs in their behaviour, by design:
+- Clipping: the replicated and FSDP backends clip each group of parameters given to `step` on its own (PPO: the
+  policy, the value model); the DeepSpeed engine clips every trained weight together.
+- DeepSpeed keeps reduced gradients in internal buffers that its `zero_grad` does not clear, so it cannot drop a
+  minibatch's gradients once computed (`can_discard_gradients` is False): a trainer that may need to drop them (the
+  PPO `target_kl` check) decides from a pass without gradients first.
+- DeepSpeed runs `ppo-lm train` only; SFT and reward training are refused under it (`stages`).
+
+Only this module knows FSDP and DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from accelerate import PartialState
+from peft import PeftModel
+from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard
+from transformers import PreTrainedModel
+
+from ppo_lm.checkpoint import CheckpointError, load_state, load_trained, save_state
+from ppo_lm.distributed import broadcast_parameters, full_tensors, shard_optimizer_state, sum_gradients
+from ppo_lm.models import backbone_of
+
+T = TypeVar("T")
+
+STAGES = ("train", "sft", "reward")
+"""The stage commands a backend may run."""
+DEEPSPEED_STATE = "deepspeed"
+"""A checkpoint's folder of DeepSpeed's own files (the optimizer state, partitioned as the engine holds it)."""
+DEEPSPEED_TAG = "state"
+
+
+def _flag(variable: str) -> bool:
+    return os.environ.get(variable, "").lower() in ("1", "true")
+
+
+def _unique_trainable(modules: Sequence[nn.Module]) -> list[nn.Parameter]:
+    """The trainable parameters of `modules`, each once (a tied or shared tensor appears once)."""
+    found = {id(p): p for module in modules for p in module.parameters() if p.requires_grad}
+    return list(found.values())
+
+
+class Backend:
+    """Replicated weights (DDP-style), and the single-process case: see the module docstring."""
+
+    name = "replicated"
+    title = "replicated weights"
+    stages: tuple[str, ...] = STAGES
+    can_discard_gradients = True
+    """Whether gradients already computed (and reduced) for a step can still be dropped without a trace."""
+
+    def __init__(self) -> None:
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.max_grad_norm = 0.0
+
+    def describe(self) -> dict[str, Any]:
+        """What the bench and the log say about the launch."""
+        return {"backend": self.name, "sharded": False, "zero_stage": None}
+
+    def load_device(self, device: torch.device) -> torch.device:
+        """Where models load before `prepare` (a sharding backend keeps them on the CPU, then moves each shard)."""
+        return device
+
+    def prepare(self, trained: dict[str, nn.Module], frozen: Sequence[nn.Module | None],
+                make_optimizer: Callable[[], torch.optim.Optimizer], max_grad_norm: float) -> torch.optim.Optimizer:
+        """Give every process the main process's trained weights, place `trained` and `frozen` modules, and build
+        the optimizer (with `make_optimizer`, over the placed parameters). `max_grad_norm` 0 turns clipping off."""
+        broadcast_parameters(_unique_trainable(list(trained.values())))
+        self._place(list(trained.values()), [module for module in frozen if module is not None])
+        self.optimizer = make_optimizer()
+        self.max_grad_norm = max_grad_norm
+        return self.optimizer
+
+    def _place(self, trained: list[nn.Module], frozen: list[nn.Module]) -> None:
+        """Replicated: every process keeps its whole copy where it loaded."""
+
+    def gathered(self, *modules: nn.Module | None) -> contextlib.AbstractContextManager:
+        """Inside, `modules` hold their whole weights on every process and make no collective call in a forward
+        pass. Replicated weights are always whole."""
+        return contextlib.nullcontext()
+
+    def whole_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """For `save_pretrained(state_dict=...)` inside `gathered`: the trained tensors by name when the model's own
+        `state_dict()` would not give them whole; None when it does."""
+        return None
+
+    def gather_root_weights(self, model: nn.Module) -> None:
+        """Before running a part of `model` directly rather than its forward (the value model on the policy's body,
+        the reward model's body and head): make the weights its forward would have gathered available."""
+
+    def forward(self, compute: Callable[[], T]) -> T:
+        """Run one micro-batch's forward pass, `compute()`, and return what it returns."""
+        return compute()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Add the gradients of `loss`, this process's share of the step's loss, to the trained weights."""
+        loss.backward()
+
+    def discard_gradients(self) -> None:
+        """Drop the gradients accumulated since the last step (see `can_discard_gradients`)."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, groups: Sequence[Sequence[nn.Parameter]]) -> float:
+        """Sum the gradients over the processes, clip each group's norm to `max_grad_norm`, step, and clear the
+        gradients. Returns the norm of all the groups' gradients together, before clipping."""
+        sum_gradients([p for group in groups for p in group])  # every process now holds the global gradients
+        max_norm = self.max_grad_norm or float("inf")
+        norms = [nn.utils.clip_grad_norm_(list(group), max_norm).item() for group in groups]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return math.sqrt(sum(norm * norm for norm in norms))
+
+    def save_optimizer(self, directory: Path) -> None:
+        """Write the optimizer state to `directory`. Every process calls it (making sharded state whole is
+        collective); the main process writes `optimizer.safetensors`."""
+        state = full_tensors(self.optimizer.state_dict())
+        if PartialState().is_main_process:
+            save_state(state, directory, "optimizer")
+
+    def load_trained_state(self, directory: Path, named_trainable: dict[str, nn.Parameter]) -> None:
+        """Load the trained weights (`save_trained`'s file) and the optimizer state that `save_optimizer` wrote.
+        Every trained tensor must be there with its shape."""
+        self._check_writer(directory)
+        load_trained(named_trainable, directory)
+        self.optimizer.load_state_dict(shard_optimizer_state(self.optimizer, load_state(directory, "optimizer")))
+
+    def _check_writer(self, directory: Path) -> None:
+        """A checkpoint written under DeepSpeed resumes only under DeepSpeed, and the other way round."""
+        written_by_engine = (directory / DEEPSPEED_STATE).is_dir()
+        if written_by_engine != isinstance(self, DeepSpeedBackend):
+            written, launched = ("with", "without") if written_by_engine else ("without", "with")
+            raise CheckpointError(
+                f"{directory} was written by a run {written} DeepSpeed and this run is launched {launched} it: resume "
+                "with the accelerate config that wrote it, or start a new run from its policy (`ppo-lm export`).")
+
+
+# --- FSDP2 -------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """How an FSDP launch spreads the weights over the processes (read from its accelerate config)."""
+
+    reshard_after_forward: bool
+    """Free each layer's gathered weights after its forward pass and gather them again for the backward pass
+    (least memory, like ZeRO-3), rather than keep them until the backward pass (less communication, like ZeRO-2)."""
+
+
+def fsdp_sharding() -> Sharding | None:
+    """The sharding an `accelerate launch` with an FSDP config asks for, or None when the run is not sharded.
+
+    Raises ValueError for settings ppo-lm does not follow: FSDP version 1 (ppo-lm uses torch's FSDP2,
+    `fully_shard`), FSDP's own activation checkpointing (use the run's `gradient_checkpointing`) and parameter
+    offloading to the CPU.
+    """
+    if not _flag("ACCELERATE_USE_FSDP"):
+        return None
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    if not hasattr(FSDPModule, "set_force_sum_reduction_for_comms"):
+        raise ValueError(f"This torch ({torch.__version__}) has an FSDP2 without `set_force_sum_reduction_for_comms`, "
+                         "which ppo-lm's sharding needs: upgrade torch (tested with 2.15), or launch replicated "
+                         "with configs/accelerate/multi_gpu.yaml.")
+    plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables that `accelerate launch` sets
+    version = getattr(plugin, "fsdp_version", 1)  # accelerate versions without FSDP2 have no such field
+    if version != 2:
+        raise ValueError(f"This FSDP launch asks for fsdp_version {version}; ppo-lm shards with FSDP2 (torch's "
+                         "fully_shard). Set `fsdp_version: 2` in the accelerate config (see "
+                         "configs/accelerate/fsdp.yaml), with an accelerate version that knows it.")
+    if plugin.activation_checkpointing:
+        raise ValueError("This FSDP launch sets fsdp_activation_checkpointing; ppo-lm checkpoints activations "
+                         "itself: set it to false and set `gradient_checkpointing: true` in the ppo-lm config.")
+    if isinstance(plugin.cpu_offload, CPUOffloadPolicy):
+        raise ValueError("This FSDP launch sets fsdp_offload_params, which ppo-lm does not support: set it to false "
+                         "(sharding over more GPUs, micro_batch_size and gradient_checkpointing lower the memory).")
+    return Sharding(reshard_after_forward=bool(plugin.reshard_after_forward))
+
+
+def decoder_units(module: nn.Module) -> list[nn.Module]:
+    """The decoder layers of a transformers model (through a peft wrapper): FSDP's units. A module that is not a
+    model (a scalar head) has none and is sharded as one unit."""
+    if not isinstance(module, (PreTrainedModel, PeftModel)):
+        return []
+    body = backbone_of(module)
+    layers = getattr(body, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"Cannot shard {type(body).__name__}: FSDP units are its decoder layers, and it has no "
+                         "`layers` list. Launch with configs/accelerate/multi_gpu.yaml (replicated) instead.")
+    return list(layers)
+
+
+class FSDPBackend(Backend):
+    """Weights, gradients and optimizer state sharded over the processes with torch's FSDP2 (`fully_shard`).
+
+    Each decoder layer is a unit whose weights are gathered just before it runs; a model itself holds the rest
+    (embeddings, final norm, output head). Gradients are reduce-scattered as plain sums in the backward pass, so the
+    step's all-reduce has nothing left to do. Passes without gradients run with the weights gathered."""
+
+    name = "fsdp"
+    title = "FSDP"
+
+    def __init__(self, sharding: Sharding) -> None:
+        super().__init__()
+        self.sharding = sharding
+        self._reshards_after_forward: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+        """Each unit's own `reshard_after_forward`, restored when `gathered` ends."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "sharded": True, "zero_stage": None}
+
+    def load_device(self, device: torch.device) -> torch.device:
+        """The CPU: sharding moves each unit's shard to this process's device, so a model larger than one GPU never
+        sits whole on one."""
+        return torch.device("cpu")
+
+    def _place(self, trained: list[nn.Module], frozen: list[nn.Module]) -> None:
+        """Shard every trained and frozen module (a reference model too), each decoder layer a unit."""
+        for module in trained + frozen:
+            self._shard(module, decoder_units(module))
+
+    def _shard(self, root: nn.Module, units: Sequence[nn.Module]) -> None:
+        """Shard `root` with FSDP2: each of `units` gathers its weights together just before it runs, and `root`
+        holds the rest. Weights on the CPU move to this process's device unit by unit as they are sharded."""
+        for unit in units:
+            fully_shard(unit, reshard_after_forward=self.sharding.reshard_after_forward)
+            self._reshards_after_forward[unit] = self.sharding.reshard_after_forward
+        fully_shard(root, reshard_after_forward=False)  # its weights are the first used in the backward pass
+        self._reshards_after_forward[root] = False
+        for module in root.modules():
+            if isinstance(module, FSDPModule):
+                module.set_gradient_divide_factor(1.0)  # a plain sum: each process's loss is its share of the step's
+                module.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
+        # FSDP takes the first unit that runs a forward pass for the root. Generation (peft's `generate`) and the
+        # value model call inner modules directly, so settle the root now. (torch has no public call for this.)
+        root._get_fsdp_state()._lazy_init()
+
+    @contextlib.contextmanager
+    def gathered(self, *modules: nn.Module | None) -> Iterator[None]:
+        """Each sharded module of `modules` holds its whole weights while inside (one whole copy per process)."""
+        # each unit once, though a module may be part of another (the value body of the policy)
+        units = list(dict.fromkeys(unit for module in modules if module is not None
+                                   for unit in module.modules() if isinstance(unit, FSDPModule)))
+        for unit in units:
+            unit.unshard()
+            unit.set_reshard_after_forward(False, recurse=False)
+        try:
+            yield
+        finally:
+            for unit in units:
+                unit.set_reshard_after_forward(self._reshards_after_forward.get(unit, True), recurse=False)
+                unit.reshard()
+
+    def whole_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """A sharded model's trained parameters by name, whole (its own `state_dict()` would give its shards), copied
+        to the CPU: what peft saves of an adapter model, and every weight in full fine-tuning. The copies are their
+        own tensors: gathered weights are views into FSDP's all-gather buffers, which safetensors will not write."""
+        if not isinstance(model, FSDPModule):
+            return None
+        return {name: parameter.detach().to("cpu", copy=True)
+                for name, parameter in model.named_parameters() if parameter.requires_grad}
+
+    def gather_root_weights(self, model: nn.Module) -> None:
+        """Gather the model's own weights (those not in a unit: embeddings, final norm, heads); FSDP frees them
+        again after the backward pass."""
+        if isinstance(model, FSDPModule):
+            model.unshard()
+
+
+# --- DeepSpeed ZeRO ----------------------------------------------------------------------------------------------
+
+DEEPSPEED_MIN_VERSION = "0.19.4"
+"""The first DeepSpeed with `managed_gradient_accumulation: false`, which lets ppo-lm decide when a step ends."""
+
+
+@dataclass(frozen=True)
+class DeepSpeedSettings:
+    """What a DeepSpeed launch asks for (read from its accelerate config)."""
+
+    zero_optimization: dict[str, Any]
+    """The `zero_optimization` section of the DeepSpeed config: `stage` and any tuning keys (bucket sizes, ...)."""
+
+    @property
+    def stage(self) -> int:
+        """The ZeRO stage: 1 partitions the optimizer state, 2 also the gradients, 3 also the weights."""
+        return int(self.zero_optimization["stage"])
+
+
+def deepspeed_settings() -> DeepSpeedSettings | None:
+    """The ZeRO settings an `accelerate launch` with a DeepSpeed config asks for, or None for another launch.
+
+    They come from accelerate's `DeepSpeedPlugin` (the `deepspeed_config` of the accelerate config, or the DeepSpeed
+    JSON file it names). ppo-lm builds the rest of DeepSpeed's config itself (batch sizes, clipping, precision).
+    Raises ValueError for what ppo-lm does not follow: ZeRO stage 0, offloading to the CPU or NVMe, and a DeepSpeed
+    older than `DEEPSPEED_MIN_VERSION` or not installed.
+    """
+    if not _flag("ACCELERATE_USE_DEEPSPEED"):
+        return None
+    try:
+        import deepspeed
+    except ImportError as error:
+        raise ValueError("This run was launched with a DeepSpeed config, but DeepSpeed is not installed: "
+                         "`pip install 'ppo-lm[deepspeed]'`, or launch with configs/accelerate/fsdp.yaml.") from error
+    from accelerate.utils import DeepSpeedPlugin
+    from packaging.version import Version
+
+    if Version(deepspeed.__version__) < Version(DEEPSPEED_MIN_VERSION):
+        raise ValueError(f"DeepSpeed {deepspeed.__version__} is too old for ppo-lm, which needs "
+                         f"{DEEPSPEED_MIN_VERSION} or newer (`pip install -U 'ppo-lm[deepspeed]'`).")
+    plugin = DeepSpeedPlugin()  # reads the ACCELERATE_DEEPSPEED_* variables that `accelerate launch` sets
+    zero = {key: value for key, value in plugin.deepspeed_config["zero_optimization"].items() if value != "auto"}
+    # accelerate registers its config with transformers, which would then load every model partitioned (ZeRO-3):
+    # ppo-lm loads whole models and lets the engine partition the trained ones.
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+    del plugin
+    unset_hf_deepspeed_config()
+    for part in ("offload_optimizer", "offload_param"):
+        if str((zero.pop(part, None) or {}).get("device", "none")).lower() != "none":
+            raise ValueError(f"This DeepSpeed launch sets {part}, which ppo-lm does not support: set its device "
+                             "to none (more GPUs, a higher ZeRO stage, micro_batch_size and gradient_checkpointing "
+                             "lower the memory per GPU).")
+    settings = DeepSpeedSettings(zero)
+    if settings.stage not in (1, 2, 3):
+        raise ValueError(f"This DeepSpeed launch asks for ZeRO stage {settings.stage}; ppo-lm drives stages 1, 2 and "
+                         "3. To replicate the model with plain data parallelism, launch with "
+                         "configs/accelerate/multi_gpu.yaml.")
+    return settings
+
+
+class EngineModules(nn.ModuleDict):
+    """The trained models, as the one module a DeepSpeed engine takes. Its forward pass runs a function of them:
+    `engine(compute)` brackets any computation the way DeepSpeed needs a forward pass bracketed (ZeRO counts its
+    gradient accumulation by forward passes)."""
+
+    def forward(self, compute: Callable[[], T]) -> T:
+        """Return `compute()`, run as the engine's forward pass."""
+        return compute()
+
+
+class DeepSpeedBackend(Backend):
+    """A DeepSpeed ZeRO engine holds the trained models and the optimizer: it reduces, clips and steps.
+
+    ppo-lm forms the micro-batches and decides when a step ends (`managed_gradient_accumulation: false`). DeepSpeed's
+    own mixed precision stays off: ppo-lm sets the models' dtype itself. Frozen models (a separate reference, the
+    reward model) stay whole outside the engine."""
+
+    name = "deepspeed"
+    title = "DeepSpeed ZeRO"
+    stages = ("train",)
+    can_discard_gradients = False
+
+    def __init__(self, settings: DeepSpeedSettings) -> None:
+        super().__init__()
+        self.settings = settings
+        self.engine: Any = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "sharded": False, "zero_stage": self.settings.stage}
+
+    def prepare(self, trained: dict[str, nn.Module], frozen: Sequence[nn.Module | None],
+                make_optimizer: Callable[[], torch.optim.Optimizer], max_grad_norm: float) -> torch.optim.Optimizer:
+        """Build the optimizer, then an engine over `trained` and it (which partitions its parameter groups). The
+        engine clips the gradients of every trained weight together to `max_grad_norm` (0: no clipping)."""
+        import deepspeed
+
+        broadcast_parameters(_unique_trainable(list(trained.values())))
+        self.optimizer = make_optimizer()
+        self.max_grad_norm = max_grad_norm
+        config = {
+            "train_micro_batch_size_per_gpu": 1,  # bookkeeping only: ppo-lm forms its micro-batches itself
+            "gradient_accumulation_steps": 1,
+            "managed_gradient_accumulation": False,
+            "gradient_clipping": float(max_grad_norm),
+            "zero_optimization": dict(self.settings.zero_optimization),
+            "zero_allow_untested_optimizer": True,  # torch's AdamW, with a learning rate per role
+            "zero_force_ds_cpu_optimizer": False,
+            "steps_per_print": 2**62,  # ppo-lm logs its own metrics
+        }
+        self.engine, *_ = deepspeed.initialize(model=EngineModules(trained), optimizer=self.optimizer, config=config)
+        return self.optimizer
+
+    def gathered(self, *modules: nn.Module | None) -> contextlib.AbstractContextManager:
+        """Under ZeRO-3, every trained model holds its whole weights while inside (DeepSpeed's generation with
+        gathered weights); ZeRO-1/2 weights are whole already."""
+        if self.settings.stage < 3:
+            return contextlib.nullcontext()
+        from deepspeed.runtime.zero import unwrap_model_for_generation
+
+        return unwrap_model_for_generation(self.engine)
+
+    def forward(self, compute: Callable[[], T]) -> T:
+        """One forward pass of the engine: ZeRO counts its gradient accumulation by them."""
+        return self.engine(compute)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """DeepSpeed averages the gradients over the processes; the loss is this process's share of the step's loss,
+        so it is scaled by the process count to get their sum."""
+        self.engine.backward(loss * PartialState().num_processes, scale_wrt_gas=False)
+
+    def discard_gradients(self) -> None:
+        """Clears what `zero_grad` clears; gradients the engine has already reduced into its buffers stay."""
+        self.engine.zero_grad()
+
+    def step(self, groups: Sequence[Sequence[nn.Parameter]]) -> float:
+        """The engine's step: reduce, clip every trained gradient together, step. `groups` are the engine's already."""
+        self.engine.step()
+        return float(self.engine.get_global_grad_norm())
+
+    def save_optimizer(self, directory: Path) -> None:
+        """Every process writes its partition of the optimizer state (DeepSpeed's own files, under `deepspeed/`)."""
+        self.engine.save_checkpoint(str(directory / DEEPSPEED_STATE), tag=DEEPSPEED_TAG, save_latest=False,
+                                    exclude_frozen_parameters=True)
+
+    def load_trained_state(self, directory: Path, named_trainable: dict[str, nn.Parameter]) -> None:
+        """The engine's checkpoint holds the trained weights and the partitioned optimizer state."""
+        self._check_writer(directory)
+        path, _ = self.engine.load_checkpoint(str(directory / DEEPSPEED_STATE), tag=DEEPSPEED_TAG,
+                                              load_module_strict=False, load_lr_scheduler_states=False)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed found no state to load in {directory / DEEPSPEED_STATE}.")
+
+
+def select_backend(stage: str) -> Backend:
+    """The backend the launch asks for (its accelerate config, read from the environment), for the stage command
+    `stage` ('train', 'sft' or 'reward'). Call it before any model loads: a launch ppo-lm cannot follow stops here
+    with a clear error."""
+    if (deepspeed := deepspeed_settings()) is not None:
+        backend: Backend = DeepSpeedBackend(deepspeed)
+    elif (sharding := fsdp_sharding()) is not None:
+        backend = FSDPBackend(sharding)
+    else:
+        backend = Backend()
+    if stage not in backend.stages:
+        raise ValueError(f"`ppo-lm {stage}` does not run under {backend.title} (it runs "
+                         f"{', '.join(f'ppo-lm {name}' for name in backend.stages)}): launch it with "
+                         "configs/accelerate/fsdp.yaml to shard the model (like ZeRO-3), or with multi_gpu.yaml to "
+                         "replicate it.")
+    return backend
