@@ -43,12 +43,12 @@ def main(case_file: str, out_file: str) -> None:
     case = torch.load(case_file, weights_only=False)
     trainer = PPOTrainer(PPOConfig(**case["config"]), reward_fn=lambda prompts, completions: [0.0] * len(prompts))
     processes = PartialState()
-    if trainer.engine is None:
+    if trainer.backend.name != "deepspeed":
         with torch.no_grad():
             for name, tensor in trainer.models.named_trainable().items():
                 tensor.copy_(shard_like(case["weights"][name], tensor))
     else:  # the engine holds its own copy of the weights: check that they start from the same
-        with trainer.models.gathered():
+        with trainer.whole_weights():
             for name, tensor in trainer.models.named_trainable().items():
                 assert torch.equal(tensor.detach(), case["weights"][name]), name
     rows = torch.tensor(shard(range(case["rollout"].raw_scores.shape[0]), processes.process_index,
@@ -63,7 +63,7 @@ def main(case_file: str, out_file: str) -> None:
     whitening_error = gather_rows([(shared - whole[rows, :width]).abs().max().item()])
     statistics = local.statistics()
     update_stats = trainer.update(local)
-    with trainer.models.gathered():
+    with trainer.whole_weights():
         weights = {name: full_tensor(tensor.detach()).clone()
                    for name, tensor in trainer.models.named_trainable().items()}
     # The checkpoint state after the update, written by the main process (every process takes part).
@@ -75,7 +75,7 @@ def main(case_file: str, out_file: str) -> None:
     if processes.is_main_process:
         torch.save({
             "weights": weights,
-            "sharded": trainer.sharding is not None,
+            "sharded": trainer.backend.describe()["sharded"],
             "update_stats": update_stats,
             "statistics": statistics,
             "whitening_error": whitening_error,

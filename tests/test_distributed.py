@@ -13,7 +13,7 @@ from conftest import write_ppo_run
 
 from ppo_lm import PPOConfig, PPOTrainer
 from ppo_lm.cli import main
-from ppo_lm.distributed import batch_layout, process_state, shard
+from ppo_lm.distributed import batch_layout, shard
 
 WORKER = Path(__file__).parent / "distributed_worker.py"
 PROMPTS = [f"Question {i}: what is {i} plus {i}? Answer in words." + " Please." * (i % 3) for i in range(8)]
@@ -77,68 +77,6 @@ def test_shards_cover_the_items_once_in_order():
     parts = [shard(items, index, 3) for index in range(3)]
     assert sum(parts, []) == items
     assert sorted(len(part) for part in parts) == [3, 4, 4]
-
-
-def test_a_deepspeed_config_file_passes_its_zero_settings_on_without_auto_values(monkeypatch, tmp_path):
-    from ppo_lm.distributed import deepspeed_settings
-
-    config = tmp_path / "ds.json"
-    config.write_text(json.dumps({"zero_optimization": {
-        "stage": 3, "reduce_bucket_size": 1000, "stage3_prefetch_bucket_size": "auto",
-        "offload_optimizer": {"device": "none"}}}))
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config))
-    settings = deepspeed_settings()
-    assert settings.stage == 3 and settings.zero_optimization["reduce_bucket_size"] == 1000
-    assert "stage3_prefetch_bucket_size" not in settings.zero_optimization  # left to DeepSpeed's default
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-    assert not is_deepspeed_zero3_enabled()  # models still load whole; the engine partitions them
-
-
-def test_a_deepspeed_launch_reads_its_zero_stage_and_refuses_sft_and_reward_training(monkeypatch, tmp_path):
-    from ppo_lm.config import SFTConfig
-    from ppo_lm.distributed import deepspeed_settings
-    from ppo_lm.sft_trainer import SFTTrainer
-
-    assert deepspeed_settings() is None  # not a DeepSpeed launch
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    for stage in (1, 2, 3):
-        monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", str(stage))
-        assert deepspeed_settings().stage == stage
-    with pytest.raises(ValueError, match="do not run under DeepSpeed.*fsdp.yaml"):
-        SFTTrainer(SFTConfig(model_name=str(tmp_path / "no-model"), dataset=str(tmp_path / "rows.jsonl")))
-
-
-FSDP_LAUNCH = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
-DEEPSPEED_LAUNCH = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
-
-
-@pytest.mark.parametrize("launch, variable, value, message", [
-    (FSDP_LAUNCH, "FSDP_VERSION", "1", "fsdp_version: 2"),
-    (FSDP_LAUNCH, "FSDP_ACTIVATION_CHECKPOINTING", "true", "gradient_checkpointing: true"),
-    (FSDP_LAUNCH, "FSDP_OFFLOAD_PARAMS", "true", "fsdp_offload_params"),
-    (DEEPSPEED_LAUNCH, "ACCELERATE_DEEPSPEED_ZERO_STAGE", "0", "stage 0.*multi_gpu.yaml"),
-    (DEEPSPEED_LAUNCH, "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu", "offload_optimizer"),
-    (DEEPSPEED_LAUNCH, "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "cpu", "offload_param"),
-])
-def test_launch_settings_ppo_lm_does_not_follow_are_refused_before_any_model_loads(monkeypatch, launch, variable,
-                                                                                  value, message):
-    for name, setting in {**launch, variable: value}.items():
-        monkeypatch.setenv(name, setting)
-    with pytest.raises(ValueError, match=message):
-        process_state()
-
-
-def test_an_fsdp_launch_reads_its_resharding_from_the_accelerate_config(monkeypatch):
-    from ppo_lm.distributed import fsdp_sharding
-
-    assert fsdp_sharding() is None  # not an FSDP launch
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    monkeypatch.setenv("FSDP_VERSION", "2")
-    for value in (True, False):
-        monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", str(value).lower())
-        assert fsdp_sharding().reshard_after_forward is value
 
 
 def test_the_layout_is_checked_before_any_model_loads(tmp_path, capsys):
@@ -206,17 +144,9 @@ def test_an_update_split_over_two_processes_gives_the_weights_of_one_process(tin
         for name, tensor in policy.named_parameters():
             if "lora_" in name:
                 assert torch.equal(tensor, result["weights"][f"policy.{name}"]), name
-    for name in ("policy_loss", "value_loss", "approx_kl", "ppo_epochs_run"):
+    # grad_norm is the norm of every trained gradient before clipping, under every backend.
+    for name in ("policy_loss", "value_loss", "approx_kl", "ppo_epochs_run", "grad_norm"):
         assert result["update_stats"][name] == pytest.approx(update_stats[name], rel=1e-4, abs=1e-6), name
-    if sharding in (DEEPSPEED_ZERO2, DEEPSPEED_ZERO3):
-        # One norm over every trained weight per step, averaged over the steps like the per-model norms: between
-        # the norm of the averages and their sum.
-        policy_norm, value_norm = update_stats["policy_grad_norm"], update_stats["value_grad_norm"]
-        lower, upper = (policy_norm ** 2 + value_norm ** 2) ** 0.5, policy_norm + value_norm
-        assert lower * (1 - 1e-4) <= result["update_stats"]["grad_norm"] <= upper * (1 + 1e-4)
-    else:
-        for name in ("policy_grad_norm", "value_grad_norm"):
-            assert result["update_stats"][name] == pytest.approx(update_stats[name], rel=1e-4, abs=1e-6), name
     for name in ("reward_mean", "reward_std", "kl", "value_mean", "entropy", "response_length", "eos_fraction"):
         assert result["statistics"][name] == pytest.approx(statistics[name], rel=1e-5, abs=1e-6), name
     assert result["statistics"]["generated_texts"] == statistics["generated_texts"]

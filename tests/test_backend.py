@@ -1,0 +1,134 @@
+"""The launch backends: which one a launch selects, what each refuses, and the replicated backend's step.
+
+The multi-process behaviour of every backend (the same weights as one process, checkpoints, resume) is tested in
+test_distributed.py; here are the single-process facts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ppo_lm.backend import Backend, DeepSpeedBackend, FSDPBackend, deepspeed_settings, fsdp_sharding, select_backend
+
+FSDP_LAUNCH = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+DEEPSPEED_LAUNCH = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
+
+
+def test_a_plain_launch_is_replicated_and_runs_every_stage():
+    for stage in ("train", "sft", "reward"):
+        backend = select_backend(stage)
+        assert type(backend) is Backend and backend.can_discard_gradients
+        assert backend.describe() == {"backend": "replicated", "sharded": False, "zero_stage": None}
+
+
+def test_launches_select_their_backend(monkeypatch):
+    for name, value in FSDP_LAUNCH.items():
+        monkeypatch.setenv(name, value)
+    assert isinstance(select_backend("sft"), FSDPBackend)
+    for name in FSDP_LAUNCH:
+        monkeypatch.delenv(name)
+    for name, value in DEEPSPEED_LAUNCH.items():
+        monkeypatch.setenv(name, value)
+    backend = select_backend("train")
+    assert isinstance(backend, DeepSpeedBackend) and not backend.can_discard_gradients
+    assert backend.describe()["zero_stage"] == 3
+
+
+def test_a_deepspeed_config_file_passes_its_zero_settings_on_without_auto_values(monkeypatch, tmp_path):
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {
+        "stage": 3, "reduce_bucket_size": 1000, "stage3_prefetch_bucket_size": "auto",
+        "offload_optimizer": {"device": "none"}}}))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config))
+    settings = deepspeed_settings()
+    assert settings.stage == 3 and settings.zero_optimization["reduce_bucket_size"] == 1000
+    assert "stage3_prefetch_bucket_size" not in settings.zero_optimization  # left to DeepSpeed's default
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    assert not is_deepspeed_zero3_enabled()  # models still load whole; the engine partitions them
+
+
+def test_a_deepspeed_launch_reads_its_zero_stage_and_refuses_sft_and_reward_training(monkeypatch, tmp_path):
+    from ppo_lm.config import SFTConfig
+    from ppo_lm.sft_trainer import SFTTrainer
+
+    assert deepspeed_settings() is None  # not a DeepSpeed launch
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    for stage in (1, 2, 3):
+        monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", str(stage))
+        assert deepspeed_settings().stage == stage
+    with pytest.raises(ValueError, match="`ppo-lm reward` does not run under DeepSpeed.*fsdp.yaml"):
+        select_backend("reward")
+    with pytest.raises(ValueError, match="`ppo-lm sft` does not run under DeepSpeed.*fsdp.yaml"):
+        SFTTrainer(SFTConfig(model_name=str(tmp_path / "no-model"), dataset=str(tmp_path / "rows.jsonl")))
+
+
+@pytest.mark.parametrize("launch, variable, value, message", [
+    (FSDP_LAUNCH, "FSDP_VERSION", "1", "fsdp_version: 2"),
+    (FSDP_LAUNCH, "FSDP_ACTIVATION_CHECKPOINTING", "true", "gradient_checkpointing: true"),
+    (FSDP_LAUNCH, "FSDP_OFFLOAD_PARAMS", "true", "fsdp_offload_params"),
+    (DEEPSPEED_LAUNCH, "ACCELERATE_DEEPSPEED_ZERO_STAGE", "0", "stage 0.*multi_gpu.yaml"),
+    (DEEPSPEED_LAUNCH, "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu", "offload_optimizer"),
+    (DEEPSPEED_LAUNCH, "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "cpu", "offload_param"),
+])
+def test_launch_settings_ppo_lm_does_not_follow_are_refused_before_any_model_loads(monkeypatch, launch, variable,
+                                                                                  value, message):
+    for name, setting in {**launch, variable: value}.items():
+        monkeypatch.setenv(name, setting)
+    with pytest.raises(ValueError, match=message):
+        select_backend("train")
+
+
+def test_an_fsdp_launch_reads_its_resharding_from_the_accelerate_config(monkeypatch):
+    assert fsdp_sharding() is None  # not an FSDP launch
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    for value in (True, False):
+        monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", str(value).lower())
+        assert fsdp_sharding().reshard_after_forward is value
+
+
+def _two_groups(max_grad_norm: float) -> tuple[Backend, nn.Linear, nn.Linear]:
+    torch.manual_seed(0)
+    first, second = nn.Linear(3, 2), nn.Linear(2, 1)
+    backend = Backend()
+    backend.prepare({"first": first, "second": second}, [],
+                    lambda: torch.optim.SGD([*first.parameters(), *second.parameters()], lr=1.0), max_grad_norm)
+    return backend, first, second
+
+
+def test_the_replicated_step_clips_each_group_and_reports_the_norm_of_all_gradients():
+    backend, first, second = _two_groups(max_grad_norm=0.5)
+    before = [p.detach().clone() for p in (*first.parameters(), *second.parameters())]
+    backend.backward((first(torch.ones(1, 3)).sum() * 3) + second(torch.ones(1, 2)).sum() * 0.1)
+    norms = [torch.cat([p.grad.flatten() for p in module.parameters()]).norm().item() for module in (first, second)]
+    grads = [p.grad.clone() for p in (*first.parameters(), *second.parameters())]
+    grad_norm = backend.step([list(first.parameters()), list(second.parameters())])
+    assert grad_norm == pytest.approx(math.hypot(*norms))
+    # each group clipped to 0.5 on its own: SGD with lr 1 moved it by its clipped gradient
+    for group, norm, (start, stop) in ((first, norms[0], (0, 2)), (second, norms[1], (2, 4))):
+        scale = min(1.0, 0.5 / (norm + 1e-6))
+        for parameter, old, grad in zip(group.parameters(), before[start:stop], grads[start:stop], strict=True):
+            assert torch.allclose(old - parameter.detach(), grad * scale, atol=1e-6)
+    assert all(p.grad is None for p in (*first.parameters(), *second.parameters()))
+
+
+def test_discarded_gradients_take_no_step():
+    backend, first, second = _two_groups(max_grad_norm=0.0)
+    backend.backward(first(torch.ones(1, 3)).sum())
+    backend.discard_gradients()
+    assert all(p.grad is None for p in first.parameters())
+
+
+def test_only_the_backend_module_knows_the_launches():
+    package = Path(__file__).resolve().parents[1] / "ppo_lm"
+    for name in ("ppo_trainer.py", "finetune.py", "sft_trainer.py", "reward_trainer.py", "models.py"):
+        source = (package / name).read_text().lower()
+        assert "deepspeed" not in source and "fsdp" not in source, name
