@@ -5,8 +5,9 @@ The trainers do the algorithm; a backend does what differs between launches, beh
   then placed (sharded, or handed to an engine), and the optimizer is built over the placed parameters;
 - `gathered(*modules)`: whole weights, for passes without gradients (generation, logprobs, values, evaluation,
   checkpoints), which processes may run different numbers of;
-- `forward(compute)` and `backward(loss)`: one micro-batch's pass and its gradients, the loss being this process's
-  share of the whole step's loss (gradients are summed over the processes, never averaged);
+- `accumulate(terms, guard)`: one micro-batch's loss terms (`LossTerm`), their forward passes and the gradients
+  they add; `backward(loss)` for a loss computed by the caller. A loss is this process's share of the whole step's
+  loss: gradients are summed over the processes, never averaged;
 - `step(groups)`: reduce, clip, take the optimizer step; returns `grad_norm`, the norm of every trained gradient
   before clipping, under every backend;
 - `discard_gradients()`, and `can_discard_gradients`: whether gradients it has already reduced can still be dropped;
@@ -28,6 +29,10 @@ What differs in their behaviour, by design:
 - DeepSpeed keeps reduced gradients in internal buffers that its `zero_grad` does not clear, so it cannot drop a
   minibatch's gradients once computed (`can_discard_gradients` is False): a trainer that may need to drop them (the
   PPO `target_kl` check) decides from a pass without gradients first.
+- DeepSpeed runs a micro-batch's loss terms in one forward pass of its engine and one backward pass for their sum
+  (ZeRO-3 did not accumulate the value model's gradients right over two engine passes per micro-batch), so their
+  graphs are held together; the other backends run each term's forward and backward passes in turn, inside the
+  term's context.
 - DeepSpeed runs `ppo-lm train` only; SFT and reward training are refused under it (`stages`).
 
 Only this module knows FSDP and DeepSpeed.
@@ -62,6 +67,19 @@ STAGES = ("train", "sft", "reward")
 DEEPSPEED_STATE = "deepspeed"
 """A checkpoint's folder of DeepSpeed's own files (the optimizer state, partitioned as the engine holds it)."""
 DEEPSPEED_TAG = "state"
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """One term of a micro-batch's loss, for `Backend.accumulate`."""
+
+    name: str
+    """What it is, for errors ('policy loss')."""
+    compute: Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    """The forward pass: the term's objective (this process's share of the step's loss) and its statistics."""
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    """Entered around the term's forward pass, and its backward pass where the backend runs it on its own (a backward
+    pass that recomputes activations must find the models as the forward pass did)."""
 
 
 def _flag(variable: str) -> bool:
@@ -122,9 +140,19 @@ class Backend:
         """Before running a part of `model` directly rather than its forward (the value model on the policy's body,
         the reward model's body and head): make the weights its forward would have gathered available."""
 
-    def forward(self, compute: Callable[[], T]) -> T:
-        """Run one micro-batch's forward pass, `compute()`, and return what it returns."""
-        return compute()
+    def accumulate(self, terms: Sequence[LossTerm], guard: Callable[[torch.Tensor, str], None]
+                   ) -> dict[str, torch.Tensor]:
+        """Add the gradients of a micro-batch's loss terms; return their statistics. `guard(objective, name)` runs
+        before any gradient of a term is computed (e.g. to refuse a non-finite loss). Here each term runs its forward
+        and backward passes in turn, inside its context, so only one term's graph is held at a time."""
+        stats: dict[str, torch.Tensor] = {}
+        for term in terms:
+            with term.context():
+                objective, term_stats = term.compute()
+                guard(objective, term.name)
+                self.backward(objective)
+            stats.update(term_stats)
+        return stats
 
     def backward(self, loss: torch.Tensor) -> None:
         """Add the gradients of `loss`, this process's share of the step's loss, to the trained weights."""
@@ -421,9 +449,23 @@ class DeepSpeedBackend(Backend):
 
         return unwrap_model_for_generation(self.engine)
 
-    def forward(self, compute: Callable[[], T]) -> T:
-        """One forward pass of the engine: ZeRO counts its gradient accumulation by them."""
-        return self.engine(compute)
+    def accumulate(self, terms: Sequence[LossTerm], guard: Callable[[torch.Tensor, str], None]
+                   ) -> dict[str, torch.Tensor]:
+        """Every term in one forward pass of the engine (ZeRO counts its gradient accumulation by them), then one
+        backward pass for their sum, outside the terms' contexts."""
+
+        def forward_all() -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+            results = []
+            for term in terms:
+                with term.context():
+                    results.append(term.compute())
+            return results
+
+        results = self.engine(forward_all)
+        for term, (objective, _) in zip(terms, results, strict=True):
+            guard(objective, term.name)
+        self.backward(sum(objective for objective, _ in results))
+        return {name: value for _, term_stats in results for name, value in term_stats.items()}
 
     def backward(self, loss: torch.Tensor) -> None:
         """DeepSpeed averages the gradients over the processes; the loss is this process's share of the step's loss,

@@ -21,6 +21,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from accelerate import PartialState
 from transformers import GenerationConfig, set_seed
 
 from ppo_lm.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs, masked_mean, masked_whiten
-from ppo_lm.backend import select_backend
+from ppo_lm.backend import LossTerm, select_backend
 from ppo_lm.checkpoint import save_trained
 from ppo_lm.config import PPOConfig
 from ppo_lm.distributed import all_sum, batch_layout, gather_rows, process_state
@@ -461,25 +462,20 @@ class PPOTrainer:
     def _minibatch_gradients(self, rollout: Rollout, index: torch.Tensor) -> dict[str, float]:
         """Accumulate the gradients of one minibatch's losses, micro-batch by micro-batch; return its statistics.
 
-        Each micro-batch runs two forward passes, each followed by its backward pass: the policy's, then the value
-        model's (inside `value_mode`, where a recomputing backward pass finds the value adapter active)."""
-        models, backend, batch = self.models, self.backend, rollout.batch
+        A micro-batch's loss terms are the policy's and, for an estimator with values, the value model's (computed
+        inside `value_mode`); the backend runs their forward and backward passes."""
+        batch = rollout.batch
         # Token shares are of the minibatch over all processes: the gradients then add up across processes.
         total_tokens = all_sum(batch.response_mask[index].sum()).clamp(min=1)
         sums: dict[str, float] = defaultdict(float)
         for micro_index in batch.micro_batches(index, self.config.micro_batch_size):
             micro = batch.select(micro_index)
             share = micro.response_mask.sum() / total_tokens  # this micro-batch's weight in the minibatch's mean
-            policy_objective, stats = backend.forward(
-                lambda micro=micro, micro_index=micro_index: self._policy_terms(rollout, micro_index, micro))
-            self._backward(policy_objective * share, "policy loss")
+            terms = [LossTerm("policy loss", partial(self._policy_terms, rollout, micro_index, micro, share))]
             if self.estimator.needs_values:
-                with models.value_mode():
-                    backend.gather_root_weights(models.value_root)  # the value pass runs a body, not a forward
-                    value_objective, value_stats = backend.forward(
-                        lambda micro=micro, micro_index=micro_index: self._value_terms(rollout, micro_index, micro))
-                    self._backward(value_objective * share, "value loss")
-                stats.update(value_stats)
+                terms.append(LossTerm("value loss", partial(self._value_terms, rollout, micro_index, micro, share),
+                                      context=self._value_pass))
+            stats = self.backend.accumulate(terms, self._check_finite)
             weight = share.item()
             for name, value in stats.items():
                 sums[name] += value.item() * weight
@@ -487,10 +483,10 @@ class PPOTrainer:
         totals = all_sum(torch.tensor([sums[name] for name in names], dtype=torch.float64, device=self.device))
         return dict(zip(names, totals.tolist(), strict=True))
 
-    def _policy_terms(self, rollout: Rollout, micro_index: torch.Tensor, micro: SequenceBatch
+    def _policy_terms(self, rollout: Rollout, micro_index: torch.Tensor, micro: SequenceBatch, share: torch.Tensor
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """A micro-batch's policy objective (the configured policy loss minus the entropy bonus) and its
-        statistics."""
+        """A micro-batch's policy objective (the configured policy loss minus the entropy bonus, weighted by the
+        micro-batch's `share` of the minibatch) and its statistics."""
         cfg, mask = self.config, micro.response_mask
         width = mask.shape[1]
         old = rollout.old_logprobs[micro_index, :width]
@@ -501,29 +497,37 @@ class PPOTrainer:
         if entropy is not None:
             objective = objective - cfg.entropy_coef * masked_mean(entropy, mask)
         logprobs = logprobs.detach()
-        return objective, {"policy_loss": policy_loss.detach(), **loss_stats,
-                           "approx_kl": approx_kl(logprobs, old, mask),
-                           "ratio_mean": masked_mean(torch.exp(logprobs - old), mask)}
+        return objective * share, {"policy_loss": policy_loss.detach(), **loss_stats,
+                                   "approx_kl": approx_kl(logprobs, old, mask),
+                                   "ratio_mean": masked_mean(torch.exp(logprobs - old), mask)}
 
-    def _value_terms(self, rollout: Rollout, micro_index: torch.Tensor, micro: SequenceBatch
+    def _value_terms(self, rollout: Rollout, micro_index: torch.Tensor, micro: SequenceBatch, share: torch.Tensor
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """A micro-batch's value objective (vf_coef x clipped value loss) and its statistics; inside value_mode."""
+        """A micro-batch's value objective (vf_coef x clipped value loss, weighted by `share`) and its statistics;
+        inside `_value_pass`."""
         width = micro.response_mask.shape[1]
         values = sequence_values(self.models.value_backbone, self.models.value_head, micro)
         value_loss, value_clip = clipped_value_loss(
             values, rollout.values[micro_index, :width], rollout.returns[micro_index, :width], micro.response_mask,
             self.config.value_clip)
-        return self.config.vf_coef * value_loss, {"value_loss": value_loss.detach(), "value_clip_fraction": value_clip}
+        return (self.config.vf_coef * value_loss) * share, {"value_loss": value_loss.detach(),
+                                                            "value_clip_fraction": value_clip}
 
-    def _backward(self, loss: torch.Tensor, what: str) -> None:
-        """Backpropagate `loss`, or drop every gradient of this minibatch and raise if it is not finite."""
+    @contextlib.contextmanager
+    def _value_pass(self) -> Iterator[None]:
+        """The value adapter active, and the weights a pass through the value body needs at hand."""
+        with self.models.value_mode():
+            self.backend.gather_root_weights(self.models.value_root)  # the value pass runs a body, not a forward
+            yield
+
+    def _check_finite(self, loss: torch.Tensor, what: str) -> None:
+        """Drop every gradient of this minibatch and raise if `loss` is not finite (before its backward pass)."""
         if not torch.isfinite(loss):
             self.backend.discard_gradients()
             raise FloatingPointError(
                 f"The {what} is {loss.item()} at PPO step {self.step_count}; this minibatch took no optimizer step. "
                 "Lower the learning rate or check the rewards."
             )
-        self.backend.backward(loss)
 
     def _reward_tokenizer_if_different(self):
         """The reward model's tokenizer when its vocabulary differs from the policy's, else None (share tokens)."""
