@@ -31,6 +31,7 @@ from accelerate import PartialState
 
 from ppo_lm.config import PPOConfig
 from ppo_lm.distributed import gather_rows, shard
+from ppo_lm.runs import parse_config
 
 QWEN3_VOCAB = 151936
 ARCHITECTURES: dict[str, dict[str, Any]] = {
@@ -208,8 +209,6 @@ def run_benchmark(
 
 def bench_command(argv: list[str]) -> dict[str, Any]:
     """`ppo-lm bench`: parse the benchmark's options and PPOConfig overrides, run, print one JSON line."""
-    from ppo_lm.cli import parse_config
-
     parser = argparse.ArgumentParser(prog="ppo-lm bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="small", help=f"One of {', '.join(ARCHITECTURES)} (random weights).")
     parser.add_argument("--steps", type=int, default=5, help="Timed steps (the median is reported).")

@@ -9,10 +9,11 @@ The pieces, all shipped as Python packages so that nothing is downloaded at run 
   TL;DR prompts sent through the model's chat template after the instruction `DEMO_INSTRUCTION`;
 - reward: `ppo_lm.tldr_reward` (sentence-embedding similarity to the post, a clean ending, no copying, a sane length).
 
-The run itself is `ppo-lm train`'s (`cli.run_stage` and the shared loop) with `configs/demo.yaml`; at the end a
-table compares the evaluation reward before and after training. The config is found next to this package: in a
-wheel it is `ppo_lm/demo_data/demo.yaml` (the build copies `configs/demo.yaml` there), in a checkout
-`configs/demo.yaml` itself.
+The run itself is `ppo-lm train`'s (`runs.run_stage` and the shared loop) with `configs/demo.yaml`, as the stage
+`DEMO_STAGE`: its `prepare` hook builds (or finds) the model cache and points `model_name` at it before the data
+loads; its data loader puts the prompts in the chat template. At the end a table compares the evaluation reward
+before and after training. The config is found next to this package: in a wheel it is `ppo_lm/demo_data/demo.yaml`
+(the build copies `configs/demo.yaml` there), in a checkout `configs/demo.yaml` itself.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ppo_lm.config import PPOConfig
+from ppo_lm.runs import Stage, load_prompt_data, make_ppo_trainer, run_stage
 from ppo_lm.tldr_reward import INSTALL_HINT, MissingPackageError, package_folder
 
 logger = logging.getLogger(__name__)
@@ -186,14 +188,19 @@ def chat_prompts(tokenizer: Any, prompts: list[str], instruction: str = DEMO_INS
                                           tokenize=False, add_generation_prompt=True) for prompt in prompts]
 
 
-def demo_data(config: DemoConfig, tokenizer: Any) -> tuple[list, list, dict[str, Any]]:
-    """`run_stage`'s data loader: the TL;DR prompts in the chat template, the bundled model built first if needed."""
-    from ppo_lm.cli import _prompt_data
-    from ppo_lm.models import load_tokenizer
-
+def prepare_demo_model(config: DemoConfig) -> None:
+    """The demo stage's `prepare` hook: `model_name` 'SmolLM2-135M-Instruct' becomes the cached model's directory,
+    the cache built first if needed (another `model_name` is left as it is)."""
     if config.model_name == DEMO_MODEL:
         config.model_name = str(ensure_demo_model())
-    train, evaluation, extra = _prompt_data(config, tokenizer)
+
+
+def demo_data(config: DemoConfig, tokenizer: Any) -> tuple[list, list, dict[str, Any]]:
+    """The demo stage's data loader: the TL;DR prompts in the chat template of `model_name` (a directory by now:
+    `prepare_demo_model` ran first)."""
+    from ppo_lm.models import load_tokenizer
+
+    train, evaluation, extra = load_prompt_data(config, tokenizer)
     tokenizer = tokenizer or load_tokenizer(config.model_name)
     if tokenizer.chat_template is None:  # a base model given with --model_name: plain TL;DR prompts
         return train, evaluation, extra
@@ -285,14 +292,16 @@ def format_table(summary: dict[str, Any], seconds: float, report: dict[str, Path
 # The command
 
 
+DEMO_STAGE = Stage("ppo-lm demo", DemoConfig, demo_data, make_ppo_trainer, prepare=prepare_demo_model)
+"""`ppo-lm train`'s stage with the demo's config class, its model cache and its chat prompts."""
+
+
 def demo_command(argv: list[str]) -> dict[str, Any]:
     """`ppo-lm demo`: `ppo-lm train` with the demo config (unless --config is given), then the closing table."""
-    from ppo_lm.cli import _ppo_trainer, run_stage
-
     start = time.perf_counter()
     if not any(arg == "--config" or arg.startswith("--config=") for arg in argv):
         argv = ["--config", str(demo_config_path()), *argv]
-    result = run_stage(argv, "ppo-lm demo", DemoConfig, demo_data, _ppo_trainer)
+    result = run_stage(argv, DEMO_STAGE)
     summary = eval_summary(Path(result["checkpoint"]).parent)
     print("\n" + format_table(summary, time.perf_counter() - start, result.get("report", {})))
     return {**result, "summary": summary}

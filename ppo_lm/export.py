@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ppo_lm.checkpoint import find_checkpoint
-from ppo_lm.cli import read_config_file
 from ppo_lm.config import PPOConfig
+from ppo_lm.runs import read_config_file
 
 
 def export_policy(checkpoint: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:

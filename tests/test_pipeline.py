@@ -13,9 +13,10 @@ from rlhf_data import preference_rows, sft_rows
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedTokenizerFast
 
 from ppo_lm import PPOConfig, PPOTrainer
-from ppo_lm.cli import main, read_config_file
+from ppo_lm.cli import main
 from ppo_lm.config import RewardConfig, SFTConfig
 from ppo_lm.models import sequence_scores
+from ppo_lm.runs import read_config_file
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "tldr"
 

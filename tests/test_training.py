@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ppo_lm import PPOConfig
 from ppo_lm.checkpoint import CheckpointError, find_checkpoint
-from ppo_lm.cli import main, parse_config
+from ppo_lm.cli import main
+from ppo_lm.runs import parse_config
 
 
 @pytest.fixture()

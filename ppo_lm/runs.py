@@ -1,0 +1,310 @@
+"""The run machinery every stage command shares: config files and `--FIELD VALUE` overrides, the stage options,
+the run directory, data before any model, the trainer, the shared loop and the final model.
+
+A stage (`ppo-lm train`, `sft`, `reward`, and the demo) is a `Stage`: its command name, its config class, its data
+loader, its trainer, and optionally `prepare` (runs before the data loads) and `finish` (runs after the loop).
+`run_stage(argv, stage)` runs any of them; `STAGES` holds the three of the `ppo-lm` command.
+
+Config fields come from the YAML file, then from `--FIELD VALUE` overrides (parsed by tyro from the dataclass,
+docstrings and all). Everything that can be checked is checked before a model loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import difflib
+import io
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import tyro
+import yaml
+
+from ppo_lm.config import PPOConfig, RewardConfig, RunConfig, SFTConfig
+
+logger = logging.getLogger("ppo_lm")
+
+_TYRO_OPTIONS = dict(config=(tyro.conf.FlagConversionOff,), use_underscores=True)
+
+
+class CommandLineError(ValueError):
+    """The command line or config file asks for something that cannot be done."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The config: a YAML file, then --FIELD VALUE overrides
+
+
+def read_config_file(path: str | Path, config_class: type[RunConfig] = PPOConfig) -> dict[str, Any]:
+    """Field values from a YAML file; an unknown field is an error that suggests the closest one."""
+    path = Path(path)
+    if not path.is_file():
+        raise CommandLineError(f"Config file {path} does not exist.")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise CommandLineError(f"Config file {path} is not valid YAML: {error}") from error
+    if not isinstance(values, dict):
+        raise CommandLineError(f"Config file {path} must be a mapping of field: value, not a {type(values).__name__}.")
+    known = config_class.field_names()
+    for name in values:
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else f" Known fields: {', '.join(known)}."
+            raise CommandLineError(f"Unknown field {name!r} in {path}.{hint}")
+    return values
+
+
+def parse_config(
+    config_class: type[RunConfig], file_values: dict[str, Any], overrides: list[str], prog: str
+) -> RunConfig:
+    """The config: dataclass defaults, then the file's values, then `--FIELD VALUE` overrides."""
+    try:
+        base = config_class(**file_values)
+    except TypeError as error:
+        raise CommandLineError(str(error)) from error
+    overrides = _capitalised_booleans(config_class, overrides)
+    return tyro.cli(config_class, args=overrides, default=base, prog=prog, **_TYRO_OPTIONS)
+
+
+def _capitalised_booleans(config_class: type[RunConfig], overrides: list[str]) -> list[str]:
+    """`--FIELD true` or `--FIELD=false` for a yes/no field, spelled as in YAML, becomes the True/False tyro takes."""
+    booleans = {f"--{field.name}" for field in dataclasses.fields(config_class) if field.type in (bool, "bool")}
+    spelled = {"true": "True", "false": "False"}
+    result = []
+    for position, argument in enumerate(overrides):
+        name, equals, value = argument.partition("=")
+        if equals and name in booleans:
+            argument = f"{name}={spelled.get(value.lower(), value)}"
+        elif position > 0 and overrides[position - 1] in booleans:
+            argument = spelled.get(argument.lower(), argument)
+        result.append(argument)
+    return result
+
+
+def fields_help(config_class: type[RunConfig], prog: str = "ppo-lm train") -> str:
+    """Every field of `config_class` with its docstring and default, as the help of `--FIELD VALUE`."""
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured), contextlib.suppress(SystemExit):
+        tyro.cli(config_class, args=["--help"], prog=prog, **_TYRO_OPTIONS)
+    return captured.getvalue().split("\n", 1)[1]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A stage and its run
+
+
+DataLoader = Callable[[Any, Any], tuple[list, list, dict[str, Any]]]
+"""`load_data(config, tokenizer)`: train items, eval items, and extra data for `finish`; tokenizer None or the model's
+(given only when `max_prompt_length` needs it)."""
+Finisher = Callable[[Any, Any, Path, dict[str, Any]], dict[str, Any]]
+"""`finish(config, trainer, run_dir, extra)`: runs after the loop (e.g. writes the final model); adds to the result."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage command: what `run_stage` needs besides the options and the loop every stage shares."""
+
+    prog: str
+    """The command's name, in its help and errors: 'ppo-lm train'."""
+    config_class: type[RunConfig]
+    """The dataclass of its config fields."""
+    load_data: DataLoader
+    """Its train and eval items (see `DataLoader`); called before any model loads."""
+    make_trainer: Callable[[Any], Any]
+    """`make_trainer(config)`: its trainer."""
+    finish: Finisher | None = None
+    """After the loop, with the whole weights gathered, on the main process (see `Finisher`)."""
+    prepare: Callable[[Any], None] | None = None
+    """`prepare(config)`, on every process once the config and run directory are checked and before the data loads:
+    may change the config in place (the demo builds its model cache and points `model_name` at it)."""
+
+
+def _stage_arguments(prog: str, config_class: type[RunConfig]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, add_help=False)
+    parser.add_argument("--config", help=f"YAML file of {config_class.__name__} fields.")
+    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="DIR",
+                        help="Continue from the newest complete checkpoint of the run in output_dir (or DIR: a run "
+                             "directory or one checkpoint-<step> folder).")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Delete a non-empty output_dir and start again.")
+    parser.add_argument("-h", "--help", action="store_true")
+    return parser
+
+
+def run_stage(argv: list[str], stage: Stage) -> dict[str, Any]:
+    """One stage's command: check the config, run dir and data, then build the trainer and run the shared loop.
+
+    Every stage parses the same options and resumes the same way; it only brings what its `Stage` holds.
+    """
+    prog, config_class = stage.prog, stage.config_class
+    arguments, overrides = _stage_arguments(prog, config_class).parse_known_args(argv)
+    if arguments.help:
+        print(_stage_arguments(prog, config_class).format_help())
+        print("Config fields (set them in the YAML file or as --FIELD VALUE):")
+        print(fields_help(config_class, prog))
+        raise SystemExit(0)
+
+    resume_dir = None
+    file_values: dict[str, Any] = {}
+    if arguments.resume not in (None, True):
+        resume_dir = Path(arguments.resume)
+        run_dir = resume_dir.parent if (resume_dir / "checkpoint.json").exists() else resume_dir
+        saved_config = run_dir / "config.yaml"
+        if arguments.config is None and saved_config.is_file():
+            file_values = read_config_file(saved_config, config_class)
+        file_values["output_dir"] = str(run_dir)
+    if arguments.config is not None:
+        file_values = {**read_config_file(arguments.config, config_class), **file_values}
+    if arguments.resume is None and arguments.config is None and not overrides:
+        raise CommandLineError(f"{prog} needs --config FILE.yaml (or --FIELD VALUE options); see --help.")
+    config = parse_config(config_class, file_values, overrides, prog=prog)
+    if config.dataset is None:
+        raise CommandLineError("No training data: set `dataset` (a hub dataset or a local .jsonl/.json/.csv/.parquet "
+                               "file) in the config or with --dataset.")
+
+    from ppo_lm.distributed import batch_layout, from_main_process, process_state
+    from ppo_lm.training import RunDirectoryError, prepare_run_dir
+
+    config.validate()
+    processes = process_state()
+    layout = batch_layout(config.batch_size, processes.num_processes,
+                          getattr(config, "num_mini_batches", 1),  # only PPO splits a batch into minibatches
+                          config.micro_batch_size)
+    if not processes.is_main_process:  # one copy of the log: the main process's
+        logging.getLogger().setLevel(logging.ERROR)
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    logger.info("%s", layout.describe())
+
+    resuming = arguments.resume is not None
+    problem, run_dir = None, Path(config.output_dir)
+    if processes.is_main_process:  # only the main process may create or delete the run directory
+        try:
+            run_dir = prepare_run_dir(config.output_dir, resume=resuming, overwrite=arguments.overwrite)
+        except RunDirectoryError as error:
+            problem = str(error)
+    problem = from_main_process(problem)  # every process stops, not only the main one
+    if problem is not None:
+        raise RunDirectoryError(problem)
+    if resuming:
+        from ppo_lm.checkpoint import find_checkpoint
+
+        resume_dir = find_checkpoint(resume_dir or run_dir)
+
+    if stage.prepare is not None:
+        stage.prepare(config)
+    train_items, eval_items, extra = stage.load_data(config, None)  # data errors before any model
+    from ppo_lm.models import load_tokenizer
+    from ppo_lm.training import run_training
+
+    if config.max_prompt_length is not None:
+        train_items, eval_items, extra = stage.load_data(config, load_tokenizer(config.model_name))
+    trainer = stage.make_trainer(config)
+    result = run_training(config, trainer, train_items, eval_items, run_dir, resume_from=resume_dir)
+    if stage.finish is not None:
+        with trainer.whole_weights():  # every process gathers a sharded model's weights; the main one writes
+            if processes.is_main_process:
+                result.update(stage.finish(config, trainer, run_dir, extra))
+    if processes.is_main_process:
+        _print_summary(result)
+    processes.wait_for_everyone()
+    return result
+
+
+def _print_summary(result: dict[str, Any]) -> None:
+    evaluation = result.get("eval") or {}
+    lines = [f"checkpoint: {result['checkpoint']}"]
+    lines += [f"{name}: {value:.4g}" for name, value in evaluation.items()]
+    lines += [f"{name}: {path}" for name, path in result.get("report", {}).items()]
+    lines += [f"{name}: {result[name]}" for name in ("score_offset", "final") if name in result]
+    print("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The stages' pieces: data loaders, trainers, the final model
+
+
+def _data_options(config: RunConfig, tokenizer: Any) -> dict[str, Any]:
+    """The `load_*` arguments every stage takes from its config."""
+    return dict(split=config.dataset_split, eval_split=config.eval_split,
+                eval_fraction=0.0 if config.eval_split else config.eval_fraction, prompt_field=config.prompt_field,
+                seed=config.seed, tokenizer=tokenizer,
+                max_prompt_length=config.max_prompt_length if tokenizer is not None else None)
+
+
+def load_prompt_data(config: PPOConfig, tokenizer: Any) -> tuple[list, list, dict[str, Any]]:
+    """PPO's data loader: the prompts of `dataset` (train and eval)."""
+    from ppo_lm.data import load_prompts
+
+    return (*load_prompts(config.dataset, **_data_options(config, tokenizer)), {})
+
+
+def make_ppo_trainer(config: PPOConfig) -> Any:
+    """A PPOTrainer of `config`."""
+    from ppo_lm.ppo_trainer import PPOTrainer
+
+    return PPOTrainer(config)
+
+
+def load_sft_data(config: SFTConfig, tokenizer: Any) -> tuple[list, list, dict[str, Any]]:
+    """SFT's data loader: prompt/completion rows of `dataset` (train and eval)."""
+    from ppo_lm.data import load_completion_rows
+
+    return (*load_completion_rows(config.dataset, completion_field=config.completion_field,
+                                  **_data_options(config, tokenizer)), {})
+
+
+def make_sft_trainer(config: SFTConfig) -> Any:
+    """An SFTTrainer of `config`."""
+    from ppo_lm.sft_trainer import SFTTrainer
+
+    return SFTTrainer(config)
+
+
+def load_reward_data(config: RewardConfig, tokenizer: Any) -> tuple[list, list, dict[str, Any]]:
+    """The reward stage's data loader: preference rows of `dataset`, and `reference_dataset`'s rows (for the score
+    normalisation) as extra `reference`."""
+    from ppo_lm.data import load_completion_rows, load_preference_rows
+
+    train, evaluation = load_preference_rows(config.dataset, **_data_options(config, tokenizer))
+    reference = None
+    if config.reference_dataset is not None:
+        reference, _ = load_completion_rows(config.reference_dataset, split=config.reference_split,
+                                            prompt_field=config.prompt_field, tokenizer=tokenizer,
+                                            max_prompt_length=config.max_prompt_length if tokenizer else None)
+    return train, evaluation, {"reference": reference}
+
+
+def make_reward_trainer(config: RewardConfig) -> Any:
+    """A RewardTrainer of `config`."""
+    from ppo_lm.reward_trainer import RewardTrainer
+
+    return RewardTrainer(config)
+
+
+def write_final_model(config: Any, trainer: Any, run_dir: Path, extra: dict[str, Any]) -> dict[str, Any]:
+    """After an SFT or reward run: (normalise the reward model, then) write `<run_dir>/final`, replacing one there."""
+    from ppo_lm.finetune import FINAL_DIR
+
+    result: dict[str, Any] = {}
+    if extra.get("reference"):
+        result["score_offset"] = trainer.normalize(extra["reference"])
+    final = run_dir / FINAL_DIR
+    shutil.rmtree(final, ignore_errors=True)
+    result["final"] = trainer.save_final(final)
+    return result
+
+
+STAGES: dict[str, Stage] = {
+    "train": Stage("ppo-lm train", PPOConfig, load_prompt_data, make_ppo_trainer),
+    "sft": Stage("ppo-lm sft", SFTConfig, load_sft_data, make_sft_trainer, finish=write_final_model),
+    "reward": Stage("ppo-lm reward", RewardConfig, load_reward_data, make_reward_trainer, finish=write_final_model),
+}
+"""The stages of the `ppo-lm` command, by subcommand: PPO on prompts, supervised fine-tuning, a reward model."""
