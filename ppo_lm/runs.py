@@ -123,6 +123,9 @@ class Stage:
     prepare: Callable[[Any], None] | None = None
     """`prepare(config)`, on every process once the config and run directory are checked and before the data loads:
     may change the config in place (the demo builds its model cache and points `model_name` at it)."""
+    trainer_stage: str = "train"
+    """Which trainer runs, as the launch backends know it ('train' for PPO, 'sft', 'reward'): a launch that cannot run
+    it is refused before any model loads."""
 
 
 def _stage_arguments(prog: str, config_class: type[RunConfig]) -> argparse.ArgumentParser:
@@ -168,10 +171,12 @@ def run_stage(argv: list[str], stage: Stage) -> dict[str, Any]:
         raise CommandLineError("No training data: set `dataset` (a hub dataset or a local .jsonl/.json/.csv/.parquet "
                                "file) in the config or with --dataset.")
 
+    from ppo_lm.backend import select_backend
     from ppo_lm.distributed import batch_layout, from_main_process, process_state
     from ppo_lm.training import RunDirectoryError, prepare_run_dir
 
     config.validate()
+    select_backend(stage.trainer_stage)  # a launch ppo-lm cannot follow stops here, before any model loads
     processes = process_state()
     layout = batch_layout(config.batch_size, processes.num_processes,
                           getattr(config, "num_mini_batches", 1),  # only PPO splits a batch into minibatches
@@ -304,7 +309,9 @@ def write_final_model(config: Any, trainer: Any, run_dir: Path, extra: dict[str,
 
 STAGES: dict[str, Stage] = {
     "train": Stage("ppo-lm train", PPOConfig, load_prompt_data, make_ppo_trainer),
-    "sft": Stage("ppo-lm sft", SFTConfig, load_sft_data, make_sft_trainer, finish=write_final_model),
-    "reward": Stage("ppo-lm reward", RewardConfig, load_reward_data, make_reward_trainer, finish=write_final_model),
+    "sft": Stage("ppo-lm sft", SFTConfig, load_sft_data, make_sft_trainer, finish=write_final_model,
+                 trainer_stage="sft"),
+    "reward": Stage("ppo-lm reward", RewardConfig, load_reward_data, make_reward_trainer, finish=write_final_model,
+                    trainer_stage="reward"),
 }
 """The stages of the `ppo-lm` command, by subcommand: PPO on prompts, supervised fine-tuning, a reward model."""
