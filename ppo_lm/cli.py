@@ -153,7 +153,6 @@ def run_stage(
     from ppo_lm.distributed import batch_layout, from_main_process, process_state
     from ppo_lm.training import RunDirectoryError, prepare_run_dir
 
-    config.validate()
     processes = process_state()
     layout = batch_layout(config.batch_size, processes.num_processes,
                           getattr(config, "num_mini_batches", 1),  # only PPO splits a batch into minibatches

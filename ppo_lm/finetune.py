@@ -119,7 +119,7 @@ class FinetuneTrainer:
     full_modules: list[str] | None = None
 
     def __init__(self, config: FinetuneConfig):
-        config.validate()
+        config.validate()  # again: a field may have been set since construction (see PPOTrainer.__init__)
         self.config = config
         if deepspeed_settings() is not None:
             raise ValueError("`ppo-lm sft` and `ppo-lm reward` do not run under DeepSpeed (only `ppo-lm train` does): "
