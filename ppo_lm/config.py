@@ -1,27 +1,41 @@
-"""Configuration: one dataclass per stage, a docstring under every field.
+"""Configuration: one dataclass per stage, a docstring under every field, each shared field declared once.
 
-`RunConfig` holds what every training run shares (data, length, schedule, checkpoints, logging); each stage's
-config adds its own fields: `PPOConfig`, and `SFTConfig` and `RewardConfig` on `FinetuneConfig` (what the two
-supervised stages share: model, LoRA, optimiser, batches). `PPOConfig`'s defaults are the original design's
-(gamma 0.99, kl_coef 0.1, 10 new tokens, lr 1e-5, value lr 1e-4); the published TL;DR recipe lives in config
-files (configs/tldr/), not here.
+    RunConfig                 what every run shares: data, length, schedule, checkpoints, logging, device
+    └── TrainConfig           what every training stage shares: model, LoRA, optimiser, batches
+        ├── PPOConfig         `ppo-lm train`
+        └── FinetuneConfig    what the two supervised stages share: merging, weight decay, completion length
+            ├── SFTConfig     `ppo-lm sft`
+            └── RewardConfig  `ppo-lm reward`
+
+A field with a fixed set of values is typed with a `Literal` alias (so `--help` lists the choices) and its allowed
+tuple is derived from that alias. `validate()` checks every value and every rule between fields that needs nothing
+but the config; it runs from `__post_init__`, so every new instance (a YAML file, tyro's `--FIELD VALUE`,
+`dataclasses.replace`) is checked before any model loads. The rules that need something from outside are `PPOConfig`
+methods the trainer calls: `check_reward_source` (a Python reward function given to the trainer) and
+`check_prompt_room` (the model's context length). `PPOConfig`'s defaults are the original design's (gamma 0.99,
+kl_coef 0.1, 10 new tokens, lr 1e-5, value lr 1e-4, batch 32); the published TL;DR recipe lives in config files
+(configs/tldr/), not here.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from ppo_lm.advantages import ADVANTAGE_ESTIMATORS
 from ppo_lm.losses import KL_ESTIMATORS, POLICY_LOSSES
 
+LRSchedulerName = Literal["constant", "linear", "cosine"]
+DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
+LR_SCHEDULERS: tuple[str, ...] = get_args(LRSchedulerName)
+DTYPES: tuple[str, ...] = get_args(DTypeName)
+# The algorithm's variable parts: the choices are the names registered in advantages.py and losses.py.
 KLEstimatorName = Literal[KL_ESTIMATORS.names()]
 AdvantageEstimatorName = Literal[ADVANTAGE_ESTIMATORS.names()]
 PolicyLossName = Literal[POLICY_LOSSES.names()]
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-LR_SCHEDULERS = ("constant", "linear", "cosine")
 TRACKERS = ("tensorboard", "wandb", "trackio")
+"""Trackers `report_to` may name (a comma-separated list, so a plain str rather than a Literal)."""
 
 
 def _invalid(config: Any, name: str, value: Any, allowed: str) -> ValueError:
@@ -57,20 +71,11 @@ def require_numbers(config: Any, names: tuple[str, ...], positive: bool) -> None
             raise _invalid(config, name, value, f"must be a finite number {'>' if positive else '>='} 0")
 
 
-def require_model_and_lora(config: Any) -> None:
-    """Check the fields every model-training config shares: model_name and the LoRA settings."""
-    require_ints(config, ("lora_r",), 1)
-    require_numbers(config, ("lora_alpha",), positive=True)
-    if not (isinstance(config.lora_dropout, (int, float)) and 0 <= config.lora_dropout < 1):
-        raise _invalid(config, "lora_dropout", config.lora_dropout, "must be in [0, 1)")
-    if not config.model_name:
-        raise _invalid(config, "model_name", config.model_name, "must name a model (hub name or local directory)")
-    if config.lora_layers is not None:
-        if not config.lora_layers or not all(_is_int(i) and i >= 0 for i in config.lora_layers):
-            raise _invalid(config, "lora_layers", config.lora_layers, "must be a non-empty list of layer indices >= 0")
-        if not config.lora_target_modules:
-            raise _invalid(config, "lora_layers", config.lora_layers, "needs lora_target_modules too (module names "
-                           "such as [q_proj, k_proj, v_proj, o_proj]): peft cannot pick layers of 'all-linear'")
+def require_choice(config: Any, name: str, choices: tuple[str, ...]) -> None:
+    """Raise a ValueError when field `name` is not one of `choices` (a dataclass does not enforce its Literal)."""
+    value = getattr(config, name)
+    if value not in choices:
+        raise _invalid(config, name, value, f"must be one of {choices}")
 
 
 @dataclass
@@ -94,7 +99,7 @@ class RunConfig:
     """Longest prompt in tokens: a TL;DR post body is shortened to fit (the 'TL;DR:' suffix is kept). None: no limit."""
     total_steps: int = 100
     """Optimisation steps of the run (for PPO, one step is one rollout batch and its PPO epochs)."""
-    lr_scheduler: str = "constant"
+    lr_scheduler: LRSchedulerName = "constant"
     """Learning-rate schedule after warmup: 'constant', 'linear' (to 0 at total_steps) or 'cosine'."""
     warmup_steps: int = 0
     """Steps of linear learning-rate warmup from 0."""
@@ -112,10 +117,12 @@ class RunConfig:
     """Seed of the python, numpy and torch random generators (sampling, minibatch order, data order, head init)."""
     device: str = "auto"
     """Where the models run: 'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:1', ..."""
-    dtype: str = "auto"
+    dtype: DTypeName = "auto"
     """Weights' dtype: 'auto' (bfloat16 on a GPU that supports it, else float32), 'float32', 'bfloat16', 'float16'."""
 
     def __post_init__(self) -> None:
+        # The one place a config is checked on its own: every construction (a YAML file, tyro, dataclasses.replace)
+        # comes through here. A trainer calls validate() again for a config whose fields were set afterwards.
         self.validate()
 
     def validate(self) -> None:
@@ -125,10 +132,8 @@ class RunConfig:
         if not (isinstance(self.eval_fraction, (int, float)) and 0 <= self.eval_fraction < 1):
             raise _invalid(self, "eval_fraction", self.eval_fraction, "must be in [0, 1)")
         require_optional_ints(self, ("max_prompt_length",))
-        if self.lr_scheduler not in LR_SCHEDULERS:
-            raise _invalid(self, "lr_scheduler", self.lr_scheduler, f"must be one of {LR_SCHEDULERS}")
-        if self.dtype not in DTYPES:
-            raise _invalid(self, "dtype", self.dtype, f"must be one of {DTYPES}")
+        require_choice(self, "lr_scheduler", LR_SCHEDULERS)
+        require_choice(self, "dtype", DTYPES)
         unknown = [name for name in self.trackers() if name not in TRACKERS]
         if unknown:
             raise _invalid(self, "report_to", self.report_to, f"names unknown tracker(s) {unknown}: use "
@@ -148,37 +153,86 @@ class RunConfig:
 
 
 @dataclass
-class PPOConfig(RunConfig):
-    """Everything one PPO run needs to know: the models, how to sample, how to reward, how to update."""
+class TrainConfig(RunConfig):
+    """What every training stage shares: the model it trains, the LoRA adapter, the optimiser and the batches."""
 
-    # --- models -----------------------------------------------------------------------------------------
     model_name: str = "Qwen/Qwen3-0.6B-Base"
-    """Base causal LM (hub name or local directory). The policy is this model plus a LoRA adapter."""
-    ref_model_name: str | None = None
-    """Reference model for the KL penalty. None: the base model with the policy adapter disabled (no copy)."""
-    reward_model_name: str | None = None
-    """Sequence-classification reward model (num_labels=1). None: the `reward_fn` given to the trainer."""
-    value_model_name: str | None = None
-    """Separate value model, e.g. the reward model. None: a second LoRA adapter plus a scalar head on the base."""
+    """Model to start from (hub name or local directory). PPO: the base causal LM of the policy (and, by default, of
+    the reference and the value model); SFT trains it as a causal LM; reward-model training puts a scalar head on its
+    body (a sequence-classification checkpoint keeps its trained head)."""
     use_lora: bool = True
-    """Train LoRA adapters on a frozen base. False: full fine-tuning (the reference becomes a frozen copy)."""
+    """Train LoRA adapters on a frozen base. False: full fine-tuning of every weight (in PPO the reference then
+    becomes a frozen copy of the model)."""
     lora_r: int = 16
     """LoRA rank."""
     lora_alpha: int = 32
     """LoRA scaling numerator (the adapter output is scaled by lora_alpha / lora_r)."""
-    lora_dropout: float = 0.1
-    """Dropout inside LoRA layers. Inactive during PPO, which keeps every model in eval mode."""
+    lora_dropout: float = 0.0
+    """Dropout inside LoRA layers while training. 0.0 in every stage, as in the N+ implementation details of RLHF;
+    PPO keeps every model in eval mode, so dropout is inactive there whatever this says."""
     lora_target_modules: list[str] | None = None
     """Module names that get LoRA layers. None: every linear layer except the output head."""
     lora_layers: list[int] | None = None
     """Indices of the decoder layers that get LoRA (None: all). Needs `lora_target_modules` (e.g. q_proj, v_proj).
     The top layers alone make an update cheaper: the backward pass stops below the lowest adapted layer."""
-    reward_fn: str | None = None
-    """Reward function for the command line, 'package.module:function' or 'path/to/file.py:function'."""
-
-    # --- rollout ----------------------------------------------------------------------------------------
     batch_size: int = 32
-    """Prompts per PPO step (the rollout batch)."""
+    """Items per training step, over all processes: PPO, prompts per rollout (each PPO epoch splits them into
+    `num_mini_batches` minibatches, one optimizer step each); SFT, rows per optimizer step; reward-model training,
+    preference pairs per optimizer step."""
+    micro_batch_size: int | None = None
+    """Items per forward/backward pass on a process (sequences in PPO, rows in SFT, pairs in reward training),
+    gradients accumulated to the same optimizer step; PPO groups a minibatch's sequences by prompt length (less
+    padding, less memory). None: a process's whole minibatch (PPO) or share of the batch in one pass."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of storing them: less memory, about a third slower."""
+    learning_rate: float = 1e-5
+    """AdamW learning rate (the peak, after warmup). In PPO, the policy's; the value model has
+    `value_learning_rate`."""
+    max_grad_norm: float = 1.0
+    """Gradient norm clip (0 turns clipping off). PPO clips the policy and the value model separately (under
+    DeepSpeed: both together)."""
+
+    def validate(self) -> None:
+        """Raise a ValueError naming the first field whose value is not allowed."""
+        super().validate()
+        if not self.model_name:
+            raise _invalid(self, "model_name", self.model_name, "must name a model (hub name or local directory)")
+        require_ints(self, ("lora_r",), 1)
+        require_numbers(self, ("lora_alpha",), positive=True)
+        if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):
+            raise _invalid(self, "lora_dropout", self.lora_dropout, "must be in [0, 1)")
+        if self.lora_layers is not None:
+            if not self.lora_layers or not all(_is_int(i) and i >= 0 for i in self.lora_layers):
+                raise _invalid(self, "lora_layers", self.lora_layers, "must be a non-empty list of layer indices >= 0")
+            if not self.lora_target_modules:
+                raise _invalid(self, "lora_layers", self.lora_layers, "needs lora_target_modules too (module names "
+                               "such as [q_proj, k_proj, v_proj, o_proj]): peft cannot pick layers of 'all-linear'")
+        require_ints(self, ("batch_size",), 1)
+        require_optional_ints(self, ("micro_batch_size",))
+        require_numbers(self, ("learning_rate",), positive=True)
+        require_numbers(self, ("max_grad_norm",), positive=False)
+
+
+@dataclass
+class PPOConfig(TrainConfig):
+    """Everything one PPO run needs to know: the models, how to sample, how to reward, how to update.
+
+    The model, LoRA, batch and optimiser fields it shares with the supervised stages are `TrainConfig`'s.
+    """
+
+    # --- models (model_name, use_lora and the lora_* fields: TrainConfig) ---------------------------------------
+    ref_model_name: str | None = None
+    """Reference model for the KL penalty. None: the base model with the policy adapter disabled (no copy)."""
+    reward_model_name: str | None = None
+    """Sequence-classification reward model (num_labels=1). None: a reward function (`reward_fn`, or a Python
+    callable given to the trainer); exactly one of the two scores the responses."""
+    value_model_name: str | None = None
+    """Separate value model, e.g. the reward model. None: a second LoRA adapter plus a scalar head on the base."""
+    reward_fn: str | None = None
+    """Reward function for the command line, 'package.module:function' or 'path/to/file.py:function'. Not together
+    with `reward_model_name`."""
+
+    # --- rollout (batch_size: TrainConfig) --------------------------------------------------------------------
     max_new_tokens: int = 10
     """Longest response, in tokens. Generation stops at the first EOS token."""
     temperature: float = 1.0
@@ -217,15 +271,14 @@ class PPOConfig(RunConfig):
     whiten_advantages: bool = True
     """Normalise advantages to mean 0, std 1 over the valid tokens of the batch."""
 
-    # --- update -----------------------------------------------------------------------------------------
-    learning_rate: float = 1e-5
-    """AdamW learning rate of the policy."""
+    # --- update (learning_rate, max_grad_norm, micro_batch_size, gradient_checkpointing: TrainConfig) ---------
     value_learning_rate: float = 1e-4
     """AdamW learning rate of the value model (adapter and head)."""
     ppo_epochs: int = 4
     """Passes over each rollout batch."""
     num_mini_batches: int = 1
-    """Minibatches per pass; one optimizer step each."""
+    """Minibatches per pass; one optimizer step each. Must divide `batch_size` (and, over several processes, each
+    process's share of it)."""
     policy_loss: PolicyLossName = "clipped"
     """The policy loss (`losses.POLICY_LOSSES`): 'clipped', PPO's clipped surrogate."""
     clip_epsilon: float = 0.2
@@ -236,14 +289,6 @@ class PPOConfig(RunConfig):
     """Weight of the value loss in the total loss."""
     entropy_coef: float = 0.0
     """Weight of the entropy bonus (0 turns it off)."""
-    max_grad_norm: float = 1.0
-    """Gradient norm clip, applied to the policy and to the value model separately (under DeepSpeed: to both
-    together); 0 turns clipping off."""
-    micro_batch_size: int | None = None
-    """Sequences per forward/backward pass: each batch runs as micro-batches of similar prompt length (less
-    padding, less memory), gradients accumulated to the same update. None: a whole minibatch per pass."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass instead of storing them: less memory, about a third slower."""
     cache_frozen_layers: bool = True
     """With `lora_layers`, run the layers below the lowest adapted one once per rollout and start every later pass
     (reference, values, each PPO epoch) from their output: the same numbers for less compute, at the memory of one
@@ -254,15 +299,13 @@ class PPOConfig(RunConfig):
     def validate(self) -> None:
         """Raise a ValueError naming the first field whose value is not allowed."""
         super().validate()
-        require_model_and_lora(self)
-        require_numbers(self, ("learning_rate", "value_learning_rate", "clip_epsilon", "temperature",
-                               "adaptive_kl_horizon"), positive=True)
-        require_ints(self, ("batch_size", "max_new_tokens", "ppo_epochs", "num_mini_batches",
-                            "eval_samples_per_prompt"), 1)
+        require_numbers(self, ("value_learning_rate", "clip_epsilon", "temperature", "adaptive_kl_horizon"),
+                        positive=True)
+        require_ints(self, ("max_new_tokens", "ppo_epochs", "num_mini_batches", "eval_samples_per_prompt"), 1)
         if self.eval_greedy and self.eval_samples_per_prompt != 1:
             raise _invalid(self, "eval_samples_per_prompt", self.eval_samples_per_prompt,
                            "must be 1 with eval_greedy: greedy decoding gives the same response every time")
-        require_numbers(self, ("kl_coef", "value_clip", "vf_coef", "entropy_coef", "max_grad_norm"), positive=False)
+        require_numbers(self, ("kl_coef", "value_clip", "vf_coef", "entropy_coef"), positive=False)
         for name in ("gamma", "lam"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 <= value <= 1):
@@ -273,54 +316,55 @@ class PPOConfig(RunConfig):
             raise _invalid(self, "top_k", self.top_k, "must be an integer >= 0 (0 turns it off)")
         for name, registry in (("kl_estimator", KL_ESTIMATORS), ("advantage_estimator", ADVANTAGE_ESTIMATORS),
                                ("policy_loss", POLICY_LOSSES)):
-            if getattr(self, name) not in registry:
-                raise _invalid(self, name, getattr(self, name), f"must be one of {registry.names()}")
-        require_optional_ints(self, ("micro_batch_size",))
+            require_choice(self, name, registry.names())  # read when validating: a variant may register later
         for name in ("target_kl", "adaptive_kl_target"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):
                 raise _invalid(self, name, value, "must be a number > 0, or None to turn it off")
         if self.missing_eos_penalty is not None and not math.isfinite(self.missing_eos_penalty):
             raise _invalid(self, "missing_eos_penalty", self.missing_eos_penalty, "must be a finite number or None")
+        # The batch arithmetic that needs no process count; distributed.batch_layout splits it over the processes.
         if self.num_mini_batches > self.batch_size:
             raise _invalid(self, "num_mini_batches", self.num_mini_batches,
                            f"must be <= batch_size ({self.batch_size}): each minibatch needs a sequence")
+        if self.batch_size % self.num_mini_batches:
+            raise _invalid(self, "num_mini_batches", self.num_mini_batches,
+                           f"must divide batch_size ({self.batch_size}): every minibatch gets the same number of "
+                           "sequences")
+        self.check_reward_source(required=False)
+
+    def check_reward_source(self, has_callable: bool = False, required: bool = True) -> None:
+        """Raise a ValueError unless one reward source at most is set: a reward model (`reward_model_name`) or a
+        reward function (`reward_fn`, or a Python callable given to the trainer: `has_callable`, which takes the
+        place of `reward_fn`). `required`: also raise when there is none (validate() cannot know of a callable)."""
+        function = "a reward_fn callable" if has_callable else f"reward_fn={self.reward_fn!r}"
+        if self.reward_model_name is not None and (has_callable or self.reward_fn is not None):
+            raise ValueError(f"{type(self).__name__}.reward_model_name={self.reward_model_name!r} and {function} are "
+                             "both given: choose one reward source.")
+        if required and not has_callable and self.reward_fn is None and self.reward_model_name is None:
+            raise ValueError(f"No reward: pass reward_fn=... to the trainer, or set {type(self).__name__}.reward_fn "
+                             f"to a function or {type(self).__name__}.reward_model_name to a reward model.")
+
+    def check_prompt_room(self, context_length: int) -> int:
+        """The room for a prompt, in tokens, in a model's context of `context_length` tokens: the context less
+        `max_new_tokens`. Raise a ValueError when that leaves no room (the context is only known from the model)."""
+        room = context_length - self.max_new_tokens
+        if room < 1:
+            raise ValueError(f"{type(self).__name__}.max_new_tokens={self.max_new_tokens} leaves no room for a prompt "
+                             f"in the model's context of {context_length} tokens; lower max_new_tokens.")
+        return room
 
 
 @dataclass
-class FinetuneConfig(RunConfig):
-    """What the supervised stages (SFT and reward-model training) share: the model, LoRA, optimiser, batches."""
+class FinetuneConfig(TrainConfig):
+    """What the supervised stages (SFT and reward-model training) share beyond `TrainConfig`: how the final model is
+    written, weight decay, the completion length and the evaluation samples."""
 
-    model_name: str = "Qwen/Qwen3-0.6B-Base"
-    """Model to start from (hub name or local directory). SFT trains it as a causal LM; reward-model training puts a
-    scalar head on its body (a sequence-classification checkpoint keeps its trained head)."""
-    use_lora: bool = True
-    """Train a LoRA adapter on a frozen base. False: full fine-tuning of every weight."""
-    lora_r: int = 16
-    """LoRA rank."""
-    lora_alpha: int = 32
-    """LoRA scaling numerator (the adapter output is scaled by lora_alpha / lora_r)."""
-    lora_dropout: float = 0.0
-    """Dropout inside LoRA layers while training (0: none, as in the N+ implementation details of RLHF)."""
-    lora_target_modules: list[str] | None = None
-    """Module names that get LoRA layers. None: every linear layer except the output head."""
-    lora_layers: list[int] | None = None
-    """Indices of the decoder layers that get LoRA (None: all). Needs `lora_target_modules` (e.g. q_proj, v_proj)."""
     merge_lora: bool = True
     """At the end, write `<output_dir>/final` as one merged model (True), or as the LoRA adapter alone (False; it
     loads with `from_pretrained` when peft is installed). The next stage of the pipeline needs a merged model."""
-    batch_size: int = 32
-    """Rows (SFT) or preference pairs (reward model) per optimizer step."""
-    micro_batch_size: int | None = None
-    """Rows (or pairs) per forward/backward pass, gradients accumulated to the same step. None: the whole batch."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass instead of storing them: less memory, about a third slower."""
-    learning_rate: float = 1e-5
-    """AdamW learning rate (the peak, after warmup)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
-    max_grad_norm: float = 1.0
-    """Gradient norm clip (0 turns clipping off)."""
     max_completion_length: int | None = None
     """Longest completion in tokens, EOS included: a longer one is cut (and then lacks its EOS), with a warning.
     None: no limit but the model's context (the prompt's start is cut first)."""
@@ -331,12 +375,9 @@ class FinetuneConfig(RunConfig):
     def validate(self) -> None:
         """Raise a ValueError naming the first field whose value is not allowed."""
         super().validate()
-        require_model_and_lora(self)
-        require_ints(self, ("batch_size",), 1)
         require_ints(self, ("max_eval_samples",), 0)
-        require_optional_ints(self, ("micro_batch_size", "max_completion_length"))
-        require_numbers(self, ("learning_rate",), positive=True)
-        require_numbers(self, ("weight_decay", "max_grad_norm"), positive=False)
+        require_optional_ints(self, ("max_completion_length",))
+        require_numbers(self, ("weight_decay",), positive=False)
 
 
 @dataclass

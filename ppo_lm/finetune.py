@@ -101,7 +101,7 @@ class FinetuneTrainer:
     full_modules: list[str] | None = None
 
     def __init__(self, config: FinetuneConfig):
-        config.validate()
+        config.validate()  # again: a field may have been set since construction (see PPOTrainer.__init__)
         self.config = config
         self.backend = select_backend(self.stage)  # how the launch holds and updates the weights
         processes = process_state()

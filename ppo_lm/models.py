@@ -29,7 +29,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from ppo_lm.config import FinetuneConfig, PPOConfig
+from ppo_lm.config import PPOConfig, TrainConfig
 from ppo_lm.generation import SequenceBatch, position_ids_from_mask
 from ppo_lm.losses import entropy_from_logits
 
@@ -104,7 +104,7 @@ def _freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def lora_config(config: PPOConfig | FinetuneConfig, modules_to_save: list[str] | None = None) -> LoraConfig:
+def lora_config(config: TrainConfig, modules_to_save: list[str] | None = None) -> LoraConfig:
     """The LoRA settings of a run's config; `modules_to_save` are trained in full beside it (e.g. a scalar head)."""
     return LoraConfig(
         r=config.lora_r,

@@ -137,18 +137,14 @@ class PPOTrainer:
     """
 
     def __init__(self, config: PPOConfig, reward_fn: RewardFn | None = None):
+        # Checked at construction, checked again here: a config is a plain dataclass, and a field set since then
+        # (config.batch_size = ...) must not reach the models unchecked. The rules themselves live in config.py.
+        config.validate()
+        config.check_reward_source(has_callable=reward_fn is not None)
         if reward_fn is None and config.reward_fn is not None:
             reward_fn = load_reward_function(config.reward_fn)
-        if reward_fn is None and config.reward_model_name is None:
-            raise ValueError("No reward: pass reward_fn=... (or set PPOConfig.reward_fn) or set "
-                             "PPOConfig.reward_model_name to a reward model.")
-        if reward_fn is not None and config.reward_model_name is not None:
-            raise ValueError(
-                f"Both reward_fn and reward_model_name={config.reward_model_name!r} are given; choose one."
-            )
         if reward_fn is not None and not callable(reward_fn):
             raise TypeError(f"reward_fn must be callable, got {type(reward_fn).__name__}.")
-        config.validate()
         self.config = config
         self.reward_fn = reward_fn
         self.estimator = ADVANTAGE_ESTIMATORS[config.advantage_estimator]
@@ -174,12 +170,7 @@ class PPOTrainer:
         self.reward_tokenizer = self._reward_tokenizer_if_different()
 
         context = getattr(self.models.policy.config, "max_position_embeddings", None) or 2**31
-        self.max_prompt_tokens = context - config.max_new_tokens
-        if self.max_prompt_tokens < 1:
-            raise ValueError(
-                f"PPOConfig.max_new_tokens={config.max_new_tokens} leaves no room for a prompt in the model's "
-                f"context of {context} tokens; lower max_new_tokens."
-            )
+        self.max_prompt_tokens = config.check_prompt_room(context)
         self.stop_token_id = self.tokenizer.eos_token_id
         self.generation_config = sampling_config(
             config.max_new_tokens, config.temperature, config.top_k, config.top_p,

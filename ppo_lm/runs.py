@@ -175,7 +175,6 @@ def run_stage(argv: list[str], stage: Stage) -> dict[str, Any]:
     from ppo_lm.distributed import batch_layout, from_main_process, process_state
     from ppo_lm.training import RunDirectoryError, prepare_run_dir
 
-    config.validate()
     select_backend(stage.trainer_stage)  # a launch ppo-lm cannot follow stops here, before any model loads
     processes = process_state()
     layout = batch_layout(config.batch_size, processes.num_processes,

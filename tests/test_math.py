@@ -159,7 +159,7 @@ def test_adaptive_kl_controller_moves_toward_target_and_fixed_does_not():
 def test_config_defaults_keep_the_original_design():
     config = PPOConfig()
     assert (config.model_name, config.lora_r, config.lora_alpha, config.lora_dropout) == (
-        "Qwen/Qwen3-0.6B-Base", 16, 32, 0.1)
+        "Qwen/Qwen3-0.6B-Base", 16, 32, 0.0)
     assert (config.learning_rate, config.value_learning_rate, config.batch_size, config.max_new_tokens) == (
         1e-5, 1e-4, 32, 10)
     assert (config.gamma, config.lam, config.kl_coef, config.clip_epsilon) == (0.99, 0.95, 0.1, 0.2)

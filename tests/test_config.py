@@ -1,0 +1,202 @@
+"""The config classes: shared fields declared once, typed choices, and every cross-field rule checked in config.py."""
+
+import dataclasses
+import inspect
+import re
+import typing
+
+import pytest
+
+from ppo_lm.cli import CommandLineError, fields_help, parse_config
+from ppo_lm.config import (
+    DTYPES,
+    KL_ESTIMATORS,
+    LR_SCHEDULERS,
+    DTypeName,
+    FinetuneConfig,
+    KLEstimatorName,
+    LRSchedulerName,
+    PPOConfig,
+    RewardConfig,
+    RunConfig,
+    SFTConfig,
+    TrainConfig,
+)
+
+SHARED = {"model_name", "use_lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_layers",
+          "batch_size", "micro_batch_size", "gradient_checkpointing", "learning_rate", "max_grad_norm"}
+STAGES = (PPOConfig, SFTConfig, RewardConfig)
+
+
+def unboxed(text):
+    """tyro's error box as one line of words: the frame characters and line breaks dropped."""
+    return " ".join(re.sub("[\u2500-\u257f]", " ", text).split())
+
+
+def field_names(cls):
+    return {field.name for field in dataclasses.fields(cls)}
+
+
+# --- shared fields, declared once -------------------------------------------------------------------------------
+
+
+def test_the_shared_training_fields_are_declared_once_in_train_config():
+    assert field_names(TrainConfig) - field_names(RunConfig) == SHARED
+    assert set(inspect.get_annotations(TrainConfig)) == SHARED
+    for cls in (*STAGES, FinetuneConfig):
+        assert SHARED.issubset(field_names(cls)), cls.__name__
+        redeclared = SHARED & set(inspect.get_annotations(cls))
+        assert not redeclared, f"{cls.__name__} redeclares {redeclared}"
+
+
+def test_shared_fields_have_one_default_in_every_stage_and_lora_dropout_is_zero():
+    for name in SHARED:
+        assert len({repr(getattr(cls(), name)) for cls in STAGES}) == 1, name
+    assert [cls().lora_dropout for cls in STAGES] == [0.0, 0.0, 0.0]
+    # The original design's defaults stay PPOConfig's.
+    ppo = PPOConfig()
+    assert (ppo.learning_rate, ppo.value_learning_rate, ppo.batch_size, ppo.max_new_tokens, ppo.gamma,
+            ppo.kl_coef) == (1e-5, 1e-4, 32, 10, 0.99, 0.1)
+
+
+def test_every_field_of_every_stage_has_a_docstring():
+    for cls in (RunConfig, TrainConfig, PPOConfig, FinetuneConfig, SFTConfig, RewardConfig):
+        source = inspect.getsource(cls)
+        for name in inspect.get_annotations(cls):
+            after = source.split(f"\n    {name}: ", 1)[1].split("\n", 2)[1]
+            assert after.strip().startswith('"""'), f"{cls.__name__}.{name} has no docstring"
+
+
+# --- choices typed with Literal ---------------------------------------------------------------------------------
+
+CHOICES = [
+    (PPOConfig, "lr_scheduler", LRSchedulerName, LR_SCHEDULERS),
+    (PPOConfig, "dtype", DTypeName, DTYPES),
+    (PPOConfig, "kl_estimator", KLEstimatorName, KL_ESTIMATORS),
+    (SFTConfig, "lr_scheduler", LRSchedulerName, LR_SCHEDULERS),
+    (RewardConfig, "dtype", DTypeName, DTYPES),
+]
+
+
+@pytest.mark.parametrize("cls, name, alias, allowed", CHOICES)
+def test_each_choice_is_one_literal_that_validate_and_help_agree_on(cls, name, alias, allowed):
+    assert typing.get_type_hints(cls)[name] == alias
+    assert typing.get_args(alias) == allowed
+    for value in allowed:
+        assert getattr(cls(**{name: value}), name) == value
+    with pytest.raises(ValueError) as error:
+        cls(**{name: "bogus"})
+    assert f"{cls.__name__}.{name}='bogus' is invalid: must be one of {allowed}" in str(error.value)
+    assert f"--{name}{{{','.join(allowed)}}}" in "".join(fields_help(cls).split())  # however the terminal wraps
+
+
+def test_the_expected_choices():
+    assert LR_SCHEDULERS == ("constant", "linear", "cosine")
+    assert DTYPES == ("auto", "float32", "bfloat16", "float16")
+    assert KL_ESTIMATORS == ("k1", "k3")
+
+
+def test_a_bad_choice_on_the_command_line_is_refused_naming_the_choices(capsys):
+    with pytest.raises(SystemExit) as error:
+        parse_config(PPOConfig, {}, ["--lr_scheduler", "bogus"], prog="ppo-lm train")
+    assert error.value.code == 2
+    printed = capsys.readouterr()
+    message = unboxed(printed.out + printed.err)
+    assert "'bogus'" in message and "--lr_scheduler" in message and "constant" in message
+
+
+def test_a_bad_choice_in_a_config_file_is_refused_naming_field_and_choices():
+    with pytest.raises(ValueError, match=r"PPOConfig.kl_estimator='k2' is invalid: must be one of \('k1', 'k3'\)"):
+        parse_config(PPOConfig, {"kl_estimator": "k2"}, [], prog="ppo-lm train")
+
+
+def test_report_to_stays_a_comma_separated_string_checked_against_the_trackers():
+    assert PPOConfig(report_to="tensorboard, wandb").trackers() == ["tensorboard", "wandb"]
+    with pytest.raises(ValueError, match="report_to.*unknown tracker"):
+        PPOConfig(report_to="tensorboard,mlflow")
+
+
+# --- cross-field rules ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls, values, names", [
+    (PPOConfig, dict(reward_fn="pkg.mod:fn", reward_model_name="runs/reward/final"),
+     ["reward_model_name", "reward_fn"]),
+    (PPOConfig, dict(batch_size=4, num_mini_batches=8), ["num_mini_batches", "batch_size"]),
+    (PPOConfig, dict(batch_size=6, num_mini_batches=4), ["num_mini_batches", "batch_size", "minibatch"]),
+    (PPOConfig, dict(eval_greedy=True, eval_samples_per_prompt=2), ["eval_samples_per_prompt", "eval_greedy"]),
+    (PPOConfig, dict(lora_layers=[1]), ["lora_layers", "lora_target_modules"]),
+    (SFTConfig, dict(lora_layers=[1]), ["lora_layers", "lora_target_modules"]),
+    (RewardConfig, dict(reference_dataset="ref.jsonl", merge_lora=False), ["merge_lora", "reference_dataset"]),
+])
+def test_each_cross_field_rule_raises_at_construction_naming_the_fields(cls, values, names):
+    with pytest.raises(ValueError) as error:
+        cls(**values)
+    message = str(error.value)
+    assert cls.__name__ in message
+    for name in names:
+        assert name in message
+
+
+def test_the_batch_rules_need_no_process_count_and_leave_micro_batches_alone():
+    assert PPOConfig(batch_size=8, num_mini_batches=4).num_mini_batches == 4
+    assert PPOConfig(batch_size=4, num_mini_batches=1, micro_batch_size=16).micro_batch_size == 16
+    with pytest.raises(ValueError, match=r"num_mini_batches=4 is invalid: must divide batch_size \(6\)"):
+        PPOConfig(batch_size=6, num_mini_batches=4)
+
+
+def test_validate_runs_on_every_new_instance(capsys):
+    config = PPOConfig(reward_fn="pkg.mod:fn")
+    with pytest.raises(ValueError, match="reward_model_name.*reward_fn"):
+        dataclasses.replace(config, reward_model_name="runs/reward/final")
+    with pytest.raises(ValueError, match="must divide batch_size"):  # a config file's values
+        parse_config(PPOConfig, {"batch_size": 6, "num_mini_batches": 4}, [], prog="ppo-lm train")
+    with pytest.raises(SystemExit) as error:  # --FIELD VALUE: tyro reports the ValueError and exits
+        parse_config(PPOConfig, {"batch_size": 6}, ["--num_mini_batches", "4"], prog="ppo-lm train")
+    assert error.value.code == 2
+    assert "must divide batch_size (6)" in unboxed(capsys.readouterr().err)
+    with pytest.raises(CommandLineError, match="unexpected keyword"):
+        parse_config(PPOConfig, {"no_such_field": 1}, [], prog="ppo-lm train")
+
+
+def test_check_reward_source_wants_exactly_one_reward():
+    PPOConfig(reward_fn="pkg.mod:fn").check_reward_source(has_callable=False)
+    PPOConfig(reward_model_name="rm").check_reward_source(has_callable=False)
+    PPOConfig().check_reward_source(has_callable=True)
+    PPOConfig(reward_fn="pkg.mod:fn").check_reward_source(has_callable=True)  # the callable takes its place
+    PPOConfig().check_reward_source(required=False)  # what validate() checks: a callable may come later
+    with pytest.raises(ValueError, match="No reward.*reward_fn.*reward_model_name"):
+        PPOConfig().check_reward_source(has_callable=False)
+    with pytest.raises(ValueError, match="reward_model_name='rm' and a reward_fn callable are both given"):
+        PPOConfig(reward_model_name="rm").check_reward_source(has_callable=True)
+
+
+def test_check_prompt_room_is_the_context_less_the_response():
+    config = PPOConfig(max_new_tokens=10)
+    assert config.check_prompt_room(2048) == 2038
+    assert config.check_prompt_room(11) == 1
+    for context in (10, 4):
+        with pytest.raises(ValueError, match=rf"PPOConfig.max_new_tokens=10 leaves no room for a prompt in the "
+                                             rf"model's context of {context} tokens"):
+            config.check_prompt_room(context)
+
+
+# --- the trainers check before any model loads ------------------------------------------------------------------
+
+def test_the_trainers_check_a_config_changed_after_construction_before_loading(tmp_path):
+    from ppo_lm.ppo_trainer import PPOTrainer
+    from ppo_lm.sft_trainer import SFTTrainer
+
+    missing = str(tmp_path / "no-model")  # loading it would be an OSError: a ValueError means nothing loaded
+    config = PPOConfig(model_name=missing, reward_fn="pkg.mod:fn")
+    config.batch_size = 6
+    config.num_mini_batches = 4
+    with pytest.raises(ValueError, match="must divide batch_size"):
+        PPOTrainer(config)
+    with pytest.raises(ValueError, match="reward_model_name='rm' and a reward_fn callable are both given"):
+        PPOTrainer(PPOConfig(model_name=missing, reward_model_name="rm"), reward_fn=lambda p, c: [0.0] * len(p))
+    with pytest.raises(ValueError, match="No reward"):
+        PPOTrainer(PPOConfig(model_name=missing))
+    sft = SFTConfig(model_name=missing)
+    sft.lora_dropout = 1.5
+    with pytest.raises(ValueError, match=r"SFTConfig.lora_dropout=1.5 is invalid"):
+        SFTTrainer(sft)
