@@ -7,21 +7,24 @@ import typing
 
 import pytest
 
-from ppo_lm.cli import CommandLineError, fields_help, parse_config
+from ppo_lm.advantages import ADVANTAGE_ESTIMATORS
 from ppo_lm.config import (
     DTYPES,
-    KL_ESTIMATORS,
     LR_SCHEDULERS,
+    AdvantageEstimatorName,
     DTypeName,
     FinetuneConfig,
     KLEstimatorName,
     LRSchedulerName,
+    PolicyLossName,
     PPOConfig,
     RewardConfig,
     RunConfig,
     SFTConfig,
     TrainConfig,
 )
+from ppo_lm.losses import KL_ESTIMATORS, POLICY_LOSSES
+from ppo_lm.runs import CommandLineError, fields_help, parse_config
 
 SHARED = {"model_name", "use_lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_layers",
           "batch_size", "micro_batch_size", "gradient_checkpointing", "learning_rate", "max_grad_norm"}
@@ -72,7 +75,9 @@ def test_every_field_of_every_stage_has_a_docstring():
 CHOICES = [
     (PPOConfig, "lr_scheduler", LRSchedulerName, LR_SCHEDULERS),
     (PPOConfig, "dtype", DTypeName, DTYPES),
-    (PPOConfig, "kl_estimator", KLEstimatorName, KL_ESTIMATORS),
+    (PPOConfig, "kl_estimator", KLEstimatorName, KL_ESTIMATORS.names()),
+    (PPOConfig, "advantage_estimator", AdvantageEstimatorName, ADVANTAGE_ESTIMATORS.names()),
+    (PPOConfig, "policy_loss", PolicyLossName, POLICY_LOSSES.names()),
     (SFTConfig, "lr_scheduler", LRSchedulerName, LR_SCHEDULERS),
     (RewardConfig, "dtype", DTypeName, DTYPES),
 ]
@@ -93,7 +98,8 @@ def test_each_choice_is_one_literal_that_validate_and_help_agree_on(cls, name, a
 def test_the_expected_choices():
     assert LR_SCHEDULERS == ("constant", "linear", "cosine")
     assert DTYPES == ("auto", "float32", "bfloat16", "float16")
-    assert KL_ESTIMATORS == ("k1", "k3")
+    assert KL_ESTIMATORS.names() == ("k1", "k3")
+    assert ADVANTAGE_ESTIMATORS.names() == ("gae",) and POLICY_LOSSES.names() == ("clipped",)
 
 
 def test_a_bad_choice_on_the_command_line_is_refused_naming_the_choices(capsys):
