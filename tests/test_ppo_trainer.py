@@ -1,15 +1,16 @@
 """PPOTrainer on a tiny random Qwen3 with the real Qwen tokenizer, loaded from disk through from_pretrained."""
 
 import copy
-import dataclasses
 import logging
 import math
 
 import pytest
 import torch
+from conftest import length_reward, tiny_config, tiny_qwen3_config
+from transformers import PreTrainedTokenizerFast
 
 from ppo_lm import PPOConfig, PPOTrainer, RewardFunctionError, exact_kl
-from ppo_lm.models import backbone_of, response_logits, sequence_logprobs, sequence_values, shared_frozen_layers
+from ppo_lm.models import backbone_of, response_logits, sequence_logprobs, sequence_scores, sequence_values
 
 PROMPTS = [
     "SUBREDDIT: r/cooking\nTITLE: Bread\nPOST: My bread never rises.\nTL;DR:",
@@ -17,17 +18,6 @@ PROMPTS = [
     "The weather today is sunny and warm, so we went to the beach",
     "TL;DR:",
 ]
-
-
-def length_reward(prompts, completions):
-    return [float(len(c)) / 10 for c in completions]
-
-
-def tiny_config(model_dir, **overrides):
-    settings = dict(model_name=model_dir, batch_size=4, max_new_tokens=6, learning_rate=1e-3,
-                    value_learning_rate=1e-3, device="cpu", seed=0)
-    settings.update(overrides)
-    return PPOConfig(**settings)
 
 
 @pytest.fixture(scope="module")
@@ -276,21 +266,6 @@ def test_a_max_grad_norm_of_zero_turns_clipping_off(tiny_model_dir):
     assert any(not torch.allclose(clipped[name], unclipped[name]) for name in off)
 
 
-def test_bench_prints_one_json_line_with_every_figure(capsys):
-    from ppo_lm.cli import main
-
-    assert main(["bench", "--arch", "tiny", "--steps", "1", "--warmup", "0", "--batch_size", "4",
-                 "--max_new_tokens", "2", "--ppo_epochs", "1", "--prompt_lengths", "8", "--device", "cpu"]) == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert len(lines) == 1
-    result = __import__("json").loads(lines[0])
-    for key in ("median_step_s", "stage_s", "generated_tokens_per_s", "tokens_per_s", "peak_memory_gib",
-                "step_tflop", "floor_s", "time_over_floor"):
-        assert key in result, key
-    assert set(result["stage_s"]) == {"generate", "logprobs", "reward", "values", "update"}
-    assert result["median_step_s"] > 0 and result["step_tflop"] > 0 and result["time_over_floor"] > 0
-
-
 def test_an_update_trains_the_value_adapter_and_head_as_well_as_the_policy(tiny_model_dir):
     trainer = PPOTrainer(tiny_config(tiny_model_dir, ppo_epochs=1), reward_fn=length_reward)
     before = {name: tensor.detach().clone() for name, tensor in trainer.models.named_trainable().items()}
@@ -300,16 +275,6 @@ def test_an_update_trains_the_value_adapter_and_head_as_well_as_the_policy(tiny_
     for prefix in ("policy.", "value.", "value_head."):
         assert any(name.startswith(prefix) for name in moved), prefix
     assert any(".lora_B.value." in name for name in moved)
-
-
-def test_lora_layers_put_adapters_on_the_chosen_layers_only(tiny_model_dir):
-    trainer = PPOTrainer(tiny_config(tiny_model_dir, lora_target_modules=["q_proj", "down_proj"], lora_layers=[1]),
-                         reward_fn=length_reward)
-    names = [name for name in trainer.models.named_trainable() if ".lora_" in name]
-    assert names and all(".layers.1." in name for name in names)
-    assert {name.split(".lora_")[0].rsplit(".", 1)[1] for name in names} == {"q_proj", "down_proj"}
-    with pytest.raises(ValueError, match="lora_layers.*needs lora_target_modules"):
-        tiny_config(tiny_model_dir, lora_layers=[1]).validate()
 
 
 def test_caching_the_frozen_layers_gives_the_same_rollout_and_update(tiny_model_dir):
@@ -337,25 +302,6 @@ def test_caching_the_frozen_layers_gives_the_same_rollout_and_update(tiny_model_
         torch.testing.assert_close(plain_weights[name], cached_weights[name], atol=1e-5, rtol=1e-4)
     # The decoder has all its layers back after every pass.
     assert len(backbone_of(trainer.models.policy).layers) == 2
-
-
-def test_frozen_layers_are_not_cached_where_that_would_change_the_numbers(tiny_model_dir, caplog):
-    config = tiny_config(tiny_model_dir, lora_target_modules=["q_proj"], lora_layers=[1])
-    trainer = PPOTrainer(config, reward_fn=length_reward)
-    assert shared_frozen_layers(config, trainer.models) == 1
-    # An architecture that transforms `inputs_embeds` on the way in: the cached path no longer matches.
-    decoder = backbone_of(trainer.models.policy)
-    handle = decoder.register_forward_pre_hook(
-        lambda module, args, kwargs: (args, {**kwargs, "inputs_embeds": kwargs["inputs_embeds"] * 2})
-        if kwargs.get("inputs_embeds") is not None else None, with_kwargs=True)
-    with caplog.at_level(logging.WARNING):
-        assert shared_frozen_layers(config, trainer.models) == 0
-    handle.remove()
-    assert "does not reproduce a whole forward pass" in caplog.text
-    # A separate reference model, or the switch turned off: every pass runs every layer.
-    assert shared_frozen_layers(dataclasses.replace(config, cache_frozen_layers=False), trainer.models) == 0
-    separate_reference = dataclasses.replace(config, ref_model_name=tiny_model_dir)
-    assert PPOTrainer(separate_reference, reward_fn=length_reward).frozen_layers == 0
 
 
 def test_evaluation_reports_the_exact_kl_and_greedy_responses_when_asked(tiny_model_dir):
@@ -402,3 +348,48 @@ def test_cached_frozen_layers_work_with_gradient_checkpointing(tiny_model_dir):
     assert any(not torch.equal(w, torch.zeros_like(w)) for n, w in weights[1].items() if ".lora_B." in n)
     for name in weights[0]:
         torch.testing.assert_close(weights[0][name], weights[1][name], atol=1e-5, rtol=1e-4)
+
+
+# --- a reward model with its own tokenizer ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def other_vocabulary_reward_model(tmp_path_factory):
+    """A tiny reward model with its own word-level vocabulary, unrelated to the policy's Qwen tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", "<pad>", "</s>", "hello", "the", "weather", "is", "sunny", "a", "TL;DR:", "Hello"]
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
+                                        eos_token="</s>")
+    path = tmp_path_factory.mktemp("other-vocab-reward")
+    torch.manual_seed(2)
+    config = tiny_qwen3_config(len(words), num_labels=1, pad_token_id=1, eos_token_id=2)
+    from transformers import Qwen3ForSequenceClassification
+
+    Qwen3ForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path), tokenizer
+
+
+def test_a_reward_model_with_another_tokenizer_scores_the_text(tiny_model_dir, other_vocabulary_reward_model):
+    reward_dir, reward_tokenizer = other_vocabulary_reward_model
+    config = PPOConfig(model_name=tiny_model_dir, reward_model_name=reward_dir, batch_size=2, max_new_tokens=4,
+                       ppo_epochs=1, device="cpu")
+    trainer = PPOTrainer(config)
+    assert trainer.reward_tokenizer is not None  # the vocabularies differ: the text is tokenised again
+    prompts = ["Hello the weather is", "TL;DR:"]
+    rollout = trainer.make_rollout(prompts)
+    encoded = reward_tokenizer([p + c for p, c in zip(prompts, rollout.completions, strict=True)], padding=True,
+                               return_tensors="pt")
+    with torch.no_grad():
+        expected = sequence_scores(trainer.models.reward_model, encoded["input_ids"], encoded["attention_mask"])
+    torch.testing.assert_close(rollout.raw_scores, expected)
+    stats = trainer.ppo_step(prompts)  # a whole step on the re-tokenised scores
+    assert math.isfinite(stats["reward_mean"]) and math.isfinite(stats["policy_loss"])
+
+
+def test_a_reward_model_with_the_same_tokenizer_shares_the_tokens(tiny_model_dir, tiny_reward_model_dir):
+    config = PPOConfig(model_name=tiny_model_dir, reward_model_name=tiny_reward_model_dir, batch_size=2,
+                       max_new_tokens=2, device="cpu")
+    assert PPOTrainer(config).reward_tokenizer is None
