@@ -1,5 +1,9 @@
 """`ppo-lm bench`: a timed PPO step on a tiny architecture, reported as one JSON line."""
 
+import pytest
+
+pytestmark = pytest.mark.slow
+
 
 def test_bench_prints_one_json_line_with_every_figure(capsys):
     from ppo_lm.cli import main

@@ -10,6 +10,7 @@ from ppo_lm.checkpoint import CheckpointError, find_checkpoint
 from ppo_lm.cli import main
 
 
+@pytest.mark.slow
 def test_an_interrupted_checkpoint_is_skipped_on_resume(run_files, caplog):
     run_dir = run_files["dir"] / "run"
     assert main(["train", "--config", run_files["config"], "--output_dir", str(run_dir)]) == 0

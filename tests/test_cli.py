@@ -94,6 +94,7 @@ def test_bad_data_is_an_error_before_any_model_loads(run_files, capsys, dataset_
 
 # --- the shipped configs, end to end ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_quickstart_config_runs_one_step(tiny_model_dir, tmp_path, monkeypatch):
     from pathlib import Path
 
@@ -119,6 +120,7 @@ def test_each_recipe_config_parses(name, config_class):
             "runs/tldr/sft/final", "runs/tldr/reward/final", "runs/tldr/reward/final")
 
 
+@pytest.mark.slow
 def test_the_recipe_runs_end_to_end_each_stage_reading_the_previous_output(tmp_path, tiny_model_dir, monkeypatch):
     """sft.yaml, reward.yaml and ppo.yaml, one step each on local data of the hub datasets' schemas. Only sizes,
     data paths and the SFT base are overridden: each stage finds the previous one's `final/` where the recipe says."""

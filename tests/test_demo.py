@@ -199,6 +199,7 @@ def test_main_py_runs_the_demo(monkeypatch, capsys):
     assert "ppo-lm demo" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_two_step_demo_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     small = ["--total_steps", "2", "--batch_size", "2", "--max_new_tokens", "4", "--max_eval_prompts", "2",

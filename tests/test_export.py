@@ -6,11 +6,14 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ppo_lm.cli import main
+
+pytestmark = pytest.mark.slow  # each test trains, then exports
 
 
 def test_export_loads_without_peft_and_generates_the_same_greedy_text(run_files, tmp_path):

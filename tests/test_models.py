@@ -21,6 +21,7 @@ def test_scalar_head_init_std():
     assert head.bias.item() == 0.0
 
 
+@pytest.mark.slow
 def test_lora_layers_put_adapters_on_the_chosen_layers_only(tiny_model_dir):
     trainer = PPOTrainer(tiny_config(tiny_model_dir, lora_target_modules=["q_proj", "down_proj"], lora_layers=[1]),
                          reward_fn=length_reward)
@@ -31,6 +32,7 @@ def test_lora_layers_put_adapters_on_the_chosen_layers_only(tiny_model_dir):
         tiny_config(tiny_model_dir, lora_layers=[1]).validate()
 
 
+@pytest.mark.slow
 def test_frozen_layers_are_not_cached_where_that_would_change_the_numbers(tiny_model_dir, caplog):
     config = tiny_config(tiny_model_dir, lora_target_modules=["q_proj"], lora_layers=[1])
     trainer = PPOTrainer(config, reward_fn=length_reward)

@@ -25,6 +25,7 @@ def trainer(tiny_model_dir):
     return PPOTrainer(tiny_config(tiny_model_dir), reward_fn=length_reward)
 
 
+@pytest.mark.slow
 def test_step_returns_texts_scores_and_float_statistics(trainer):
     stats = trainer.ppo_step(PROMPTS)
     assert len(stats["generated_texts"]) == len(PROMPTS)
@@ -38,6 +39,7 @@ def test_step_returns_texts_scores_and_float_statistics(trainer):
     assert 1 <= stats["response_length"] <= trainer.config.max_new_tokens
 
 
+@pytest.mark.slow
 def test_ratio_is_one_before_the_first_update(trainer):
     rollout = trainer.make_rollout(PROMPTS)
     # The update recomputes logprobs with gradients, on a minibatch with its padding trimmed.
@@ -49,6 +51,7 @@ def test_ratio_is_one_before_the_first_update(trainer):
         torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_reference_stays_fixed_while_the_policy_moves(trainer):
     batch = trainer.make_rollout(PROMPTS).batch
     mask = batch.response_mask.bool()
@@ -68,6 +71,7 @@ def test_reference_stays_fixed_while_the_policy_moves(trainer):
     assert (policy_before - policy_after).abs().max() > 1e-4
 
 
+@pytest.mark.slow
 def test_padding_is_inert(trainer):
     short = "Hello"
     batch = trainer.make_rollout([short, PROMPTS[0], PROMPTS[2]]).batch
@@ -85,6 +89,7 @@ def test_padding_is_inert(trainer):
     torch.testing.assert_close(batched_v[0, :n], alone_v[0, :n], atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_mean_reward_rises_on_a_simple_reward(peaked_model_dir):
     # About half of a random model's completions start with a space; reward exactly those.
     def starts_with_space(prompts, completions):
@@ -117,6 +122,7 @@ def assert_unchanged(trainer, before):
         assert all(torch.equal(state[k], before[1]["state"][key][k]) for k in state)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "prompts, error, message",
     [
@@ -134,6 +140,7 @@ def test_bad_prompts_raise_and_change_nothing(trainer, prompts, error, message):
     assert_unchanged(trainer, before)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "reward_fn, message",
     [
@@ -157,6 +164,7 @@ def test_bad_reward_functions_raise_and_change_nothing(trainer, reward_fn, messa
     assert_unchanged(trainer, before)
 
 
+@pytest.mark.slow
 def test_a_prompt_longer_than_the_context_is_cut_from_the_left(trainer, caplog):
     long_prompt = "word " * 600 + "TL;DR:"  # more than the 512-position context minus max_new_tokens
     with caplog.at_level(logging.WARNING, logger="ppo_lm.generation"):
@@ -166,6 +174,7 @@ def test_a_prompt_longer_than_the_context_is_cut_from_the_left(trainer, caplog):
     assert trainer.tokenizer.decode(rollout.batch.input_ids[0, : rollout.batch.prompt_width]).endswith("TL;DR:")
 
 
+@pytest.mark.slow
 def test_reward_model_scores_at_the_last_real_token(tiny_model_dir, tiny_reward_model_dir):
     config = tiny_config(tiny_model_dir, reward_model_name=tiny_reward_model_dir, ppo_epochs=1)
     trainer = PPOTrainer(config)
@@ -181,6 +190,7 @@ def test_reward_model_scores_at_the_last_real_token(tiny_model_dir, tiny_reward_
     assert math.isfinite(stats["policy_loss"])
 
 
+@pytest.mark.slow
 def test_missing_eos_penalty_replaces_the_score(tiny_model_dir):
     config = tiny_config(tiny_model_dir, missing_eos_penalty=-1.0, max_new_tokens=3)
     trainer = PPOTrainer(config, reward_fn=lambda p, c: [5.0] * len(c))
@@ -190,6 +200,7 @@ def test_missing_eos_penalty_replaces_the_score(tiny_model_dir):
     assert torch.equal(rollout.raw_scores, torch.full((4,), 5.0))
 
 
+@pytest.mark.slow
 def test_target_kl_stops_the_epochs_early(tiny_model_dir):
     config = tiny_config(tiny_model_dir, target_kl=1e-9, ppo_epochs=4, num_mini_batches=2, learning_rate=1e-2)
     trainer = PPOTrainer(config, reward_fn=length_reward)
@@ -198,6 +209,7 @@ def test_target_kl_stops_the_epochs_early(tiny_model_dir):
     assert stats["optimizer_steps"] == 1.0 and stats["ppo_epochs_run"] == 0.5
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_keeps_a_frozen_reference(tiny_model_dir):
     trainer = PPOTrainer(tiny_config(tiny_model_dir, use_lora=False, ppo_epochs=1), reward_fn=length_reward)
     assert trainer.models.reference is not None
@@ -208,6 +220,7 @@ def test_full_fine_tuning_keeps_a_frozen_reference(tiny_model_dir):
     assert any(not torch.equal(p, policy_before[n]) for n, p in trainer.models.policy.named_parameters())
 
 
+@pytest.mark.slow
 def test_value_model_from_the_reward_model(tiny_model_dir, tiny_reward_model_dir):
     config = tiny_config(tiny_model_dir, value_model_name=tiny_reward_model_dir, ppo_epochs=1)
     trainer = PPOTrainer(config, reward_fn=length_reward)
@@ -220,6 +233,7 @@ def test_no_reward_is_an_error(tiny_model_dir):
         PPOTrainer(tiny_config(tiny_model_dir))
 
 
+@pytest.mark.slow
 def test_micro_batches_give_the_same_rollout_and_update_as_one_pass(tiny_model_dir):
     prompts = PROMPTS * 2
     results = []
@@ -241,6 +255,7 @@ def test_micro_batches_give_the_same_rollout_and_update_as_one_pass(tiny_model_d
         torch.testing.assert_close(plain_weights[name], micro_weights[name], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_update(tiny_model_dir):
     weights = []
     for checkpointing in (False, True):
@@ -253,6 +268,7 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_model_dir):
         torch.testing.assert_close(weights[0][name], weights[1][name], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_max_grad_norm_of_zero_turns_clipping_off(tiny_model_dir):
     weights = []
     for max_grad_norm in (0.0, 1e9, 1e-4):
@@ -266,6 +282,7 @@ def test_a_max_grad_norm_of_zero_turns_clipping_off(tiny_model_dir):
     assert any(not torch.allclose(clipped[name], unclipped[name]) for name in off)
 
 
+@pytest.mark.slow
 def test_an_update_trains_the_value_adapter_and_head_as_well_as_the_policy(tiny_model_dir):
     trainer = PPOTrainer(tiny_config(tiny_model_dir, ppo_epochs=1), reward_fn=length_reward)
     before = {name: tensor.detach().clone() for name, tensor in trainer.models.named_trainable().items()}
@@ -277,6 +294,7 @@ def test_an_update_trains_the_value_adapter_and_head_as_well_as_the_policy(tiny_
     assert any(".lora_B.value." in name for name in moved)
 
 
+@pytest.mark.slow
 def test_caching_the_frozen_layers_gives_the_same_rollout_and_update(tiny_model_dir):
     """The fast path (bottom layer run once per rollout) against the plain one (every pass runs every layer)."""
     results = []
@@ -304,6 +322,7 @@ def test_caching_the_frozen_layers_gives_the_same_rollout_and_update(tiny_model_
     assert len(backbone_of(trainer.models.policy).layers) == 2
 
 
+@pytest.mark.slow
 def test_evaluation_reports_the_exact_kl_and_greedy_responses_when_asked(tiny_model_dir):
     trainer = PPOTrainer(tiny_config(tiny_model_dir, eval_greedy=True, temperature=0.7), reward_fn=length_reward)
     metrics, samples = trainer.evaluate(PROMPTS)
@@ -327,6 +346,7 @@ def test_evaluation_reports_the_exact_kl_and_greedy_responses_when_asked(tiny_mo
     assert metrics["eval/response_length"] == pytest.approx(mask.sum(-1).float().mean().item())
 
 
+@pytest.mark.slow
 def test_evaluation_samples_each_prompt_several_times(tiny_model_dir):
     trainer = PPOTrainer(tiny_config(tiny_model_dir, eval_samples_per_prompt=3, batch_size=4), reward_fn=length_reward)
     metrics, samples = trainer.evaluate(PROMPTS[:2])
@@ -337,6 +357,7 @@ def test_evaluation_samples_each_prompt_several_times(tiny_model_dir):
         tiny_config(tiny_model_dir, eval_samples_per_prompt=2, eval_greedy=True).validate()
 
 
+@pytest.mark.slow
 def test_cached_frozen_layers_work_with_gradient_checkpointing(tiny_model_dir):
     weights = []
     for cache, checkpointing in ((False, False), (True, True)):
@@ -372,6 +393,7 @@ def other_vocabulary_reward_model(tmp_path_factory):
     return str(path), tokenizer
 
 
+@pytest.mark.slow
 def test_a_reward_model_with_another_tokenizer_scores_the_text(tiny_model_dir, other_vocabulary_reward_model):
     reward_dir, reward_tokenizer = other_vocabulary_reward_model
     config = PPOConfig(model_name=tiny_model_dir, reward_model_name=reward_dir, batch_size=2, max_new_tokens=4,
@@ -389,6 +411,7 @@ def test_a_reward_model_with_another_tokenizer_scores_the_text(tiny_model_dir, o
     assert math.isfinite(stats["reward_mean"]) and math.isfinite(stats["policy_loss"])
 
 
+@pytest.mark.slow
 def test_a_reward_model_with_the_same_tokenizer_shares_the_tokens(tiny_model_dir, tiny_reward_model_dir):
     config = PPOConfig(model_name=tiny_model_dir, reward_model_name=tiny_reward_model_dir, batch_size=2,
                        max_new_tokens=2, device="cpu")

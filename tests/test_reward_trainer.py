@@ -54,6 +54,7 @@ def reward_files(tmp_path, tiny_model_dir):
     return {"config": str(config), "dir": tmp_path, "train": train, "reference": reference}
 
 
+@pytest.mark.slow
 def test_reward_model_learns_the_rule_and_its_final_model_loads(reward_files):
     run_dir = reward_files["dir"] / "run"
     assert main(["reward", "--config", reward_files["config"], "--output_dir", str(run_dir),
@@ -85,6 +86,7 @@ def test_reward_model_learns_the_rule_and_its_final_model_loads(reward_files):
     assert (run_dir / "report.png").is_file()
 
 
+@pytest.mark.slow
 def test_lora_reward_model_kept_as_an_adapter_loads_with_from_pretrained(reward_files):
     run_dir = reward_files["dir"] / "adapter"
     assert main(["reward", "--config", reward_files["config"], "--output_dir", str(run_dir), "--use_lora", "True",
@@ -101,6 +103,7 @@ def test_lora_reward_model_kept_as_an_adapter_loads_with_from_pretrained(reward_
         RewardConfig(use_lora=True, merge_lora=False, reference_dataset="rows.jsonl")
 
 
+@pytest.mark.slow
 def test_reward_resumed_run_matches_the_straight_run(reward_files):
     straight, halves = reward_files["dir"] / "straight", reward_files["dir"] / "halves"
     options = ["--save_steps", "2", "--eval_steps", "2", "--micro_batch_size", "3", "--max_eval_prompts", "4"]

@@ -43,6 +43,7 @@ def sft_trainer(tiny_model_dir):
     return SFTTrainer(tiny_sft_config(tiny_model_dir))
 
 
+@pytest.mark.slow
 def test_the_loss_reads_completion_tokens_only(sft_trainer):
     items = sft_rows(3)
     items[1]["completion"] = " a much longer completion than the others here"
@@ -63,6 +64,7 @@ def test_the_loss_reads_completion_tokens_only(sft_trainer):
     assert stats["tokens"] == count
 
 
+@pytest.mark.slow
 def test_micro_batches_give_the_same_step(tiny_model_dir):
     items = sft_rows(4)
     items[0]["prompt"] += " and a much longer prompt than the others"
@@ -90,6 +92,7 @@ def sft_files(tmp_path, tiny_model_dir):
     return {"config": str(config), "dir": tmp_path}
 
 
+@pytest.mark.slow
 def test_sft_lowers_the_completion_loss_and_writes_a_final_model(sft_files):
     run_dir = sft_files["dir"] / "run"
     assert main(["sft", "--config", sft_files["config"], "--output_dir", str(run_dir), "--total_steps", "8",
@@ -109,6 +112,7 @@ def test_sft_lowers_the_completion_loss_and_writes_a_final_model(sft_files):
     assert (run_dir / "report.png").is_file() and (run_dir / "samples.md").is_file()
 
 
+@pytest.mark.slow
 def test_sft_resumed_run_matches_the_straight_run(sft_files):
     straight, halves = sft_files["dir"] / "straight", sft_files["dir"] / "halves"
     lora = ["--use_lora", "True", "--learning_rate", "0.01"]  # the LoRA path, which the other run tests skip

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from ppo_lm.cli import main
 
 
+@pytest.mark.slow
 def test_resumed_run_matches_the_straight_run(run_files):
     straight, halves = run_files["dir"] / "straight", run_files["dir"] / "halves"
     assert main(["train", "--config", run_files["config"], "--output_dir", str(straight)]) == 0
@@ -32,6 +33,7 @@ def test_resumed_run_matches_the_straight_run(run_files):
     assert "Question" in samples
 
 
+@pytest.mark.slow
 def test_resume_from_an_explicit_checkpoint_directory(run_files):
     run_dir = run_files["dir"] / "run"
     assert main(["train", "--config", run_files["config"], "--output_dir", str(run_dir), "--save_total_limit",
@@ -45,6 +47,7 @@ def test_resume_from_an_explicit_checkpoint_directory(run_files):
     assert [m["step"] for m in read_metrics(run_dir) if "reward_mean" in m] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_a_non_empty_output_dir_is_refused_unless_overwrite(run_files, capsys):
     run_dir = run_files["dir"] / "existing"
     run_dir.mkdir()
@@ -78,6 +81,7 @@ def test_learning_rate_schedules_warm_up_then_follow_their_shape(schedule):
         assert all(a > b for a, b in zip(rates[2:], rates[3:], strict=False)) and rates[-1] < 0.2
 
 
+@pytest.mark.slow
 def test_tensorboard_logs_by_default_and_report_on_demand(run_files, capsys):
     run_dir = run_files["dir"] / "run"
     assert main(["train", "--config", run_files["config"], "--output_dir", str(run_dir), "--report_to",
