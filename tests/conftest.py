@@ -115,15 +115,18 @@ def run_files(tmp_path, tiny_model_dir):
 
 
 def read_metrics(run_dir):
+    """The run's metrics.jsonl, one dict per line, without the `time/` keys (they differ between runs)."""
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in line.items() if not k.startswith("time/")} for line in lines]
 
 
 def length_reward(prompts, completions):
+    """A reward function: a tenth of each completion's length in characters."""
     return [float(len(c)) / 10 for c in completions]
 
 
 def tiny_config(model_dir, **overrides):
+    """A PPOConfig for the tiny model on the CPU (batch 4, 6 new tokens, learning rates 1e-3, seed 0) + `overrides`."""
     settings = dict(model_name=model_dir, batch_size=4, max_new_tokens=6, learning_rate=1e-3,
                     value_learning_rate=1e-3, device="cpu", seed=0)
     settings.update(overrides)
