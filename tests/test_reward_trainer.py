@@ -1,8 +1,7 @@
-"""`ppo-lm reward` and RewardTrainer on a tiny Qwen3: the pairwise loss, learning a rule, normalisation, the saved
-model (merged or adapter), exact resume and bad preference data."""
+"""RewardTrainer and `ppo-lm reward` on a tiny Qwen3: the pairwise loss, learning a rule, normalisation, the saved
+model (merged or adapter), exact resume and bad input."""
 
 import json
-import logging
 import math
 
 import datasets
@@ -14,10 +13,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from ppo_lm.cli import main
 from ppo_lm.config import RewardConfig
-from ppo_lm.data import DataError, load_preference_rows
-from ppo_lm.data import preference_rows as to_preference_rows
 from ppo_lm.finetune import encode_completions
-from ppo_lm.models import init_scalar_head, sequence_scores
+from ppo_lm.models import sequence_scores
 from ppo_lm.reward_trainer import pairwise_loss, preference_statistics
 
 
@@ -25,7 +22,7 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-# --- pure functions ---------------------------------------------------------------------------------------------
+# --- pure functions ---------------------------------------------------------------------------------------------------
 
 def test_pairwise_loss_by_hand():
     assert pairwise_loss(torch.tensor([1.0]), torch.tensor([1.0])).item() == pytest.approx(math.log(2))
@@ -40,15 +37,7 @@ def test_preference_statistics():
     assert stats == pytest.approx({"accuracy": 0.5, "margin": 0.25, "chosen_score": 1.5, "rejected_score": 1.25})
 
 
-def test_scalar_head_init_std():
-    torch.manual_seed(0)
-    head = torch.nn.Linear(9999, 1)
-    init_scalar_head(head)
-    assert head.weight.std().item() == pytest.approx(1 / math.sqrt(10000), rel=0.05)
-    assert head.bias.item() == 0.0
-
-
-# --- runs from the command line ---------------------------------------------------------------------------------
+# --- runs from the command line ---------------------------------------------------------------------------------------
 
 @pytest.fixture()
 def reward_files(tmp_path, tiny_model_dir):
@@ -65,6 +54,7 @@ def reward_files(tmp_path, tiny_model_dir):
     return {"config": str(config), "dir": tmp_path, "train": train, "reference": reference}
 
 
+@pytest.mark.slow
 def test_reward_model_learns_the_rule_and_its_final_model_loads(reward_files):
     run_dir = reward_files["dir"] / "run"
     assert main(["reward", "--config", reward_files["config"], "--output_dir", str(run_dir),
@@ -96,6 +86,7 @@ def test_reward_model_learns_the_rule_and_its_final_model_loads(reward_files):
     assert (run_dir / "report.png").is_file()
 
 
+@pytest.mark.slow
 def test_lora_reward_model_kept_as_an_adapter_loads_with_from_pretrained(reward_files):
     run_dir = reward_files["dir"] / "adapter"
     assert main(["reward", "--config", reward_files["config"], "--output_dir", str(run_dir), "--use_lora", "True",
@@ -112,6 +103,7 @@ def test_lora_reward_model_kept_as_an_adapter_loads_with_from_pretrained(reward_
         RewardConfig(use_lora=True, merge_lora=False, reference_dataset="rows.jsonl")
 
 
+@pytest.mark.slow
 def test_reward_resumed_run_matches_the_straight_run(reward_files):
     straight, halves = reward_files["dir"] / "straight", reward_files["dir"] / "halves"
     options = ["--save_steps", "2", "--eval_steps", "2", "--micro_batch_size", "3", "--max_eval_prompts", "4"]
@@ -128,56 +120,6 @@ def test_reward_resumed_run_matches_the_straight_run(reward_files):
     b = load_file(str(halves / "checkpoint-4" / "trainable.safetensors"))
     for name in a:
         torch.testing.assert_close(a[name], b[name])
-
-
-# --- data -------------------------------------------------------------------------------------------------------
-
-def test_the_openai_comparison_schema(tmp_path, caplog):
-    rows = [
-        {"info": {"subreddit": "cats", "title": "T", "post": "A post."},
-         "summaries": [{"text": "first", "policy": "a"}, {"text": "second", "policy": "b"}], "choice": 1},
-        {"info": {"subreddit": "dogs", "title": "U", "post": "Another."}, "summaries": [{"text": "x"}, {"text": "y"}],
-         "choice": 0},
-        {"info": {"id": "cnn", "article": "News.", "post": None}, "summaries": [{"text": "a"}, {"text": "b"}],
-         "choice": 0},
-    ]
-    with caplog.at_level(logging.WARNING):
-        train, _ = load_preference_rows(write_jsonl(tmp_path / "comparisons.jsonl", rows))
-    assert train == [
-        {"prompt": "SUBREDDIT: r/cats\nTITLE: T\nPOST: A post.\nTL;DR:", "chosen": " second", "rejected": " first"},
-        {"prompt": "SUBREDDIT: r/dogs\nTITLE: U\nPOST: Another.\nTL;DR:", "chosen": " x", "rejected": " y"},
-    ]
-    assert "no post text" in caplog.text
-    flat = datasets.Dataset.from_list([{"prompt": "P", "summaries": ["one", " two"], "choice": 0}])
-    assert to_preference_rows(flat) == [{"prompt": "P", "chosen": " one", "rejected": " two"}]
-
-
-def test_chosen_equal_to_rejected_and_empty_pairs_are_skipped_with_a_warning(caplog):
-    rows = datasets.Dataset.from_list([
-        {"prompt": "a", "chosen": " good", "rejected": " bad"},
-        {"prompt": "b", "chosen": " same", "rejected": " same "},
-        {"prompt": "c", "chosen": "", "rejected": " bad"},
-        {"prompt": "d", "chosen": " good", "rejected": None},
-    ])
-    with caplog.at_level(logging.WARNING):
-        assert to_preference_rows(rows) == [{"prompt": "a", "chosen": " good", "rejected": " bad"}]
-    assert "skipping 1 of 4 row(s) with chosen equal to rejected (no preference to learn) (first: row 1)" in caplog.text
-    assert "skipping 2 of 4 row(s) with an empty chosen or rejected completion (first: row 2)" in caplog.text
-    with pytest.raises(DataError, match="no usable preference pair is left"):
-        to_preference_rows(rows.select([1]))
-
-
-@pytest.mark.parametrize("row, message", [
-    ({"prompt": "a", "chosen": " b"}, "lacks preference columns"),
-    ({"chosen": " a", "rejected": " b"}, "lacks column(s) ['prompt']"),
-    ({"prompt": "a", "summaries": ["x", "y"], "choice": 2}, "choice is 2; it must be 0 or 1"),
-    ({"prompt": "a", "summaries": ["x"], "choice": 0}, "must be a list of two summaries"),
-    ({"prompt": "a", "chosen": [1], "rejected": " b"}, "chosen is [1], not a string"),
-])
-def test_bad_preference_rows_are_clear_errors(tmp_path, row, message):
-    with pytest.raises(DataError) as error:
-        load_preference_rows(write_jsonl(tmp_path / "bad.jsonl", [row]))
-    assert message in str(error.value)
 
 
 def test_reward_bad_input_fails_before_any_model_loads(reward_files, capsys):

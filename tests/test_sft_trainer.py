@@ -1,7 +1,7 @@
-"""`ppo-lm sft` and SFTTrainer on a tiny Qwen3: completion-only loss, learning, exact resume, final model, bad data."""
+"""SFTTrainer and `ppo-lm sft` on a tiny Qwen3: the completion-only loss, micro-batches, learning, exact resume, the
+final model, bad input."""
 
 import json
-import logging
 
 import pytest
 import torch
@@ -11,8 +11,6 @@ from transformers import AutoModelForCausalLM
 
 from ppo_lm.cli import main
 from ppo_lm.config import SFTConfig
-from ppo_lm.data import DataError, completion_rows, load_completion_rows
-from ppo_lm.finetune import completion_mask, encode_completions
 from ppo_lm.sft_trainer import SFTTrainer, completion_nll
 
 
@@ -20,11 +18,7 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-# --- pure functions ---------------------------------------------------------------------------------------------
-
-def test_completion_mask_marks_the_first_length_columns():
-    assert completion_mask(torch.tensor([2, 0, 3]), 3).tolist() == [[1, 1, 0], [0, 0, 0], [1, 1, 1]]
-
+# --- the loss ---------------------------------------------------------------------------------------------------------
 
 def test_completion_nll_is_the_token_mean_and_splits_into_micro_batches():
     logprobs = torch.log(torch.tensor([[0.5, 0.25, 0.9], [0.125, 0.3, 0.3]]))
@@ -35,30 +29,7 @@ def test_completion_nll_is_the_token_mean_and_splits_into_micro_batches():
     torch.testing.assert_close(parts, expected)
 
 
-def test_encode_completions_layout(qwen_tokenizer):
-    prompts, completions = ["Hello there", "Hi"], [" one two three", " four"]
-    batch = encode_completions(qwen_tokenizer, prompts, completions, max_length=64)
-    eos = qwen_tokenizer.eos_token_id
-    for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
-        real = batch.input_ids[row][batch.attention_mask[row].bool()].tolist()
-        prompt_ids = qwen_tokenizer(prompt)["input_ids"]
-        completion_ids = qwen_tokenizer(completion, add_special_tokens=False)["input_ids"] + [eos]
-        assert real == prompt_ids + completion_ids  # tokenised apart, EOS last, nothing else real
-        assert batch.responses[row][batch.response_mask[row].bool()].tolist() == completion_ids
-    assert batch.attention_mask[1, 0] == 0  # the shorter prompt is left-padded
-    assert batch.response_mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]  # the completions are right-padded
-
-
-def test_encode_completions_cuts_long_completions_and_prompts(qwen_tokenizer, caplog):
-    with caplog.at_level(logging.WARNING):
-        batch = encode_completions(qwen_tokenizer, ["word " * 20], [" a b c d e f"], max_length=10,
-                                   max_completion_tokens=4)
-    assert "cut and end without EOS" in caplog.text
-    assert batch.response_mask.sum() == 4 and qwen_tokenizer.eos_token_id not in batch.responses[0].tolist()
-    assert batch.attention_mask.sum() == 10  # the prompt kept its last 6 tokens
-
-
-# --- the trainer ------------------------------------------------------------------------------------------------
+# --- the trainer ------------------------------------------------------------------------------------------------------
 
 def tiny_sft_config(model_dir, **overrides):
     settings = dict(model_name=model_dir, batch_size=4, learning_rate=1e-3, use_lora=False, device="cpu",
@@ -72,6 +43,7 @@ def sft_trainer(tiny_model_dir):
     return SFTTrainer(tiny_sft_config(tiny_model_dir))
 
 
+@pytest.mark.slow
 def test_the_loss_reads_completion_tokens_only(sft_trainer):
     items = sft_rows(3)
     items[1]["completion"] = " a much longer completion than the others here"
@@ -92,6 +64,7 @@ def test_the_loss_reads_completion_tokens_only(sft_trainer):
     assert stats["tokens"] == count
 
 
+@pytest.mark.slow
 def test_micro_batches_give_the_same_step(tiny_model_dir):
     items = sft_rows(4)
     items[0]["prompt"] += " and a much longer prompt than the others"
@@ -107,7 +80,7 @@ def test_micro_batches_give_the_same_step(tiny_model_dir):
         torch.testing.assert_close(micro_weights[name], weights[name], atol=5e-5, rtol=1e-4)  # Adam: lr * sign
 
 
-# --- runs from the command line ---------------------------------------------------------------------------------
+# --- runs from the command line ---------------------------------------------------------------------------------------
 
 @pytest.fixture()
 def sft_files(tmp_path, tiny_model_dir):
@@ -119,6 +92,7 @@ def sft_files(tmp_path, tiny_model_dir):
     return {"config": str(config), "dir": tmp_path}
 
 
+@pytest.mark.slow
 def test_sft_lowers_the_completion_loss_and_writes_a_final_model(sft_files):
     run_dir = sft_files["dir"] / "run"
     assert main(["sft", "--config", sft_files["config"], "--output_dir", str(run_dir), "--total_steps", "8",
@@ -138,6 +112,7 @@ def test_sft_lowers_the_completion_loss_and_writes_a_final_model(sft_files):
     assert (run_dir / "report.png").is_file() and (run_dir / "samples.md").is_file()
 
 
+@pytest.mark.slow
 def test_sft_resumed_run_matches_the_straight_run(sft_files):
     straight, halves = sft_files["dir"] / "straight", sft_files["dir"] / "halves"
     lora = ["--use_lora", "True", "--learning_rate", "0.01"]  # the LoRA path, which the other run tests skip
@@ -156,43 +131,6 @@ def test_sft_resumed_run_matches_the_straight_run(sft_files):
         torch.testing.assert_close(a[name], b[name])
     merged = AutoModelForCausalLM.from_pretrained(str(halves / "final"))
     assert not any("lora" in name for name, _ in merged.named_parameters())
-
-
-# --- data -------------------------------------------------------------------------------------------------------
-
-def test_completion_rows_read_both_schemas(tmp_path):
-    plain = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "P: x\nTL;DR:", "completion": " short"}])
-    assert load_completion_rows(plain) == ([{"prompt": "P: x\nTL;DR:", "completion": " short"}], [])
-    tldr = write_jsonl(tmp_path / "tldr.jsonl", [{"subreddit": "cats", "title": "T", "post": "A post.",
-                                                  "summary": "my cat sleeps"}])
-    (row,), _ = load_completion_rows(tldr)
-    assert row == {"prompt": "SUBREDDIT: r/cats\nTITLE: T\nPOST: A post.\nTL;DR:", "completion": " my cat sleeps"}
-    renamed = write_jsonl(tmp_path / "renamed.jsonl", [{"q": "Question?", "a": " Answer."}])
-    assert load_completion_rows(renamed, prompt_field="q", completion_field="a")[0] == [
-        {"prompt": "Question?", "completion": " Answer."}]
-
-
-def test_empty_completions_are_skipped_with_a_warning(tmp_path, caplog):
-    import datasets
-
-    rows = datasets.Dataset.from_list([{"prompt": "a", "completion": " yes"}, {"prompt": "b", "completion": ""},
-                                       {"prompt": "c", "completion": None}, {"prompt": "d", "completion": "  "}])
-    with caplog.at_level(logging.WARNING):
-        assert completion_rows(rows) == [{"prompt": "a", "completion": " yes"}]
-    assert "skipping 3 of 4 row(s) with an empty completion (first: row 1)" in caplog.text
-    with pytest.raises(DataError, match="every row's completion is empty"):
-        completion_rows(rows.select([1, 2]))
-
-
-@pytest.mark.parametrize("row, message", [
-    ({"prompt": "a"}, "lacks column 'completion'"),
-    ({"text": "a", "completion": " b"}, "lacks column(s) ['prompt']"),
-    ({"prompt": "a", "completion": 3}, "completion is 3, not a string"),
-])
-def test_bad_sft_rows_are_clear_errors(tmp_path, row, message):
-    with pytest.raises(DataError) as error:
-        load_completion_rows(write_jsonl(tmp_path / "bad.jsonl", [row]))
-    assert message in str(error.value)
 
 
 def test_sft_bad_input_fails_before_any_model_loads(sft_files, capsys):

@@ -1,0 +1,149 @@
+"""The `ppo-lm` command line: config files and overrides, --help, bad input refused before any model loads, and the
+shipped configs run end to end (the quickstart; the TL;DR recipe chained sft -> reward -> ppo)."""
+
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from rlhf_data import preference_rows, sft_rows
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from ppo_lm import PPOConfig
+from ppo_lm.cli import main
+from ppo_lm.config import RewardConfig, SFTConfig
+from ppo_lm.runs import parse_config, read_config_file
+
+RECIPE = Path(__file__).resolve().parents[1] / "configs" / "tldr"
+
+
+def save_splits(path: Path, rows: list[dict]) -> str:
+    """A saved DatasetDict with train and validation splits, the layout of the hub datasets the recipe names."""
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:-4]),
+                          "validation": datasets.Dataset.from_list(rows[-4:])}).save_to_disk(str(path))
+    return str(path)
+
+
+# --- config files and overrides ---------------------------------------------------------------------------------------
+
+def test_unknown_field_errors(run_files, capsys):
+    bad = run_files["dir"] / "bad.yaml"
+    bad.write_text(run_files["dir"].joinpath("config.yaml").read_text() + "learning_rat: 0.1\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    error = capsys.readouterr().err
+    assert "Unknown field 'learning_rat'" in error and "Did you mean 'learning_rate'" in error
+    with pytest.raises(SystemExit):
+        main(["train", "--config", run_files["config"], "--learning_rat", "0.1"])
+    error = capsys.readouterr().err
+    assert "--learning_rat" in error and "--learning_rate" in error
+
+
+def test_invalid_field_value_on_the_command_line(run_files, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--config", run_files["config"], "--top_p", "1.5"])
+    assert exit_info.value.code == 2
+    assert "top_p=1.5 is invalid" in capsys.readouterr().err
+
+
+def test_yes_no_fields_take_true_and_false_spelled_as_in_yaml():
+    config = parse_config(PPOConfig, {}, ["--eval_greedy", "true", "--use_lora=false", "--seed", "3"], "ppo-lm")
+    assert config.eval_greedy is True and config.use_lora is False and config.seed == 3
+    assert parse_config(PPOConfig, {"eval_greedy": True}, ["--eval_greedy", "False"], "ppo-lm").eval_greedy is False
+    with pytest.raises(SystemExit):  # anything else is still refused, by tyro
+        parse_config(PPOConfig, {}, ["--eval_greedy", "maybe"], "ppo-lm")
+
+
+def test_help_lists_every_field_with_its_docstring_and_default(capsys):
+    from ppo_lm.config import PPOConfig
+
+    assert main(["--help"]) == 0
+    top = capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    train = capsys.readouterr().out
+    for text in (top, train):
+        flat = " ".join(text.replace("│", " ").split())  # undo the help's line wrapping
+        for name in PPOConfig.field_names():
+            assert f"--{name}" in flat, name
+        assert "Sampling temperature." in flat and "(default: 0.95)" in flat
+    assert "--resume" in train and "--overwrite" in train
+
+
+# --- bad input, before any model loads --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "dataset_text, override, message",
+    [
+        (None, "missing.jsonl", "does not exist"),
+        ("", None, "empty"),
+        ('{"text": "no prompt column"}\n', None, "prompt"),
+    ],
+)
+def test_bad_data_is_an_error_before_any_model_loads(run_files, capsys, dataset_text, override, message):
+    dataset = run_files["dir"] / (override or "data.jsonl")
+    if dataset_text is not None:
+        dataset.write_text(dataset_text)
+    # A model name that cannot load: the data error must come first.
+    code = main(["train", "--config", run_files["config"], "--dataset", str(dataset),
+                 "--model_name", str(run_files["dir"] / "no-such-model"), "--output_dir",
+                 str(run_files["dir"] / "run")])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert message in error and "no-such-model" not in error
+
+
+# --- the shipped configs, end to end ----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_the_quickstart_config_runs_one_step(tiny_model_dir, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the config names files relative to the repo
+    run_dir = tmp_path / "quickstart"
+    assert main(["train", "--config", "configs/quickstart.yaml", "--model_name", tiny_model_dir,
+                 "--output_dir", str(run_dir), "--total_steps", "1", "--batch_size", "2", "--max_new_tokens", "4",
+                 "--report_to", "none", "--device", "cpu"]) == 0
+    assert (run_dir / "checkpoint-1" / "checkpoint.json").is_file()
+    prompts = [json.loads(line)["prompt"] for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert prompts and all(p.startswith("SUBREDDIT: r/") and p.endswith("TL;DR:") for p in prompts)
+
+
+@pytest.mark.parametrize("name, config_class", [("sft", SFTConfig), ("reward", RewardConfig), ("ppo", PPOConfig)])
+def test_each_recipe_config_parses(name, config_class):
+    config = config_class(**read_config_file(RECIPE / f"{name}.yaml", config_class))
+    assert config.model_name and config.dataset and config.output_dir == f"runs/tldr/{name}"
+    if name == "ppo":  # the published recipe's hyperparameters
+        published = dict(learning_rate=3e-6, ppo_epochs=4, num_mini_batches=1, vf_coef=0.1, clip_epsilon=0.2,
+                         value_clip=0.2, gamma=1.0, lam=0.95, kl_coef=0.05, max_new_tokens=53, temperature=0.7)
+        assert {key: getattr(config, key) for key in published} == published
+        assert (config.model_name, config.reward_model_name, config.value_model_name) == (
+            "runs/tldr/sft/final", "runs/tldr/reward/final", "runs/tldr/reward/final")
+
+
+@pytest.mark.slow
+def test_the_recipe_runs_end_to_end_each_stage_reading_the_previous_output(tmp_path, tiny_model_dir, monkeypatch):
+    """sft.yaml, reward.yaml and ppo.yaml, one step each on local data of the hub datasets' schemas. Only sizes,
+    data paths and the SFT base are overridden: each stage finds the previous one's `final/` where the recipe says."""
+    sft_data = save_splits(tmp_path / "tldr", sft_rows(12))
+    preference_data = save_splits(tmp_path / "tldr-preference", preference_rows(12))
+    monkeypatch.chdir(tmp_path)  # the recipe's run directories are relative: runs/tldr/<stage>
+    small = ["--total_steps", "1", "--batch_size", "2", "--max_eval_prompts", "2", "--report_to", "none",
+             "--device", "cpu"]
+
+    assert main(["sft", "--config", str(RECIPE / "sft.yaml"), "--model_name", tiny_model_dir, "--dataset", sft_data,
+                 "--sample_max_new_tokens", "2", "--max_eval_samples", "1", *small]) == 0
+    assert main(["reward", "--config", str(RECIPE / "reward.yaml"), "--dataset", preference_data,
+                 "--reference_dataset", sft_data, *small]) == 0
+    assert main(["train", "--config", str(RECIPE / "ppo.yaml"), "--dataset", sft_data, "--max_new_tokens", "4",
+                 *small]) == 0
+
+    sft_final, reward_final = tmp_path / "runs/tldr/sft/final", tmp_path / "runs/tldr/reward/final"
+    AutoModelForCausalLM.from_pretrained(str(sft_final))
+    reward_model = AutoModelForSequenceClassification.from_pretrained(str(reward_final))
+    assert reward_model.config.num_labels == 1 and hasattr(reward_model.config, "score_offset")
+    saved = __import__("yaml").safe_load((tmp_path / "runs/tldr/ppo/config.yaml").read_text())
+    assert (saved["model_name"], saved["reward_model_name"]) == ("runs/tldr/sft/final", "runs/tldr/reward/final")
+    metrics = [json.loads(line) for line in (tmp_path / "runs/tldr/ppo/metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "reward_mean" in m] == [1]
+    assert all(torch.isfinite(torch.tensor(m["eval/reward_mean"])) for m in metrics if "eval/reward_mean" in m)

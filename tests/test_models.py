@@ -1,0 +1,52 @@
+"""models.py: the scalar head's initialisation, LoRA adapters on chosen layers only, and when the frozen bottom
+layers may be run once per rollout (cached)."""
+
+import dataclasses
+import logging
+import math
+
+import pytest
+import torch
+from conftest import length_reward, tiny_config
+
+from ppo_lm import PPOTrainer
+from ppo_lm.models import backbone_of, init_scalar_head, shared_frozen_layers
+
+
+def test_scalar_head_init_std():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(9999, 1)
+    init_scalar_head(head)
+    assert head.weight.std().item() == pytest.approx(1 / math.sqrt(10000), rel=0.05)
+    assert head.bias.item() == 0.0
+
+
+@pytest.mark.slow
+def test_lora_layers_put_adapters_on_the_chosen_layers_only(tiny_model_dir):
+    trainer = PPOTrainer(tiny_config(tiny_model_dir, lora_target_modules=["q_proj", "down_proj"], lora_layers=[1]),
+                         reward_fn=length_reward)
+    names = [name for name in trainer.models.named_trainable() if ".lora_" in name]
+    assert names and all(".layers.1." in name for name in names)
+    assert {name.split(".lora_")[0].rsplit(".", 1)[1] for name in names} == {"q_proj", "down_proj"}
+    with pytest.raises(ValueError, match="lora_layers.*needs lora_target_modules"):
+        tiny_config(tiny_model_dir, lora_layers=[1]).validate()
+
+
+@pytest.mark.slow
+def test_frozen_layers_are_not_cached_where_that_would_change_the_numbers(tiny_model_dir, caplog):
+    config = tiny_config(tiny_model_dir, lora_target_modules=["q_proj"], lora_layers=[1])
+    trainer = PPOTrainer(config, reward_fn=length_reward)
+    assert shared_frozen_layers(config, trainer.models) == 1
+    # An architecture that transforms `inputs_embeds` on the way in: the cached path no longer matches.
+    decoder = backbone_of(trainer.models.policy)
+    handle = decoder.register_forward_pre_hook(
+        lambda module, args, kwargs: (args, {**kwargs, "inputs_embeds": kwargs["inputs_embeds"] * 2})
+        if kwargs.get("inputs_embeds") is not None else None, with_kwargs=True)
+    with caplog.at_level(logging.WARNING):
+        assert shared_frozen_layers(config, trainer.models) == 0
+    handle.remove()
+    assert "does not reproduce a whole forward pass" in caplog.text
+    # A separate reference model, or the switch turned off: every pass runs every layer.
+    assert shared_frozen_layers(dataclasses.replace(config, cache_frozen_layers=False), trainer.models) == 0
+    separate_reference = dataclasses.replace(config, ref_model_name=tiny_model_dir)
+    assert PPOTrainer(separate_reference, reward_fn=length_reward).frozen_layers == 0
