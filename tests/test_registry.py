@@ -81,6 +81,7 @@ def score_on_every_token(inputs: AdvantageInputs) -> tuple[torch.Tensor, torch.T
     return advantages, torch.where(inputs.mask.bool(), inputs.scores[:, None].expand_as(advantages), 0.0)
 
 
+@pytest.mark.slow
 def test_an_advantage_estimator_registered_here_runs_a_ppo_step(tiny_model_dir, registered):
     registered(ADVANTAGE_ESTIMATORS, "toy_score", score_on_every_token, needs_values=True)
     trainer = PPOTrainer(tiny_config(tiny_model_dir, advantage_estimator="toy_score", whiten_advantages=False),
@@ -94,6 +95,7 @@ def test_an_advantage_estimator_registered_here_runs_a_ppo_step(tiny_model_dir, 
     assert stats["optimizer_steps"] == 1 and stats["value_loss"] > 0 and stats["grad_norm"] > 0
 
 
+@pytest.mark.slow
 def test_an_estimator_without_values_runs_no_value_pass_and_leaves_the_value_model_alone(tiny_model_dir, registered):
     def score_only(inputs: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor]:
         assert inputs.values is None
@@ -110,6 +112,7 @@ def test_an_estimator_without_values_runs_no_value_pass_and_leaves_the_value_mod
     assert any(not torch.equal(p, q) for p, q in zip(trainer.models.policy_parameters(), policy_before, strict=True))
 
 
+@pytest.mark.slow
 def test_a_policy_loss_and_a_kl_estimator_registered_here_run_a_ppo_step(tiny_model_dir, registered):
     def vanilla_policy_gradient(logprobs, old_logprobs, advantages, mask, settings):
         ratio = torch.exp(logprobs - old_logprobs)
