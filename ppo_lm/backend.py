@@ -8,8 +8,8 @@ The trainers do the algorithm; a backend does what differs between launches, beh
 - `accumulate(terms, guard)`: one micro-batch's loss terms (`LossTerm`), their forward passes and the gradients
   they add; `backward(loss)` for a loss computed by the caller. A loss is this process's share of the whole step's
   loss: gradients are summed over the processes, never averaged;
-- `step(groups)`: reduce, clip, take the optimizer step; returns `grad_norm`, the norm of every trained gradient
-  before clipping, under every backend;
+- `step(groups)`: reduce, clip, take the optimizer step; returns a `StepResult`: whether it stepped, and
+  `grad_norm`, the norm of every trained gradient before clipping, under every backend;
 - `discard_gradients()`, and `can_discard_gradients`: whether gradients it has already reduced can still be dropped;
 - `save_optimizer(directory)` and `load_trained_state(directory, named_trainable)`.
 
@@ -47,7 +47,7 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from accelerate import PartialState
@@ -67,6 +67,15 @@ STAGES = ("train", "sft", "reward")
 DEEPSPEED_STATE = "deepspeed"
 """A checkpoint's folder of DeepSpeed's own files (the optimizer state, partitioned as the engine holds it)."""
 DEEPSPEED_TAG = "state"
+
+
+class StepResult(NamedTuple):
+    """What `Backend.step` did."""
+
+    stepped: bool
+    """False when the gradients were not finite: they were dropped and no weight or optimizer state changed."""
+    grad_norm: float
+    """The norm of every trained gradient together, before clipping."""
 
 
 @dataclass(frozen=True)
@@ -162,15 +171,18 @@ class Backend:
         """Drop the gradients accumulated since the last step (see `can_discard_gradients`)."""
         self.optimizer.zero_grad(set_to_none=True)
 
-    def step(self, groups: Sequence[Sequence[nn.Parameter]]) -> float:
+    def step(self, groups: Sequence[Sequence[nn.Parameter]]) -> StepResult:
         """Sum the gradients over the processes, clip each group's norm to `max_grad_norm`, step, and clear the
-        gradients. Returns the norm of all the groups' gradients together, before clipping."""
+        gradients; gradients that are not finite are dropped instead, with no step."""
         sum_gradients([p for group in groups for p in group])  # every process now holds the global gradients
         max_norm = self.max_grad_norm or float("inf")
         norms = [nn.utils.clip_grad_norm_(list(group), max_norm).item() for group in groups]
-        self.optimizer.step()
+        grad_norm = math.sqrt(sum(norm * norm for norm in norms))
+        stepped = math.isfinite(grad_norm)  # the same on every process: the gradients are the summed ones
+        if stepped:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return math.sqrt(sum(norm * norm for norm in norms))
+        return StepResult(stepped, grad_norm)
 
     def save_optimizer(self, directory: Path) -> None:
         """Write the optimizer state to `directory`. Every process calls it (making sharded state whole is
@@ -476,10 +488,11 @@ class DeepSpeedBackend(Backend):
         """Clears what `zero_grad` clears; gradients the engine has already reduced into its buffers stay."""
         self.engine.zero_grad()
 
-    def step(self, groups: Sequence[Sequence[nn.Parameter]]) -> float:
-        """The engine's step: reduce, clip every trained gradient together, step. `groups` are the engine's already."""
+    def step(self, groups: Sequence[Sequence[nn.Parameter]]) -> StepResult:
+        """The engine's step: reduce, clip every trained gradient together, step. `groups` are the engine's already.
+        Whether it stepped is the engine's word (without fp16 loss scaling it always steps)."""
         self.engine.step()
-        return float(self.engine.get_global_grad_norm())
+        return StepResult(bool(self.engine.was_step_applied()), float(self.engine.get_global_grad_norm()))
 
     def save_optimizer(self, directory: Path) -> None:
         """Every process writes its partition of the optimizer state (DeepSpeed's own files, under `deepspeed/`)."""

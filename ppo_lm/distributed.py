@@ -170,8 +170,8 @@ def _buckets(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     return [group for group in groups if group]
 
 
-def sum_gradients(parameters: Iterable[torch.nn.Parameter], scale: float = 1.0) -> None:
-    """Replace each gradient by `scale` x its sum over the processes (all-reduce of flat buckets).
+def sum_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
+    """Replace each gradient by its sum over the processes (all-reduce of flat buckets).
 
     A parameter without a gradient counts as a zero gradient (another process may have one). No-op with one process,
     and for sharded parameters: FSDP reduced their gradients in the backward pass.
@@ -185,8 +185,6 @@ def sum_gradients(parameters: Iterable[torch.nn.Parameter], scale: float = 1.0) 
             parameter.grad = torch.zeros_like(parameter)
     for grads in _buckets([parameter.grad for parameter in parameters]):
         flat = all_sum(torch.cat([grad.reshape(-1).float() for grad in grads]))
-        if scale != 1.0:
-            flat *= scale
         for grad, chunk in zip(grads, flat.split([grad.numel() for grad in grads]), strict=True):
             grad.copy_(chunk.view_as(grad))
 

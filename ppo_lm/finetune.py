@@ -167,7 +167,11 @@ class FinetuneTrainer:
         finally:
             self.model.eval()
         sums = mean_over_processes(sums)
-        sums["grad_norm"] = self.backend.step([list(self.trainable().values())])
+        step = self.backend.step([list(self.trainable().values())])
+        if not step.stepped:
+            raise FloatingPointError(f"The gradient norm is {step.grad_norm} at step {self.step_count + 1}; no "
+                                     "optimizer step was taken. Lower the learning rate or check the data.")
+        sums["grad_norm"] = step.grad_norm
         self.step_count += 1
         return dict(sums)
 

@@ -432,7 +432,11 @@ class PPOTrainer:
         if target_kl is not None and self.backend.can_discard_gradients and stats["approx_kl"] > target_kl:
             self.backend.discard_gradients()
             return None
-        stats["grad_norm"] = self.backend.step([self.models.policy_parameters(), self.models.value_parameters()])
+        step = self.backend.step([self.models.policy_parameters(), self.models.value_parameters()])
+        if not step.stepped:
+            raise FloatingPointError(f"The gradient norm is {step.grad_norm} at PPO step {self.step_count}; this "
+                                     "minibatch took no optimizer step. Lower the learning rate or check the rewards.")
+        stats["grad_norm"] = step.grad_norm
         return stats
 
     def _minibatch_approx_kl(self, rollout: Rollout, index: torch.Tensor) -> float:

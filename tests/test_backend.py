@@ -110,8 +110,8 @@ def test_the_replicated_step_clips_each_group_and_reports_the_norm_of_all_gradie
     backend.backward((first(torch.ones(1, 3)).sum() * 3) + second(torch.ones(1, 2)).sum() * 0.1)
     norms = [torch.cat([p.grad.flatten() for p in module.parameters()]).norm().item() for module in (first, second)]
     grads = [p.grad.clone() for p in (*first.parameters(), *second.parameters())]
-    grad_norm = backend.step([list(first.parameters()), list(second.parameters())])
-    assert grad_norm == pytest.approx(math.hypot(*norms))
+    stepped, grad_norm = backend.step([list(first.parameters()), list(second.parameters())])
+    assert stepped and grad_norm == pytest.approx(math.hypot(*norms))
     # each group clipped to 0.5 on its own: SGD with lr 1 moved it by its clipped gradient
     for group, norm, (start, stop) in ((first, norms[0], (0, 2)), (second, norms[1], (2, 4))):
         scale = min(1.0, 0.5 / (norm + 1e-6))
@@ -132,3 +132,15 @@ def test_only_the_backend_module_knows_the_launches():
     for name in ("ppo_trainer.py", "finetune.py", "sft_trainer.py", "reward_trainer.py", "models.py"):
         source = (package / name).read_text().lower()
         assert "deepspeed" not in source and "fsdp" not in source, name
+
+
+def test_a_gradient_that_is_not_finite_takes_no_step_and_is_dropped():
+    backend, first, second = _two_groups(max_grad_norm=1.0)
+    before = [p.detach().clone() for p in (*first.parameters(), *second.parameters())]
+    backend.backward(first(torch.ones(1, 3)).sum() + second(torch.ones(1, 2)).sum())
+    first.weight.grad[0, 0] = float("inf")
+    stepped, grad_norm = backend.step([list(first.parameters()), list(second.parameters())])
+    assert not stepped and not math.isfinite(grad_norm)
+    after = [p.detach() for p in (*first.parameters(), *second.parameters())]
+    assert all(torch.equal(old, new) for old, new in zip(before, after, strict=True))
+    assert all(p.grad is None for p in (*first.parameters(), *second.parameters()))
