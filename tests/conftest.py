@@ -91,6 +91,34 @@ def peaked_model_dir(tmp_path_factory, qwen_tokenizer) -> str:
     return str(path)
 
 
+EOS_LOGIT = 1.6
+"""The EOS logit of `eos_model_dir`'s model at every position; the other tokens' logits stay near 0."""
+
+
+@pytest.fixture(scope="session")
+def eos_model_dir(tmp_path_factory, qwen_tokenizer) -> str:
+    """A tiny random Qwen3 that ends a good share of its sampled responses with EOS (id 151643).
+
+    Every token embedding gets a large constant first component, so after the final norm the hidden state's first
+    coordinate is large and about the same at every position. The untied output head reads that coordinate for EOS
+    alone (its column 0 is zero for every other token): EOS's logit is about `EOS_LOGIT` everywhere while the
+    others stay near 0. Under the default sampling (top_k 50) EOS then has roughly a 10 % chance per token, so about
+    half of the 6-token responses end with it and half are cut off.
+    """
+    path = tmp_path_factory.mktemp("tiny-qwen3-eos")
+    torch.manual_seed(0)
+    config = tiny_qwen3_config(len(qwen_tokenizer), tie_word_embeddings=False)
+    model = Qwen3ForCausalLM(config)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        hidden = model.model(input_ids=torch.tensor([[9707, 11, 1879, 0, 13]])).last_hidden_state
+        model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[config.eos_token_id, 0] = EOS_LOGIT / hidden[0, :, 0].mean()
+    model.save_pretrained(path)
+    qwen_tokenizer.save_pretrained(path)
+    return str(path)
+
+
 def write_ppo_run(directory: Path, model_dir: str, **settings) -> Path:
     """Files of a short `ppo-lm train` run in `directory`: 12 prompts, a length reward function and the config, whose
     fields `settings` add to or replace. Returns the config's path."""
