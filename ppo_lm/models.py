@@ -429,6 +429,26 @@ def sequence_values(backbone: nn.Module, head: nn.Module, batch: SequenceBatch) 
     return head(hidden.to(head.weight.dtype)).squeeze(-1)
 
 
+def encode_for_reward(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], ended: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenise prompt + completion texts for a reward model with its own tokenizer: right-padded ids and mask.
+
+    The tokenizer's EOS follows each text whose response ended (`ended`, `[batch]` bools), as it follows every
+    completion that `ppo-lm reward` trains on (`finetune.encode_completions`), so `sequence_scores` reads an ended
+    response at its EOS, where the model learned to score. A response cut off at `max_new_tokens` gets no EOS.
+    """
+    rows = tokenizer(texts)["input_ids"]
+    rows = [ids + [tokenizer.eos_token_id] if stop else ids for ids, stop in zip(rows, ended.tolist(), strict=True)]
+    width = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[i, : len(ids)] = 1
+    return input_ids, attention_mask
+
+
 def sequence_scores(
     reward_model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:

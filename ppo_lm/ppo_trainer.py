@@ -37,6 +37,7 @@ from ppo_lm.generation import SequenceBatch, encode_prompts, generate_responses,
 from ppo_lm.losses import KL_ESTIMATORS, POLICY_LOSSES, approx_kl, clipped_value_loss, exact_kl
 from ppo_lm.models import (
     POLICY_ADAPTER,
+    encode_for_reward,
     load_role_models,
     load_tokenizer,
     prefix_hidden_states,
@@ -219,10 +220,11 @@ class PPOTrainer:
             with self._timed("generate", timings):
                 batch, completions = self._generate(prompts, self.generation_config)
                 response_mask = batch.response_mask
+                ended = self._ended(batch)
 
             # 3. score (before the heavier passes, so that a failing reward function fails fast).
             with self._timed("reward", timings):
-                raw_scores = self._score(list(prompts), completions, batch).to(self.device)
+                raw_scores = self._score(list(prompts), completions, batch, ended).to(self.device)
 
             # 2. logprobs of the sampled tokens under the policy (old) and the reference, at the sampling temperature.
             #    Each pass runs over micro-batches of similar prompt length, so short prompts carry little padding.
@@ -238,7 +240,6 @@ class PPOTrainer:
             # 4. shape: per-token KL penalty plus the (possibly penalised) score on the last valid token.
             kl_coef = self.kl_controller.value
             kl = KL_ESTIMATORS[cfg.kl_estimator](old_logprobs, ref_logprobs)
-            ended = ((batch.responses == self.stop_token_id) & response_mask.bool()).any(-1)
             scores = apply_missing_eos_penalty(raw_scores, ended, cfg.missing_eos_penalty)
             rewards = shape_rewards(scores, kl, response_mask, kl_coef)
 
@@ -303,7 +304,7 @@ class PPOTrainer:
             for start in range(0, len(prompts), self.layout.per_process):
                 part = prompts[start : start + self.layout.per_process]
                 batch, completions = self._generate(part, generation_config)
-                scores = self._score(part, completions, batch)
+                scores = self._score(part, completions, batch, self._ended(batch))
                 kl_per_token, _ = self._per_token(self._with_frozen_prefix(batch), exact_kl_per_token)
                 mask = batch.response_mask
                 summed_kl = torch.where(mask.bool(), kl_per_token, 0.0).sum(-1)  # padding's numbers never count
@@ -374,19 +375,28 @@ class PPOTrainer:
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.step_count = state["step_count"]
 
-    def _score(self, prompts: list[str], completions: list[str], batch: SequenceBatch) -> torch.Tensor:
-        """Scores of the completions from the reward function, or from the reward model at the last real token."""
+    def _ended(self, batch: SequenceBatch) -> torch.Tensor:
+        """Whether each response emitted the stop token (rather than being cut at `max_new_tokens`), `[batch]`."""
+        return ((batch.responses == self.stop_token_id) & batch.response_mask.bool()).any(-1)
+
+    def _score(
+        self, prompts: list[str], completions: list[str], batch: SequenceBatch, ended: torch.Tensor
+    ) -> torch.Tensor:
+        """Scores of the completions from the reward function, or from the reward model at the last real token.
+
+        With the policy's tokens, an ended response's last real token is its stop token. With a reward tokenizer of
+        its own, the text is tokenised again and that tokenizer's EOS follows each ended response (`ended`), so the
+        model is read at an EOS as `ppo-lm reward` trained it; a cut-off response is read at its last token.
+        """
         if self.reward_fn is not None:
             return call_reward_fn(self.reward_fn, prompts, completions)
         with torch.no_grad():
             if self.reward_tokenizer is None:
                 input_ids, attention_mask = batch.input_ids, batch.attention_mask
             else:  # the reward model reads another vocabulary: give it the text, tokenised its way
-                encoded = self.reward_tokenizer(
-                    [p + c for p, c in zip(prompts, completions, strict=True)], padding=True, padding_side="right",
-                    return_tensors="pt",
-                ).to(self.device)
-                input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
+                texts = [p + c for p, c in zip(prompts, completions, strict=True)]
+                input_ids, attention_mask = encode_for_reward(self.reward_tokenizer, texts, ended.cpu())
+                input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
             return check_finite_scores(sequence_scores(self.models.reward_model, input_ids, attention_mask))
 
     def update(self, rollout: Rollout) -> dict[str, float]:

@@ -10,7 +10,7 @@ import torch
 from conftest import length_reward, tiny_config
 
 from ppo_lm import PPOTrainer
-from ppo_lm.models import backbone_of, init_scalar_head, shared_frozen_layers
+from ppo_lm.models import backbone_of, encode_for_reward, init_scalar_head, shared_frozen_layers
 
 
 def test_scalar_head_init_std():
@@ -19,6 +19,17 @@ def test_scalar_head_init_std():
     init_scalar_head(head)
     assert head.weight.std().item() == pytest.approx(1 / math.sqrt(10000), rel=0.05)
     assert head.bias.item() == 0.0
+
+
+def test_encode_for_reward_appends_eos_to_ended_rows_only(qwen_tokenizer):
+    texts = ["Hello world, this is a longer text", "Hi", "Hi"]
+    input_ids, attention_mask = encode_for_reward(qwen_tokenizer, texts, torch.tensor([True, True, False]))
+    plain = [qwen_tokenizer(text)["input_ids"] for text in texts]
+    eos, pad = qwen_tokenizer.eos_token_id, qwen_tokenizer.pad_token_id
+    expected = [plain[0] + [eos], plain[1] + [eos], plain[2]]
+    width = len(expected[0])
+    assert input_ids.tolist() == [ids + [pad] * (width - len(ids)) for ids in expected]  # right-padded
+    assert attention_mask.tolist() == [[1] * len(ids) + [0] * (width - len(ids)) for ids in expected]
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from conftest import length_reward, tiny_config, tiny_qwen3_config
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerFast
 
 from ppo_lm import PPOConfig, PPOTrainer, RewardFunctionError, exact_kl
 from ppo_lm.models import backbone_of, response_logits, sequence_logprobs, sequence_scores, sequence_values
@@ -404,13 +404,45 @@ def test_a_reward_model_with_another_tokenizer_scores_the_text(tiny_model_dir, o
     assert trainer.reward_tokenizer is not None  # the vocabularies differ: the text is tokenised again
     prompts = ["Hello the weather is", "TL;DR:"]
     rollout = trainer.make_rollout(prompts)
-    encoded = reward_tokenizer([p + c for p, c in zip(prompts, rollout.completions, strict=True)], padding=True,
-                               return_tensors="pt")
+    texts = [p + c for p, c in zip(prompts, rollout.completions, strict=True)]
     with torch.no_grad():
-        expected = sequence_scores(trainer.models.reward_model, encoded["input_ids"], encoded["attention_mask"])
-    torch.testing.assert_close(rollout.raw_scores, expected)
+        for i, text in enumerate(texts):  # each row alone; EOS after a response that ended, as `ppo-lm reward` trains
+            ids = reward_tokenizer(text)["input_ids"] + ([reward_tokenizer.eos_token_id] if rollout.ended[i] else [])
+            ids = torch.tensor([ids])
+            expected = sequence_scores(trainer.models.reward_model, ids, torch.ones_like(ids))
+            torch.testing.assert_close(rollout.raw_scores[i : i + 1], expected)
     stats = trainer.ppo_step(prompts)  # a whole step on the re-tokenised scores
     assert math.isfinite(stats["reward_mean"]) and math.isfinite(stats["policy_loss"])
+
+
+@pytest.mark.slow
+def test_a_reward_model_with_another_tokenizer_reads_ended_responses_at_its_eos(eos_model_dir,
+                                                                               other_vocabulary_reward_model):
+    reward_dir, reward_tokenizer = other_vocabulary_reward_model
+    prompts = (PROMPTS[1:] + ["Hello the weather is"]) * 2
+    trainer = PPOTrainer(tiny_config(eos_model_dir, reward_model_name=reward_dir, batch_size=len(prompts)))
+    assert trainer.reward_tokenizer is not None
+    rollout = trainer.make_rollout(prompts)
+    assert rollout.ended.any() and not rollout.ended.all(), "the batch must hold ended and cut-off rows"
+    reward_model = AutoModelForSequenceClassification.from_pretrained(reward_dir)
+    eos = reward_tokenizer.eos_token_id
+
+    def plain_score(text: str, with_eos: bool) -> float:
+        """A plain HF forward on the row alone, read at its last token (the EOS when there is one)."""
+        ids = reward_tokenizer(text)["input_ids"] + ([eos] if with_eos else [])
+        with torch.no_grad():
+            return reward_model.score(reward_model.model(input_ids=torch.tensor([ids]))[0])[0, -1, 0].item()
+
+    for i, (prompt, completion) in enumerate(zip(prompts, rollout.completions, strict=True)):
+        expected = plain_score(prompt + completion, with_eos=bool(rollout.ended[i]))
+        assert rollout.raw_scores[i].item() == pytest.approx(expected, abs=1e-4), i
+    # The evaluation scores its samples the same way: a response shorter than max_new_tokens ended.
+    _, samples = trainer.evaluate(prompts)
+    shorter = [sample for sample in samples if sample["length"] < trainer.config.max_new_tokens]
+    assert shorter
+    for sample in shorter:
+        expected = plain_score(sample["prompt"] + sample["completion"], with_eos=True)
+        assert sample["reward"] == pytest.approx(expected, abs=1e-4)
 
 
 @pytest.mark.slow
