@@ -438,14 +438,11 @@ def encode_for_reward(
     completion that `ppo-lm reward` trains on (`finetune.encode_completions`), so `sequence_scores` reads an ended
     response at its EOS, where the model learned to score. A response cut off at `max_new_tokens` gets no EOS.
     """
-    rows = tokenizer(texts)["input_ids"]
-    rows = [ids + [tokenizer.eos_token_id] if stop else ids for ids, stop in zip(rows, ended.tolist(), strict=True)]
-    width = max(len(ids) for ids in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, ids in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[i, : len(ids)] = 1
+    token_lists = tokenizer(texts)["input_ids"]
+    rows = [torch.tensor(ids + [tokenizer.eos_token_id] if stop else ids, dtype=torch.long)
+            for ids, stop in zip(token_lists, ended.tolist(), strict=True)]
+    input_ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=tokenizer.pad_token_id)
+    attention_mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(row) for row in rows], batch_first=True)
     return input_ids, attention_mask
 
 
