@@ -31,8 +31,9 @@ What differs in their behaviour, by design:
   PPO `target_kl` check) decides from a pass without gradients first.
 - DeepSpeed runs a micro-batch's loss terms in one forward pass of its engine and one backward pass for their sum
   (ZeRO-3 did not accumulate the value model's gradients right over two engine passes per micro-batch), so their
-  graphs are held together; the other backends run each term's forward and backward passes in turn, inside the
-  term's context.
+  graphs are held together and the backward pass runs outside the terms' contexts (untested with
+  `gradient_checkpointing`, whose recomputation would then see the policy adapter active); the other backends run
+  each term's forward and backward passes in turn, inside the term's context.
 - DeepSpeed runs `ppo-lm train` only; SFT and reward training are refused under it (`stages`).
 
 Only this module knows FSDP and DeepSpeed.
