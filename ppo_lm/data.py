@@ -1,6 +1,7 @@
 """Data loading shared by every kind of run: rows from a local file, a saved directory or the hub, then items.
 
-PPO runs call `load_prompts` (train and eval prompts as lists of strings), SFT runs `load_completion_rows`
+PPO runs call `load_prompts` (train and eval prompts: strings, or dicts that also carry the row's other columns for
+reward functions to read; see `prompt_items_from_rows`), SFT runs `load_completion_rows`
 (`{"prompt", "completion"}` dicts) and reward-model runs `load_preference_rows` (`{"prompt", "chosen", "rejected"}`
 dicts); each feeds its train items through a `PromptStream` (endless, seeded, resumable batches of any items).
 
@@ -31,6 +32,10 @@ SUMMARY_COLUMN = "summary"
 PREFERENCE_COLUMNS = ("chosen", "rejected")
 COMPARISON_COLUMNS = ("summaries", "choice")
 """The OpenAI human-feedback comparisons: two summaries (dicts with `text`, or strings), the preferred one's index."""
+PROMPT_KEY = "prompt"
+"""Key of the prompt text in a prompt item that is a dict; the row's other columns sit beside it."""
+PromptItem = str | dict[str, Any]
+"""One PPO prompt: its text, or `{"prompt": text, <other column>: value, ...}` when the rows have other columns."""
 # BPE merges where the cut post meets "\nTL;DR:" can shift the count by a token or two; a few retries settle it.
 _MAX_FIT_TRIES = 4
 
@@ -204,6 +209,14 @@ def _tldr_batch(batch: dict[str, list], indices: list[int], source: str) -> dict
     return {"prompt": prompts}
 
 
+def _prompt_columns(columns: Sequence[str], prompt_field: str) -> tuple[str, ...]:
+    """The columns a row's prompt is read from: TL;DR's subreddit/title/post when there is no `prompt_field` column
+    but those three are there, else `prompt_field` alone (which may be missing: `prompts_from_rows` says so)."""
+    if prompt_field not in columns and all(column in columns for column in TLDR_COLUMNS):
+        return TLDR_COLUMNS
+    return (prompt_field,)
+
+
 def prompts_from_rows(
     rows: datasets.Dataset,
     prompt_field: str = "prompt",
@@ -223,7 +236,7 @@ def prompts_from_rows(
     if max_prompt_length is not None and tokenizer is None:
         raise ValueError("max_prompt_length counts tokens: pass the tokenizer too.")
     columns = rows.column_names
-    if prompt_field not in columns and all(column in columns for column in TLDR_COLUMNS):
+    if _prompt_columns(columns, prompt_field) == TLDR_COLUMNS:
         formatted = rows.map(
             _tldr_batch, batched=True, with_indices=True, remove_columns=columns, keep_in_memory=True,
             fn_kwargs={"source": source}, desc="Formatting TL;DR prompts",
@@ -247,6 +260,72 @@ def prompts_from_rows(
                 "or drop that row."
             )
     return prompts
+
+
+def prompt_items_from_rows(
+    rows: datasets.Dataset,
+    prompt_field: str = "prompt",
+    tokenizer: Any = None,
+    max_prompt_length: int | None = None,
+    *,
+    source: str = "The prompt rows",
+) -> list[PromptItem]:
+    """The PPO prompt items in `rows`: the prompts of `prompts_from_rows`, with the rows' other columns when any.
+
+    When `rows` has columns besides those the prompt is read from (`prompt_field`, or TL;DR's subreddit/title/post),
+    each item is `{"prompt": text, <other column>: value, ...}` with every other column's value as the row holds it,
+    so reward functions can read them (an answer to check, say); otherwise each item is the prompt string itself.
+    Raises DataError as `prompts_from_rows` does, and when a column named "prompt" is not the one the prompt is read
+    from (its values would be hidden behind the prompt text).
+    """
+    columns = rows.column_names
+    read = _prompt_columns(columns, prompt_field)
+    others = [column for column in columns if column not in read]
+    # Only once the prompt's own columns exist; otherwise prompts_from_rows names the missing one, the real fault.
+    if PROMPT_KEY in others and all(column in columns for column in read):
+        raise DataError(
+            f"{source} has a {PROMPT_KEY!r} column, but prompts are read from {list(read)} (prompt_field="
+            f"{prompt_field!r}). Each prompt item keeps the text under {PROMPT_KEY!r} beside the row's other columns, "
+            f"so that column would be lost: rename it in the data, or set prompt_field={PROMPT_KEY!r} to read prompts "
+            "from it."
+        )
+    prompts = prompts_from_rows(rows, prompt_field, tokenizer, max_prompt_length, source=source)
+    if not others:
+        return prompts
+    extras = rows.select_columns(others).to_list()
+    return [{PROMPT_KEY: prompt, **extra} for prompt, extra in zip(prompts, extras, strict=True)]
+
+
+def split_prompt_items(items: Sequence[PromptItem]) -> tuple[list[str], dict[str, list]]:
+    """A batch of prompt items as `(prompts, columns)`: the texts, and each other column's values in item order.
+
+    Plain-string items give no columns. `columns` is what `rewards.call_reward_fn` takes (repeat each value as often
+    as its prompt is sampled). Raises ValueError when the items do not all carry the same columns (for instance
+    strings mixed with dicts), or a dict item has no "prompt".
+    """
+    prompts: list[str] = []
+    columns: dict[str, list] = {}
+    keys: list[str] | None = None
+    for i, item in enumerate(items):
+        if isinstance(item, dict):
+            if PROMPT_KEY not in item:
+                raise ValueError(f"Prompt item {i} is a dict without a {PROMPT_KEY!r} key: {sorted(item)}.")
+            item_keys = [key for key in item if key != PROMPT_KEY]
+            prompts.append(item[PROMPT_KEY])
+        else:
+            item_keys = []
+            prompts.append(item)
+        if keys is None:
+            keys = item_keys
+            columns = {key: [] for key in keys}
+        elif set(item_keys) != set(keys):
+            raise ValueError(
+                f"Prompt item {i} has columns {sorted(item_keys)} but item 0 has {sorted(keys)}; every item of a batch "
+                "must carry the same columns."
+            )
+        for key in item_keys:
+            columns[key].append(item[key])
+    return prompts, columns
 
 
 def train_eval_split(items: list, eval_fraction: float, seed: int) -> tuple[list, list]:
@@ -275,17 +354,18 @@ def load_prompts(
     tokenizer: Any = None,
     max_prompt_length: int | None = None,
     seed: int = 0,
-) -> tuple[list[str], list[str]]:
+) -> tuple[list[PromptItem], list[PromptItem]]:
     """Train and eval prompts for a PPO run: the one entry point runs use.
 
-    Train prompts come from `split` of `dataset` (see `load_rows`, `prompts_from_rows`). Eval prompts come from
-    `eval_split` of the same dataset when given, else from a seeded `eval_fraction` of the train prompts (see
-    `train_eval_split`); with neither, the eval list is empty. Raises DataError when no train prompt is left, and
+    Train prompts come from `split` of `dataset` (see `load_rows`, `prompt_items_from_rows`): strings, or dicts with
+    the prompt under "prompt" and the row's other columns beside it when the rows have other columns. Eval prompts
+    come from `eval_split` of the same dataset when given, else from a seeded `eval_fraction` of the train prompts
+    (see `train_eval_split`); with neither, the eval list is empty. Raises DataError when no train prompt is left, and
     ValueError when both `eval_split` and `eval_fraction` are given.
     """
     return load_items(
-        dataset, lambda rows, source: prompts_from_rows(rows, prompt_field, tokenizer, max_prompt_length,
-                                                        source=source),
+        dataset, lambda rows, source: prompt_items_from_rows(rows, prompt_field, tokenizer, max_prompt_length,
+                                                             source=source),
         split, eval_split, eval_fraction, seed, what="prompts",
     )
 

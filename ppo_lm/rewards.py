@@ -1,14 +1,17 @@
 """Stages 3 and 4 of a PPO step: score each response, then shape the score into per-token rewards.
 
-The score comes from a reward model or from a Python `reward_fn(prompts, completions) -> list[float]`; this module
-checks what a function returns before anything uses it. Shaping adds the KL penalty against the reference on every
-token and the score on the last one; the KL coefficient is fixed or follows an adaptive controller.
+The score comes from a reward model or from Python reward functions `fn(prompts, completions, **columns) ->
+list[float]`, where `columns` are the dataset row's other columns (one value per completion), as in TRL. This module
+checks what a function returns before anything uses it, and `WeightedRewards` sums several functions with weights.
+Shaping adds the KL penalty against the reference on every token and the score on the last one; the KL coefficient
+is fixed or follows an adaptive controller.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,11 +19,21 @@ from typing import Any
 
 import torch
 
-RewardFn = Callable[[list[str], list[str]], Sequence[float]]
+# `fn(prompts, completions, **columns) -> scores`: the two lists positionally, dataset columns by keyword (TRL's way).
+RewardFn = Callable[..., Sequence[float]]
 
 
 class RewardFunctionError(RuntimeError):
     """A reward function raised, or returned something that is not one finite number per completion."""
+
+
+def reward_function_name(reward_fn: Callable[..., Any]) -> str:
+    """The name a reward function goes by in messages and metrics: its `__name__`, else its class name.
+
+    A `functools.partial` or a callable object has no `__name__`, so it is named by its type ("partial", "MyScorer").
+    """
+    name = getattr(reward_fn, "__name__", None)
+    return name if isinstance(name, str) and name else type(reward_fn).__name__
 
 
 def load_reward_function(spec: str) -> RewardFn:
@@ -46,35 +59,153 @@ def load_reward_function(spec: str) -> RewardFn:
     return function
 
 
-def call_reward_fn(reward_fn: RewardFn, prompts: list[str], completions: list[str]) -> torch.Tensor:
+def load_reward_functions(specs: str | Sequence[str]) -> list[RewardFn]:
+    """Import one reward function per spec (see `load_reward_function`); a single string is one spec.
+
+    Raises ValueError for an empty list or for any spec that cannot be imported.
+    """
+    if isinstance(specs, str):
+        specs = [specs]
+    if len(specs) == 0:
+        raise ValueError("No reward function given: pass at least one 'package.module:function' or 'file.py:function'.")
+    return [load_reward_function(spec) for spec in specs]
+
+
+def _column_kwargs(reward_fn: RewardFn, columns: dict[str, list] | None) -> dict[str, list]:
+    """The columns `reward_fn` accepts as keywords: all of them with `**kwargs`, else those its parameters name.
+
+    The first two positional parameters receive the prompts and completions, so a column of the same name is not
+    passed again (it would be "multiple values for argument"). A signature that cannot be read gets no columns.
+    """
+    if not columns:
+        return {}
+    try:
+        parameters = list(inspect.signature(reward_fn).parameters.values())
+    except (TypeError, ValueError):  # some builtins and C extensions expose no signature
+        return {}
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    taken = {p.name for p in positional[:2]}
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        accepted = set(columns) - taken
+    else:
+        accepted = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - taken
+    # A copy of each list, so one function that edits its argument cannot change what the next one reads.
+    return {name: list(values) for name, values in columns.items() if name in accepted}
+
+
+def call_reward_fn(
+    reward_fn: RewardFn, prompts: list[str], completions: list[str], columns: dict[str, list] | None = None
+) -> torch.Tensor:
     """Call `reward_fn` and return its scores as a float32 tensor, `[batch]`.
 
-    Raises RewardFunctionError when the function raises, returns the wrong number of scores, or returns a
-    score that is not a finite number.
+    `columns` maps a dataset column's name to its values, one per completion. The function gets, as keyword
+    arguments, every column if it takes `**kwargs`, else only the columns its parameters name; a plain
+    `fn(prompts, completions)` gets none. Raises ValueError when a column does not hold one value per completion,
+    and RewardFunctionError (naming the function) when the function raises, returns the wrong number of scores, or
+    returns a score that is not a finite number.
     """
+    for column, values in (columns or {}).items():
+        if len(values) != len(completions):
+            raise ValueError(
+                f"Column {column!r} holds {len(values)} values for {len(completions)} completions; reward function "
+                "columns need one value per completion."
+            )
+    name = f"Reward function {reward_function_name(reward_fn)!r}"
     try:
-        scores = reward_fn(prompts, completions)
+        scores = reward_fn(prompts, completions, **_column_kwargs(reward_fn, columns))
     except Exception as error:
-        raise RewardFunctionError(f"reward_fn raised {type(error).__name__}: {error}") from error
+        raise RewardFunctionError(f"{name}: reward_fn raised {type(error).__name__}: {error}") from error
     if isinstance(scores, torch.Tensor):
         scores = scores.detach().float().cpu().flatten().tolist()
     try:
         scores = list(scores)
     except TypeError:
         raise RewardFunctionError(
-            f"reward_fn must return a list of floats, one per completion; it returned {type(scores).__name__}."
+            f"{name}: reward_fn must return a list of floats, one per completion; it returned "
+            f"{type(scores).__name__}."
         ) from None
     if len(scores) != len(completions):
         raise RewardFunctionError(
-            f"reward_fn returned {len(scores)} scores for {len(completions)} completions; return one per completion."
+            f"{name}: reward_fn returned {len(scores)} scores for {len(completions)} completions; return one per "
+            "completion."
         )
     for i, score in enumerate(scores):
         if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
             raise RewardFunctionError(
-                f"reward_fn returned {score!r} for completion {i} ({completions[i]!r:.60}); every score must be a "
-                "finite number."
+                f"{name}: reward_fn returned {score!r} for completion {i} ({completions[i]!r:.60}); every score must "
+                "be a finite number."
             )
     return torch.tensor(scores, dtype=torch.float32)
+
+
+class WeightedRewards:
+    """Several reward functions scored together: the weighted sum of their scores, and each one's own scores.
+
+    `weights` defaults to 1.0 for every function. `names` holds each function's `reward_function_name`, made unique
+    with `_2`, `_3`, ... for repeats, so each can be logged as a metric of its own.
+    """
+
+    def __init__(self, functions: Sequence[RewardFn], weights: Sequence[float] | None = None) -> None:
+        functions = list(functions)
+        if not functions:
+            raise ValueError("WeightedRewards needs at least one reward function.")
+        for function in functions:
+            if not callable(function):
+                raise TypeError(f"Reward functions must be callable; got {type(function).__name__}.")
+        self.functions = functions
+        self.names = _unique_names([reward_function_name(f) for f in functions])
+        if weights is None:
+            weights = [1.0] * len(functions)
+        weights = list(weights)
+        if len(weights) != len(functions):
+            raise ValueError(
+                f"Got {len(weights)} reward weight(s) for {len(functions)} reward function(s) {self.names}; give one "
+                "weight per function, in the same order, or none (each then weighs 1.0)."
+            )
+        for name, weight in zip(self.names, weights, strict=True):
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise ValueError(f"The weight of reward function {name!r} is {weight!r}; it must be a finite number.")
+        self.weights = [float(weight) for weight in weights]
+
+    def __len__(self) -> int:
+        return len(self.functions)
+
+    def __call__(
+        self, prompts: list[str], completions: list[str], columns: dict[str, list] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Score the completions with every function (see `call_reward_fn` for `columns` and the errors).
+
+        Returns `(scores, per_function)`: `scores` the weighted sum, float32 `[batch]`; `per_function` each
+        function's unweighted scores, float32 `[batch]`, under its name in `names`.
+        """
+        per_function = {
+            name: call_reward_fn(function, prompts, completions, columns)
+            for name, function in zip(self.names, self.functions, strict=True)
+        }
+        # Summed in float64 and rounded once; one function of weight 1 thus comes back bit for bit.
+        stacked = torch.stack(list(per_function.values())).double()
+        weights = torch.tensor(self.weights, dtype=torch.float64).unsqueeze(-1)
+        scores = (weights * stacked).sum(0).float()
+        if not torch.isfinite(scores).all():  # finite scores times large weights can still overflow float32
+            raise RewardFunctionError(
+                f"The weighted sum of the reward functions {self.names} (weights {self.weights}) overflows float32; "
+                "use smaller weights or scores."
+            )
+        return scores, per_function
+
+
+def _unique_names(names: list[str]) -> list[str]:
+    """`names` with each repeat suffixed `_2`, `_3`, ... (skipping any suffix that is already taken)."""
+    seen: set[str] = set()
+    unique = []
+    for name in names:
+        candidate, count = name, 1
+        while candidate in seen:
+            count += 1
+            candidate = f"{name}_{count}"
+        seen.add(candidate)
+        unique.append(candidate)
+    return unique
 
 
 def check_finite_scores(scores: torch.Tensor) -> torch.Tensor:

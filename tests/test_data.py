@@ -23,6 +23,7 @@ from ppo_lm.data import (
     load_rows,
     prompts_from_rows,
     require_columns,
+    split_prompt_items,
     train_eval_split,
 )
 from ppo_lm.data import preference_rows as to_preference_rows
@@ -304,6 +305,56 @@ def test_load_prompts_no_train_left(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": "b"}])
     with pytest.raises(DataError, match="No train prompts are left"):
         load_prompts(path, eval_fraction=0.9)
+
+
+def test_load_prompts_keeps_other_columns_in_dict_items(tmp_path):
+    rows = [{"question": f"What is {i} + {i}?", "answer": str(2 * i), "meta": {"level": i}} for i in range(4)]
+    path = write_jsonl(tmp_path / "math.jsonl", rows)
+    train, evaluation = load_prompts(path, prompt_field="question")
+    assert evaluation == []
+    assert train == [{"prompt": r["question"], "answer": r["answer"], "meta": r["meta"]} for r in rows]
+    assert list(train[0]) == ["prompt", "answer", "meta"]
+    # The seeded eval split holds the same dicts the train list would have had.
+    train, evaluation = load_prompts(path, prompt_field="question", eval_fraction=0.25, seed=1)
+    assert len(evaluation) == 1 and sorted(train + evaluation, key=lambda item: item["answer"]) == [
+        {"prompt": r["question"], "answer": r["answer"], "meta": r["meta"]} for r in rows
+    ]
+
+
+def test_load_prompts_with_only_a_prompt_column_gives_strings(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"question": p} for p in PROMPTS])
+    assert load_prompts(path, prompt_field="question") == (PROMPTS, [])
+    assert all(type(prompt) is str for prompt in load_prompts(path, prompt_field="question")[0])
+
+
+def test_load_prompts_tldr_rows_keep_their_other_columns_and_fit(tmp_path, qwen_tokenizer):
+    rows = [{"subreddit": "tifu", "title": "T1", "post": "Short.", "summary": "s1", "id": "a"},
+            {"subreddit": "pets", "title": "T2", "post": LONG_POST, "summary": "s2", "id": "b"}]
+    path = write_jsonl(tmp_path / "tldr.jsonl", rows)
+    train, _ = load_prompts(path, tokenizer=qwen_tokenizer, max_prompt_length=64)
+    assert [sorted(item) for item in train] == [["id", "prompt", "summary"]] * 2
+    assert train[0] == {"prompt": format_tldr_prompt("tifu", "T1", "Short."), "summary": "s1", "id": "a"}
+    assert train[1]["prompt"] == format_tldr_prompt("pets", "T2", LONG_POST, qwen_tokenizer, 64)
+    assert len(qwen_tokenizer(train[1]["prompt"])["input_ids"]) <= 64
+
+
+def test_a_prompt_column_that_is_not_the_prompt_field_is_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "clash.jsonl", [{"question": "q", "prompt": "p", "answer": "a"}])
+    with pytest.raises(DataError, match=r"clash\.jsonl .*has a 'prompt' column, but prompts are read from "
+                                        r"\['question'\] \(prompt_field='question'\).*set prompt_field='prompt'"):
+        load_prompts(path, prompt_field="question")
+    # Read from the "prompt" column itself, the same rows are fine.
+    assert load_prompts(path)[0] == [{"prompt": "p", "question": "q", "answer": "a"}]
+
+
+def test_split_prompt_items():
+    items = [{"prompt": "p1", "answer": "1"}, {"answer": "2", "prompt": "p2"}]
+    assert split_prompt_items(items) == (["p1", "p2"], {"answer": ["1", "2"]})
+    assert split_prompt_items(["p1", "p2"]) == (["p1", "p2"], {})
+    with pytest.raises(ValueError, match=r"Prompt item 1 has columns \[\] but item 0 has \['answer'\]"):
+        split_prompt_items([items[0], "p2"])
+    with pytest.raises(ValueError, match="without a 'prompt' key"):
+        split_prompt_items([{"answer": "1"}])
 
 
 # PromptStream --------------------------------------------------------------------------------------------------
