@@ -4,13 +4,18 @@ Every function works on `[batch, time]` tensors with a 0/1 `mask` that is 1 on t
 prefix of each row). Nothing loops over tokens in Python: GAE is a matrix product with a discount matrix.
 
 An advantage estimator is a function of `AdvantageInputs` returning `(advantages, returns)`, registered by name in
-`ADVANTAGE_ESTIMATORS` with whether it needs the value model's estimates; `PPOConfig.advantage_estimator` names one.
+`ADVANTAGE_ESTIMATORS` with what it needs (the value model's estimates, groups of responses to one prompt) and whether
+its advantages are whitened by default; `PPOConfig.advantage_estimator` names one. docs/estimators.md gives each
+one's formula and source.
+
+Group estimators read the rows of a process's batch as consecutive groups of `group_size` responses to one prompt
+(the trainer samples them so, and keeps a group on one process).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -95,6 +100,12 @@ class AdvantageInputs:
     """Discount factor."""
     lam: float
     """GAE lambda."""
+    group_size: int = 1
+    """Responses per prompt (`num_generations`); rows `[g * group_size, (g + 1) * group_size)` are group g."""
+    scale_rewards: str = "group"
+    """grpo: divide by the group's std ('group'), the batch's ('batch') or nothing ('none')."""
+    all_sum: Callable[[torch.Tensor], torch.Tensor] = _no_reduce
+    """Sums a tensor over the processes (for batch statistics); by default this process's rows are the batch."""
 
 
 AdvantageEstimator = Callable[[AdvantageInputs], tuple[torch.Tensor, torch.Tensor]]
@@ -104,7 +115,93 @@ the value model's targets."""
 ADVANTAGE_ESTIMATORS: Registry[AdvantageEstimator] = Registry("advantage estimator")
 
 
-@ADVANTAGE_ESTIMATORS.register("gae", needs_values=True)
+@ADVANTAGE_ESTIMATORS.register("gae", needs_values=True, whitens=True)
 def gae(inputs: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's estimator: GAE over the shaped per-token rewards and the value model's estimates (`compute_gae`)."""
     return compute_gae(inputs.rewards, inputs.values, inputs.mask, inputs.gamma, inputs.lam)
+
+
+GROUP_STD_EPSILON = 1e-4
+"""Added to a group's std before dividing by it, so that a group of equal rewards gets advantage 0, not NaN."""
+
+
+def grouped(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """`[batch]` scores as `[groups, group_size]`; raises when the rows do not make whole groups."""
+    if scores.shape[0] % group_size:
+        raise ValueError(f"{scores.shape[0]} responses do not make groups of {group_size}.")
+    return scores.reshape(-1, group_size)
+
+
+def zero_variance_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Whether each group's scores are all equal (its group advantages are all 0), `[groups]`."""
+    groups = grouped(scores, group_size)
+    return (groups == groups[:, :1]).all(-1)
+
+
+def sequence_return(inputs: AdvantageInputs) -> torch.Tensor:
+    """Each response's undiscounted return, `[batch]`: its score minus kl_coef x its summed KL (the sum of its shaped
+    rewards); the score alone when the KL is not in the reward."""
+    return torch.where(inputs.mask.bool(), inputs.rewards, torch.zeros_like(inputs.rewards)).sum(-1)
+
+
+def on_every_token(per_response: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A `[batch]` value on each valid token of its row, 0 elsewhere."""
+    values = per_response.unsqueeze(-1).expand(mask.shape)
+    return torch.where(mask.bool(), values, torch.zeros_like(values))
+
+
+@ADVANTAGE_ESTIMATORS.register("grpo", needs_groups=True)
+def grpo(inputs: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO (Shao et al. 2024): A_i = (R_i - mean of the group) / (std of the group + 1e-4) on every token of
+    response i, R_i its return (`sequence_return`). `scale_rewards` 'batch' divides by the std of every response of
+    the step instead, 'none' by nothing (Dr. GRPO, Liu et al. 2025). The std is the unbiased one. Returns
+    `(advantages, returns)` with the returns R_i on every token."""
+    returns = sequence_return(inputs)
+    groups = grouped(returns, inputs.group_size)
+    centred = groups - groups.mean(-1, keepdim=True)
+    if inputs.scale_rewards == "group":
+        centred = centred / (groups.std(-1, keepdim=True) + GROUP_STD_EPSILON)
+    elif inputs.scale_rewards == "batch":
+        ones = torch.ones_like(returns)
+        totals = inputs.all_sum(torch.stack([returns.sum(), (returns**2).sum(), ones.sum()]).double())
+        mean = totals[0] / totals[2]
+        variance = (totals[1] - totals[2] * mean**2) / (totals[2] - 1).clamp(min=1)
+        centred = centred / (variance.clamp(min=0).sqrt().to(returns.dtype) + GROUP_STD_EPSILON)
+    return on_every_token(_zero_where_equal(centred, groups), inputs.mask), on_every_token(returns, inputs.mask)
+
+
+def _zero_where_equal(advantages: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Exactly 0 for the groups whose returns are all equal (rounding would leave a tiny advantage), flattened."""
+    equal = zero_variance_groups(groups.flatten(), groups.shape[1]).unsqueeze(-1)
+    return torch.where(equal, torch.zeros_like(advantages), advantages).flatten()
+
+
+@ADVANTAGE_ESTIMATORS.register("rloo", needs_groups=True)
+def rloo(inputs: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE leave-one-out (Kool et al. 2019; Ahmadian et al. 2024): A_i = R_i - the mean return of the other
+    K - 1 responses of its group, on every token of response i. Returns `(advantages, returns)`."""
+    returns = sequence_return(inputs)
+    groups = grouped(returns, inputs.group_size)
+    size = inputs.group_size
+    others_mean = (groups.sum(-1, keepdim=True) - groups) / (size - 1)
+    advantages = _zero_where_equal(groups - others_mean, groups)
+    return on_every_token(advantages, inputs.mask), on_every_token(returns, inputs.mask)
+
+
+@ADVANTAGE_ESTIMATORS.register("reinforce_pp", whitens=True)
+def reinforce_pp(inputs: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE++ (Hu 2025): the discounted return-to-go of the shaped per-token rewards (-kl_coef x KL on each
+    token, the score on the last), G_t = sum_{l >= 0} gamma^l r_{t+l}; whitened over every valid token of the batch
+    (the registered default). No value model: GAE with V = 0 and lambda = 1. Returns `(G, G)`."""
+    returns, _ = compute_gae(inputs.rewards, torch.zeros_like(inputs.rewards), inputs.mask, inputs.gamma, 1.0)
+    return returns, returns
+
+
+@ADVANTAGE_ESTIMATORS.register("reinforce_pp_baseline", needs_groups=True, whitens=True)
+def reinforce_pp_baseline(inputs: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE++ with a group baseline: the group's mean score is subtracted from each response's score on its last
+    token, then as `reinforce_pp`. Returns `(G, G)`."""
+    group_mean = grouped(inputs.scores, inputs.group_size).mean(-1).repeat_interleave(inputs.group_size)
+    last = (inputs.mask.sum(-1) - 1).clamp(min=0).unsqueeze(-1)
+    rewards = inputs.rewards.scatter_add(1, last, -group_mean.to(inputs.rewards.dtype).unsqueeze(-1))
+    return reinforce_pp(replace(inputs, rewards=rewards))

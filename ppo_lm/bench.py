@@ -143,11 +143,12 @@ def step_flops(model_config, prompt_lens: list[int], response_lens: list[int], c
     attention = sum(2 * layers * attn_width * t * t for t in totals)
     forward_body = body * tokens + attention
     generate = forward_body + head * (responses + len(totals))  # prefill + one decode per new token
-    logprobs = 2 * (forward_body + head * responses)  # policy and reference
+    passes = 2 if config.uses_reference else 1  # the policy's, and the reference's when a KL term needs it
+    logprobs = passes * (forward_body + head * responses)
     reward = forward_body
-    values = forward_body
+    values = forward_body if config.needs_value_model else 0
     backward_factor = 1.0 if config.use_lora else 2.0
-    update_epoch = (1 + backward_factor) * (forward_body + head * responses) + (1 + backward_factor) * forward_body
+    update_epoch = (1 + backward_factor) * (forward_body + head * responses + values)
     flops = {"generate": generate, "logprobs": logprobs, "reward": reward, "values": values,
              "update": update_epoch * config.ppo_epochs}
     flops["step"] = sum(flops.values())
@@ -173,18 +174,19 @@ def run_benchmark(
     trainer = PPOTrainer(config, reward_fn=None if config.reward_model_name else length_reward)
     processes = PartialState()  # under `accelerate launch`, each process steps on its share of the prompts
     local_prompts = shard(prompts, processes.process_index, processes.num_processes)
+    sequences = [prompt for prompt in prompts for _ in range(config.num_generations)]  # num_generations per prompt
     for _ in range(warmup):
         trainer.ppo_step(local_prompts)
     records, flops = [], []
     for _ in range(steps):
         rollout_stats = trainer.ppo_step(local_prompts)  # its texts and statistics are every process's
         records.append(rollout_stats)
-        prompt_lens = [len(ids) for ids in trainer.tokenizer(prompts)["input_ids"]]
+        prompt_lens = [len(ids) for ids in trainer.tokenizer(sequences)["input_ids"]]
         response_lens = [max(1, len(trainer.tokenizer(c)["input_ids"])) for c in rollout_stats["generated_texts"]]
         flops.append(step_flops(trainer.models.policy.config, prompt_lens, response_lens, config)["step"])
     median = {stage: statistics.median(r[f"time/{stage}"] for r in records) for stage in STAGES}
     step_seconds = median["step"]
-    generated = statistics.median(r["response_length"] for r in records) * len(prompts)
+    generated = statistics.median(r["response_length"] for r in records) * len(sequences)
     rate = matmul_rate(trainer.device, trainer.dtype)
     floor = statistics.median(flops) / (rate * processes.num_processes)  # the processes share the step's FLOPs
     return {
@@ -196,7 +198,8 @@ def run_benchmark(
         "median_step_s": round(step_seconds, 4),
         "stage_s": {stage: round(median[stage], 4) for stage in STAGES[:-1]},
         "generated_tokens_per_s": round(generated / step_seconds, 1),
-        "tokens_per_s": round((sum(len(p) for p in trainer.tokenizer(prompts)["input_ids"]) + generated)
+        "advantage_estimator": config.advantage_estimator, "num_generations": config.num_generations,
+        "tokens_per_s": round((sum(len(p) for p in trainer.tokenizer(sequences)["input_ids"]) + generated)
                               / step_seconds, 1),
         "peak_memory_gib": round(max(gather_rows([peak_memory_gib(trainer.device)])), 3),  # the largest process's
         "step_tflop": round(statistics.median(flops) / 1e12, 4),
@@ -228,12 +231,12 @@ def bench_command(argv: list[str]) -> dict[str, Any]:
             config = dataclasses.replace(config, model_name=policy_dir,
                                          reward_model_name=reward_dir if arguments.reward == "model" else None)
         if arguments.prompts:
-            from ppo_lm.data import load_prompts
+            from ppo_lm.data import load_prompts, split_prompt_items
 
-            prompts = load_prompts(arguments.prompts)[0]
-            prompts = (prompts * (config.batch_size // len(prompts) + 1))[: config.batch_size]
+            prompts, _ = split_prompt_items(load_prompts(arguments.prompts)[0])  # the texts; a reward model scores
+            prompts = (prompts * (config.items_per_step // len(prompts) + 1))[: config.items_per_step]
         else:
-            prompts = synthetic_prompts(prompt_lengths(arguments.prompt_lengths, config.batch_size, config.seed))
+            prompts = synthetic_prompts(prompt_lengths(arguments.prompt_lengths, config.items_per_step, config.seed))
         result = run_benchmark(config, prompts, arguments.warmup, arguments.steps,
                                None if model_given else arguments.arch)
     if PartialState().is_main_process:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args
 
 from ppo_lm.advantages import ADVANTAGE_ESTIMATORS
-from ppo_lm.losses import KL_ESTIMATORS, POLICY_LOSSES
+from ppo_lm.losses import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
 
 LRSchedulerName = Literal["constant", "linear", "cosine"]
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
@@ -34,6 +34,9 @@ DTYPES: tuple[str, ...] = get_args(DTypeName)
 KLEstimatorName = Literal[KL_ESTIMATORS.names()]
 AdvantageEstimatorName = Literal[ADVANTAGE_ESTIMATORS.names()]
 PolicyLossName = Literal[POLICY_LOSSES.names()]
+LossAggregationName = Literal[LOSS_AGGREGATIONS.names()]
+ScaleRewardsName = Literal["group", "batch", "none"]
+SCALE_REWARDS: tuple[str, ...] = get_args(ScaleRewardsName)
 TRACKERS = ("tensorboard", "wandb", "trackio")
 """Trackers `report_to` may name (a comma-separated list, so a plain str rather than a Literal)."""
 
@@ -192,6 +195,11 @@ class TrainConfig(RunConfig):
     """Gradient norm clip (0 turns clipping off). PPO clips the policy and the value model separately (under
     DeepSpeed: both together)."""
 
+    @property
+    def items_per_step(self) -> int:
+        """Dataset items each training step draws (PPO: prompts, `batch_size / num_generations`)."""
+        return self.batch_size
+
     def validate(self) -> None:
         """Raise a ValueError naming the first field whose value is not allowed."""
         super().validate()
@@ -228,11 +236,19 @@ class PPOConfig(TrainConfig):
     callable given to the trainer); exactly one of the two scores the responses."""
     value_model_name: str | None = None
     """Separate value model, e.g. the reward model. None: a second LoRA adapter plus a scalar head on the base."""
-    reward_fn: str | None = None
-    """Reward function for the command line, 'package.module:function' or 'path/to/file.py:function'. Not together
-    with `reward_model_name`."""
+    reward_fn: str | list[str] | None = None
+    """Reward function for the command line, 'package.module:function' or 'path/to/file.py:function', or a list of
+    them whose weighted sum is the score (each one's mean is logged as `reward/<name>`). A function is called as
+    `fn(prompts, completions, **columns)` with the dataset row's other columns it names (or all of them, given
+    `**kwargs`). Not together with `reward_model_name`."""
+    reward_weights: list[float] | None = None
+    """Weight of each function of a `reward_fn` list in the score, in the same order. None: 1.0 each."""
 
-    # --- rollout (batch_size: TrainConfig) --------------------------------------------------------------------
+    # --- rollout (batch_size: TrainConfig; it counts responses, not prompts) ------------------------------------
+    num_generations: int = 1
+    """Responses sampled per prompt, a group. `batch_size` counts responses and must be a multiple of it; each step
+    draws `batch_size / num_generations` prompts. The group estimators (grpo, rloo, reinforce_pp_baseline) compare
+    the responses of a group and need at least 2."""
     max_new_tokens: int = 10
     """Longest response, in tokens. Generation stops at the first EOS token."""
     temperature: float = 1.0
@@ -250,9 +266,13 @@ class PPOConfig(TrainConfig):
 
     # --- reward -----------------------------------------------------------------------------------------
     kl_coef: float = 0.1
-    """Weight of the per-token KL penalty against the reference (the initial value when adaptive)."""
+    """Weight of the per-token KL penalty against the reference in the reward (the initial value when adaptive).
+    0 with `kl_loss_coef` 0 and no adaptive target: no reference pass at all."""
     kl_estimator: KLEstimatorName = "k1"
     """Per-token KL estimator in the reward: 'k1' (logp - logp_ref) or 'k3' ((r - 1) - log r, r = p_ref / p)."""
+    kl_loss_coef: float = 0.0
+    """Weight of a KL term in the loss instead (GRPO's): the k3 estimate between the current policy and the reference
+    on each sampled token, aggregated like the policy loss, with gradients. 0: no KL term in the loss."""
     adaptive_kl_target: float | None = None
     """Target of the adaptive KL controller (summed KL per response). None: kl_coef stays fixed."""
     adaptive_kl_horizon: int = 10000
@@ -262,27 +282,52 @@ class PPOConfig(TrainConfig):
 
     # --- advantages -------------------------------------------------------------------------------------
     advantage_estimator: AdvantageEstimatorName = "gae"
-    """How advantages are estimated (`advantages.ADVANTAGE_ESTIMATORS`): 'gae', generalised advantage estimation
-    over the shaped rewards and the value model's estimates."""
+    """How advantages are estimated (`advantages.ADVANTAGE_ESTIMATORS`; docs/estimators.md says which to reach for):
+    'gae', generalised advantage estimation over the shaped rewards and a value model (PPO); the critic-free ones
+    train no value model: 'grpo' (the group's rewards normalised, see `scale_rewards`), 'rloo' (leave-one-out
+    baseline), 'reinforce_pp' (REINFORCE++: discounted returns of the shaped rewards, whitened over the batch) and
+    'reinforce_pp_baseline' (the same after subtracting the group's mean score)."""
+    scale_rewards: ScaleRewardsName = "group"
+    """grpo only: divide the centred rewards by the group's std ('group', GRPO), the whole batch's std ('batch'), or
+    nothing ('none': Dr. GRPO, which removes the bias towards groups of nearly equal rewards)."""
     gamma: float = 0.99
     """Discount factor of the per-token return."""
     lam: float = 0.95
     """GAE lambda: 0 is one-step TD, 1 is Monte Carlo."""
-    whiten_advantages: bool = True
-    """Normalise advantages to mean 0, std 1 over the valid tokens of the batch."""
+    whiten_advantages: bool | None = None
+    """Normalise advantages to mean 0, std 1 over the valid tokens of the batch. None: the estimator's own choice
+    (yes for gae and the reinforce_pp ones, no for grpo and rloo, whose group baseline already centres them)."""
+    drop_zero_variance_groups: bool = False
+    """Leave groups whose rewards are all equal (advantage 0 everywhere) out of the update, so that the loss is
+    averaged over the groups that carry a signal (DAPO's dynamic sampling, without resampling). Their fraction is
+    logged as `zero_variance_groups` either way."""
 
     # --- update (learning_rate, max_grad_norm, micro_batch_size, gradient_checkpointing: TrainConfig) ---------
     value_learning_rate: float = 1e-4
-    """AdamW learning rate of the value model (adapter and head)."""
+    """AdamW learning rate of the value model (adapter and head); gae only."""
     ppo_epochs: int = 4
     """Passes over each rollout batch."""
     num_mini_batches: int = 1
     """Minibatches per pass; one optimizer step each. Must divide `batch_size` (and, over several processes, each
     process's share of it)."""
     policy_loss: PolicyLossName = "clipped"
-    """The policy loss (`losses.POLICY_LOSSES`): 'clipped', PPO's clipped surrogate."""
+    """The policy loss (`losses.POLICY_LOSSES`): 'clipped', PPO's clipped surrogate of each token's ratio; 'gspo',
+    the same surrogate of each response's sequence ratio (the geometric mean of its token ratios; GSPO uses clip
+    ranges of a few 1e-4)."""
     clip_epsilon: float = 0.2
-    """Policy ratio clip range: the ratio is clipped to [1 - clip_epsilon, 1 + clip_epsilon]."""
+    """Policy ratio clip range below 1: the ratio is clipped to [1 - clip_epsilon, 1 + clip_epsilon_high]."""
+    clip_epsilon_high: float | None = None
+    """Clip range above 1 (DAPO's clip-higher: a larger value lets unlikely tokens with positive advantages grow,
+    which keeps entropy from collapsing). None: `clip_epsilon`."""
+    dual_clip: float | None = None
+    """Dual clip (> 1): for negative advantages the loss is at most `dual_clip` x |A|, so that a ratio far above 1
+    cannot produce an unbounded update. None: off."""
+    loss_aggregation: LossAggregationName = "token_mean"
+    """How per-token policy losses make the minibatch's loss (`losses.LOSS_AGGREGATIONS`): 'token_mean', the mean
+    over every valid token (each token counts the same, PPO's and DAPO's choice); 'sequence_mean', the mean over
+    responses of each response's token mean (each response counts the same, GRPO's original choice, which favours
+    short correct answers and long wrong ones); 'sequence_sum', each response's token sum divided by
+    `max_new_tokens`, averaged over responses (Dr. GRPO: no length bias)."""
     value_clip: float = 0.2
     """Value clip range around the rollout's values."""
     vf_coef: float = 0.1
@@ -301,11 +346,14 @@ class PPOConfig(TrainConfig):
         super().validate()
         require_numbers(self, ("value_learning_rate", "clip_epsilon", "temperature", "adaptive_kl_horizon"),
                         positive=True)
-        require_ints(self, ("max_new_tokens", "ppo_epochs", "num_mini_batches", "eval_samples_per_prompt"), 1)
+        require_ints(self, ("max_new_tokens", "ppo_epochs", "num_mini_batches", "eval_samples_per_prompt",
+                            "num_generations"), 1)
         if self.eval_greedy and self.eval_samples_per_prompt != 1:
             raise _invalid(self, "eval_samples_per_prompt", self.eval_samples_per_prompt,
                            "must be 1 with eval_greedy: greedy decoding gives the same response every time")
-        require_numbers(self, ("kl_coef", "value_clip", "vf_coef", "entropy_coef"), positive=False)
+        require_numbers(self, ("kl_coef", "kl_loss_coef", "value_clip", "vf_coef", "entropy_coef"), positive=False)
+        self._check_groups()
+        self._check_policy_loss()
         for name in ("gamma", "lam"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 <= value <= 1):
@@ -315,7 +363,7 @@ class PPOConfig(TrainConfig):
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
             raise _invalid(self, "top_k", self.top_k, "must be an integer >= 0 (0 turns it off)")
         for name, registry in (("kl_estimator", KL_ESTIMATORS), ("advantage_estimator", ADVANTAGE_ESTIMATORS),
-                               ("policy_loss", POLICY_LOSSES)):
+                               ("policy_loss", POLICY_LOSSES), ("loss_aggregation", LOSS_AGGREGATIONS)):
             require_choice(self, name, registry.names())  # read when validating: a variant may register later
         for name in ("target_kl", "adaptive_kl_target"):
             value = getattr(self, name)
@@ -324,6 +372,7 @@ class PPOConfig(TrainConfig):
         if self.missing_eos_penalty is not None and not math.isfinite(self.missing_eos_penalty):
             raise _invalid(self, "missing_eos_penalty", self.missing_eos_penalty, "must be a finite number or None")
         # The batch arithmetic that needs no process count; distributed.batch_layout splits it over the processes.
+        self._check_reward_functions()
         if self.num_mini_batches > self.batch_size:
             raise _invalid(self, "num_mini_batches", self.num_mini_batches,
                            f"must be <= batch_size ({self.batch_size}): each minibatch needs a sequence")
@@ -332,6 +381,62 @@ class PPOConfig(TrainConfig):
                            f"must divide batch_size ({self.batch_size}): every minibatch gets the same number of "
                            "sequences")
         self.check_reward_source(required=False)
+
+    @property
+    def items_per_step(self) -> int:
+        """Prompts each step draws: `batch_size` responses in groups of `num_generations`."""
+        return self.batch_size // self.num_generations
+
+    @property
+    def needs_value_model(self) -> bool:
+        """Whether the advantage estimator reads a value model's estimates (only then is one loaded and trained)."""
+        return ADVANTAGE_ESTIMATORS[self.advantage_estimator].needs_values
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether any KL term needs the reference model's logprobs during training."""
+        return self.kl_coef > 0 or self.kl_loss_coef > 0 or self.adaptive_kl_target is not None
+
+    def _check_groups(self) -> None:
+        if self.batch_size % self.num_generations:
+            raise _invalid(self, "batch_size", self.batch_size, f"must be a multiple of num_generations "
+                           f"({self.num_generations}): it counts responses, num_generations per prompt")
+        require_choice(self, "advantage_estimator", ADVANTAGE_ESTIMATORS.names())
+        estimator = ADVANTAGE_ESTIMATORS[self.advantage_estimator]
+        if estimator.needs_groups and self.num_generations < 2:
+            raise _invalid(self, "num_generations", self.num_generations, f"must be >= 2 with advantage_estimator="
+                           f"{self.advantage_estimator!r}: it compares the responses to one prompt (try 4 or 8)")
+        if not estimator.needs_values and self.value_model_name is not None:
+            raise _invalid(self, "value_model_name", self.value_model_name, f"must be None with advantage_estimator="
+                           f"{self.advantage_estimator!r}, which trains no value model")
+        require_choice(self, "scale_rewards", SCALE_REWARDS)
+
+    def _check_policy_loss(self) -> None:
+        if self.clip_epsilon_high is not None:
+            require_numbers(self, ("clip_epsilon_high",), positive=True)
+        if self.dual_clip is not None and not (isinstance(self.dual_clip, (int, float)) and self.dual_clip > 1
+                                               and math.isfinite(self.dual_clip)):
+            raise _invalid(self, "dual_clip", self.dual_clip, "must be a number > 1, or None to turn it off")
+
+    def _check_reward_functions(self) -> None:
+        functions = self.reward_functions()
+        if isinstance(self.reward_fn, list) and not functions:
+            raise _invalid(self, "reward_fn", self.reward_fn, "must name at least one function")
+        if self.reward_weights is None:
+            return
+        if not functions:
+            raise _invalid(self, "reward_weights", self.reward_weights, "needs reward_fn (weights are per function)")
+        if len(self.reward_weights) != len(functions) or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
+                for w in self.reward_weights):
+            raise _invalid(self, "reward_weights", self.reward_weights, f"must be {len(functions)} finite number(s), "
+                           f"one per function of reward_fn ({', '.join(functions)})")
+
+    def reward_functions(self) -> list[str]:
+        """The names of `reward_fn` as a list (empty when there is none)."""
+        if self.reward_fn is None:
+            return []
+        return [self.reward_fn] if isinstance(self.reward_fn, str) else list(self.reward_fn)
 
     def check_reward_source(self, has_callable: bool = False, required: bool = True) -> None:
         """Raise a ValueError unless one reward source at most is set: a reward model (`reward_model_name`) or a

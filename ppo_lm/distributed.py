@@ -98,11 +98,20 @@ class BatchLayout:
                 f"{self.accumulation} micro-batch(es) each")
 
 
-def batch_layout(batch_size: int, processes: int, num_mini_batches: int, micro_batch_size: int | None) -> BatchLayout:
-    """Check that `batch_size` rollouts split evenly over the processes and each process's share into minibatches.
+def batch_layout(batch_size: int, processes: int, num_mini_batches: int, micro_batch_size: int | None,
+                 group_size: int = 1) -> BatchLayout:
+    """Check that `batch_size` rollouts split evenly over the processes, in whole groups of `group_size` responses to
+    one prompt (a group stays on one process), and each process's share into minibatches.
 
     Raises ValueError, before any model loads, for a combination that does not divide, naming what to change.
     """
+    prompts = batch_size // group_size
+    if group_size > 1 and prompts % processes:
+        raise ValueError(
+            f"batch_size={batch_size} responses in groups of num_generations={group_size} are {prompts} prompts per "
+            f"step, which do not split over {processes} processes (a prompt's group stays on one process). Make "
+            f"batch_size a multiple of processes x num_generations = {processes * group_size}."
+        )
     if batch_size % processes:
         raise ValueError(
             f"batch_size={batch_size} does not split over {processes} processes: the global batch must be a multiple "

@@ -2,7 +2,8 @@
 
 - policy: the base causal LM plus a LoRA adapter named "policy" (or the whole model when `use_lora=False`);
 - reference: the same base with the adapter disabled (no second copy), or a separately loaded model;
-- value: a second LoRA adapter, "value", on the same base plus a scalar head (or a separate model);
+- value: a second LoRA adapter, "value", on the same base plus a scalar head (or a separate model); none at all when
+  the advantage estimator needs no values (GRPO, RLOO, REINFORCE++);
 - reward: a sequence-classification model, or a Python function (handled by the trainer).
 
 Every forward pass takes a `SequenceBatch` (left-padded prompt, then response, then right padding) and passes
@@ -132,10 +133,10 @@ class RoleModels:
     """Causal LM being trained (a PeftModel with the policy adapter 'default' and, when shared, 'value')."""
     reference: nn.Module | None
     """Separate frozen reference, or None: the policy with its adapter disabled."""
-    value_backbone: nn.Module
-    """Transformer body that computes the value model's hidden states."""
-    value_head: nn.Module
-    """Linear map from a hidden state to a scalar value."""
+    value_backbone: nn.Module | None
+    """Transformer body that computes the value model's hidden states; None without a value model."""
+    value_head: nn.Module | None
+    """Linear map from a hidden state to a scalar value; None without a value model."""
     value_adapter_on_policy: bool
     """True when the value model is the 'value' adapter on the policy's base (switching adapters is needed)."""
     reward_model: nn.Module | None
@@ -171,7 +172,9 @@ class RoleModels:
         return [p for p in self.policy.parameters() if p.requires_grad]
 
     def value_parameters(self) -> list[nn.Parameter]:
-        """Trainable parameters of the value model (its adapter or backbone, and its head)."""
+        """Trainable parameters of the value model (its adapter or backbone, and its head); none without one."""
+        if self.value_head is None:
+            return []
         if self.value_adapter_on_policy:
             body = [p for n, p in self.policy.named_parameters() if f".{VALUE_ADAPTER}." in n]
         else:
@@ -181,16 +184,20 @@ class RoleModels:
 
     def trained_modules(self) -> dict[str, nn.Module]:
         """The models that hold trained weights, by role, each once: what the launch backend prepares."""
-        modules = {"policy": self.policy, "value_head": self.value_head}
-        if not self.value_adapter_on_policy:
-            modules["value_backbone"] = self.value_backbone
+        modules = {"policy": self.policy}
+        if self.value_head is not None:
+            modules["value_head"] = self.value_head
+            if not self.value_adapter_on_policy:
+                modules["value_backbone"] = self.value_backbone
         return modules
 
     def named_trainable(self) -> dict[str, nn.Parameter]:
-        """Every trained tensor by a stable name: `policy.*`, `value.*` and `value_head.*`."""
+        """Every trained tensor by a stable name: `policy.*`, and with a value model `value.*` and `value_head.*`."""
         policy_ids = {id(p) for p in self.policy_parameters()}
-        value_ids = {id(p) for p in self.value_parameters()}
         named = {f"policy.{n}": p for n, p in self.policy.named_parameters() if id(p) in policy_ids}
+        if self.value_head is None:
+            return named
+        value_ids = {id(p) for p in self.value_parameters()}
         value_body = self.policy if self.value_adapter_on_policy else self.value_backbone
         named.update({f"value.{n}": p for n, p in value_body.named_parameters() if id(p) in value_ids})
         named.update({f"value_head.{n}": p for n, p in self.value_head.named_parameters()})
@@ -233,7 +240,8 @@ class RoleModels:
 
 def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype,
                      load_device: torch.device | None = None) -> RoleModels:
-    """Build the four roles from the config: one base with LoRA adapters unless separate models are named.
+    """Build the roles from the config: one base with LoRA adapters unless separate models are named, and no value
+    model when the advantage estimator needs none (`PPOConfig.needs_value_model`).
 
     The reward model goes to `device`; the others to `load_device` (default `device`), where the launch backend
     wants them before it places them (a sharding backend keeps them on the CPU)."""
@@ -245,7 +253,8 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
         reference = _freeze(AutoModelForCausalLM.from_pretrained(config.ref_model_name or config.model_name,
                                                                  dtype=dtype))
 
-    value_adapter_on_policy = config.use_lora and config.value_model_name is None
+    with_values = config.needs_value_model
+    value_adapter_on_policy = with_values and config.use_lora and config.value_model_name is None
     if config.use_lora:
         policy = get_peft_model(base, lora_config(config), adapter_name=POLICY_ADAPTER)
         if value_adapter_on_policy:
@@ -254,7 +263,10 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
     else:
         policy = base
 
-    if config.value_model_name is not None:
+    value_backbone = value_head = None
+    if not with_values:
+        pass
+    elif config.value_model_name is not None:
         # A separate value model, e.g. the reward model: its classifier head starts the value head.
         value_model = AutoModelForSequenceClassification.from_pretrained(config.value_model_name, num_labels=1,
                                                                           dtype=dtype)
@@ -271,7 +283,8 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
         value_head = nn.Linear(hidden_size, 1)
     if isinstance(value_head, nn.Linear) and config.value_model_name is None:
         init_scalar_head(value_head)
-    value_head = value_head.to(torch.float32)
+    if value_head is not None:
+        value_head = value_head.to(torch.float32)
 
     reward_model = None
     if config.reward_model_name is not None:
@@ -280,7 +293,7 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
         reward_model.to(device)
 
     # Dropout off everywhere: PPO's ratio and the KL are only meaningful between deterministic forward passes.
-    trained = [policy] if value_adapter_on_policy else [policy, value_backbone]
+    trained = [policy] if value_backbone is None or value_adapter_on_policy else [policy, value_backbone]
     for module in (policy, value_backbone, value_head, reference):
         if module is not None:
             module.eval()
@@ -302,11 +315,11 @@ def shared_frozen_layers(config: PPOConfig, models: RoleModels) -> int:
     """How many bottom decoder layers compute the same hidden states in every pass of a PPO step, 0 if none.
 
     Those are the layers below the lowest LoRA layer, when the reference is the policy with its adapters off and the
-    value model an adapter on it. The count is used only if starting a pass from their output was checked to give
-    the same logprobs as a whole forward pass (an architecture that rescales `inputs_embeds` would not).
+    value model (if any) an adapter on it. The count is used only if starting a pass from their output was checked to
+    give the same logprobs as a whole forward pass (an architecture that rescales `inputs_embeds` would not).
     """
     if not (config.cache_frozen_layers and config.lora_layers and models.reference is None
-            and models.value_adapter_on_policy):
+            and (models.value_adapter_on_policy or models.value_head is None)):
         return 0
     decoder = backbone_of(models.policy)
     if not (isinstance(getattr(decoder, "layers", None), nn.ModuleList) and hasattr(decoder, "norm")):

@@ -1,12 +1,13 @@
 """`PPOTrainer`: one PPO step for a causal LM, read top to bottom like the algorithm.
 
-    1. generate    sample one response per prompt from the policy
-    2. logprobs    the policy's (old) and the reference's logprobs of the sampled tokens
-    3. score       the reward model or function scores prompt + response
+    1. generate    sample `num_generations` responses per prompt from the policy (a group)
+    2. logprobs    the policy's (old) and, when a KL term needs them, the reference's logprobs of the sampled tokens
+    3. score       the reward model or the weighted reward functions score prompt + response
     4. shape       per-token reward: -kl_coef * KL on each token, the score on the last
     5. values      the value model's estimate before each response token (when the estimator needs them)
     6. advantages  the advantage estimator (GAE by default), returns, whitening
-    7. update      PPO epochs over shuffled minibatches: the policy loss and the clipped value loss
+    7. update      PPO epochs over shuffled minibatches: the aggregated policy loss (with the KL term when it is in
+                   the loss) and, with a value model, the clipped value loss
 
 Each stage is a function of tensors from its own module; this class holds the models and the optimizer and calls
 the stages in order. A rollout is one batch of tensors: nothing here loops over tokens. The variable parts of the
@@ -28,13 +29,29 @@ import torch
 from accelerate import PartialState
 from transformers import GenerationConfig, set_seed
 
-from ppo_lm.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs, masked_mean, masked_whiten
+from ppo_lm.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    AdvantageInputs,
+    masked_mean,
+    masked_whiten,
+    zero_variance_groups,
+)
 from ppo_lm.backend import LossTerm, select_backend
 from ppo_lm.checkpoint import save_trained
 from ppo_lm.config import PPOConfig
+from ppo_lm.data import PromptItem, split_prompt_items
 from ppo_lm.distributed import all_sum, batch_layout, gather_rows, process_state
 from ppo_lm.generation import SequenceBatch, encode_prompts, generate_responses, greedy_config, sampling_config
-from ppo_lm.losses import KL_ESTIMATORS, POLICY_LOSSES, approx_kl, clipped_value_loss, exact_kl
+from ppo_lm.losses import (
+    KL_ESTIMATORS,
+    LOSS_AGGREGATIONS,
+    POLICY_LOSSES,
+    MinibatchSize,
+    approx_kl,
+    clipped_value_loss,
+    exact_kl,
+    kl_k3,
+)
 from ppo_lm.models import (
     POLICY_ADAPTER,
     encode_for_reward,
@@ -52,10 +69,10 @@ from ppo_lm.models import (
 from ppo_lm.rewards import (
     KLController,
     RewardFn,
+    WeightedRewards,
     apply_missing_eos_penalty,
-    call_reward_fn,
     check_finite_scores,
-    load_reward_function,
+    load_reward_functions,
     shape_rewards,
 )
 
@@ -74,14 +91,14 @@ class Rollout:
     """Scores after the missing-EOS penalty, `[batch]`."""
     ended: torch.Tensor
     """Whether each response emitted the stop token, `[batch]`."""
-    kl: torch.Tensor
-    """Per-token KL estimate between the policy and the reference."""
+    kl: torch.Tensor | None
+    """Per-token KL estimate between the policy and the reference; None when no KL term needs the reference."""
     kl_coef: float
     """KL coefficient used to shape the rewards."""
     old_logprobs: torch.Tensor
     """Policy logprobs of the sampled tokens when sampled."""
-    ref_logprobs: torch.Tensor
-    """Reference logprobs of the sampled tokens."""
+    ref_logprobs: torch.Tensor | None
+    """Reference logprobs of the sampled tokens; None when no KL term needs them."""
     values: torch.Tensor | None
     """Value estimates when sampled; None when the advantage estimator needs none."""
     advantages: torch.Tensor
@@ -90,12 +107,20 @@ class Rollout:
     """The estimator's returns, the value targets (GAE: raw advantages plus values)."""
     entropy: torch.Tensor
     """Entropy of the policy's next-token distribution at each response position, when sampled."""
+    update_mask: torch.Tensor
+    """The response mask the update trains on: without the groups `drop_zero_variance_groups` leaves out."""
+    reward_parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Each reward function's raw scores, `[batch]`, by name (several reward functions only)."""
+    zero_variance: torch.Tensor | None = None
+    """Whether each group's scores are all equal, `[groups]` (None with one response per prompt)."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds spent in each stage."""
 
     @property
     def summed_kl(self) -> torch.Tensor:
-        """KL summed over each response's valid tokens, `[batch]`."""
+        """KL summed over each response's valid tokens, `[batch]` (0 without a reference pass)."""
+        if self.kl is None:
+            return torch.zeros_like(self.scores)
         return torch.where(self.batch.response_mask.bool(), self.kl, torch.zeros_like(self.kl)).sum(-1)
 
     def statistics(self) -> dict:
@@ -108,21 +133,32 @@ class Rollout:
         per_token = {"value_mean": self.values, "return_mean": self.returns, "entropy": self.entropy}
         per_token = {name: values for name, values in per_token.items() if values is not None}
         row_sums = [torch.where(mask.bool(), values, torch.zeros_like(values)).sum(-1) for values in per_token.values()]
-        local = torch.stack([self.raw_scores, self.scores, self.summed_kl, mask.sum(-1), self.ended, *row_sums], -1)
+        parts = list(self.reward_parts.values())
+        local = torch.stack([self.raw_scores, self.scores, self.summed_kl, mask.sum(-1), self.ended, *parts,
+                             *row_sums], -1)
         rows = torch.tensor(gather_rows(local.double().tolist()), dtype=torch.float64).reshape(-1, local.shape[1])
-        raw, scores, summed_kl, lengths, ended, *token_sums = rows.unbind(-1)
+        raw, scores, summed_kl, lengths, ended, *columns = rows.unbind(-1)
+        part_scores, token_sums = columns[: len(parts)], columns[len(parts):]
         tokens = lengths.sum().clamp(min=1)
+        kl_stats = {} if self.kl is None else {"kl": summed_kl.mean().item(),
+                                                "non_score_reward": (-self.kl_coef * summed_kl).mean().item()}
+        group_stats = {}
+        if self.zero_variance is not None:
+            counts = all_sum(torch.stack([self.zero_variance.sum(), torch.tensor(len(self.zero_variance))]).double())
+            group_stats["zero_variance_groups"] = (counts[0] / counts[1]).item()
         return {
             "generated_texts": gather_rows(self.completions),
             "rewards": raw.tolist(),
             "reward_mean": raw.mean().item(),
             "reward_std": raw.std().item() if len(raw) > 1 else 0.0,
             "score_mean": scores.mean().item(),
-            "kl": summed_kl.mean().item(),
+            **kl_stats,
             "kl_coef": self.kl_coef,
-            "non_score_reward": (-self.kl_coef * summed_kl).mean().item(),
             "response_length": lengths.mean().item(),
             "eos_fraction": ended.mean().item(),
+            **{f"reward/{name}": part.mean().item() for name, part in zip(self.reward_parts, part_scores,
+                                                                          strict=True)},
+            **group_stats,
             **{name: (sums.sum() / tokens).item() for name, sums in zip(per_token, token_sums, strict=True)},
             **{f"time/{stage}": seconds for stage, seconds in self.timings.items()},
         }
@@ -133,39 +169,43 @@ class PPOTrainer:
 
     Args:
         config: the run's settings.
-        reward_fn: `reward_fn(prompts, completions) -> list[float]`, one finite score per completion. When None,
-            `config.reward_model_name` must name a sequence-classification model.
+        reward_fn: `reward_fn(prompts, completions, **columns) -> list[float]`, one finite score per completion, or
+            a list of such functions (weighted by `config.reward_weights`). When None, `config.reward_fn` names the
+            functions or `config.reward_model_name` a sequence-classification model.
     """
 
-    def __init__(self, config: PPOConfig, reward_fn: RewardFn | None = None):
+    def __init__(self, config: PPOConfig, reward_fn: RewardFn | list[RewardFn] | None = None):
         # Checked at construction, checked again here: a config is a plain dataclass, and a field set since then
         # (config.batch_size = ...) must not reach the models unchecked. The rules themselves live in config.py.
         config.validate()
         config.check_reward_source(has_callable=reward_fn is not None)
-        if reward_fn is None and config.reward_fn is not None:
-            reward_fn = load_reward_function(config.reward_fn)
-        if reward_fn is not None and not callable(reward_fn):
-            raise TypeError(f"reward_fn must be callable, got {type(reward_fn).__name__}.")
+        functions = reward_fn if isinstance(reward_fn, (list, tuple)) else [] if reward_fn is None else [reward_fn]
+        if not functions and config.reward_fn is not None:
+            functions = load_reward_functions(config.reward_fn)
+        for function in functions:
+            if not callable(function):
+                raise TypeError(f"reward_fn must be callable, got {type(function).__name__}.")
         self.config = config
-        self.reward_fn = reward_fn
+        self.rewards = WeightedRewards(functions, config.reward_weights) if functions else None
         self.estimator = ADVANTAGE_ESTIMATORS[config.advantage_estimator]
         self.policy_loss = POLICY_LOSSES[config.policy_loss]
+        self.aggregate = LOSS_AGGREGATIONS[config.loss_aggregation]
         self.backend = select_backend("train")  # how the launch holds and updates the weights
         processes = process_state()
         self.layout = batch_layout(config.batch_size, processes.num_processes, config.num_mini_batches,
-                                   config.micro_batch_size)
+                                   config.micro_batch_size, config.num_generations)
         # Each process samples its own rollouts (its own seed); the weights are the main process's (broadcast below).
         set_seed(config.seed + processes.process_index)
         self.device = resolve_device(config.device, processes)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.tokenizer = load_tokenizer(config.model_name)
         self.models = load_role_models(config, self.device, self.dtype, self.backend.load_device(self.device))
+        groups = [{"params": self.models.policy_parameters(), "lr": config.learning_rate}]
+        if config.needs_value_model:
+            groups.append({"params": self.models.value_parameters(), "lr": config.value_learning_rate})
         self.optimizer = self.backend.prepare(
-            self.models.trained_modules(), [self.models.reference], lambda: torch.optim.AdamW(
-                [{"params": self.models.policy_parameters(), "lr": config.learning_rate},
-                 {"params": self.models.value_parameters(), "lr": config.value_learning_rate}],
-                weight_decay=0.0),
-            config.max_grad_norm)
+            self.models.trained_modules(), [self.models.reference],
+            lambda: torch.optim.AdamW(groups, weight_decay=0.0), config.max_grad_norm)
         with self.whole_weights():
             self.frozen_layers = shared_frozen_layers(config, self.models)  # run once per rollout, then reused
         self.reward_tokenizer = self._reward_tokenizer_if_different()
@@ -181,19 +221,22 @@ class PPOTrainer:
         self.kl_controller = KLController(config.kl_coef, config.adaptive_kl_target, config.adaptive_kl_horizon)
         self.step_count = 0
 
-    def train_step(self, prompts: list[str]) -> dict:
+    def train_step(self, prompts: list[PromptItem]) -> dict:
         """One step of a training run: a PPO step (the name every stage's trainer shares)."""
         return self.ppo_step(prompts)
 
-    def ppo_step(self, prompts: list[str]) -> dict:
+    def ppo_step(self, prompts: list[PromptItem]) -> dict:
         """Run one PPO iteration on `prompts` and return its statistics.
+
+        A prompt is a string, or a dataset row: a dict with the prompt under "prompt" and other columns that the
+        reward functions may read. Each prompt gets `num_generations` responses.
 
         Prompts longer than the model's context minus `max_new_tokens` keep their last tokens (with a warning).
         Bad input (no prompts, a non-string prompt, a reward function that raises or returns the wrong number of
         scores or a non-finite one) raises before any weight, optimizer or controller state changes.
 
         Returns a dict with `generated_texts` (completions without the prompt), `rewards` (raw scores, one per
-        prompt) and Python floats: losses, KL, entropy, clip fractions, lengths, the KL coefficient, the PPO epochs
+        response) and Python floats: losses, KL, entropy, clip fractions, lengths, the KL coefficient, the PPO epochs
         that ran and the seconds spent in each stage (`time/<stage>`).
         """
         step_start = time.perf_counter()
@@ -206,13 +249,15 @@ class PPOTrainer:
         stats["time/step"] = time.perf_counter() - step_start
         return {**stats, **update_stats}
 
-    def make_rollout(self, prompts: list[str]) -> Rollout:
+    def make_rollout(self, prompts: list[PromptItem]) -> Rollout:
         """Stages 1 to 6: sample, score, compute logprobs, shape rewards, values and advantages. No weight changes.
 
-        `prompts` are this process's share of the batch.
+        `prompts` are this process's share of the step's prompts (strings or dataset rows); each is repeated
+        `num_generations` times, so that rows `[g * num_generations, (g + 1) * num_generations)` are its group.
         """
         cfg, models = self.config, self.models
         timings: dict[str, float] = {}
+        prompts, columns = split_prompt_items([row for row in prompts for _ in range(cfg.num_generations)])
         # Sharded weights are gathered whole for these passes: they need no gradients, and processes may run
         # different numbers of them (generation lengths differ).
         with self.whole_weights():
@@ -224,24 +269,29 @@ class PPOTrainer:
 
             # 3. score (before the heavier passes, so that a failing reward function fails fast).
             with self._timed("reward", timings):
-                raw_scores = self._score(list(prompts), completions, batch, ended).to(self.device)
+                raw_scores, reward_parts = self._score(prompts, completions, batch, ended, columns)
+                raw_scores = raw_scores.to(self.device)
 
             # 2. logprobs of the sampled tokens under the policy (old) and the reference, at the sampling temperature.
             #    Each pass runs over micro-batches of similar prompt length, so short prompts carry little padding.
             #    The frozen bottom layers, the same in every role, run once here; every later pass starts from them.
+            #    No KL term anywhere (both coefficients 0, no adaptive target): no reference pass at all.
             with self._timed("logprobs", timings), torch.no_grad():
                 batch = self._with_frozen_prefix(batch)
                 old_logprobs, entropy = self._per_token(batch, lambda micro: sequence_logprobs(
                     models.policy, micro, cfg.temperature, with_entropy=True))
-                with models.reference_model() as reference:
-                    ref_logprobs, _ = self._per_token(batch, lambda micro: sequence_logprobs(
-                        reference, micro, cfg.temperature))
+                ref_logprobs = None
+                if cfg.uses_reference:
+                    with models.reference_model() as reference:
+                        ref_logprobs, _ = self._per_token(batch, lambda micro: sequence_logprobs(
+                            reference, micro, cfg.temperature))
 
             # 4. shape: per-token KL penalty plus the (possibly penalised) score on the last valid token.
             kl_coef = self.kl_controller.value
-            kl = KL_ESTIMATORS[cfg.kl_estimator](old_logprobs, ref_logprobs)
+            kl = None if ref_logprobs is None else KL_ESTIMATORS[cfg.kl_estimator](old_logprobs, ref_logprobs)
             scores = apply_missing_eos_penalty(raw_scores, ended, cfg.missing_eos_penalty)
-            rewards = shape_rewards(scores, kl, response_mask, kl_coef)
+            rewards = shape_rewards(scores, torch.zeros_like(old_logprobs) if kl is None else kl, response_mask,
+                                    kl_coef)
 
             # 5. values of the state before each response token, for an estimator that needs them.
             values = None
@@ -250,16 +300,26 @@ class PPOTrainer:
                     values, _ = self._per_token(batch, lambda micro: (
                         sequence_values(models.value_backbone, models.value_head, micro), None))
 
-        # 6. advantages by the configured estimator (GAE by default); returns are the value targets.
-        inputs = AdvantageInputs(rewards, values, response_mask, scores, cfg.gamma, cfg.lam)
+        # 6. advantages by the configured estimator (GAE by default); returns are the value targets. Whitening is
+        #    over every process's tokens; by default, as the estimator registered it.
+        inputs = AdvantageInputs(rewards, values, response_mask, scores, cfg.gamma, cfg.lam, cfg.num_generations,
+                                 cfg.scale_rewards, all_sum)
         advantages, returns = self.estimator(inputs)
-        if cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, response_mask, all_sum=all_sum)  # over every process's tokens
+        whiten = self.estimator.whitens if cfg.whiten_advantages is None else cfg.whiten_advantages
+        if whiten:
+            advantages = masked_whiten(advantages, response_mask, all_sum=all_sum)
+        zero_variance, update_mask = None, response_mask
+        if cfg.num_generations > 1:
+            zero_variance = zero_variance_groups(scores, cfg.num_generations)
+            if cfg.drop_zero_variance_groups:
+                keep = (~zero_variance).repeat_interleave(cfg.num_generations)
+                update_mask = response_mask * keep.unsqueeze(-1).to(response_mask.dtype)
 
         return Rollout(
             batch=batch, completions=completions, raw_scores=raw_scores, scores=scores, ended=ended, kl=kl,
             kl_coef=kl_coef, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, values=values,
-            advantages=advantages, returns=returns, entropy=entropy, timings=timings,
+            advantages=advantages, returns=returns, entropy=entropy, update_mask=update_mask,
+            reward_parts=reward_parts, zero_variance=zero_variance, timings=timings,
         )
 
     def _per_token(
@@ -296,7 +356,8 @@ class PPOTrainer:
                 return exact_kl(logits, response_logits(reference, micro, cfg.temperature)), None
 
         generation_config = self.greedy_config if cfg.eval_greedy else self.generation_config
-        prompts = [prompt for prompt in prompts for _ in range(cfg.eval_samples_per_prompt)]
+        repeated = [row for row in prompts for _ in range(cfg.eval_samples_per_prompt)]
+        prompts, columns = split_prompt_items(repeated)
         samples = []
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.no_grad(), self.whole_weights():
@@ -304,7 +365,8 @@ class PPOTrainer:
             for start in range(0, len(prompts), self.layout.per_process):
                 part = prompts[start : start + self.layout.per_process]
                 batch, completions = self._generate(part, generation_config)
-                scores = self._score(part, completions, batch, self._ended(batch))
+                part_columns = {name: values[start : start + len(part)] for name, values in columns.items()}
+                scores, _ = self._score(part, completions, batch, self._ended(batch), part_columns)
                 kl_per_token, _ = self._per_token(self._with_frozen_prefix(batch), exact_kl_per_token)
                 mask = batch.response_mask
                 summed_kl = torch.where(mask.bool(), kl_per_token, 0.0).sum(-1)  # padding's numbers never count
@@ -380,16 +442,19 @@ class PPOTrainer:
         return ((batch.responses == self.stop_token_id) & batch.response_mask.bool()).any(-1)
 
     def _score(
-        self, prompts: list[str], completions: list[str], batch: SequenceBatch, ended: torch.Tensor
-    ) -> torch.Tensor:
-        """Scores of the completions from the reward function, or from the reward model at the last real token.
+        self, prompts: list[str], completions: list[str], batch: SequenceBatch, ended: torch.Tensor,
+        columns: dict[str, list],
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Scores of the completions, and each reward function's own when there are several (else an empty dict).
 
-        With the policy's tokens, an ended response's last real token is its stop token. With a reward tokenizer of
-        its own, the text is tokenised again and that tokenizer's EOS follows each ended response (`ended`), so the
-        model is read at an EOS as `ppo-lm reward` trained it; a cut-off response is read at its last token.
+        Reward functions get the prompts' other dataset `columns`. A reward model reads the policy's tokens and is
+        read at the last real token: for an ended response its stop token. With a reward tokenizer of its own, the
+        text is tokenised again and that tokenizer's EOS follows each ended response (`ended`), so the model is read
+        at an EOS as `ppo-lm reward` trained it; a cut-off response is read at its last token.
         """
-        if self.reward_fn is not None:
-            return call_reward_fn(self.reward_fn, prompts, completions)
+        if self.rewards is not None:
+            scores, parts = self.rewards(prompts, completions, columns)
+            return scores, parts if len(parts) > 1 else {}
         with torch.no_grad():
             if self.reward_tokenizer is None:
                 input_ids, attention_mask = batch.input_ids, batch.attention_mask
@@ -397,19 +462,22 @@ class PPOTrainer:
                 texts = [p + c for p, c in zip(prompts, completions, strict=True)]
                 input_ids, attention_mask = encode_for_reward(self.reward_tokenizer, texts, ended.cpu())
                 input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-            return check_finite_scores(sequence_scores(self.models.reward_model, input_ids, attention_mask))
+            return check_finite_scores(sequence_scores(self.models.reward_model, input_ids, attention_mask)), {}
 
     def update(self, rollout: Rollout) -> dict[str, float]:
         """Stage 7: PPO epochs over shuffled minibatches, stopping once the approximate KL passes target_kl.
 
-        Each minibatch: clipped policy loss (minus the entropy bonus) and clipped value loss, gradients clipped
-        (`grad_norm` is their norm before clipping), one optimizer step. A minibatch runs as micro-batches of similar
-        length whose gradients add up to the whole minibatch's (each weighted by its share of the valid tokens). A
-        minibatch whose approximate KL is over the target takes no step and ends the update.
+        Each minibatch: the policy loss (with the KL term when it is in the loss, minus the entropy bonus),
+        aggregated as configured, and with a value model the clipped value loss; gradients clipped (`grad_norm` is
+        their norm before clipping), one optimizer step. A minibatch runs as micro-batches of similar length whose
+        loss parts add up to the whole minibatch's loss. A minibatch whose approximate KL is over the target takes no
+        step and ends the update. When every group was left out (`drop_zero_variance_groups`), nothing is updated.
         """
         history: dict[str, list[float]] = defaultdict(list)
         optimizer_steps = 0
         rows = rollout.batch.input_ids.shape[0]
+        if all_sum(rollout.update_mask.sum()).item() == 0:
+            return {"ppo_epochs_run": 0.0, "optimizer_steps": 0.0}
         for _epoch in range(self.config.ppo_epochs):
             order = torch.randperm(rows).to(self.device)
             for index in order.tensor_split(self.config.num_mini_batches):
@@ -442,7 +510,10 @@ class PPOTrainer:
         if target_kl is not None and self.backend.can_discard_gradients and stats["approx_kl"] > target_kl:
             self.backend.discard_gradients()
             return None
-        step = self.backend.step([self.models.policy_parameters(), self.models.value_parameters()])
+        groups = [self.models.policy_parameters()]
+        if self.config.needs_value_model:
+            groups.append(self.models.value_parameters())
+        step = self.backend.step(groups)
         if not step.stepped:
             raise FloatingPointError(f"The gradient norm is {step.grad_norm} at PPO step {self.step_count}; this "
                                      "minibatch took no optimizer step. Lower the learning rate or check the rewards.")
@@ -453,14 +524,15 @@ class PPOTrainer:
         """The minibatch's approximate KL between the current policy and the rollout's, over every process, from
         a pass without gradients."""
         batch = rollout.batch
-        total_tokens = all_sum(batch.response_mask[index].sum()).clamp(min=1)
+        total_tokens = all_sum(rollout.update_mask[index].sum()).clamp(min=1)
         kl_sum = torch.zeros((), device=self.device)
         with torch.no_grad():
             for micro_index in batch.micro_batches(index, self.config.micro_batch_size):
                 micro = batch.select(micro_index)
-                mask = micro.response_mask
+                width = micro.response_mask.shape[1]
+                mask = rollout.update_mask[micro_index, :width]
                 logprobs, _ = sequence_logprobs(self.models.policy, micro, self.config.temperature)
-                old = rollout.old_logprobs[micro_index, : mask.shape[1]]
+                old = rollout.old_logprobs[micro_index, :width]
                 kl_sum += approx_kl(logprobs, old, mask) * mask.sum() / total_tokens
         return all_sum(kl_sum).item()
 
@@ -468,55 +540,66 @@ class PPOTrainer:
         """Accumulate the gradients of one minibatch's losses, micro-batch by micro-batch; return its statistics.
 
         A micro-batch's loss terms are the policy's and, for an estimator with values, the value model's (computed
-        inside `value_mode`); the backend runs their forward and backward passes."""
-        batch = rollout.batch
-        # Token shares are of the minibatch over all processes: the gradients then add up across processes.
-        total_tokens = all_sum(batch.response_mask[index].sum()).clamp(min=1)
+        inside `value_mode`); the backend runs their forward and backward passes. Each term returns its part of the
+        minibatch's loss and of each statistic, so that the parts of every micro-batch and process add up."""
+        batch, update_mask = rollout.batch, rollout.update_mask
+        # The minibatch's size over all processes: the loss aggregations' denominators.
+        totals = all_sum(torch.stack([update_mask[index].sum(), update_mask[index].any(-1).sum()]).to(
+            update_mask.dtype))
+        size = MinibatchSize(tokens=totals[0], responses=totals[1])
         sums: dict[str, float] = defaultdict(float)
         for micro_index in batch.micro_batches(index, self.config.micro_batch_size):
             micro = batch.select(micro_index)
-            share = micro.response_mask.sum() / total_tokens  # this micro-batch's weight in the minibatch's mean
-            terms = [LossTerm("policy loss", partial(self._policy_terms, rollout, micro_index, micro, share))]
-            if self.estimator.needs_values:
-                terms.append(LossTerm("value loss", partial(self._value_terms, rollout, micro_index, micro, share),
-                                      context=self._value_pass))
+            mask = update_mask[micro_index, : micro.response_mask.shape[1]]
+            share = mask.sum() / size.tokens.clamp(min=1)  # this micro-batch's share of the minibatch's tokens
+            terms = [LossTerm("policy loss", partial(self._policy_terms, rollout, micro_index, micro, mask, size,
+                                                     share))]
+            if self.config.needs_value_model:
+                terms.append(LossTerm("value loss", partial(self._value_terms, rollout, micro_index, micro, mask,
+                                                            share), context=self._value_pass))
             stats = self.backend.accumulate(terms, self._check_finite)
-            weight = share.item()
             for name, value in stats.items():
-                sums[name] += value.item() * weight
-        names = sorted(sums)  # each process holds its tokens' share of every statistic: their sum is the whole's
+                sums[name] += value.item()
+        names = sorted(sums)  # each process holds its rows' part of every statistic: their sum is the whole's
         totals = all_sum(torch.tensor([sums[name] for name in names], dtype=torch.float64, device=self.device))
         return dict(zip(names, totals.tolist(), strict=True))
 
-    def _policy_terms(self, rollout: Rollout, micro_index: torch.Tensor, micro: SequenceBatch, share: torch.Tensor
-                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """A micro-batch's policy objective (the configured policy loss minus the entropy bonus, weighted by the
-        micro-batch's `share` of the minibatch) and its statistics."""
-        cfg, mask = self.config, micro.response_mask
+    def _policy_terms(self, rollout: Rollout, micro_index: torch.Tensor, micro: SequenceBatch, mask: torch.Tensor,
+                      size: MinibatchSize, share: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """A micro-batch's part of the policy objective: the configured policy loss on each token, plus
+        kl_loss_coef x the k3 KL to the reference, minus entropy_coef x the entropy, aggregated over the minibatch
+        (`size`); and its part of each statistic (token means weighted by `share`)."""
+        cfg = self.config
         width = mask.shape[1]
         old = rollout.old_logprobs[micro_index, :width]
         logprobs, entropy = sequence_logprobs(self.models.policy, micro, cfg.temperature,
                                               with_entropy=cfg.entropy_coef > 0, entropy_grad=True)
         policy_loss, loss_stats = self.policy_loss(logprobs, old, rollout.advantages[micro_index, :width], mask, cfg)
-        objective = policy_loss
+        per_token = policy_loss
+        stats = {"policy_loss": self.aggregate(policy_loss.detach(), mask, size, cfg)}
+        if cfg.kl_loss_coef > 0:
+            kl = kl_k3(logprobs, rollout.ref_logprobs[micro_index, :width])
+            per_token = per_token + cfg.kl_loss_coef * kl
+            stats["kl_loss"] = masked_mean(kl.detach(), mask) * share
         if entropy is not None:
-            objective = objective - cfg.entropy_coef * masked_mean(entropy, mask)
+            per_token = per_token - cfg.entropy_coef * entropy
         logprobs = logprobs.detach()
-        return objective * share, {"policy_loss": policy_loss.detach(), **loss_stats,
-                                   "approx_kl": approx_kl(logprobs, old, mask),
-                                   "ratio_mean": masked_mean(torch.exp(logprobs - old), mask)}
+        stats.update({name: value * share for name, value in loss_stats.items()})
+        stats["approx_kl"] = approx_kl(logprobs, old, mask) * share
+        stats["ratio_mean"] = masked_mean(torch.exp(logprobs - old), mask) * share
+        return self.aggregate(per_token, mask, size, cfg), stats
 
-    def _value_terms(self, rollout: Rollout, micro_index: torch.Tensor, micro: SequenceBatch, share: torch.Tensor
-                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """A micro-batch's value objective (vf_coef x clipped value loss, weighted by `share`) and its statistics;
-        inside `_value_pass`."""
-        width = micro.response_mask.shape[1]
+    def _value_terms(self, rollout: Rollout, micro_index: torch.Tensor, micro: SequenceBatch, mask: torch.Tensor,
+                     share: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """A micro-batch's part of the value objective (vf_coef x the clipped value loss, a token mean weighted by
+        `share`) and of its statistics; inside `_value_pass`."""
+        width = mask.shape[1]
         values = sequence_values(self.models.value_backbone, self.models.value_head, micro)
         value_loss, value_clip = clipped_value_loss(
-            values, rollout.values[micro_index, :width], rollout.returns[micro_index, :width], micro.response_mask,
+            values, rollout.values[micro_index, :width], rollout.returns[micro_index, :width], mask,
             self.config.value_clip)
-        return (self.config.vf_coef * value_loss) * share, {"value_loss": value_loss.detach(),
-                                                            "value_clip_fraction": value_clip}
+        return (self.config.vf_coef * value_loss) * share, {"value_loss": value_loss.detach() * share,
+                                                            "value_clip_fraction": value_clip * share}
 
     @contextlib.contextmanager
     def _value_pass(self) -> Iterator[None]:

@@ -28,6 +28,10 @@ class Entry(Generic[F]):
     needs_values: bool = False
     """Whether the function reads the value model's estimates (a run whose estimator does not need them runs no value
     pass and trains no value model)."""
+    needs_groups: bool = False
+    """Whether the function compares the responses to one prompt (it needs `num_generations >= 2`)."""
+    whitens: bool = False
+    """Whether its advantages are whitened over the batch unless the config says otherwise."""
 
     def __call__(self, *args, **kwargs):
         return self.function(*args, **kwargs)
@@ -41,13 +45,15 @@ class Registry(Generic[F]):
         """What the functions are, for error messages ('advantage estimator')."""
         self._entries: dict[str, Entry[F]] = {}
 
-    def register(self, name: str, *, needs_values: bool = False) -> Callable[[F], F]:
-        """Decorator: register the function under `name` (a name is registered once) and return it unchanged."""
+    def register(self, name: str, *, needs_values: bool = False, needs_groups: bool = False,
+                 whitens: bool = False) -> Callable[[F], F]:
+        """Decorator: register the function under `name` (a name is registered once) and return it unchanged; the
+        flags are what it declares (`Entry`)."""
 
         def add(function: F) -> F:
             if name in self._entries:
                 raise ValueError(f"A {self.kind} named {name!r} is already registered.")
-            self._entries[name] = Entry(name, function, needs_values)
+            self._entries[name] = Entry(name, function, needs_values, needs_groups, whitens)
             return function
 
         return add

@@ -33,7 +33,7 @@ from ppo_lm.checkpoint import (
     seal_checkpoint,
     set_rng_state,
 )
-from ppo_lm.config import RunConfig
+from ppo_lm.config import RunConfig, TrainConfig
 from ppo_lm.data import PromptStream
 from ppo_lm.distributed import from_main_process, gather_rows, shard
 from ppo_lm.report import write_report
@@ -162,7 +162,7 @@ def _truncate_jsonl_after(path: Path, step: int) -> None:
 
 
 def run_training(
-    config: RunConfig,
+    config: TrainConfig,
     trainer: StageTrainer,
     train_items: list,
     eval_items: list,
@@ -185,7 +185,7 @@ def run_training(
         raise ValueError(f"{len(eval_items)} evaluation prompt(s) cannot be shared by {world} processes; give at "
                          f"least {world} or none.")
     local_eval_items = shard(eval_items, rank, world)
-    stream = PromptStream(train_items, config.batch_size, config.seed)
+    stream = PromptStream(train_items, config.items_per_step, config.seed)
     scheduler = build_scheduler(trainer.optimizer, config)
     step = 0
     if resume_from is not None:

@@ -11,19 +11,22 @@ from ppo_lm.advantages import ADVANTAGE_ESTIMATORS
 from ppo_lm.config import (
     DTYPES,
     LR_SCHEDULERS,
+    SCALE_REWARDS,
     AdvantageEstimatorName,
     DTypeName,
     FinetuneConfig,
     KLEstimatorName,
+    LossAggregationName,
     LRSchedulerName,
     PolicyLossName,
     PPOConfig,
     RewardConfig,
     RunConfig,
+    ScaleRewardsName,
     SFTConfig,
     TrainConfig,
 )
-from ppo_lm.losses import KL_ESTIMATORS, POLICY_LOSSES
+from ppo_lm.losses import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
 from ppo_lm.runs import CommandLineError, fields_help, parse_config
 
 SHARED = {"model_name", "use_lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_layers",
@@ -78,6 +81,8 @@ CHOICES = [
     (PPOConfig, "kl_estimator", KLEstimatorName, KL_ESTIMATORS.names()),
     (PPOConfig, "advantage_estimator", AdvantageEstimatorName, ADVANTAGE_ESTIMATORS.names()),
     (PPOConfig, "policy_loss", PolicyLossName, POLICY_LOSSES.names()),
+    (PPOConfig, "loss_aggregation", LossAggregationName, LOSS_AGGREGATIONS.names()),
+    (PPOConfig, "scale_rewards", ScaleRewardsName, SCALE_REWARDS),
     (SFTConfig, "lr_scheduler", LRSchedulerName, LR_SCHEDULERS),
     (RewardConfig, "dtype", DTypeName, DTYPES),
 ]
@@ -88,7 +93,8 @@ def test_each_choice_is_one_literal_that_validate_and_help_agree_on(cls, name, a
     assert typing.get_type_hints(cls)[name] == alias
     assert typing.get_args(alias) == allowed
     for value in allowed:
-        assert getattr(cls(**{name: value}), name) == value
+        groups = {"num_generations": 2} if name == "advantage_estimator" else {}  # group estimators need groups
+        assert getattr(cls(**{name: value}, **groups), name) == value
     with pytest.raises(ValueError) as error:
         cls(**{name: "bogus"})
     assert f"{cls.__name__}.{name}='bogus' is invalid: must be one of {allowed}" in str(error.value)
@@ -99,7 +105,10 @@ def test_the_expected_choices():
     assert LR_SCHEDULERS == ("constant", "linear", "cosine")
     assert DTYPES == ("auto", "float32", "bfloat16", "float16")
     assert KL_ESTIMATORS.names() == ("k1", "k3")
-    assert ADVANTAGE_ESTIMATORS.names() == ("gae",) and POLICY_LOSSES.names() == ("clipped",)
+    assert ADVANTAGE_ESTIMATORS.names() == ("gae", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+    assert POLICY_LOSSES.names() == ("clipped", "gspo")
+    assert LOSS_AGGREGATIONS.names() == ("token_mean", "sequence_mean", "sequence_sum")
+    assert SCALE_REWARDS == ("group", "batch", "none")
 
 
 def test_a_bad_choice_on_the_command_line_is_refused_naming_the_choices(capsys):
