@@ -422,10 +422,8 @@ class PPOConfig(TrainConfig):
         functions = self.reward_functions()
         if isinstance(self.reward_fn, list) and not functions:
             raise _invalid(self, "reward_fn", self.reward_fn, "must name at least one function")
-        if self.reward_weights is None:
+        if self.reward_weights is None or not functions:  # weights for Python callables: the trainer checks them
             return
-        if not functions:
-            raise _invalid(self, "reward_weights", self.reward_weights, "needs reward_fn (weights are per function)")
         if len(self.reward_weights) != len(functions) or not all(
                 isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
                 for w in self.reward_weights):
@@ -446,6 +444,10 @@ class PPOConfig(TrainConfig):
         if self.reward_model_name is not None and (has_callable or self.reward_fn is not None):
             raise ValueError(f"{type(self).__name__}.reward_model_name={self.reward_model_name!r} and {function} are "
                              "both given: choose one reward source.")
+        if self.reward_weights is not None and not has_callable and self.reward_fn is None and (
+                required or self.reward_model_name is not None):
+            raise _invalid(self, "reward_weights", self.reward_weights, "needs reward functions (weights are per "
+                           "function), not a reward model")
         if required and not has_callable and self.reward_fn is None and self.reward_model_name is None:
             raise ValueError(f"No reward: pass reward_fn=... to the trainer, or set {type(self).__name__}.reward_fn "
                              f"to a function or {type(self).__name__}.reward_model_name to a reward model.")

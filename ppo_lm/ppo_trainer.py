@@ -77,6 +77,13 @@ from ppo_lm.rewards import (
 )
 
 
+def repeated_prompts(items: list[PromptItem], times: int) -> tuple[list[str], dict[str, list]]:
+    """Each prompt item `times` times in a row, as `(prompts, columns)` (`data.split_prompt_items`)."""
+    if isinstance(items, (str, dict)):
+        raise TypeError(f"prompts must be a list of strings or dataset rows, got {type(items).__name__}.")
+    return split_prompt_items([item for item in items for _ in range(times)])
+
+
 @dataclass
 class Rollout:
     """Everything stages 1 to 6 produce for one batch of prompts; `[batch, response]` unless noted."""
@@ -244,7 +251,8 @@ class PPOTrainer:
         with self._timed("update", rollout.timings):
             update_stats = self.update(rollout)
         stats = rollout.statistics()  # over every process's rows
-        self.kl_controller.update(stats["kl"], len(stats["rewards"]))
+        if "kl" in stats:  # an adaptive target implies a reference pass
+            self.kl_controller.update(stats["kl"], len(stats["rewards"]))
         self.step_count += 1
         stats["time/step"] = time.perf_counter() - step_start
         return {**stats, **update_stats}
@@ -257,7 +265,7 @@ class PPOTrainer:
         """
         cfg, models = self.config, self.models
         timings: dict[str, float] = {}
-        prompts, columns = split_prompt_items([row for row in prompts for _ in range(cfg.num_generations)])
+        prompts, columns = repeated_prompts(prompts, cfg.num_generations)
         # Sharded weights are gathered whole for these passes: they need no gradients, and processes may run
         # different numbers of them (generation lengths differ).
         with self.whole_weights():
@@ -356,8 +364,7 @@ class PPOTrainer:
                 return exact_kl(logits, response_logits(reference, micro, cfg.temperature)), None
 
         generation_config = self.greedy_config if cfg.eval_greedy else self.generation_config
-        repeated = [row for row in prompts for _ in range(cfg.eval_samples_per_prompt)]
-        prompts, columns = split_prompt_items(repeated)
+        prompts, columns = repeated_prompts(prompts, cfg.eval_samples_per_prompt)
         samples = []
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.no_grad(), self.whole_weights():

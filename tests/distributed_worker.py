@@ -6,7 +6,8 @@ CASE_FILE (torch.save) holds the PPOConfig fields, the trainable weights to star
 process. Each process takes its half of the rollout's rows and runs one `PPOTrainer.update` on it; the gradients
 are summed across the processes (all-reduced, or reduce-scattered when an FSDP launch shards the weights). The main
 process writes to OUT_FILE the weights after the update (whole), the update's statistics, the rollout statistics
-and how far whitening over both halves is from whitening the whole batch, and the trainer's checkpoint state to the
+and how far whitening over both halves (or, for a critic-free estimator, its advantages of each half) is from the
+whole batch's, and the trainer's checkpoint state to the
 folder OUT_FILE with the suffix `.state`.
 """
 
@@ -18,8 +19,9 @@ import torch
 from accelerate import PartialState
 
 from ppo_lm import PPOConfig, PPOTrainer
-from ppo_lm.advantages import masked_whiten
+from ppo_lm.advantages import AdvantageInputs, masked_whiten
 from ppo_lm.distributed import all_sum, full_tensor, gather_rows, shard, shard_like
+from ppo_lm.rewards import shape_rewards
 
 
 def rollout_rows(rollout, index: torch.Tensor):
@@ -39,6 +41,17 @@ def rollout_rows(rollout, index: torch.Tensor):
     return dataclasses.replace(rollout, **values)
 
 
+def local_advantages(trainer: PPOTrainer, local) -> torch.Tensor:
+    """The configured estimator's advantages of this process's rows, from their scores and KL."""
+    cfg, mask = trainer.config, local.batch.response_mask
+    kl = torch.zeros_like(local.old_logprobs) if local.kl is None else local.kl
+    rewards = shape_rewards(local.scores, kl, mask, local.kl_coef)
+    inputs = AdvantageInputs(rewards, None, mask, local.scores, cfg.gamma, cfg.lam, cfg.num_generations,
+                             cfg.scale_rewards, all_sum)
+    advantages, _ = trainer.estimator(inputs)
+    return advantages
+
+
 def main(case_file: str, out_file: str) -> None:
     case = torch.load(case_file, weights_only=False)
     trainer = PPOTrainer(PPOConfig(**case["config"]), reward_fn=lambda prompts, completions: [0.0] * len(prompts))
@@ -55,10 +68,13 @@ def main(case_file: str, out_file: str) -> None:
                               processes.num_processes))
     local = rollout_rows(case["rollout"], rows)
 
-    # Whitening over both halves must equal whitening the whole batch in one process.
     full = case["rollout"]
-    whole = masked_whiten(full.returns - full.values, full.batch.response_mask)
-    shared = masked_whiten(local.returns - local.values, local.batch.response_mask, all_sum=all_sum)
+    if trainer.config.needs_value_model:  # whitening over both halves must equal whitening the whole batch
+        whole = masked_whiten(full.returns - full.values, full.batch.response_mask)
+        shared = masked_whiten(local.returns - local.values, local.batch.response_mask, all_sum=all_sum)
+    else:  # the estimator on each half (whole groups; batch statistics summed over both) must give the whole's
+        whole = full.advantages
+        shared = local_advantages(trainer, local)
     width = shared.shape[1]
     whitening_error = gather_rows([(shared - whole[rows, :width]).abs().max().item()])
     statistics = local.statistics()

@@ -250,3 +250,48 @@ def test_config_rejects_invalid_values_naming_field_and_value(field, value, allo
         PPOConfig(**{field: value})
     message = str(error.value)
     assert field in message and repr(value) in message and allowed in message
+
+
+# --- groups and the critic-free estimators ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(batch_size=10, num_generations=4), "PPOConfig.batch_size=10 is invalid: must be a multiple of "
+                                              "num_generations (4)"),
+    (dict(advantage_estimator="grpo"), "PPOConfig.num_generations=1 is invalid: must be >= 2 with "
+                                       "advantage_estimator='grpo'"),
+    (dict(advantage_estimator="rloo", num_generations=1), "must be >= 2 with advantage_estimator='rloo'"),
+    (dict(advantage_estimator="grpo", num_generations=2, value_model_name="some/model"),
+     "value_model_name='some/model' is invalid: must be None with advantage_estimator='grpo', which trains no value "
+     "model"),
+    (dict(reward_fn=["a.py:f", "b.py:g"], reward_weights=[1.0]),
+     "reward_weights=[1.0] is invalid: must be 2 finite number(s), one per function of reward_fn (a.py:f, b.py:g)"),
+    (dict(reward_weights=[1.0], reward_model_name="rm"), "reward_weights=[1.0] is invalid: needs reward functions"),
+    (dict(reward_fn=[]), "reward_fn=[] is invalid: must name at least one function"),
+    (dict(advantage_estimator="ppo2"), "advantage_estimator='ppo2' is invalid: must be one of ('gae', 'grpo', "
+                                       "'rloo', 'reinforce_pp', 'reinforce_pp_baseline')"),
+    (dict(dual_clip=1.0), "PPOConfig.dual_clip=1.0 is invalid: must be a number > 1"),
+    (dict(clip_epsilon_high=-0.1), "PPOConfig.clip_epsilon_high=-0.1 is invalid: must be a finite number > 0"),
+    (dict(kl_loss_coef=-1.0), "PPOConfig.kl_loss_coef=-1.0 is invalid"),
+])
+def test_bad_group_and_estimator_settings_are_refused_with_a_message(settings, message):
+    with pytest.raises(ValueError) as error:
+        PPOConfig(**settings)
+    assert message in str(error.value)
+
+
+def test_a_step_draws_batch_size_over_num_generations_prompts():
+    assert PPOConfig(batch_size=32, num_generations=4).items_per_step == 8
+    assert PPOConfig(batch_size=32).items_per_step == 32 and SFTConfig(batch_size=8).items_per_step == 8
+    assert not PPOConfig(advantage_estimator="grpo", num_generations=2).needs_value_model
+    assert PPOConfig().needs_value_model
+    assert not PPOConfig(kl_coef=0.0).uses_reference and PPOConfig(kl_coef=0.0, kl_loss_coef=0.1).uses_reference
+    assert PPOConfig(kl_coef=0.0, adaptive_kl_target=6.0).uses_reference
+
+
+def test_a_bad_group_setting_on_the_command_line_stops_before_any_model_loads(capsys):
+    with pytest.raises(SystemExit) as error:
+        parse_config(PPOConfig, {}, ["--advantage_estimator", "grpo", "--batch_size", "8"], prog="ppo-lm train")
+    assert error.value.code == 2
+    printed = capsys.readouterr()
+    assert "num_generations=1 is invalid: must be >= 2 with advantage_estimator='grpo'" in unboxed(printed.out
+                                                                                                + printed.err)

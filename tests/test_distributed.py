@@ -105,14 +105,18 @@ def test_the_layout_is_checked_before_any_model_loads(tmp_path, capsys):
     # so it takes no step (under DeepSpeed, checked before its gradients).
     (DEEPSPEED_ZERO2, {"max_grad_norm": 1e6, "target_kl": 1e-6, "use_lora": False}),
     (DEEPSPEED_ZERO3, {"max_grad_norm": 1e6}),
-], ids=["replicated", "sharded", "deepspeed-zero2", "deepspeed-zero3"])
+    # GRPO with groups of 2 (each process holds whole groups), its std over the whole batch, the KL in the loss and
+    # each response's token mean counting the same: every denominator is summed over both processes.
+    (REPLICATED, {"advantage_estimator": "grpo", "num_generations": 2, "scale_rewards": "batch", "kl_coef": 0.0,
+                  "kl_loss_coef": 0.1, "loss_aggregation": "sequence_mean"}),
+], ids=["replicated", "sharded", "deepspeed-zero2", "deepspeed-zero3", "grpo-groups"])
 def test_an_update_split_over_two_processes_gives_the_weights_of_one_process(tiny_model_dir, tmp_path, sharding,
                                                                              extra):
     settings = dict(model_name=tiny_model_dir, batch_size=8, max_new_tokens=6, learning_rate=1e-3,
                     value_learning_rate=1e-3, device="cpu", seed=0, ppo_epochs=2, num_mini_batches=1,
                     micro_batch_size=3, **extra)
     trainer = PPOTrainer(PPOConfig(**settings), reward_fn=length_reward)
-    rollout = trainer.make_rollout(PROMPTS)
+    rollout = trainer.make_rollout(PROMPTS[: settings["batch_size"] // settings.get("num_generations", 1)])
     before = {name: tensor.detach().clone() for name, tensor in trainer.models.named_trainable().items()}
     case, out = tmp_path / "case.pt", tmp_path / "out.pt"
     torch.save({"config": settings, "weights": before, "rollout": rollout}, case)
@@ -149,9 +153,13 @@ def test_an_update_split_over_two_processes_gives_the_weights_of_one_process(tin
             if "lora_" in name:
                 assert torch.equal(tensor, result["weights"][f"policy.{name}"]), name
     # grad_norm is the norm of every trained gradient before clipping, under every backend.
-    for name in ("policy_loss", "value_loss", "approx_kl", "ppo_epochs_run", "grad_norm"):
+    critic_free = "advantage_estimator" in extra
+    names = ("policy_loss", "approx_kl", "ppo_epochs_run", "grad_norm", "kl_loss" if critic_free else "value_loss")
+    for name in names:
         assert result["update_stats"][name] == pytest.approx(update_stats[name], rel=1e-4, abs=1e-6), name
-    for name in ("reward_mean", "reward_std", "kl", "value_mean", "entropy", "response_length", "eos_fraction"):
+    names = ("reward_mean", "reward_std", "kl", "entropy", "response_length", "eos_fraction",
+             "zero_variance_groups" if critic_free else "value_mean")
+    for name in names:
         assert result["statistics"][name] == pytest.approx(statistics[name], rel=1e-5, abs=1e-6), name
     assert result["statistics"]["generated_texts"] == statistics["generated_texts"]
 

@@ -9,8 +9,9 @@ import torch
 from conftest import length_reward, tiny_config, tiny_qwen3_config
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerFast
 
-from ppo_lm import PPOConfig, PPOTrainer, RewardFunctionError, exact_kl
+from ppo_lm import PPOConfig, PPOTrainer, RewardFunctionError, exact_kl, masked_mean
 from ppo_lm.models import backbone_of, response_logits, sequence_logprobs, sequence_scores, sequence_values
+from ppo_lm.rewards import WeightedRewards
 
 PROMPTS = [
     "SUBREDDIT: r/cooking\nTITLE: Bread\nPOST: My bread never rises.\nTL;DR:",
@@ -155,12 +156,12 @@ def test_bad_prompts_raise_and_change_nothing(trainer, prompts, error, message):
 def test_bad_reward_functions_raise_and_change_nothing(trainer, reward_fn, message):
     trainer.ppo_step(PROMPTS)
     before = snapshot(trainer)
-    trainer.reward_fn = reward_fn
+    rewards, trainer.rewards = trainer.rewards, WeightedRewards([reward_fn])
     try:
         with pytest.raises(RewardFunctionError, match=message):
             trainer.ppo_step(PROMPTS)
     finally:
-        trainer.reward_fn = length_reward
+        trainer.rewards = rewards
     assert_unchanged(trainer, before)
 
 
@@ -450,3 +451,148 @@ def test_a_reward_model_with_the_same_tokenizer_shares_the_tokens(tiny_model_dir
     config = PPOConfig(model_name=tiny_model_dir, reward_model_name=tiny_reward_model_dir, batch_size=2,
                        max_new_tokens=2, device="cpu")
     assert PPOTrainer(config).reward_tokenizer is None
+
+
+# --- critic-free estimators, groups, where the KL goes -------------------------------------------------------------
+
+GROUP_PROMPTS = ["The weather today is", "My favourite food:"]
+
+
+def starts_with_space(prompts, completions):
+    """1 for a completion that starts with a space (about half of the peaked model's), else 0."""
+    return [1.0 if c.startswith(" ") else 0.0 for c in completions]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [
+    dict(advantage_estimator="grpo"),
+    dict(advantage_estimator="grpo", scale_rewards="none", loss_aggregation="sequence_sum"),  # Dr. GRPO
+    dict(advantage_estimator="rloo"),
+    dict(advantage_estimator="reinforce_pp"),
+    dict(advantage_estimator="reinforce_pp_baseline"),
+    dict(advantage_estimator="grpo", policy_loss="gspo", loss_aggregation="sequence_mean", clip_epsilon=0.01,
+         clip_epsilon_high=0.02),
+], ids=["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gspo"])
+def test_each_critic_free_estimator_raises_the_mean_reward(peaked_model_dir, overrides):
+    config = tiny_config(peaked_model_dir, batch_size=16, num_generations=4, max_new_tokens=2, learning_rate=1e-2,
+                         ppo_epochs=2, kl_coef=0.0, gamma=1.0, top_k=0, top_p=1.0, **overrides)
+    trainer = PPOTrainer(config, reward_fn=starts_with_space)
+    prompts = ["The weather today is", "My favourite food:", "Once upon a time", "TL;DR:"]
+    rewards = [trainer.ppo_step(prompts)["reward_mean"] for _ in range(16)]
+    first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
+    assert last > first + 0.2 and last > 0.8, rewards
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
+def test_a_critic_free_run_has_no_value_model_and_its_checkpoint_holds_none(tiny_model_dir, tmp_path, use_lora):
+    from safetensors.torch import load_file
+
+    trainer = PPOTrainer(tiny_config(tiny_model_dir, advantage_estimator="rloo", num_generations=2, use_lora=use_lora),
+                         reward_fn=length_reward)
+    models = trainer.models
+    assert models.value_head is None and models.value_backbone is None and models.value_parameters() == []
+    assert len(trainer.optimizer.param_groups) == 1  # the policy's alone
+    if use_lora:  # one adapter on the base: the policy's
+        assert not any(".value." in name for name, _ in models.policy.named_parameters())
+    stats = trainer.ppo_step(GROUP_PROMPTS)
+    assert not {"value_loss", "value_mean", "value_clip_fraction", "time/values"} & stats.keys()
+    trainer.save_state(tmp_path)
+    saved = load_file(str(tmp_path / "trainable.safetensors"))
+    assert saved and all(name.startswith("policy.") for name in saved)
+    # The same config with gae holds a value model: the count above is not zero by construction.
+    gae = PPOTrainer(tiny_config(tiny_model_dir, use_lora=use_lora), reward_fn=length_reward)
+    assert len(gae.models.value_parameters()) > 0
+
+
+@pytest.mark.slow
+def test_groups_are_consecutive_rows_of_one_prompt_and_their_statistics_are_logged(tiny_model_dir):
+    seen = {}
+
+    def constant_for_the_second_prompt(prompts, completions):
+        seen["prompts"] = list(prompts)
+        return [0.5 if p == GROUP_PROMPTS[1] else float(len(c)) for p, c in zip(prompts, completions, strict=True)]
+
+    trainer = PPOTrainer(tiny_config(tiny_model_dir, advantage_estimator="grpo", num_generations=2),
+                         reward_fn=constant_for_the_second_prompt)
+    rollout = trainer.make_rollout(GROUP_PROMPTS)
+    assert seen["prompts"] == [GROUP_PROMPTS[0]] * 2 + [GROUP_PROMPTS[1]] * 2
+    assert rollout.batch.input_ids.shape[0] == 4
+    assert torch.equal(rollout.batch.input_ids[0, : rollout.batch.prompt_width],
+                       rollout.batch.input_ids[1, : rollout.batch.prompt_width])
+    assert rollout.zero_variance.tolist()[1] is True  # the second prompt's group scored 0.5 twice
+    assert torch.equal(rollout.advantages[2:], torch.zeros_like(rollout.advantages[2:]))
+    assert rollout.statistics()["zero_variance_groups"] == (0.5 if rollout.zero_variance[0] == 0 else 1.0)
+
+
+@pytest.mark.slow
+def test_dropping_zero_variance_groups_leaves_them_out_and_skips_an_update_without_signal(tiny_model_dir):
+    trainer = PPOTrainer(tiny_config(tiny_model_dir, advantage_estimator="grpo", num_generations=2,
+                                     drop_zero_variance_groups=True),
+                         reward_fn=lambda prompts, completions: [1.0] * len(completions))
+    before = snapshot_policy(trainer)
+    stats = trainer.ppo_step(GROUP_PROMPTS)
+    assert stats["zero_variance_groups"] == 1.0 and stats["optimizer_steps"] == 0.0
+    assert all(torch.equal(p, before[n]) for n, p in trainer.models.policy.named_parameters())
+    rollout = trainer.make_rollout(GROUP_PROMPTS)
+    assert rollout.update_mask.sum() == 0 and rollout.batch.response_mask.sum() > 0
+
+
+def snapshot_policy(trainer):
+    return {name: p.detach().clone() for name, p in trainer.models.policy.named_parameters()}
+
+
+@pytest.mark.slow
+def test_without_a_kl_term_there_is_no_reference_pass(tiny_model_dir, monkeypatch):
+    trainer = PPOTrainer(tiny_config(tiny_model_dir, advantage_estimator="grpo", num_generations=2, kl_coef=0.0),
+                         reward_fn=length_reward)
+
+    def no_reference():
+        raise AssertionError("the reference model was used")
+
+    monkeypatch.setattr(trainer.models, "reference_model", no_reference)
+    stats = trainer.ppo_step(GROUP_PROMPTS)
+    assert "kl" not in stats and "kl_loss" not in stats and stats["optimizer_steps"] == 4
+
+
+@pytest.mark.slow
+def test_the_kl_in_the_loss_is_k3_to_the_reference_with_gradients(tiny_model_dir):
+    from ppo_lm.losses import kl_k3
+
+    trainer = PPOTrainer(tiny_config(tiny_model_dir, advantage_estimator="grpo", num_generations=2, kl_coef=0.0,
+                                     kl_loss_coef=0.5, ppo_epochs=1),
+                         reward_fn=lambda prompts, completions: [1.0] * len(completions))  # no policy-loss signal
+    # Move the policy away from the reference first, so that the KL term is not zero.
+    with torch.no_grad():
+        for name, parameter in trainer.models.policy.named_parameters():
+            if "lora_B" in name:
+                parameter.add_(0.05)
+    rollout = trainer.make_rollout(GROUP_PROMPTS)
+    mask = rollout.batch.response_mask
+    expected = masked_mean(kl_k3(rollout.old_logprobs, rollout.ref_logprobs), mask).item()
+    before = snapshot_policy(trainer)
+    stats = trainer.update(rollout)
+    # The first (only) epoch's logprobs are the rollout's: its KL term is the k3 of old against reference.
+    assert expected > 1e-4 and stats["kl_loss"] == pytest.approx(expected, rel=1e-4)
+    assert stats["policy_loss"] == pytest.approx(0.0, abs=1e-7)  # every advantage is 0
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.models.policy.named_parameters())  # KL alone moved it
+
+
+@pytest.mark.slow
+def test_weighted_reward_functions_read_the_rows_columns_and_are_logged_each(tiny_model_dir):
+    def exact_answer(prompts, completions, answer):
+        return [1.0 if a == "4" else 0.0 for a in answer]
+
+    def brevity(prompts, completions):
+        return [-float(len(c)) for c in completions]
+
+    trainer = PPOTrainer(tiny_config(tiny_model_dir, advantage_estimator="grpo", num_generations=2,
+                                     reward_weights=[2.0, 0.5]),
+                         reward_fn=[exact_answer, brevity])
+    rows = [{"prompt": "What is 2 + 2?", "answer": "4"}, {"prompt": "What is 2 + 3?", "answer": "5"}]
+    stats = trainer.ppo_step(rows)
+    lengths = [len(text) for text in stats["generated_texts"]]
+    expected = [2.0 * a - 0.5 * n for a, n in zip([1, 1, 0, 0], lengths, strict=True)]
+    assert stats["rewards"] == pytest.approx(expected)
+    assert stats["reward/exact_answer"] == pytest.approx(0.5)
+    assert stats["reward/brevity"] == pytest.approx(-sum(lengths) / 4)
