@@ -35,6 +35,8 @@ def rollout_rows(rollout, index: torch.Tensor):
             value = batch
         elif field.name == "completions":
             value = [value[i] for i in index.tolist()]
+        elif field.name == "zero_variance" and value is not None:  # one per group: the groups of these rows
+            value = value[torch.unique(index // (len(rollout.completions) // len(value)))]
         elif isinstance(value, torch.Tensor):
             value = value[index, :width] if value.dim() == 2 else value[index]
         values[field.name] = value
