@@ -22,12 +22,14 @@ with `steps_per_generation` defaulting to `gradient_accumulation_steps`. With th
 optimizer step and slices it into the micro-batches; since generation and optimizer steps line up and
 `num_iterations=1`, TRL computes no separate "old" log-probabilities (the ratio is exactly 1 by construction).
 
-TRL's own defaults, for reference (a user who sets none of them gets these): `per_device_train_batch_size=8`
-completions, `gradient_accumulation_steps=1`, `num_generations=8` (one prompt per step), `gradient_checkpointing=True`,
-`bf16=True`, `learning_rate=1e-6`, `beta=0.0`, `loss_type="dapo"`, `scale_rewards="group"`,
-`max_completion_length=512`. Here the micro-batch defaults to the whole batch (one forward/backward pass over all
-completions, no accumulation: TRL's default of one accumulation step at this batch size), gradient checkpointing is
-off and float32 is used unless `--bf16 1`, to match ppo-lm's defaults; `--gradient_checkpointing 1` gives TRL's.
+TRL's own defaults, for reference (checked on the installed GRPOConfig; a user who sets none of them gets these):
+`per_device_train_batch_size=8` completions, `gradient_accumulation_steps=1`, `num_generations=8` (so one prompt per
+step), `gradient_checkpointing=True`, `bf16=True` (refused on a machine without a GPU unless `use_cpu=True`),
+`learning_rate=1e-6` with linear decay, `beta=0.0`, `num_iterations=1`, `loss_type="dapo"`, `scale_rewards="group"`,
+`max_completion_length=512`, temperature 1 with top-k and top-p off. Here the micro-batch defaults to the whole
+batch (one forward/backward pass over all completions: TRL's default of no accumulation, at this batch size);
+gradient checkpointing is off and float32 is used unless `--bf16 1`, to match ppo-lm's defaults
+(`--gradient_checkpointing 1` gives TRL's); the learning rate is ppo-lm's default, 1e-5.
 """
 
 from __future__ import annotations
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
             gradient_accumulation_steps=arguments.batch_size // arguments.micro_batch_size,
             num_generations=arguments.num_generations, max_completion_length=arguments.max_new_tokens,
             num_iterations=1, beta=0.0, temperature=1.0, top_p=1.0, top_k=0, use_vllm=False,
-            learning_rate=arguments.learning_rate, bf16=bool(arguments.bf16),
+            learning_rate=arguments.learning_rate, bf16=bool(arguments.bf16), use_cpu=not torch.cuda.is_available(),
             gradient_checkpointing=bool(arguments.gradient_checkpointing),
         )
         if config.generation_batch_size != arguments.batch_size:  # one generation per optimizer step, as intended
