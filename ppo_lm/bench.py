@@ -34,15 +34,22 @@ from ppo_lm.distributed import gather_rows, shard
 from ppo_lm.runs import parse_config
 
 QWEN3_VOCAB = 151936
+SMALL_VOCAB = 4096
+_SMALL = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
+              num_key_value_heads=4, head_dim=64)
 ARCHITECTURES: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16),
-    "small": dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
-                  num_key_value_heads=4, head_dim=64),
+    "small": dict(_SMALL),
+    "small_vocab": dict(_SMALL, vocab_size=SMALL_VOCAB, eos_token_id=0, pad_token_id=1),
     "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
                        num_key_value_heads=8, head_dim=128, rope_theta=1_000_000.0),
 }
-"""Qwen3 shapes: `small` has about 20M parameters besides its embeddings; `qwen3-0.6b` is the real architecture."""
+"""Qwen3 shapes: `small` has about 20M parameters besides its embeddings; `qwen3-0.6b` is the real architecture.
+Each uses the Qwen tokenizer's 151,936-token vocabulary, except `small_vocab`: `small`'s body with a 4,096-token
+vocabulary (a byte-level BPE trained offline, `small_vocab_tokenizer`), where the output head no longer dominates
+the work. An entry that sets `vocab_size` gets that tokenizer; its `eos_token_id` and `pad_token_id` are the
+tokenizer's ids of `<|endoftext|>` and `<|pad|>`."""
 
 STAGES = ("generate", "logprobs", "reward", "values", "update", "step")
 
@@ -65,6 +72,48 @@ def qwen_tokenizer():
                                    pad_token="<|endoftext|>")
 
 
+def small_vocab_tokenizer(vocab_size: int = SMALL_VOCAB, seed: int = 0):
+    """A byte-level BPE tokenizer of exactly `vocab_size` tokens, trained offline on seeded synthetic text.
+
+    The same arguments always give the same vocabulary (about a second on one core). Token 0 is `<|endoftext|>` (EOS),
+    token 1 is `<|pad|>` (padding, distinct from EOS); there is no BOS. The text is made of invented words with a
+    Zipf-like frequency, punctuation, numbers, `TL;DR:` and runs of `hello`, so that `hello` and ` hello` are one
+    token each, as in the Qwen tokenizer (`synthetic_prompts` relies on it). Any text encodes (256 byte tokens).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(seed)
+    onsets = ["", "b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "st", "tr", "pl",
+              "ch", "sh", "th"]
+    vowels = ["a", "e", "i", "o", "u", "ai", "ea", "ou"]
+    codas = ["", "", "n", "r", "s", "t", "l", "nd", "ng", "ck"]
+    syllables = [onset + vowel + coda for onset in onsets for vowel in vowels for coda in codas]
+    words = sorted({"".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(6000)})
+    weights = [1 / rank for rank in range(1, len(words) + 1)]
+    text = []
+    for _ in range(3000):
+        sentence = " ".join(rng.choices(words, weights, k=rng.randint(5, 40))).capitalize()
+        text.append(f"{sentence}{rng.choice('.?!,:')} {rng.randint(0, 9999)}")
+    text += ["hello" + " hello" * 20] * 50 + ["TL;DR:"] * 50
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|pad|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(text, trainer)
+    if backend.get_vocab_size() != vocab_size:
+        raise RuntimeError(f"the synthetic text gave {backend.get_vocab_size()} tokens, not {vocab_size}")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|pad|>")
+
+
+def arch_tokenizer(arch: str):
+    """The tokenizer saved with a model of `arch`: a trained one where its entry sets `vocab_size`, else Qwen's."""
+    vocab_size = ARCHITECTURES.get(arch, {}).get("vocab_size")
+    return qwen_tokenizer() if vocab_size is None else small_vocab_tokenizer(vocab_size)
+
+
 def qwen3_config(arch: str, **overrides: Any):
     """A Qwen3 config of a named architecture (see ARCHITECTURES)."""
     from transformers import Qwen3Config
@@ -72,19 +121,21 @@ def qwen3_config(arch: str, **overrides: Any):
     if arch not in ARCHITECTURES:
         raise ValueError(f"--arch {arch!r} is unknown: use one of {', '.join(ARCHITECTURES)}.")
     settings = dict(vocab_size=QWEN3_VOCAB, max_position_embeddings=4096, tie_word_embeddings=True,
-                    eos_token_id=151643, pad_token_id=151643, bos_token_id=None, **ARCHITECTURES[arch])
+                    eos_token_id=151643, pad_token_id=151643, bos_token_id=None)
+    settings.update(ARCHITECTURES[arch])
     settings.update(overrides)
     return Qwen3Config(**settings)
 
 
 def build_model_dirs(arch: str, directory: Path, seed: int = 0) -> tuple[str, str]:
-    """Save a random policy (causal LM) and reward model (num_labels=1) of `arch` with the Qwen tokenizer."""
+    """Save a random policy (causal LM) and reward model (num_labels=1) of `arch`, each with `arch_tokenizer(arch)`."""
     from transformers import Qwen3ForCausalLM, Qwen3ForSequenceClassification
 
-    tokenizer = qwen_tokenizer()
+    policy_config = qwen3_config(arch)  # an unknown arch fails here, before a tokenizer is built
+    tokenizer = arch_tokenizer(arch)
     policy_dir, reward_dir = directory / "policy", directory / "reward"
     torch.manual_seed(seed)
-    Qwen3ForCausalLM(qwen3_config(arch)).save_pretrained(policy_dir)
+    Qwen3ForCausalLM(policy_config).save_pretrained(policy_dir)
     Qwen3ForSequenceClassification(qwen3_config(arch, num_labels=1)).save_pretrained(reward_dir)
     for path in (policy_dir, reward_dir):
         tokenizer.save_pretrained(path)
@@ -102,7 +153,7 @@ def prompt_lengths(spec: str, count: int, seed: int) -> list[int]:
 
 
 def synthetic_prompts(lengths: list[int]) -> list[str]:
-    """Prompts of exactly the given token lengths for the Qwen tokenizer (' hello' is one token)."""
+    """Prompts of exactly the given token lengths for the Qwen and the small-vocab tokenizer (' hello' is one token)."""
     return ["hello" + " hello" * (length - 1) for length in lengths]
 
 

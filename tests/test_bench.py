@@ -18,3 +18,29 @@ def test_bench_prints_one_json_line_with_every_figure(capsys):
         assert key in result, key
     assert set(result["stage_s"]) == {"generate", "logprobs", "reward", "values", "update"}
     assert result["median_step_s"] > 0 and result["step_tflop"] > 0 and result["time_over_floor"] > 0
+
+
+def test_small_vocab_model_dir_loads_and_round_trips_a_prompt(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from ppo_lm.bench import SMALL_VOCAB, build_model_dirs, small_vocab_tokenizer, synthetic_prompts
+
+    policy_dir, reward_dir = build_model_dirs("small_vocab", tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir)
+    reward = AutoModelForSequenceClassification.from_pretrained(reward_dir)
+    assert len(tokenizer) == SMALL_VOCAB == policy.config.vocab_size == reward.config.vocab_size
+    assert tokenizer.eos_token_id == policy.config.eos_token_id == 0
+    assert tokenizer.pad_token_id == policy.config.pad_token_id == reward.config.pad_token_id == 1
+    assert tokenizer.get_vocab() == small_vocab_tokenizer().get_vocab()  # the same vocabulary every time
+
+    prompt = synthetic_prompts([7])[0]
+    ids = tokenizer(prompt)["input_ids"]
+    assert len(ids) == 7  # ' hello' is one token, as synthetic_prompts needs
+    assert tokenizer.decode(ids) == prompt
+    other = "TL;DR: Zürich, 42 ünïcode words\n and a tab\t!"
+    assert tokenizer.decode(tokenizer(other)["input_ids"]) == other
+    with torch.no_grad():
+        assert policy(torch.tensor([ids])).logits.shape == (1, 7, SMALL_VOCAB)
+        assert reward(torch.tensor([ids])).logits.shape == (1, 1)
