@@ -235,7 +235,7 @@ def run_benchmark(
         prompt_lens = [len(ids) for ids in trainer.tokenizer(sequences)["input_ids"]]
         response_lens = [max(1, len(trainer.tokenizer(c)["input_ids"])) for c in rollout_stats["generated_texts"]]
         flops.append(step_flops(trainer.models.policy.config, prompt_lens, response_lens, config)["step"])
-    median = {stage: statistics.median(r[f"time/{stage}"] for r in records) for stage in STAGES}
+    median = {stage: statistics.median(r.get(f"time/{stage}", 0.0) for r in records) for stage in STAGES}  # 0: not run
     step_seconds = median["step"]
     generated = statistics.median(r["response_length"] for r in records) * len(sequences)
     rate = matmul_rate(trainer.device, trainer.dtype)
