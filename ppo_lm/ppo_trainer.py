@@ -151,7 +151,8 @@ class Rollout:
                                                 "non_score_reward": (-self.kl_coef * summed_kl).mean().item()}
         group_stats = {}
         if self.zero_variance is not None:
-            counts = all_sum(torch.stack([self.zero_variance.sum(), torch.tensor(len(self.zero_variance))]).double())
+            flagged = self.zero_variance.sum()
+            counts = all_sum(torch.stack([flagged, flagged.new_tensor(len(self.zero_variance))]).double())
             group_stats["zero_variance_groups"] = (counts[0] / counts[1]).item()
         return {
             "generated_texts": gather_rows(self.completions),

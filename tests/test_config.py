@@ -295,3 +295,12 @@ def test_a_bad_group_setting_on_the_command_line_stops_before_any_model_loads(ca
     printed = capsys.readouterr()
     assert "num_generations=1 is invalid: must be >= 2 with advantage_estimator='grpo'" in unboxed(printed.out
                                                                                                 + printed.err)
+
+
+def test_several_reward_functions_and_their_weights_parse_from_the_command_line_and_a_file():
+    config = parse_config(PPOConfig, {}, ["--reward_fn", "a.py:f", "b.py:g", "--reward_weights", "1", "0.5"],
+                          prog="ppo-lm train")
+    assert config.reward_fn == ["a.py:f", "b.py:g"] and config.reward_weights == [1.0, 0.5]
+    assert parse_config(PPOConfig, {}, ["--reward_fn", "a.py:f"], prog="ppo-lm train").reward_fn == "a.py:f"
+    config = parse_config(PPOConfig, {"reward_fn": ["a.py:f"], "reward_weights": [2.0]}, [], prog="ppo-lm train")
+    assert config.reward_functions() == ["a.py:f"] and config.reward_weights == [2.0]
