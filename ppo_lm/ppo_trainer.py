@@ -102,8 +102,9 @@ class Rollout:
     """Per-token KL estimate between the policy and the reference; None when no KL term needs the reference."""
     kl_coef: float
     """KL coefficient used to shape the rewards."""
-    old_logprobs: torch.Tensor
-    """Policy logprobs of the sampled tokens when sampled."""
+    old_logprobs: torch.Tensor | None
+    """Policy logprobs of the sampled tokens when sampled; None when the update's own pass gives them
+    (`PPOTrainer.update_reads_old_logprobs`)."""
     ref_logprobs: torch.Tensor | None
     """Reference logprobs of the sampled tokens; None when no KL term needs them."""
     values: torch.Tensor | None
@@ -112,8 +113,9 @@ class Rollout:
     """The estimator's advantages (whitened when configured)."""
     returns: torch.Tensor
     """The estimator's returns, the value targets (GAE: raw advantages plus values)."""
-    entropy: torch.Tensor
-    """Entropy of the policy's next-token distribution at each response position, when sampled."""
+    entropy: torch.Tensor | None
+    """Entropy of the policy's next-token distribution at each response position, when sampled (None with the
+    old-logprob pass: the update logs it)."""
     update_mask: torch.Tensor
     """The response mask the update trains on: without the groups `drop_zero_variance_groups` leaves out."""
     reward_parts: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -227,6 +229,10 @@ class PPOTrainer:
         )
         self.greedy_config = greedy_config(config.max_new_tokens, self.stop_token_id, self.tokenizer.pad_token_id)
         self.kl_controller = KLController(config.kl_coef, config.adaptive_kl_target, config.adaptive_kl_horizon)
+        # One optimizer step on the whole batch, and no KL in the reward: the update's own forward pass runs on the
+        # weights that sampled the batch, so its detached logprobs are the old ones and the rollout skips that pass.
+        self.update_reads_old_logprobs = (config.ppo_epochs == 1 and config.num_mini_batches == 1
+                                          and config.kl_coef == 0 and config.adaptive_kl_target is None)
         self.step_count = 0
 
     def train_step(self, prompts: list[PromptItem]) -> dict:
@@ -285,10 +291,13 @@ class PPOTrainer:
             #    Each pass runs over micro-batches of similar prompt length, so short prompts carry little padding.
             #    The frozen bottom layers, the same in every role, run once here; every later pass starts from them.
             #    No KL term anywhere (both coefficients 0, no adaptive target): no reference pass at all.
+            #    With one optimizer step per batch and no KL in the reward, the update's pass gives the old logprobs.
             with self._timed("logprobs", timings), torch.no_grad():
                 batch = self._with_frozen_prefix(batch)
-                old_logprobs, entropy = self._per_token(batch, lambda micro: sequence_logprobs(
-                    models.policy, micro, cfg.temperature, with_entropy=True))
+                old_logprobs = entropy = None
+                if not self.update_reads_old_logprobs:
+                    old_logprobs, entropy = self._per_token(batch, lambda micro: sequence_logprobs(
+                        models.policy, micro, cfg.temperature, with_entropy=True))
                 ref_logprobs = None
                 if cfg.uses_reference:
                     with models.reference_model() as reference:
@@ -297,10 +306,12 @@ class PPOTrainer:
 
             # 4. shape: per-token KL penalty plus the (possibly penalised) score on the last valid token.
             kl_coef = self.kl_controller.value
-            kl = None if ref_logprobs is None else KL_ESTIMATORS[cfg.kl_estimator](old_logprobs, ref_logprobs)
+            kl = None
+            if ref_logprobs is not None and old_logprobs is not None:
+                kl = KL_ESTIMATORS[cfg.kl_estimator](old_logprobs, ref_logprobs)
             scores = apply_missing_eos_penalty(raw_scores, ended, cfg.missing_eos_penalty)
-            rewards = shape_rewards(scores, torch.zeros_like(old_logprobs) if kl is None else kl, response_mask,
-                                    kl_coef)
+            no_kl = torch.zeros(response_mask.shape, device=self.device)
+            rewards = shape_rewards(scores, no_kl if kl is None else kl, response_mask, kl_coef)
 
             # 5. values of the state before each response token, for an estimator that needs them.
             values = None
@@ -532,6 +543,8 @@ class PPOTrainer:
         """The minibatch's approximate KL between the current policy and the rollout's, over every process, from
         a pass without gradients."""
         batch = rollout.batch
+        if rollout.old_logprobs is None:  # the update's own logprobs are the old ones: the first KL is 0
+            return 0.0
         total_tokens = all_sum(rollout.update_mask[index].sum()).clamp(min=1)
         kl_sum = torch.zeros((), device=self.device)
         with torch.no_grad():
@@ -579,9 +592,10 @@ class PPOTrainer:
         (`size`); and its part of each statistic (token means weighted by `share`)."""
         cfg = self.config
         width = mask.shape[1]
-        old = rollout.old_logprobs[micro_index, :width]
         logprobs, entropy = sequence_logprobs(self.models.policy, micro, cfg.temperature,
-                                              with_entropy=cfg.entropy_coef > 0, entropy_grad=True)
+                                              with_entropy=cfg.entropy_coef > 0 or rollout.entropy is None,
+                                              entropy_grad=cfg.entropy_coef > 0)
+        old = logprobs.detach() if rollout.old_logprobs is None else rollout.old_logprobs[micro_index, :width]
         policy_loss, loss_stats = self.policy_loss(logprobs, old, rollout.advantages[micro_index, :width], mask, cfg)
         per_token = policy_loss
         stats = {"policy_loss": self.aggregate(policy_loss.detach(), mask, size, cfg)}
@@ -589,8 +603,10 @@ class PPOTrainer:
             kl = kl_k3(logprobs, rollout.ref_logprobs[micro_index, :width])
             per_token = per_token + cfg.kl_loss_coef * kl
             stats["kl_loss"] = masked_mean(kl.detach(), mask) * share
-        if entropy is not None:
+        if cfg.entropy_coef > 0:
             per_token = per_token - cfg.entropy_coef * entropy
+        if rollout.entropy is None:  # no rollout pass logged it
+            stats["entropy"] = masked_mean(entropy.detach(), mask) * share
         logprobs = logprobs.detach()
         stats.update({name: value * share for name, value in loss_stats.items()})
         stats["approx_kl"] = approx_kl(logprobs, old, mask) * share

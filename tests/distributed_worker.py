@@ -46,7 +46,7 @@ def rollout_rows(rollout, index: torch.Tensor):
 def local_advantages(trainer: PPOTrainer, local) -> torch.Tensor:
     """The configured estimator's advantages of this process's rows, from their scores and KL."""
     cfg, mask = trainer.config, local.batch.response_mask
-    kl = torch.zeros_like(local.old_logprobs) if local.kl is None else local.kl
+    kl = torch.zeros(mask.shape) if local.kl is None else local.kl
     rewards = shape_rewards(local.scores, kl, mask, local.kl_coef)
     inputs = AdvantageInputs(rewards, None, mask, local.scores, cfg.gamma, cfg.lam, cfg.num_generations,
                              cfg.scale_rewards, all_sum)

@@ -298,15 +298,18 @@ def test_an_update_trains_the_value_adapter_and_head_as_well_as_the_policy(tiny_
 
 
 @pytest.mark.slow
-def test_caching_the_frozen_layers_gives_the_same_rollout_and_update(tiny_model_dir):
+@pytest.mark.parametrize("estimator", [{}, {"advantage_estimator": "rloo", "num_generations": 2}],
+                         ids=["gae", "rloo"])
+def test_caching_the_frozen_layers_gives_the_same_rollout_and_update(tiny_model_dir, estimator):
     """The fast path (bottom layer run once per rollout) against the plain one (every pass runs every layer)."""
     results = []
+    critic_free = bool(estimator)
     for cache in (False, True):
         config = tiny_config(tiny_model_dir, lora_target_modules=["q_proj", "v_proj", "down_proj"], lora_layers=[1],
-                             cache_frozen_layers=cache, batch_size=8, micro_batch_size=3, ppo_epochs=2)
+                             cache_frozen_layers=cache, batch_size=8, micro_batch_size=3, ppo_epochs=2, **estimator)
         trainer = PPOTrainer(config, reward_fn=length_reward)
         assert trainer.frozen_layers == (1 if cache else 0)
-        rollout = trainer.make_rollout(PROMPTS * 2)
+        rollout = trainer.make_rollout((PROMPTS * 2)[: config.items_per_step])
         assert (rollout.batch.prefix_hidden is not None) == cache
         stats = trainer.update(rollout)
         weights = {n: p.detach().clone() for n, p in trainer.models.named_trainable().items()}
@@ -314,9 +317,10 @@ def test_caching_the_frozen_layers_gives_the_same_rollout_and_update(tiny_model_
     (plain, plain_stats, plain_weights), (cached, cached_stats, cached_weights) = results
     assert torch.equal(plain.batch.input_ids, cached.batch.input_ids)
     mask = plain.batch.response_mask.bool()
-    for name in ("old_logprobs", "ref_logprobs", "values", "advantages", "entropy"):
+    for name in ("old_logprobs", "ref_logprobs", "advantages", "entropy") + (() if critic_free else ("values",)):
         torch.testing.assert_close(getattr(plain, name)[mask], getattr(cached, name)[mask], atol=1e-5, rtol=1e-4)
-    for name in ("policy_loss", "value_loss", "approx_kl", "policy_clip_fraction", "ratio_mean", "grad_norm"):
+    for name in ("policy_loss", "approx_kl", "policy_clip_fraction", "ratio_mean", "grad_norm") + (
+            () if critic_free else ("value_loss",)):
         assert plain_stats[name] == pytest.approx(cached_stats[name], rel=1e-4, abs=1e-6), name
     assert plain_stats["grad_norm"] > 0
     for name in plain_weights:
@@ -562,6 +566,7 @@ def test_the_kl_in_the_loss_is_k3_to_the_reference_with_gradients(tiny_model_dir
     trainer = PPOTrainer(tiny_config(tiny_model_dir, advantage_estimator="grpo", num_generations=2, kl_coef=0.0,
                                      kl_loss_coef=0.5, ppo_epochs=1),
                          reward_fn=lambda prompts, completions: [1.0] * len(completions))  # no policy-loss signal
+    trainer.update_reads_old_logprobs = False  # the rollout's own old logprobs, to compute the KL term from
     # Move the policy away from the reference first, so that the KL term is not zero.
     with torch.no_grad():
         for name, parameter in trainer.models.policy.named_parameters():
@@ -596,3 +601,28 @@ def test_weighted_reward_functions_read_the_rows_columns_and_are_logged_each(tin
     assert stats["rewards"] == pytest.approx(expected)
     assert stats["reward/exact_answer"] == pytest.approx(0.5)
     assert stats["reward/brevity"] == pytest.approx(-sum(lengths) / 4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("micro_batch_size", [None, 3])
+def test_one_pass_updates_read_the_old_logprobs_from_the_update_and_give_the_plain_paths_numbers(tiny_model_dir,
+                                                                                                 micro_batch_size):
+    # One epoch, one minibatch, no KL in the reward: the rollout skips its old-logprob pass; the weights, losses and
+    # statistics must be those of the plain path, which runs it.
+    settings = dict(advantage_estimator="grpo", num_generations=2, kl_coef=0.0, kl_loss_coef=0.1, ppo_epochs=1,
+                    micro_batch_size=micro_batch_size)
+    fast = PPOTrainer(tiny_config(tiny_model_dir, **settings), reward_fn=length_reward)
+    plain = PPOTrainer(tiny_config(tiny_model_dir, **settings), reward_fn=length_reward)
+    plain.update_reads_old_logprobs = False
+    assert fast.update_reads_old_logprobs
+    assert not PPOTrainer(tiny_config(tiny_model_dir, **{**settings, "ppo_epochs": 2}),
+                          reward_fn=length_reward).update_reads_old_logprobs
+    for _ in range(2):
+        fast_stats, plain_stats = fast.ppo_step(GROUP_PROMPTS), plain.ppo_step(GROUP_PROMPTS)
+        assert fast_stats["generated_texts"] == plain_stats["generated_texts"]
+        for name in ("policy_loss", "kl_loss", "grad_norm", "entropy", "reward_mean", "approx_kl", "ratio_mean"):
+            assert fast_stats[name] == pytest.approx(plain_stats[name], rel=1e-5, abs=1e-6), name
+        assert "time/logprobs" in fast_stats and fast_stats["time/logprobs"] > 0  # the reference pass remains
+    for (name, a), (_, b) in zip(fast.models.policy.named_parameters(), plain.models.policy.named_parameters(),
+                                 strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5), name

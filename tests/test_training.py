@@ -10,11 +10,15 @@ from ppo_lm.cli import main
 
 
 @pytest.mark.slow
-def test_resumed_run_matches_the_straight_run(run_files):
+@pytest.mark.parametrize("estimator", [[], ["--advantage_estimator", "grpo", "--num_generations", "2", "--kl_coef", "0",
+                                            "--kl_loss_coef", "0.05", "--loss_aggregation", "sequence_sum"]],
+                         ids=["gae", "grpo"])
+def test_resumed_run_matches_the_straight_run(run_files, estimator):
     straight, halves = run_files["dir"] / "straight", run_files["dir"] / "halves"
-    assert main(["train", "--config", run_files["config"], "--output_dir", str(straight)]) == 0
-    assert main(["train", "--config", run_files["config"], "--output_dir", str(halves), "--total_steps", "2"]) == 0
-    assert main(["train", "--config", run_files["config"], "--output_dir", str(halves), "--resume"]) == 0
+    train = ["train", "--config", run_files["config"], *estimator]
+    assert main([*train, "--output_dir", str(straight)]) == 0
+    assert main([*train, "--output_dir", str(halves), "--total_steps", "2"]) == 0
+    assert main([*train, "--output_dir", str(halves), "--resume"]) == 0
 
     straight_metrics, resumed_metrics = read_metrics(straight), read_metrics(halves)
     assert [m["step"] for m in resumed_metrics] == [m["step"] for m in straight_metrics]
@@ -26,6 +30,7 @@ def test_resumed_run_matches_the_straight_run(run_files):
     final_straight = load_file(str(straight / "checkpoint-4" / "trainable.safetensors"))
     final_resumed = load_file(str(halves / "checkpoint-4" / "trainable.safetensors"))
     assert final_straight.keys() == final_resumed.keys()
+    assert any(name.startswith("value") for name in final_straight) == (not estimator)  # grpo: no value model
     for name in final_straight:
         torch.testing.assert_close(final_straight[name], final_resumed[name], atol=1e-6, rtol=1e-5)
     assert (straight / "report.png").stat().st_size > 10_000
