@@ -210,12 +210,8 @@ class PPOTrainer:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.tokenizer = load_tokenizer(config.model_name)
         self.models = load_role_models(config, self.device, self.dtype, self.backend.load_device(self.device))
-        groups = [{"params": self.models.policy_parameters(), "lr": config.learning_rate}]
-        if config.needs_value_model:
-            groups.append({"params": self.models.value_parameters(), "lr": config.value_learning_rate})
         self.optimizer = self.backend.prepare(
-            self.models.trained_modules(), [self.models.reference],
-            lambda: torch.optim.AdamW(groups, weight_decay=0.0), config.max_grad_norm)
+            self.models.trained_modules(), [self.models.reference], self._make_optimizer, config.max_grad_norm)
         with self.whole_weights():
             self.frozen_layers = shared_frozen_layers(config, self.models)  # run once per rollout, then reused
         self.reward_tokenizer = self._reward_tokenizer_if_different()
@@ -234,6 +230,14 @@ class PPOTrainer:
         self.update_reads_old_logprobs = (config.ppo_epochs == 1 and config.num_mini_batches == 1
                                           and config.kl_coef == 0 and config.adaptive_kl_target is None)
         self.step_count = 0
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over the policy's parameter group and, with a value model, the value model's. Called by the backend
+        once it has placed the weights (sharding replaces the parameter objects)."""
+        groups = [{"params": self.models.policy_parameters(), "lr": self.config.learning_rate}]
+        if self.config.needs_value_model:
+            groups.append({"params": self.models.value_parameters(), "lr": self.config.value_learning_rate})
+        return torch.optim.AdamW(groups, weight_decay=0.0)
 
     def train_step(self, prompts: list[PromptItem]) -> dict:
         """One step of a training run: a PPO step (the name every stage's trainer shares)."""

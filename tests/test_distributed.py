@@ -109,7 +109,12 @@ def test_the_layout_is_checked_before_any_model_loads(tmp_path, capsys):
     # each response's token mean counting the same: every denominator is summed over both processes.
     (REPLICATED, {"advantage_estimator": "grpo", "num_generations": 2, "scale_rewards": "batch", "kl_coef": 0.0,
                   "kl_loss_coef": 0.1, "loss_aggregation": "sequence_mean"}),
-], ids=["replicated", "sharded", "deepspeed-zero2", "deepspeed-zero3", "grpo-groups"])
+    # The critic-free estimators under the sharding launches: no value model to shard or hand to the engine.
+    (SHARDED, {"advantage_estimator": "rloo", "num_generations": 2, "kl_coef": 0.0, "kl_loss_coef": 0.1}),
+    (DEEPSPEED_ZERO3, {"advantage_estimator": "grpo", "num_generations": 2, "max_grad_norm": 1e6,
+                       "loss_aggregation": "sequence_sum"}),
+], ids=["replicated", "sharded", "deepspeed-zero2", "deepspeed-zero3", "grpo-groups", "rloo-sharded",
+        "grpo-deepspeed-zero3"])
 def test_an_update_split_over_two_processes_gives_the_weights_of_one_process(tiny_model_dir, tmp_path, sharding,
                                                                              extra):
     settings = dict(model_name=tiny_model_dir, batch_size=8, max_new_tokens=6, learning_rate=1e-3,
@@ -154,8 +159,9 @@ def test_an_update_split_over_two_processes_gives_the_weights_of_one_process(tin
                 assert torch.equal(tensor, result["weights"][f"policy.{name}"]), name
     # grad_norm is the norm of every trained gradient before clipping, under every backend.
     critic_free = "advantage_estimator" in extra
-    names = ("policy_loss", "approx_kl", "ppo_epochs_run", "grad_norm", "kl_loss" if critic_free else "value_loss")
-    for name in names:
+    assert ("value_loss" in update_stats) != critic_free and ("kl_loss" in update_stats) == ("kl_loss_coef" in extra)
+    names = ("policy_loss", "approx_kl", "ppo_epochs_run", "grad_norm", "value_loss", "kl_loss")
+    for name in (name for name in names if name in update_stats):
         assert result["update_stats"][name] == pytest.approx(update_stats[name], rel=1e-4, abs=1e-6), name
     names = ("reward_mean", "reward_std", "kl", "entropy", "response_length", "eos_fraction",
              "zero_variance_groups" if critic_free else "value_mean")

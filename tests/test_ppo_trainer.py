@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from conftest import length_reward, tiny_config, tiny_qwen3_config
-from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerFast
+from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerFast, set_seed
 
 from ppo_lm import PPOConfig, PPOTrainer, RewardFunctionError, exact_kl, masked_mean
 from ppo_lm.models import backbone_of, response_logits, sequence_logprobs, sequence_scores, sequence_values
@@ -613,16 +613,23 @@ def test_one_pass_updates_read_the_old_logprobs_from_the_update_and_give_the_pla
                     micro_batch_size=micro_batch_size)
     fast = PPOTrainer(tiny_config(tiny_model_dir, **settings), reward_fn=length_reward)
     plain = PPOTrainer(tiny_config(tiny_model_dir, **settings), reward_fn=length_reward)
+    before = snapshot_policy(plain)
     plain.update_reads_old_logprobs = False
     assert fast.update_reads_old_logprobs
     assert not PPOTrainer(tiny_config(tiny_model_dir, **{**settings, "ppo_epochs": 2}),
                           reward_fn=length_reward).update_reads_old_logprobs
-    for _ in range(2):
-        fast_stats, plain_stats = fast.ppo_step(GROUP_PROMPTS), plain.ppo_step(GROUP_PROMPTS)
+    for step in range(2):
+        set_seed(step)  # the same sampling and minibatch order for both (the generators are global)
+        fast_stats = fast.ppo_step(GROUP_PROMPTS)
+        set_seed(step)
+        plain_stats = plain.ppo_step(GROUP_PROMPTS)
         assert fast_stats["generated_texts"] == plain_stats["generated_texts"]
         for name in ("policy_loss", "kl_loss", "grad_norm", "entropy", "reward_mean", "approx_kl", "ratio_mean"):
             assert fast_stats[name] == pytest.approx(plain_stats[name], rel=1e-5, abs=1e-6), name
         assert "time/logprobs" in fast_stats and fast_stats["time/logprobs"] > 0  # the reference pass remains
+    # Adam divides each gradient by its running size: a component near zero turns rounding (the plain path's ratio
+    # is 1 +- 1e-7, the fast path's exactly 1) into a visible step. So: under 1 % of each tensor's update.
     for (name, a), (_, b) in zip(fast.models.policy.named_parameters(), plain.models.policy.named_parameters(),
                                  strict=True):
-        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5), name
+        step = (b.detach() - before[name]).norm().item()
+        assert (a.detach() - b.detach()).norm().item() <= 1e-2 * step + 1e-7, name
