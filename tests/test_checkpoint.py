@@ -24,7 +24,7 @@ def test_an_interrupted_checkpoint_is_skipped_on_resume(run_files, caplog):
     assert [m["step"] for m in read_metrics(run_dir) if "reward_mean" in m] == [1, 2, 3, 4]
 
 
-def test_resume_from_a_foreign_or_broken_directory_is_a_clear_error(run_files, tmp_path):
+def test_resume_from_a_foreign_or_broken_directory_is_a_clear_error(run_files, tmp_path, capsys):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("not a run")
@@ -37,6 +37,7 @@ def test_resume_from_a_foreign_or_broken_directory_is_a_clear_error(run_files, t
     with pytest.raises(CheckpointError, match="no such directory"):
         find_checkpoint(tmp_path / "missing")
     assert main(["train", "--config", run_files["config"], "--resume", str(foreign)]) == 2
+    assert f"No checkpoint in {foreign}" in capsys.readouterr().err  # the directory named, not another error
 
 
 def test_only_the_newest_checkpoints_are_kept(tmp_path):

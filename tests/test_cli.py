@@ -46,12 +46,14 @@ def test_invalid_field_value_on_the_command_line(run_files, capsys):
     assert "top_p=1.5 is invalid" in capsys.readouterr().err
 
 
-def test_yes_no_fields_take_true_and_false_spelled_as_in_yaml():
+def test_yes_no_fields_take_true_and_false_spelled_as_in_yaml(capsys):
     config = parse_config(PPOConfig, {}, ["--eval_greedy", "true", "--use_lora=false", "--seed", "3"], "ppo-lm")
     assert config.eval_greedy is True and config.use_lora is False and config.seed == 3
     assert parse_config(PPOConfig, {"eval_greedy": True}, ["--eval_greedy", "False"], "ppo-lm").eval_greedy is False
     with pytest.raises(SystemExit):  # anything else is still refused, by tyro
         parse_config(PPOConfig, {}, ["--eval_greedy", "maybe"], "ppo-lm")
+    error = capsys.readouterr().err
+    assert "--eval_greedy" in error and "maybe" in error
 
 
 def test_help_lists_every_field_with_its_docstring_and_default(capsys):

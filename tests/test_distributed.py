@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -257,9 +258,9 @@ def test_a_sharded_full_fine_tuning_run_checkpoints_resumes_and_exports_whole_we
 
     from ppo_lm.export import export_policy
 
-    run_dir = tmp_path / "run"
-    config = write_ppo_run(tmp_path, tiny_model_dir, output_dir=str(run_dir), total_steps=2, eval_steps=0,
-                           save_steps=1, use_lora=False, learning_rate=1e-4)
+    run_dir, resumed_dir = tmp_path / "run", tmp_path / "resumed"
+    config = write_ppo_run(tmp_path, tiny_model_dir, output_dir=str(run_dir), total_steps=3, eval_steps=0,
+                           save_steps=1, use_lora=False, learning_rate=1e-4, lr_scheduler="linear")
     first = launch(["-m", "ppo_lm", "train", "--config", str(config)], cwd=tmp_path, sharding=SHARDED)
     assert first.stdout.count("checkpoint: ") == 1
     saved = load_file(str(run_dir / "checkpoint-2" / "trainable.safetensors"))
@@ -269,13 +270,27 @@ def test_a_sharded_full_fine_tuning_run_checkpoints_resumes_and_exports_whole_we
     assert any(not torch.equal(saved[f"policy.{name}"], tensor) for name, tensor in base.items())  # it trained
     assert saved["value_head.weight"].shape == (1, 64)
 
-    launch(["-m", "ppo_lm", "train", "--resume", str(run_dir), "--total_steps", "3"], cwd=tmp_path,
-           sharding=SHARDED)
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in metrics if "reward_mean" in line] == [1, 2, 3]
-    resumed = load_file(str(run_dir / "checkpoint-3" / "trainable.safetensors"))
-    assert any(not torch.equal(resumed[name], saved[name]) for name in saved)
-    export_policy(run_dir / "checkpoint-3", tmp_path / "exported")  # loads into the plain model, shapes checked
+    # The same run stopped after its step-2 checkpoint, resumed (sharded again): the same metrics and weights.
+    shutil.copytree(run_dir, resumed_dir)
+    shutil.rmtree(resumed_dir / "checkpoint-3")
+    launch(["-m", "ppo_lm", "train", "--resume", str(resumed_dir)], cwd=tmp_path, sharding=SHARDED)
+
+    def train_lines(directory: Path) -> list[dict]:
+        lines = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in line.items() if not k.startswith("time/")} for line in lines if "reward_mean" in line]
+
+    straight, resumed_lines = train_lines(run_dir), train_lines(resumed_dir)
+    assert [line["step"] for line in resumed_lines] == [1, 2, 3]
+    for a, b in zip(straight, resumed_lines, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:  # the learning rate of the linear schedule included
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    final, resumed = (load_file(str(d / "checkpoint-3" / "trainable.safetensors")) for d in (run_dir, resumed_dir))
+    assert final.keys() == resumed.keys()
+    for name in final:
+        torch.testing.assert_close(final[name], resumed[name], atol=1e-6, rtol=1e-5)
+    assert any(not torch.equal(resumed[name], saved[name]) for name in saved)  # step 3 trained
+    export_policy(resumed_dir / "checkpoint-3", tmp_path / "exported")  # loads into the plain model, shapes checked
     assert (tmp_path / "exported" / "model.safetensors").is_file()
 
 

@@ -143,6 +143,17 @@ def test_exact_kl_by_hand_and_at_every_position():
     assert exact_kl(batch[0], batch[0]).abs().max().item() < 1e-6
 
 
+def test_approx_kl_by_hand_is_kl_of_old_from_new():
+    # k3 of KL(old || new) with r = p_new / p_old: (r - 1) - log r. Token 0: log r = 1 -> e - 2 = 0.71828;
+    # token 1: log r = -0.5 -> e^-0.5 - 0.5 = 0.10653; token 2 is padding. The swap (KL(new || old)) would give
+    # e^-1 = 0.36788 and e^0.5 - 1.5 = 0.14872 instead.
+    old = torch.tensor([[0.0, 0.0, 0.0]])
+    new = torch.tensor([[1.0, -0.5, 5.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    assert approx_kl(new, old, mask).item() == pytest.approx((math.e - 2 + math.exp(-0.5) - 0.5) / 2, abs=1e-6)
+    assert approx_kl(old, new, mask).item() == pytest.approx((math.exp(-1) + math.exp(0.5) - 1.5) / 2, abs=1e-6)
+
+
 def test_approx_kl_is_zero_at_ratio_one_and_positive_otherwise():
     mask = torch.ones(1, 3)
     lp = torch.tensor([[-1.0, -2.0, -0.5]])

@@ -176,6 +176,31 @@ def test_a_prompt_longer_than_the_context_is_cut_from_the_left(trainer, caplog):
 
 
 @pytest.mark.slow
+def test_a_reward_model_that_returns_nan_raises_and_changes_nothing(tiny_model_dir, tiny_reward_model_dir):
+    trainer = PPOTrainer(tiny_config(tiny_model_dir, reward_model_name=tiny_reward_model_dir, ppo_epochs=1))
+    trainer.ppo_step(PROMPTS[:4])  # so the optimizer has state to protect
+    before = snapshot(trainer)
+    with torch.no_grad():
+        trainer.models.reward_model.score.weight.fill_(float("nan"))
+    with pytest.raises(RewardFunctionError, match="The reward model scored completion 0 as nan"):
+        trainer.ppo_step(PROMPTS[:4])
+    assert_unchanged(trainer, before)
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_raises_and_changes_nothing(trainer):
+    trainer.ppo_step(PROMPTS[:4])
+    before = snapshot(trainer)
+    rollout = trainer.make_rollout(PROMPTS[:4])
+    rollout.advantages[0, 0] = float("nan")  # a valid token: the policy loss of the minibatch is NaN
+    with pytest.raises(FloatingPointError, match=r"The policy loss is nan at PPO step \d+; this minibatch took no "
+                                                 "optimizer step"):
+        trainer.update(rollout)
+    assert_unchanged(trainer, before)
+    assert all(p.grad is None for p in trainer.models.policy_parameters())  # no gradient left for the next step
+
+
+@pytest.mark.slow
 def test_reward_model_scores_at_the_last_real_token(tiny_model_dir, tiny_reward_model_dir):
     config = tiny_config(tiny_model_dir, reward_model_name=tiny_reward_model_dir, ppo_epochs=1)
     trainer = PPOTrainer(config)

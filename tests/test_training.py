@@ -1,6 +1,8 @@
 """training.py's loop, through `ppo-lm train` on a tiny model: exact resume, the run directory, the learning-rate
 schedules, the trackers and the report."""
 
+import shutil
+
 import pytest
 import torch
 from conftest import read_metrics
@@ -10,27 +12,36 @@ from ppo_lm.cli import main
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("estimator", [[], ["--advantage_estimator", "grpo", "--num_generations", "2", "--kl_coef", "0",
-                                            "--kl_loss_coef", "0.05", "--loss_aggregation", "sequence_sum"]],
-                         ids=["gae", "grpo"])
+@pytest.mark.parametrize("estimator", [
+    [],
+    # a schedule that moves at every step (warmup, then linear decay) and a KL coefficient that adapts at every step
+    ["--lr_scheduler", "linear", "--warmup_steps", "1", "--adaptive_kl_target", "0.05", "--adaptive_kl_horizon", "40"],
+    ["--advantage_estimator", "grpo", "--num_generations", "2", "--kl_coef", "0", "--kl_loss_coef", "0.05",
+     "--loss_aggregation", "sequence_sum"],
+], ids=["gae", "linear-warmup-adaptive-kl", "grpo"])
 def test_resumed_run_matches_the_straight_run(run_files, estimator):
     straight, halves = run_files["dir"] / "straight", run_files["dir"] / "halves"
     train = ["train", "--config", run_files["config"], *estimator]
     assert main([*train, "--output_dir", str(straight)]) == 0
-    assert main([*train, "--output_dir", str(halves), "--total_steps", "2"]) == 0
+    # A run stopped after its step-2 checkpoint: the straight run's directory without what came later. (Stopping by
+    # a smaller total_steps would change the schedule itself.)
+    shutil.copytree(straight, halves)
+    shutil.rmtree(halves / "checkpoint-4")
     assert main([*train, "--output_dir", str(halves), "--resume"]) == 0
 
     straight_metrics, resumed_metrics = read_metrics(straight), read_metrics(halves)
     assert [m["step"] for m in resumed_metrics] == [m["step"] for m in straight_metrics]
     for a, b in zip(straight_metrics, resumed_metrics, strict=True):
         assert a.keys() == b.keys()
-        for key in a:
-            if key != "learning_rate":
-                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+        for key in a:  # the learning rate and the KL coefficient included
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    if "--adaptive_kl_target" in estimator:  # both moved at every step, so the comparison above could fail
+        train = [m for m in straight_metrics if "kl_coef" in m]
+        assert len({m["learning_rate"] for m in train}) == len(train) and len({m["kl_coef"] for m in train}) > 2
     final_straight = load_file(str(straight / "checkpoint-4" / "trainable.safetensors"))
     final_resumed = load_file(str(halves / "checkpoint-4" / "trainable.safetensors"))
     assert final_straight.keys() == final_resumed.keys()
-    assert any(name.startswith("value") for name in final_straight) == (not estimator)  # grpo: no value model
+    assert any(name.startswith("value") for name in final_straight) == ("grpo" not in estimator)  # no value model
     for name in final_straight:
         torch.testing.assert_close(final_straight[name], final_resumed[name], atol=1e-6, rtol=1e-5)
     assert (straight / "report.png").stat().st_size > 10_000
