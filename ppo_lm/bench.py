@@ -194,7 +194,8 @@ def step_flops(model_config, prompt_lens: list[int], response_lens: list[int], c
     attention = sum(2 * layers * attn_width * t * t for t in totals)
     forward_body = body * tokens + attention
     generate = forward_body + head * (responses + len(totals))  # prefill + one decode per new token
-    passes = 2 if config.uses_reference else 1  # the policy's, and the reference's when a KL term needs it
+    # The policy's pass (unless the update gives the old logprobs), and the reference's when a KL term needs it.
+    passes = int(not config.update_reads_old_logprobs) + int(config.uses_reference)
     logprobs = passes * (forward_body + head * responses)
     reward = forward_body
     values = forward_body if config.needs_value_model else 0

@@ -352,6 +352,9 @@ class PPOConfig(TrainConfig):
             raise _invalid(self, "eval_samples_per_prompt", self.eval_samples_per_prompt,
                            "must be 1 with eval_greedy: greedy decoding gives the same response every time")
         require_numbers(self, ("kl_coef", "kl_loss_coef", "value_clip", "vf_coef", "entropy_coef"), positive=False)
+        for name, registry in (("kl_estimator", KL_ESTIMATORS), ("advantage_estimator", ADVANTAGE_ESTIMATORS),
+                               ("policy_loss", POLICY_LOSSES), ("loss_aggregation", LOSS_AGGREGATIONS)):
+            require_choice(self, name, registry.names())  # read when validating: a variant may register later
         self._check_groups()
         self._check_policy_loss()
         for name in ("gamma", "lam"):
@@ -362,9 +365,6 @@ class PPOConfig(TrainConfig):
             raise _invalid(self, "top_p", self.top_p, "must be in (0, 1]")
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
             raise _invalid(self, "top_k", self.top_k, "must be an integer >= 0 (0 turns it off)")
-        for name, registry in (("kl_estimator", KL_ESTIMATORS), ("advantage_estimator", ADVANTAGE_ESTIMATORS),
-                               ("policy_loss", POLICY_LOSSES), ("loss_aggregation", LOSS_AGGREGATIONS)):
-            require_choice(self, name, registry.names())  # read when validating: a variant may register later
         for name in ("target_kl", "adaptive_kl_target"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):
@@ -388,6 +388,14 @@ class PPOConfig(TrainConfig):
         return self.batch_size // self.num_generations
 
     @property
+    def update_reads_old_logprobs(self) -> bool:
+        """One optimizer step on the whole batch and no KL in the reward: the update's own forward pass runs on the
+        weights that sampled the batch, so its detached logprobs are the old ones and the rollout needs no pass of
+        its own for them."""
+        return (self.ppo_epochs == 1 and self.num_mini_batches == 1 and self.kl_coef == 0
+                and self.adaptive_kl_target is None)
+
+    @property
     def needs_value_model(self) -> bool:
         """Whether the advantage estimator reads a value model's estimates (only then is one loaded and trained)."""
         return ADVANTAGE_ESTIMATORS[self.advantage_estimator].needs_values
@@ -401,7 +409,6 @@ class PPOConfig(TrainConfig):
         if self.batch_size % self.num_generations:
             raise _invalid(self, "batch_size", self.batch_size, f"must be a multiple of num_generations "
                            f"({self.num_generations}): it counts responses, num_generations per prompt")
-        require_choice(self, "advantage_estimator", ADVANTAGE_ESTIMATORS.names())
         estimator = ADVANTAGE_ESTIMATORS[self.advantage_estimator]
         if estimator.needs_groups and self.num_generations < 2:
             raise _invalid(self, "num_generations", self.num_generations, f"must be >= 2 with advantage_estimator="

@@ -189,14 +189,12 @@ class PPOTrainer:
         # (config.batch_size = ...) must not reach the models unchecked. The rules themselves live in config.py.
         config.validate()
         config.check_reward_source(has_callable=reward_fn is not None)
-        functions = reward_fn if isinstance(reward_fn, (list, tuple)) else [] if reward_fn is None else [reward_fn]
-        if not functions and config.reward_fn is not None:
-            functions = load_reward_functions(config.reward_fn)
-        for function in functions:
-            if not callable(function):
-                raise TypeError(f"reward_fn must be callable, got {type(function).__name__}.")
+        if reward_fn is None and config.reward_fn is not None:
+            reward_fn = load_reward_functions(config.reward_fn)
+        functions = list(reward_fn) if isinstance(reward_fn, (list, tuple)) else [reward_fn]
         self.config = config
-        self.rewards = WeightedRewards(functions, config.reward_weights) if functions else None
+        # WeightedRewards checks that each is callable and that the weights match them, before any model loads.
+        self.rewards = None if reward_fn is None else WeightedRewards(functions, config.reward_weights)
         self.estimator = ADVANTAGE_ESTIMATORS[config.advantage_estimator]
         self.policy_loss = POLICY_LOSSES[config.policy_loss]
         self.aggregate = LOSS_AGGREGATIONS[config.loss_aggregation]
@@ -225,10 +223,7 @@ class PPOTrainer:
         )
         self.greedy_config = greedy_config(config.max_new_tokens, self.stop_token_id, self.tokenizer.pad_token_id)
         self.kl_controller = KLController(config.kl_coef, config.adaptive_kl_target, config.adaptive_kl_horizon)
-        # One optimizer step on the whole batch, and no KL in the reward: the update's own forward pass runs on the
-        # weights that sampled the batch, so its detached logprobs are the old ones and the rollout skips that pass.
-        self.update_reads_old_logprobs = (config.ppo_epochs == 1 and config.num_mini_batches == 1
-                                          and config.kl_coef == 0 and config.adaptive_kl_target is None)
+        self.update_reads_old_logprobs = config.update_reads_old_logprobs  # the rollout skips the policy's pass
         self.step_count = 0
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -319,7 +314,7 @@ class PPOTrainer:
 
             # 5. values of the state before each response token, for an estimator that needs them.
             values = None
-            if self.estimator.needs_values:
+            if cfg.needs_value_model:
                 with self._timed("values", timings), torch.no_grad(), models.value_mode():
                     values, _ = self._per_token(batch, lambda micro: (
                         sequence_values(models.value_backbone, models.value_head, micro), None))
