@@ -89,6 +89,8 @@ class RunConfig:
     """Run directory: checkpoints, metrics.jsonl, TensorBoard logs and the report go here."""
     dataset: str | None = None
     """Training data: a hub dataset name, a local .jsonl/.json/.csv/.parquet file, or a saved dataset directory."""
+    dataset_config: str | None = None
+    """Configuration (subset) of a hub `dataset` that has several, e.g. 'main' for openai/gsm8k. None: its default."""
     dataset_split: str = "train"
     """Split of `dataset` to train on (a local file is one 'train' split)."""
     eval_split: str | None = None
@@ -97,7 +99,8 @@ class RunConfig:
     eval_fraction: float = 0.05
     """Fraction of the training rows held out for evaluation when there is no `eval_split` (0: no evaluation)."""
     prompt_field: str = "prompt"
-    """Column that holds the prompt. Rows with subreddit/title/post columns become TL;DR prompts instead."""
+    """Column that holds the prompt: text, or a conversation (a list of `{"role", "content"}` messages, put into the
+    model's chat template). Rows with subreddit/title/post columns become TL;DR prompts instead."""
     max_prompt_length: int | None = None
     """Longest prompt in tokens: a TL;DR post body is shortened to fit (the 'TL;DR:' suffix is kept). None: no limit."""
     total_steps: int = 100
@@ -243,6 +246,14 @@ class PPOConfig(TrainConfig):
     `**kwargs`). Not together with `reward_model_name`."""
     reward_weights: list[float] | None = None
     """Weight of each function of a `reward_fn` list in the score, in the same order. None: 1.0 each."""
+
+    # --- prompts (dataset, prompt_field, max_prompt_length: RunConfig) --------------------------------------------
+    chat_template: bool = False
+    """Put plain-text prompts into the model's chat template as the user message, ready for the assistant's reply
+    (for an instruct model). Conversational prompts (a column of chat messages) always go through it."""
+    system_prompt: str | None = None
+    """System message put first in every chat prompt that does not start with one (needs chat prompts: a column of
+    messages, or `chat_template`). None: the chat template's own default, if it has one."""
 
     # --- rollout (batch_size: TrainConfig; it counts responses, not prompts) ------------------------------------
     num_generations: int = 1

@@ -5,7 +5,9 @@ reward functions to read; see `prompt_items_from_rows`), SFT runs `load_completi
 (`{"prompt", "completion"}` dicts) and reward-model runs `load_preference_rows` (`{"prompt", "chosen", "rejected"}`
 dicts); each feeds its train items through a `PromptStream` (endless, seeded, resumable batches of any items).
 
-Prompts come either from a text column (`prompt` by default) or, for Reddit TL;DR rows with `subreddit`, `title` and
+Prompts come either from a column (`prompt` by default) of text or of conversations (lists of chat messages,
+TRL's conversational format, put into the tokenizer's chat template by `render_chat_prompts`), or, for Reddit TL;DR
+rows with `subreddit`, `title` and
 `post` columns, from `TLDR_TEMPLATE`; a TL;DR post that is too long for `max_prompt_length` tokens loses the end of
 its body, never the header or the `TL;DR:` cue the policy answers. A TL;DR summary becomes a completion with one
 leading space (the prompt ends in `TL;DR:`), as in the N+ implementation details of RLHF.
@@ -107,24 +109,27 @@ def _load_saved(path: str, split: str) -> datasets.Dataset:
     return saved
 
 
-def _load_hub(name: str, split: str) -> datasets.Dataset:
-    """Load a split of a hub dataset, turning any failure (no network, no such dataset or split) into DataError."""
+def _load_hub(name: str, split: str, config_name: str | None = None) -> datasets.Dataset:
+    """Load a split of a hub dataset (of its configuration `config_name`, if given), turning any failure (no network,
+    no such dataset, configuration or split) into DataError."""
     try:
-        return datasets.load_dataset(name, split=split)
+        return datasets.load_dataset(name, config_name, split=split)
     except Exception as error:
+        subset = f", configuration {config_name!r}" if config_name else ""
         raise DataError(
-            f"Could not load dataset {name!r} (split {split!r}) from the Hugging Face Hub "
+            f"Could not load dataset {name!r} (split {split!r}{subset}) from the Hugging Face Hub "
             f"({type(error).__name__}: {error}). No local file or directory of that name exists either. To use local "
             f"data, pass a path to a {_supported_suffixes()} file or to a directory saved with save_to_disk."
         ) from error
 
 
-def load_rows(dataset: str, split: str = "train") -> datasets.Dataset:
+def load_rows(dataset: str, split: str = "train", config_name: str | None = None) -> datasets.Dataset:
     """Load the rows of one split of `dataset`.
 
     `dataset` is a local `.jsonl`, `.json`, `.csv` or `.parquet` file (split "train" is the whole file), a directory
-    saved by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`, or else a hub dataset name. Raises DataError for
-    a local path that does not exist, an unsupported file type, an unknown split, no rows, or a hub load that fails.
+    saved by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`, or else a hub dataset name (`config_name` picks
+    its configuration, e.g. 'main' for openai/gsm8k; local data has none). Raises DataError for a local path that
+    does not exist, an unsupported file type, an unknown split, no rows, or a hub load that fails.
     """
     path = os.path.expanduser(dataset)
     if os.path.isdir(path):
@@ -136,7 +141,7 @@ def load_rows(dataset: str, split: str = "train") -> datasets.Dataset:
             f"Local dataset path {path} does not exist. Check it (relative paths start from {os.getcwd()})."
         )
     else:
-        rows = _load_hub(dataset, split)
+        rows = _load_hub(dataset, split, config_name)
     if len(rows) == 0:
         raise DataError(f"{dataset} (split {split!r}) holds no rows.")
     return rows
@@ -225,13 +230,14 @@ def prompts_from_rows(
     *,
     source: str = "The prompt rows",
 ) -> list[str]:
-    """The prompts in `rows`, as a list of strings.
+    """The prompts in `rows`: strings, or conversations (lists of chat messages, see `check_conversation`).
 
     Rows with `subreddit`, `title` and `post` columns but no `prompt_field` column become TL;DR prompts
     (`format_tldr_prompt`), their posts cut to fit `max_prompt_length` tokens when a tokenizer is given. Otherwise
     the `prompt_field` column is returned as it is: plain prompts are never cut here, since the trainer keeps the
-    last tokens of a prompt that is too long and warns. Raises DataError for a missing column or a value that is not
-    a non-empty string; `source` (where the rows came from) starts the message.
+    last tokens of a prompt that is too long and warns. A conversation is checked here and rendered later, with the
+    tokenizer (`render_chat_prompts`). Raises DataError for a missing column, a malformed conversation, or a value
+    that is neither; `source` (where the rows came from) starts the message.
     """
     if max_prompt_length is not None and tokenizer is None:
         raise ValueError("max_prompt_length counts tokens: pass the tokenizer too.")
@@ -254,10 +260,12 @@ def prompts_from_rows(
     require_columns(rows, [prompt_field], source=f"{source} (read with prompt_field={prompt_field!r})")
     prompts = list(rows[prompt_field])
     for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str) or not prompt:
+        if isinstance(prompt, list):
+            prompts[i] = check_conversation(prompt, f"{source}, row {i}: {prompt_field}")
+        elif not isinstance(prompt, str) or not prompt:
             raise DataError(
-                f"{source}, row {i}: {prompt_field} is {prompt!r:.80}; every prompt must be a non-empty string. Fix "
-                "or drop that row."
+                f"{source}, row {i}: {prompt_field} is {prompt!r:.80}; every prompt must be a non-empty string or a "
+                "list of chat messages. Fix or drop that row."
             )
     return prompts
 
@@ -294,6 +302,74 @@ def prompt_items_from_rows(
         return prompts
     extras = rows.select_columns(others).to_list()
     return [{PROMPT_KEY: prompt, **extra} for prompt, extra in zip(prompts, extras, strict=True)]
+
+
+# --- Conversational prompts -----------------------------------------------------------------------------------
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+"""The roles a chat message may have (those chat templates know)."""
+
+
+def check_conversation(messages: list, where: str) -> list[dict[str, str]]:
+    """`messages` as a clean conversation: a non-empty list of `{"role", "content"}` dicts, the role one of
+    `CHAT_ROLES` and the content a string. Keys other than those two are dropped (a dataset that mixes message
+    shapes fills the missing keys with None). Raises DataError naming `where` and the message at fault."""
+    if not messages:
+        raise DataError(f"{where} is an empty list; a conversation needs at least one message. Fix or drop that row.")
+    clean = []
+    for j, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise DataError(f"{where}, message {j} is {message!r:.80}; each chat message must be a dict with 'role' "
+                            "and 'content'.")
+        role, content = message["role"], message["content"]
+        if role not in CHAT_ROLES:
+            raise DataError(f"{where}, message {j} has the role {role!r}; the roles a chat template knows are "
+                            f"{', '.join(CHAT_ROLES)}.")
+        if not isinstance(content, str):
+            raise DataError(f"{where}, message {j} ({role}) has content {content!r:.80}, not a string; a chat "
+                            "message's content must be text.")
+        clean.append({"role": role, "content": content})
+    return clean
+
+
+def _prompt_of(item: PromptItem) -> Any:
+    return item[PROMPT_KEY] if isinstance(item, dict) else item
+
+
+def needs_chat_template(items: Sequence[PromptItem], chat_template: bool = False) -> bool:
+    """Whether `render_chat_prompts` has anything to do: `chat_template` is on, or some prompt is a conversation."""
+    return chat_template or any(isinstance(_prompt_of(item), list) for item in items)
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]], system_prompt: str | None = None) -> str:
+    """The conversation as prompt text in the tokenizer's chat template, ending with the opening of the assistant's
+    reply (`add_generation_prompt`), after a system message of `system_prompt` unless it starts with its own.
+    Raises DataError when the tokenizer has no chat template."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(
+            f"The prompts are chat messages, but the tokenizer of {getattr(tokenizer, 'name_or_path', 'the model')!r} "
+            "has no chat template. Use an instruct (chat) model, or give plain-text prompts (and chat_template: "
+            "false)."
+        )
+    if system_prompt is not None and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def render_chat_prompts(
+    items: Sequence[PromptItem], tokenizer: Any, system_prompt: str | None = None, chat_template: bool = False
+) -> list[PromptItem]:
+    """`items` with each conversation rendered as prompt text (`render_chat`); with `chat_template`, each plain-text
+    prompt too, as the user message. Other plain-text prompts are kept as they are; a dict item keeps its columns."""
+    rendered: list[PromptItem] = []
+    for item in items:
+        prompt = _prompt_of(item)
+        if isinstance(prompt, str) and chat_template:
+            prompt = [{"role": "user", "content": prompt}]
+        if isinstance(prompt, list):
+            prompt = render_chat(tokenizer, prompt, system_prompt)
+        rendered.append({**item, PROMPT_KEY: prompt} if isinstance(item, dict) else prompt)
+    return rendered
 
 
 def split_prompt_items(items: Sequence[PromptItem]) -> tuple[list[str], dict[str, list]]:
@@ -354,6 +430,7 @@ def load_prompts(
     tokenizer: Any = None,
     max_prompt_length: int | None = None,
     seed: int = 0,
+    dataset_config: str | None = None,
 ) -> tuple[list[PromptItem], list[PromptItem]]:
     """Train and eval prompts for a PPO run: the one entry point runs use.
 
@@ -366,7 +443,7 @@ def load_prompts(
     return load_items(
         dataset, lambda rows, source: prompt_items_from_rows(rows, prompt_field, tokenizer, max_prompt_length,
                                                              source=source),
-        split, eval_split, eval_fraction, seed, what="prompts",
+        split, eval_split, eval_fraction, seed, dataset_config, what="prompts",
     )
 
 
@@ -377,25 +454,29 @@ def load_items(
     eval_split: str | None = None,
     eval_fraction: float = 0.0,
     seed: int = 0,
+    dataset_config: str | None = None,
     what: str = "items",
 ) -> tuple[list, list]:
     """Train and eval items of any kind: `convert(rows, source)` turns the rows of a split into items.
 
     Train items come from `split`; eval items from `eval_split` when given (a split of `dataset`, or a path: a data
     file of its own), else from a seeded `eval_fraction` of the train items (see `train_eval_split`). Raises
-    DataError when no train item is left, and ValueError when both `eval_split` and `eval_fraction` are given. `what`
-    names the items in messages.
+    DataError when no train item is left, and ValueError when both `eval_split` and `eval_fraction` are given.
+    `dataset_config` is the hub configuration of `dataset` (see `load_rows`); `what` names the items in messages.
     """
     if eval_split is not None and eval_fraction > 0:
         raise ValueError(
             f"Give eval_split ({eval_split!r}) or eval_fraction ({eval_fraction}), not both: each picks the eval "
             f"{what}."
         )
-    train = convert(load_rows(dataset, split), f"{dataset} (split {split!r})")
+    train = convert(load_rows(dataset, split, dataset_config), f"{dataset} (split {split!r})")
     if eval_split is not None:
         # A path (a .jsonl/.json/.csv/.parquet file, or a saved directory given as ./dir or /dir) is its own dataset.
-        eval_dataset, eval_split = (eval_split, "train") if _looks_like_path(eval_split) else (dataset, eval_split)
-        evaluation = convert(load_rows(eval_dataset, eval_split), f"{eval_dataset} (split {eval_split!r})")
+        if _looks_like_path(eval_split):
+            eval_dataset, eval_split, eval_config = eval_split, "train", None
+        else:
+            eval_dataset, eval_config = dataset, dataset_config
+        evaluation = convert(load_rows(eval_dataset, eval_split, eval_config), f"{eval_dataset} (split {eval_split!r})")
     else:
         train, evaluation = train_eval_split(train, eval_fraction, seed)
     if not train:
@@ -555,12 +636,13 @@ def load_completion_rows(
     tokenizer: Any = None,
     max_prompt_length: int | None = None,
     seed: int = 0,
+    dataset_config: str | None = None,
 ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """Train and eval prompt/completion rows for an SFT run (see `completion_rows` and `load_items`)."""
     return load_items(
         dataset, lambda rows, source: completion_rows(rows, prompt_field, completion_field, tokenizer,
                                                       max_prompt_length, source=source),
-        split, eval_split, eval_fraction, seed, what="rows",
+        split, eval_split, eval_fraction, seed, dataset_config, what="rows",
     )
 
 
@@ -573,11 +655,12 @@ def load_preference_rows(
     tokenizer: Any = None,
     max_prompt_length: int | None = None,
     seed: int = 0,
+    dataset_config: str | None = None,
 ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """Train and eval preference pairs for a reward-model run (see `preference_rows` and `load_items`)."""
     return load_items(
         dataset, lambda rows, source: preference_rows(rows, prompt_field, tokenizer, max_prompt_length, source=source),
-        split, eval_split, eval_fraction, seed, what="pairs",
+        split, eval_split, eval_fraction, seed, dataset_config, what="pairs",
     )
 
 

@@ -93,6 +93,27 @@ def _column_kwargs(reward_fn: RewardFn, columns: dict[str, list] | None) -> dict
     return {name: list(values) for name, values in columns.items() if name in accepted}
 
 
+def check_reward_columns(functions: Sequence[RewardFn], columns: Sequence[str], source: str) -> None:
+    """Raise ValueError when a reward function has a parameter with no default (besides the prompts and the
+    completions) that names none of `columns`, the dataset's columns other than the prompt: the call would fail at
+    the first step. `source` names the dataset in the message."""
+    for function in functions:
+        try:
+            parameters = list(inspect.signature(function).parameters.values())
+        except (TypeError, ValueError):  # no signature to read: nothing to check
+            continue
+        positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        needed = [p.name for p in parameters if p.default is p.empty and p not in positional[:2]
+                  and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        missing = [name for name in needed if name not in columns]
+        if missing:
+            raise ValueError(
+                f"Reward function {reward_function_name(function)!r} needs the column(s) {missing} (parameters "
+                f"without a default), which {source} lacks; its columns besides the prompt are {sorted(columns)}. "
+                "Add the column to the data, or give the parameter a default."
+            )
+
+
 def call_reward_fn(
     reward_fn: RewardFn, prompts: list[str], completions: list[str], columns: dict[str, list] | None = None
 ) -> torch.Tensor:

@@ -237,17 +237,40 @@ def _print_summary(result: dict[str, Any]) -> None:
 
 def _data_options(config: RunConfig, tokenizer: Any) -> dict[str, Any]:
     """The `load_*` arguments every stage takes from its config."""
-    return dict(split=config.dataset_split, eval_split=config.eval_split,
+    return dict(split=config.dataset_split, dataset_config=config.dataset_config, eval_split=config.eval_split,
                 eval_fraction=0.0 if config.eval_split else config.eval_fraction, prompt_field=config.prompt_field,
                 seed=config.seed, tokenizer=tokenizer,
                 max_prompt_length=config.max_prompt_length if tokenizer is not None else None)
 
 
 def load_prompt_data(config: PPOConfig, tokenizer: Any) -> tuple[list, list, dict[str, Any]]:
-    """PPO's data loader: the prompts of `dataset` (train and eval)."""
-    from ppo_lm.data import load_prompts
+    """PPO's data loader: the prompts of `dataset` (train and eval), conversations put into the chat template.
 
-    return (*load_prompts(config.dataset, **_data_options(config, tokenizer)), {})
+    Chat prompts need the tokenizer, so it is loaded here when none is given (a tokenizer, never a model). The reward
+    functions are checked against the data's columns too, so that a missing column stops the run before any model
+    loads.
+    """
+    from ppo_lm.data import DataError, load_prompts, needs_chat_template, render_chat_prompts
+
+    train, evaluation = load_prompts(config.dataset, **_data_options(config, tokenizer))
+    if config.reward_fn is not None:
+        from ppo_lm.rewards import check_reward_columns, load_reward_functions
+
+        columns = [key for key in train[0] if key != "prompt"] if isinstance(train[0], dict) else []
+        check_reward_columns(load_reward_functions(config.reward_fn), columns,
+                             f"{config.dataset} (split {config.dataset_split!r})")
+    if needs_chat_template([*train, *evaluation], config.chat_template):
+        if tokenizer is None:
+            from ppo_lm.models import load_tokenizer
+
+            tokenizer = load_tokenizer(config.model_name)
+        train, evaluation = (render_chat_prompts(items, tokenizer, config.system_prompt, config.chat_template)
+                             for items in (train, evaluation))
+    elif config.system_prompt is not None:
+        raise DataError(f"system_prompt is set, but the prompts of {config.dataset} are plain text, which go to the "
+                        "model as they are. Set chat_template: true to put them into the chat template, or drop "
+                        "system_prompt.")
+    return train, evaluation, {}
 
 
 def make_ppo_trainer(config: PPOConfig) -> Any:

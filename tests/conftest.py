@@ -54,6 +54,28 @@ def qwen_tokenizer() -> PreTrainedTokenizerFast:
     return build_qwen_tokenizer()
 
 
+# A ChatML template (the form of Qwen's and SmolLM2's), written for the tests: the tokenizers built here have none.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory, tiny_model_dir) -> str:
+    """The tiny model of `tiny_model_dir` with a tokenizer that has a ChatML chat template."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny-chat")
+    shutil.copytree(tiny_model_dir, path, dirs_exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, qwen_tokenizer) -> str:
     """A tiny random Qwen3 causal LM and its tokenizer, saved with save_pretrained."""

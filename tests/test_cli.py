@@ -149,3 +149,66 @@ def test_the_recipe_runs_end_to_end_each_stage_reading_the_previous_output(tmp_p
     metrics = [json.loads(line) for line in (tmp_path / "runs/tldr/ppo/metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "reward_mean" in m] == [1]
     assert all(torch.isfinite(torch.tensor(m["eval/reward_mean"])) for m in metrics if "eval/reward_mean" in m)
+
+
+# --- conversational prompts -------------------------------------------------------------------------------------------
+
+ANSWER_REWARD = ("def reward(prompts, completions, answer):\n"
+                 "    return [float(a in c) for c, a in zip(completions, answer)]\n")
+
+
+def chat_rows(count: int) -> list[dict]:
+    return [{"prompt": [{"role": "user", "content": f"What is {i} + {i}?"}], "answer": str(2 * i)}
+            for i in range(count)]
+
+
+@pytest.mark.parametrize("rows, reward, message", [
+    ([{"prompt": [{"role": "wizard", "content": "Hi"}], "answer": "1"}], ANSWER_REWARD,
+     "row 0: prompt, message 0 has the role 'wizard'"),
+    ([{"prompt": [{"role": "user", "content": ["a", "list"]}], "answer": "1"}], ANSWER_REWARD,
+     "message 0 (user) has content ['a', 'list'], not a string"),
+    ([{"prompt": [{"role": "user", "content": "Hi"}], "solution": "1"}], ANSWER_REWARD,
+     "'reward' needs the column(s) ['answer']"),
+    (chat_rows(4), ANSWER_REWARD, "has no chat template"),  # tiny_model_dir's tokenizer has none
+])
+def test_bad_conversational_input_is_an_error_before_any_model_loads(tmp_path, tiny_model_dir, capsys, monkeypatch,
+                                                                      rows, reward, message):
+    import ppo_lm.ppo_trainer
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was found")
+
+    monkeypatch.setattr(ppo_lm.ppo_trainer, "load_role_models", no_model)
+    dataset = tmp_path / "chat.jsonl"
+    dataset.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "reward.py").write_text(reward)
+    code = main(["train", "--model_name", tiny_model_dir, "--dataset", str(dataset), "--reward_fn",
+                 f"{tmp_path / 'reward.py'}:reward", "--output_dir", str(tmp_path / "run"), "--report_to", "none"])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_system_prompt_with_plain_text_prompts_is_an_error(run_files, capsys):
+    code = main(["train", "--config", run_files["config"], "--system_prompt", "Be brief.", "--output_dir",
+                 str(run_files["dir"] / "run")])
+    assert code == 2
+    assert "system_prompt is set, but the prompts" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_conversational_prompts_run_through_the_chat_template(tmp_path, chat_model_dir):
+    """A column of chat messages reaches the policy in the chat template, after system_prompt's message, and the
+    reward function reads the row's answer column."""
+    dataset = tmp_path / "chat.jsonl"
+    dataset.write_text("".join(json.dumps(row) + "\n" for row in chat_rows(8)))
+    (tmp_path / "reward.py").write_text(ANSWER_REWARD)
+    run_dir = tmp_path / "run"
+    assert main(["train", "--model_name", chat_model_dir, "--dataset", str(dataset), "--reward_fn",
+                 f"{tmp_path / 'reward.py'}:reward", "--system_prompt", "Answer with a number.",
+                 "--advantage_estimator", "grpo", "--num_generations", "2", "--batch_size", "4",
+                 "--max_new_tokens", "3", "--total_steps", "1", "--eval_fraction", "0.25", "--output_dir",
+                 str(run_dir), "--report_to", "none", "--device", "cpu"]) == 0
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(s["prompt"].startswith("<|im_start|>system\nAnswer with a number.<|im_end|>\n"
+                                                  "<|im_start|>user\nWhat is ") for s in samples)
+    assert all(s["prompt"].endswith("?<|im_end|>\n<|im_start|>assistant\n") for s in samples)

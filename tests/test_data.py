@@ -15,13 +15,16 @@ from ppo_lm.data import (
     TLDR_TEMPLATE,
     DataError,
     PromptStream,
+    check_conversation,
     completion_rows,
     format_tldr_prompt,
     load_completion_rows,
     load_preference_rows,
     load_prompts,
     load_rows,
+    needs_chat_template,
     prompts_from_rows,
+    render_chat_prompts,
     require_columns,
     split_prompt_items,
     train_eval_split,
@@ -493,3 +496,94 @@ def test_bad_preference_rows_are_clear_errors(tmp_path, row, message):
     with pytest.raises(DataError) as error:
         load_preference_rows(write_jsonl(tmp_path / "bad.jsonl", [row]))
     assert message in str(error.value)
+
+
+# Conversational prompts ---------------------------------------------------------------------------------------------
+
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"}]
+
+
+def chat_tokenizer(qwen_tokenizer):
+    from conftest import CHATML_TEMPLATE
+
+    tokenizer = qwen_tokenizer.__class__(tokenizer_object=qwen_tokenizer.backend_tokenizer,
+                                         eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def test_a_column_of_messages_is_read_as_conversations(tmp_path):
+    rows = [{"prompt": CONVERSATION, "answer": "4"}, {"prompt": [{"role": "user", "content": "Hi"}], "answer": "x"}]
+    train, _ = load_prompts(write_jsonl(tmp_path / "chat.jsonl", rows))
+    assert train == [{"prompt": CONVERSATION, "answer": "4"}, {"prompt": [{"role": "user", "content": "Hi"}],
+                                                                 "answer": "x"}]
+
+
+def test_check_conversation_drops_keys_a_mixed_dataset_fills_with_none():
+    messages = [{"role": "user", "content": "Hi", "name": None}]
+    assert check_conversation(messages, "row 0") == [{"role": "user", "content": "Hi"}]
+
+
+@pytest.mark.parametrize("messages, message", [
+    ([], "empty list"),
+    (["just text"], "message 0 is 'just text'"),
+    ([{"role": "user"}], "dict with 'role' and 'content'"),
+    ([{"role": "user", "content": "Hi"}, {"role": "narrator", "content": "Later"}],
+     "message 1 has the role 'narrator'"),
+    ([{"role": "user", "content": 42}], "message 0 (user) has content 42, not a string"),
+    ([{"role": "user", "content": None}], "content None, not a string"),
+])
+def test_check_conversation_names_the_fault(messages, message):
+    with pytest.raises(DataError, match="rows.jsonl, row 3: prompt") as error:
+        check_conversation(messages, "rows.jsonl, row 3: prompt")
+    assert message in str(error.value)
+
+
+def test_a_bad_message_in_a_file_names_the_file_and_row(tmp_path):
+    rows = [{"prompt": [{"role": "user", "content": "fine"}]}, {"prompt": [{"role": "robot", "content": "no"}]}]
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    with pytest.raises(DataError, match=r"chat\.jsonl.*row 1: prompt, message 0 has the role 'robot'"):
+        load_prompts(path)
+
+
+def test_render_chat_prompts_puts_conversations_into_the_chat_template(qwen_tokenizer):
+    tokenizer = chat_tokenizer(qwen_tokenizer)
+    items = [{"prompt": CONVERSATION, "answer": "4"}, {"prompt": [{"role": "user", "content": "Hi"}], "answer": "x"}]
+    rendered = render_chat_prompts(items, tokenizer, system_prompt="Think first.")
+    # The first keeps its own system message; the second gets system_prompt's. Columns stay beside the text.
+    assert rendered == [
+        {"prompt": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n"
+                   "<|im_start|>assistant\n", "answer": "4"},
+        {"prompt": "<|im_start|>system\nThink first.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                   "<|im_start|>assistant\n", "answer": "x"},
+    ]
+    assert items[0]["prompt"] == CONVERSATION  # the input items are not changed
+
+
+def test_plain_prompts_go_into_the_chat_template_only_when_asked(qwen_tokenizer):
+    tokenizer = chat_tokenizer(qwen_tokenizer)
+    assert render_chat_prompts(["Hi"], tokenizer) == ["Hi"]
+    assert not needs_chat_template(["Hi", {"prompt": "Yo", "a": 1}])
+    assert needs_chat_template(["Hi"], chat_template=True)
+    assert needs_chat_template([{"prompt": CONVERSATION}])
+    assert render_chat_prompts(["Hi"], tokenizer, chat_template=True) == [
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"]
+
+
+def test_a_tokenizer_without_a_chat_template_is_an_error(qwen_tokenizer):
+    assert qwen_tokenizer.chat_template is None
+    with pytest.raises(DataError, match="has no chat template"):
+        render_chat_prompts([{"prompt": CONVERSATION}], qwen_tokenizer)
+
+
+def test_dataset_config_reaches_the_hub_loader(monkeypatch):
+    calls = []
+
+    def fake_load_dataset(name, config_name=None, split=None):
+        calls.append((name, config_name, split))
+        return datasets.Dataset.from_list([{"question": "q", "answer": "#### 1"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    train, evaluation = load_prompts("openai/gsm8k", dataset_config="main", eval_split="test", prompt_field="question")
+    assert calls == [("openai/gsm8k", "main", "train"), ("openai/gsm8k", "main", "test")]
+    assert train == evaluation == [{"prompt": "q", "answer": "#### 1"}]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ppo_lm import KLController, RewardFunctionError, rewards, shape_rewards
-from ppo_lm.rewards import WeightedRewards, call_reward_fn, load_reward_functions
+from ppo_lm.rewards import WeightedRewards, call_reward_fn, check_reward_columns, load_reward_functions
 
 
 def test_shape_rewards_puts_kl_on_every_token_and_score_on_the_last():
@@ -177,3 +177,22 @@ def test_load_reward_functions(tmp_path):
         load_reward_functions([f"{path}:a", f"{path}:c"])
     with pytest.raises(ValueError, match="at least one"):
         load_reward_functions([])
+
+
+def test_check_reward_columns_names_a_parameter_the_data_lacks():
+    def needs_answer(prompts, completions, answer, **kwargs):
+        return [0.0] * len(completions)
+
+    def optional_hint(prompts, completions, hint=None):
+        return [0.0] * len(completions)
+
+    def keyword_only(prompts, completions, *, level):
+        return [0.0] * len(completions)
+
+    check_reward_columns([needs_answer, optional_hint], ["answer"], "data.jsonl")  # a default may go unfilled
+    check_reward_columns([len], [], "data.jsonl")  # no signature to read: nothing to check
+    with pytest.raises(ValueError, match=r"'needs_answer' needs the column\(s\) \['answer'\].*data\.jsonl lacks; its "
+                                         r"columns besides the prompt are \['solution'\]"):
+        check_reward_columns([optional_hint, needs_answer], ["solution"], "data.jsonl")
+    with pytest.raises(ValueError, match=r"'keyword_only' needs the column\(s\) \['level'\]"):
+        check_reward_columns([keyword_only], [], "data.jsonl")
