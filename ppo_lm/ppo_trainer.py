@@ -358,36 +358,45 @@ class PPOTrainer:
                 outputs[slot][index, : result.shape[1]] = result
         return outputs[0], outputs[1]
 
-    def evaluate(self, prompts: list[str]) -> tuple[dict[str, float], list[dict]]:
+    def evaluate(
+        self, prompts: list[str], greedy: bool | None = None, reference: bool = False
+    ) -> tuple[dict[str, float], list[dict]]:
         """Mean reward, KL to the reference and response length on held-out prompts, and each prompt's sample.
 
         Each prompt gets `eval_samples_per_prompt` responses sampled as in training (consecutive samples), or one
-        greedy response with `eval_greedy`. Sampling uses its own seeded generator state, so evaluating never shifts
-        the training run's randomness and the same weights always give the same samples. The KL of a response is
-        exact rather than estimated from its tokens: the KL between the policy's and the reference's next-token
-        distributions at each position, summed over the response. No weight changes.
+        greedy response with `greedy` (default: `eval_greedy`). Sampling uses its own seeded generator state, so
+        evaluating never shifts the training run's randomness and the same weights always give the same samples. The
+        KL of a response is exact rather than estimated from its tokens: the KL between the policy's and the
+        reference's next-token distributions at each position, summed over the response. `reference` evaluates the
+        reference model instead of the policy (where the run started, for a LoRA policy or a frozen copy; its KL is
+        0). No weight changes.
         """
         cfg, models = self.config, self.models
+        greedy = cfg.eval_greedy if greedy is None else greedy
 
         def exact_kl_per_token(micro: SequenceBatch) -> tuple[torch.Tensor, None]:
             logits = response_logits(models.policy, micro, cfg.temperature)
             with models.reference_model() as reference:
                 return exact_kl(logits, response_logits(reference, micro, cfg.temperature)), None
 
-        generation_config = self.greedy_config if cfg.eval_greedy else self.generation_config
-        prompts, columns = repeated_prompts(prompts, cfg.eval_samples_per_prompt)
+        generation_config = self.greedy_config if greedy else self.generation_config
+        prompts, columns = repeated_prompts(prompts, 1 if greedy else cfg.eval_samples_per_prompt)
         samples = []
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), self.whole_weights():
+        model = models.reference_model() if reference else contextlib.nullcontext(models.policy)
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), self.whole_weights(), model as model:
             torch.manual_seed(cfg.seed)
             for start in range(0, len(prompts), self.layout.per_process):
                 part = prompts[start : start + self.layout.per_process]
-                batch, completions = self._generate(part, generation_config)
+                batch, completions = self._generate(part, generation_config, model)
                 part_columns = {name: values[start : start + len(part)] for name, values in columns.items()}
                 scores, _ = self._score(part, completions, batch, self._ended(batch), part_columns)
-                kl_per_token, _ = self._per_token(self._with_frozen_prefix(batch), exact_kl_per_token)
                 mask = batch.response_mask
-                summed_kl = torch.where(mask.bool(), kl_per_token, 0.0).sum(-1)  # padding's numbers never count
+                if reference:
+                    summed_kl = torch.zeros(len(part))
+                else:
+                    kl_per_token, _ = self._per_token(self._with_frozen_prefix(batch), exact_kl_per_token)
+                    summed_kl = torch.where(mask.bool(), kl_per_token, 0.0).sum(-1)  # padding's numbers never count
                 samples += [
                     {"prompt": prompt, "completion": completion, "reward": score, "kl": kl, "length": length}
                     for prompt, completion, score, kl, length in zip(
@@ -403,11 +412,14 @@ class PPOTrainer:
         }
         return metrics, samples
 
-    def _generate(self, prompts: list[str], generation_config: GenerationConfig) -> tuple[SequenceBatch, list[str]]:
-        """Left-padded prompts -> responses cut after the first stop token, and their decoded texts."""
+    def _generate(
+        self, prompts: list[str], generation_config: GenerationConfig, model: torch.nn.Module | None = None
+    ) -> tuple[SequenceBatch, list[str]]:
+        """Left-padded prompts -> `model`'s (default: the policy's) responses cut after the first stop token, and
+        their decoded texts."""
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, self.max_prompt_tokens)
         batch = generate_responses(
-            self.models.policy, prompt_ids.to(self.device), prompt_mask.to(self.device), generation_config,
+            model or self.models.policy, prompt_ids.to(self.device), prompt_mask.to(self.device), generation_config,
             self.stop_token_id, self.tokenizer.pad_token_id,
         )
         return batch, self.tokenizer.batch_decode(batch.responses, skip_special_tokens=True)

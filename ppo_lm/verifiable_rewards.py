@@ -9,7 +9,8 @@ The ground truth comes from a dataset column named `answer`, one value per compl
   decided by Hugging Face's math-verify.
 - `answer_format` / `gsm8k_answer_format`: the completion states its answer in the requested form (one `\\boxed{...}`;
   or a closing `#### <number>`).
-- `exact_integer`: the last integer in the completion equals the integer answer (for simple arithmetic tasks).
+- `exact_integer`: the last integer in the completion equals the integer answer (for simple arithmetic tasks);
+  `number_only`: the completion is a number and nothing else ("Answer with the number only.").
 
 Timeouts and threads: math-verify guards each parse and each comparison with a 5-second `signal.alarm`, which works
 only in the main thread. Called from any other thread, `math_answer` runs math-verify without a timeout (the same
@@ -40,6 +41,7 @@ BOXED = "\\boxed{"
 # (then it is a minus: `10-5`, `(3)-5`).
 _NUMBER = re.compile(r"(?:(?<![\w)\]])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 _GSM8K_ENDING = re.compile(r"####[ \t]*-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?\s*\Z")
+_NUMBER_ONLY = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?\.?")
 
 
 def normalize(text: str) -> str:
@@ -214,3 +216,9 @@ def exact_integer(
         got = last_integer(completion) if isinstance(completion, str) else None
         scores.append(1.0 if expected is not None and got == expected else 0.0)
     return scores
+
+
+def number_only(prompts: Sequence[str], completions: Sequence[str], **kwargs: Any) -> list[float]:
+    """1.0 for each completion that is one number and nothing else (surrounding whitespace and one closing period
+    allowed: "14", " 14.", "-3", "1,234"), else 0.0: the form "Answer with the number only." asks for."""
+    return [1.0 if isinstance(c, str) and _NUMBER_ONLY.fullmatch(normalize(c).strip()) else 0.0 for c in completions]

@@ -178,6 +178,68 @@ def test_eval_summary_needs_two_evaluations_of_the_same_prompts(tmp_path):
         demo.eval_summary(tmp_path)
 
 
+# --- the word-problems task -------------------------------------------------------------------------------------------
+
+def samples_of(completions: dict[str, list[str]], kl: float = 0.0) -> list[dict]:
+    return [{"prompt": prompt, "completion": c, "length": len(c), "kl": kl}
+            for prompt, texts in completions.items() for c in texts]
+
+
+def test_accuracy_summary_pairs_the_problems_and_averages_their_samples():
+    answers = {"p1": 3, "p2": 10, "p3": 7}
+    phases = {
+        "greedy_before": samples_of({"p1": ["It is 3."], "p2": ["4"], "p3": ["8"]}),
+        "greedy_after": samples_of({"p1": ["3"], "p2": ["10"], "p3": ["It is 8."]}, kl=2.0),
+        "sampled_before": samples_of({"p1": ["3", "5"], "p2": ["1", "2"], "p3": ["7", "x"]}),
+        "sampled_after": samples_of({"p3": ["7", "7"], "p1": ["3", "3"], "p2": ["10", "no"]}, kl=1.0),  # reordered
+    }
+    summary = demo.accuracy_summary(phases, answers)
+    assert summary["prompts"] == 3
+    greedy_before, greedy_after = summary["greedy_before"], summary["greedy_after"]
+    assert greedy_before["accuracy"] == pytest.approx(1 / 3) and greedy_after["accuracy"] == pytest.approx(2 / 3)
+    assert greedy_before["format"] == pytest.approx(2 / 3) and greedy_after["kl"] == 2.0
+    assert greedy_after["length"] == pytest.approx((1 + 2 + 8) / 3)
+    # Sampled: per-problem means [0.5, 0, 0.5] -> [1, 0.5, 1]; the paired differences are all +0.5.
+    sampled_before = summary["sampled_before"]
+    assert sampled_before["accuracy"] == pytest.approx(1 / 3) and sampled_before["samples"] == 6
+    assert sampled_before["se"] == pytest.approx(statistics.stdev([0.5, 0, 0.5]) / 3**0.5)
+    assert summary["sampled_change"] == pytest.approx(0.5) and summary["sampled_change_in_paired_se"] > 1000
+    differences = [0, 1, 0]  # greedy per problem: p1 1 -> 1, p2 0 -> 1, p3 0 -> 0
+    assert summary["greedy_change_in_paired_se"] == pytest.approx(
+        (1 / 3) / (statistics.stdev(differences) / 3**0.5))
+    table = demo.format_accuracy_table({"steps": (0, 60), **summary}, 300.0, {"plot": Path("r/report.png")})
+    for text in ("held-out accuracy, greedy", "0.333 ± 0.333", "held-out accuracy, sampled x 2", "after (step 60)",
+                 "number-only answers", "KL to reference", "3 held-out problems", "5.0 min", "r/report.png",
+                 "accuracy change, sampled: +0.500"):
+        assert text in table, text
+
+
+def test_accuracy_summary_refuses_unpaired_or_unknown_problems():
+    good = samples_of({"p1": ["3"]})
+    with pytest.raises(demo.DemoError, match="no known answer"):
+        demo.accuracy_summary({"greedy_before": good}, {})
+    with pytest.raises(demo.DemoError, match="cannot be paired"):
+        demo.accuracy_summary({"greedy_before": good, "greedy_after": samples_of({"p2": ["3"]})}, {"p1": 3, "p2": 3})
+
+
+def test_the_task_is_picked_by_name():
+    assert demo.pop_task(["--seed", "1"]) == (demo.DEMO_TASKS["tldr"], ["--seed", "1"])
+    assert demo.pop_task(["--task", "word-problems", "--seed", "1"]) == (demo.DEMO_TASKS["word-problems"],
+                                                                          ["--seed", "1"])
+    assert demo.pop_task(["--task=word-problems"])[0].config_file == "demo-word-problems.yaml"
+    with pytest.raises(ValueError, match="'sudoku' is not a demo task; choose one of tldr, word-problems"):
+        demo.pop_task(["--task", "sudoku"])
+
+
+def test_the_word_problems_config_parses():
+    from ppo_lm.runs import read_config_file
+
+    path = demo.demo_config_path("demo-word-problems.yaml")
+    config = demo.WordProblemsConfig(**read_config_file(path, demo.WordProblemsConfig))
+    assert config.advantage_estimator == "grpo" and config.num_generations > 1 and config.dataset == demo.GENERATED
+    assert config.reward_fn == "ppo_lm.verifiable_rewards:exact_integer" and config.max_eval_prompts == 64
+
+
 # --- the config, the data and the whole demo --------------------------------------------------------------------------
 
 def test_the_demo_config_and_data_ship_with_the_package():

@@ -390,6 +390,21 @@ def test_evaluation_samples_each_prompt_several_times(tiny_model_dir):
 
 
 @pytest.mark.slow
+def test_evaluation_of_the_reference_and_a_greedy_override(tiny_model_dir):
+    """`evaluate(greedy=True)` gives one greedy response per prompt whatever eval_samples_per_prompt says, and
+    `reference=True` evaluates where the run started: after a step it still gives the untrained policy's responses."""
+    trainer = PPOTrainer(tiny_config(tiny_model_dir, eval_samples_per_prompt=2, batch_size=4), reward_fn=length_reward)
+    _, untrained = trainer.evaluate(PROMPTS, greedy=True)
+    assert [s["prompt"] for s in untrained] == PROMPTS
+    trainer.ppo_step(PROMPTS)
+    _, trained = trainer.evaluate(PROMPTS, greedy=True)
+    _, reference = trainer.evaluate(PROMPTS, greedy=True, reference=True)
+    assert reference == [{**s, "kl": 0.0} for s in untrained]
+    assert trained != untrained and any(s["kl"] > 0 for s in trained)
+    assert len(trainer.evaluate(PROMPTS)[1]) == 2 * len(PROMPTS)  # the config's sampled evaluation is unchanged
+
+
+@pytest.mark.slow
 def test_cached_frozen_layers_work_with_gradient_checkpointing(tiny_model_dir):
     weights = []
     for cache, checkpointing in ((False, False), (True, True)):

@@ -20,6 +20,7 @@ from ppo_lm.verifiable_rewards import (
     hashes_answer,
     last_integer,
     math_answer,
+    number_only,
     to_integer,
 )
 
@@ -243,6 +244,19 @@ def test_exact_integer(completion, answer, expected):
 @pytest.mark.parametrize("completion", MALFORMED)
 def test_exact_integer_scores_malformed_completions_zero(completion):
     assert score(exact_integer, completion, 5) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("completion", "expected"),
+    [
+        ("14", 1.0), (" 14.", 1.0), ("14\n", 1.0), ("-3", 1.0), ("\u22123", 1.0), ("1,234", 1.0), ("2.5", 1.0),
+        ("The answer is 14.", 0.0), ("14 apples", 0.0), ("7 + 7 = 14", 0.0), ("14.\n\nHope this helps!", 0.0),
+        ("14 or 15", 0.0), ("fourteen", 0.0), ("", 0.0), ("   ", 0.0), (".", 0.0), ("14..", 0.0), ("#### 14", 0.0),
+        ("\\boxed{14}", 0.0), ("1,23", 0.0), ("--14", 0.0),
+    ],
+)
+def test_number_only_wants_the_number_and_nothing_else(completion, expected):
+    assert score(number_only, completion) == expected
 
 
 def test_answer_extraction_helpers():
