@@ -105,6 +105,10 @@ class RunConfig:
     """Longest prompt in tokens: a TL;DR post body is shortened to fit (the 'TL;DR:' suffix is kept). None: no limit."""
     total_steps: int = 100
     """Optimisation steps of the run (for PPO, one step is one rollout batch and its PPO epochs)."""
+    max_train_minutes: float | None = None
+    """Stop earlier than total_steps once the training steps have taken this many minutes (in this process's run;
+    evaluations and saving not counted), then evaluate and save as at the end. The learning-rate schedule still
+    counts to total_steps. None: total_steps alone decides. For comparisons at an equal time budget."""
     lr_scheduler: LRSchedulerName = "constant"
     """Learning-rate schedule after warmup: 'constant', 'linear' (to 0 at total_steps) or 'cosine'."""
     warmup_steps: int = 0
@@ -138,6 +142,10 @@ class RunConfig:
         if not (isinstance(self.eval_fraction, (int, float)) and 0 <= self.eval_fraction < 1):
             raise _invalid(self, "eval_fraction", self.eval_fraction, "must be in [0, 1)")
         require_optional_ints(self, ("max_prompt_length",))
+        if self.max_train_minutes is not None and not (
+            isinstance(self.max_train_minutes, (int, float)) and self.max_train_minutes > 0
+        ):
+            raise _invalid(self, "max_train_minutes", self.max_train_minutes, "must be a positive number or None")
         require_choice(self, "lr_scheduler", LR_SCHEDULERS)
         require_choice(self, "dtype", DTYPES)
         unknown = [name for name in self.trackers() if name not in TRACKERS]

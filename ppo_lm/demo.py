@@ -308,6 +308,8 @@ GENERATED = "word-problems"
 TRAIN_PROBLEMS = 4000
 """Training problems generated; a run of the demo's length never sees one twice."""
 GREEDY_SAMPLES_FILE = "greedy_samples.jsonl"
+SUMMARY_FILE = "summary.json"
+"""The closing table's figures, written into the run directory (scripts/compare_estimators.py reads them)."""
 
 
 @dataclass
@@ -344,7 +346,8 @@ def word_problem_data(config: WordProblemsConfig, tokenizer: Any) -> tuple[list,
 
 def evaluate_greedy(config: WordProblemsConfig, trainer: Any, run_dir: Path, extra: dict[str, Any]) -> dict[str, Any]:
     """The word-problems stage's `finish`: greedy responses to the held-out problems from the starting model (the
-    reference) and the trained policy, saved in greedy_samples.jsonl, then the summary of both evaluations."""
+    reference) and the trained policy, saved in greedy_samples.jsonl, then the summary of both evaluations (greedy,
+    and sampled at the first and last evaluated steps), saved in summary.json."""
     from ppo_lm.report import read_jsonl
 
     held_out = extra["held_out"][: config.max_eval_prompts]
@@ -360,7 +363,9 @@ def evaluate_greedy(config: WordProblemsConfig, trainer: Any, run_dir: Path, ext
     first, last = min(sampled), max(sampled)
     phases |= {"sampled_before": sampled[first], "sampled_after": sampled[last]}
     answers = {item["prompt"]: item["answer"] for item in held_out}
-    return {"summary": {"steps": (first, last), **accuracy_summary(phases, answers)}}
+    summary = {"steps": (first, last), **accuracy_summary(phases, answers)}
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
+    return {"summary": summary}
 
 
 WORD_PROBLEMS_STAGE = Stage("ppo-lm demo --task word-problems", WordProblemsConfig, word_problem_data,

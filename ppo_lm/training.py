@@ -232,8 +232,12 @@ def run_training(
     eval_metrics = evaluate(step) if resume_from is None else {}
     train_metrics: dict[str, Any] = {}
     progress = tqdm(total=config.total_steps, initial=step, desc="ppo-lm", dynamic_ncols=True, disable=not is_main)
+    budget, spent = config.max_train_minutes, 0.0  # seconds of training steps in this process, evaluations excluded
     try:
         while step < config.total_steps:
+            if budget is not None and from_main_process(spent >= 60 * budget):  # every process stops at one step
+                logger.warning("max_train_minutes=%g reached after %d steps: stopping here.", budget, step)
+                break
             start = time.perf_counter()
             train_metrics = trainer.train_step(shard(stream.next_batch(), rank, world))
             scheduler.step()
@@ -241,6 +245,7 @@ def run_training(
             train_metrics["learning_rate"] = scheduler.get_last_lr()[0]
             metrics_logger.log(train_metrics, step)
             progress.update(1)
+            spent += time.perf_counter() - start
             progress.set_postfix(_postfix(train_metrics, time.perf_counter() - start))
             if config.eval_steps and step % config.eval_steps == 0 and step < config.total_steps:
                 eval_metrics = evaluate(step)

@@ -42,9 +42,13 @@ def word_problem_rows(count: int, seed: int, exclude: set[str] | frozenset[str] 
     return rows
 
 
+HELD_OUT_SEED = 1_000_003
+"""The held-out problems are drawn from this seed alone: the same ones for every run, so runs can be compared."""
+
+
 def train_and_held_out(train_count: int, held_out_count: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """Training and held-out problems that share no question: the held-out ones drawn first (from `seed + 1`, so
-    they stay the same whatever `train_count` is), the training ones from `seed` with those excluded."""
-    held_out = word_problem_rows(held_out_count, seed + 1)
+    """Training and held-out problems that share no question: the held-out ones drawn first, from `HELD_OUT_SEED`
+    (the same ones whatever `seed` and `train_count` are), then the training ones from `seed` with those excluded."""
+    held_out = word_problem_rows(held_out_count, HELD_OUT_SEED)
     train = word_problem_rows(train_count, seed, exclude={row["prompt"][0]["content"] for row in held_out})
     return train, held_out

@@ -64,6 +64,19 @@ def test_resume_from_an_explicit_checkpoint_directory(run_files):
 
 
 @pytest.mark.slow
+def test_max_train_minutes_stops_early_then_evaluates_and_saves(run_files, caplog):
+    run_dir = run_files["dir"] / "run"
+    # A budget far under one step's time: the first step spends it, so the run stops after one of its 4 steps.
+    assert main(["train", "--config", run_files["config"], "--output_dir", str(run_dir), "--max_train_minutes",
+                 "1e-6"]) == 0
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics if "reward_mean" in m] == [1]
+    assert [m["step"] for m in metrics if "eval/reward_mean" in m] == [0, 1]
+    assert (run_dir / "checkpoint-1" / "checkpoint.json").is_file()
+    assert "max_train_minutes=1e-06 reached after 1 steps" in caplog.text
+
+
+@pytest.mark.slow
 def test_a_non_empty_output_dir_is_refused_unless_overwrite(run_files, capsys):
     run_dir = run_files["dir"] / "existing"
     run_dir.mkdir()

@@ -20,9 +20,11 @@ def test_rows_are_seeded_distinct_conversations():
     assert all(row["prompt"][0]["role"] == "user" and isinstance(row["answer"], int) for row in rows)
 
 
-def test_held_out_problems_are_never_trained_on_and_do_not_depend_on_the_training_count():
+def test_held_out_problems_are_never_trained_on_and_the_same_for_every_run():
     train, held_out = train_and_held_out(300, 40, seed=0)
     assert len(train) == 300 and len(held_out) == 40
     asked = {row["prompt"][0]["content"] for row in train}
     assert not asked & {row["prompt"][0]["content"] for row in held_out}
     assert train_and_held_out(10, 40, seed=0)[1] == held_out
+    other_train, other_held_out = train_and_held_out(300, 40, seed=1)
+    assert other_held_out == held_out and other_train != train  # the seed changes only the training problems
