@@ -195,8 +195,9 @@ class DemoConfig(PPOConfig):
 
 def chat_prompts(tokenizer: Any, prompts: list[str], instruction: str = DEMO_INSTRUCTION) -> list[str]:
     """Each prompt as the user message of the tokenizer's chat template, after `instruction`, ready for the reply."""
-    return [tokenizer.apply_chat_template([{"role": "user", "content": f"{instruction}\n\n{prompt}"}],
-                                          tokenize=False, add_generation_prompt=True) for prompt in prompts]
+    from ppo_lm.data import render_chat_prompts
+
+    return render_chat_prompts([f"{instruction}\n\n{prompt}" for prompt in prompts], tokenizer, chat_template=True)
 
 
 def prepare_demo_model(config: DemoConfig) -> None:

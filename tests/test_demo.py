@@ -261,9 +261,15 @@ def test_main_py_runs_the_demo(monkeypatch, capsys):
     assert "ppo-lm demo" in capsys.readouterr().out
 
 
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory):
+    """An XDG cache home for this module's demo runs: the first builds the model cache, the next ones reuse it."""
+    return tmp_path_factory.mktemp("xdg-cache")
+
+
 @pytest.mark.slow
-def test_a_two_step_demo_end_to_end(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+def test_a_two_step_demo_end_to_end(tmp_path, monkeypatch, capsys, demo_cache):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(demo_cache))
     small = ["--total_steps", "2", "--batch_size", "2", "--max_new_tokens", "4", "--max_eval_prompts", "2",
              "--ppo_epochs", "1"]
     assert run_demo(tmp_path, *small) == 0
@@ -271,7 +277,7 @@ def test_a_two_step_demo_end_to_end(tmp_path, monkeypatch, capsys):
     for text in ("eval reward (2 prompts x 2 samples)", "before (step 0)", "after (step 2)", "KL to reference",
                  "mean length", "standard errors", "time taken", "report.png"):
         assert text in out, text
-    cache = tmp_path / "cache" / "ppo-lm" / "smollm2-135m-instruct"
+    cache = demo_cache / "ppo-lm" / "smollm2-135m-instruct"
     assert demo.cache_is_complete(cache, demo.source_stamp(demo.gguf_path()))
     run_dir = tmp_path / "run"
     assert (run_dir / "report.png").stat().st_size > 10_000
@@ -280,3 +286,25 @@ def test_a_two_step_demo_end_to_end(tmp_path, monkeypatch, capsys):
 
     assert run_demo(tmp_path, *small) == 2  # the run directory is not overwritten unasked
     assert "not empty" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_two_step_word_problems_demo_end_to_end(tmp_path, monkeypatch, capsys, demo_cache):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(demo_cache))
+    small = ["--task", "word-problems", "--total_steps", "2", "--batch_size", "4", "--num_generations", "2",
+             "--max_new_tokens", "6", "--max_eval_prompts", "3", "--eval_samples_per_prompt", "2"]
+    assert run_demo(tmp_path, *small) == 0
+    out = capsys.readouterr().out
+    for text in ("held-out accuracy, greedy", "held-out accuracy, sampled x 2", "before (step 0)", "after (step 2)",
+                 "number-only answers", "3 held-out problems", "standard errors of the paired difference",
+                 "time taken", "report.png"):
+        assert text in out, text
+    run_dir = tmp_path / "run"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["prompts"] == 3 and summary["sampled_after"]["samples"] == 6 and summary["steps"] == [0, 2]
+    greedy = [json.loads(line) for line in (run_dir / "greedy_samples.jsonl").read_text().splitlines()]
+    assert [g["phase"] for g in greedy] == ["greedy_before"] * 3 + ["greedy_after"] * 3
+    assert all("<|im_start|>user\n" in g["prompt"] and "Answer with the number only." in g["prompt"] for g in greedy)
+    held_out = {g["prompt"] for g in greedy}
+    trained = {json.loads(line)["prompt"] for line in (run_dir / "samples.jsonl").read_text().splitlines()}
+    assert trained == held_out  # the loop's evaluation asks the same held-out problems
