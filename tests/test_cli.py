@@ -1,7 +1,8 @@
 """The `ppo-lm` command line: config files and overrides, --help, bad input refused before any model loads, and the
-shipped configs run end to end (the quickstart; the TL;DR recipe chained sft -> reward -> ppo)."""
+shipped configs run end to end (the quickstart; the TL;DR recipe chained sft -> reward -> ppo; the GSM8K recipe)."""
 
 import json
+import re
 from pathlib import Path
 
 import datasets
@@ -149,6 +150,100 @@ def test_the_recipe_runs_end_to_end_each_stage_reading_the_previous_output(tmp_p
     metrics = [json.loads(line) for line in (tmp_path / "runs/tldr/ppo/metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "reward_mean" in m] == [1]
     assert all(torch.isfinite(torch.tensor(m["eval/reward_mean"])) for m in metrics if "eval/reward_mean" in m)
+
+
+# --- the GSM8K recipe (configs/gsm8k) --------------------------------------------------------------------------------
+
+GSM8K = Path(__file__).resolve().parents[1] / "configs" / "gsm8k"
+GSM8K_ROWS = Path(__file__).resolve().parent / "gsm8k_rows.jsonl"
+"""Grade-school problems written for the tests, in the hub dataset's schema: question, and an answer that is the
+worked solution with <<a*b=c>> calculator notes and a closing `#### <number>` line."""
+GSM8K_REWARDS = ["ppo_lm.verifiable_rewards:math_answer", "ppo_lm.verifiable_rewards:gsm8k_answer_format"]
+
+
+def gsm8k_rows() -> list[dict]:
+    return [json.loads(line) for line in GSM8K_ROWS.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("name", ["ppo", "grpo"])
+def test_each_gsm8k_config_parses_with_the_recipe_settings(name):
+    config = PPOConfig(**read_config_file(GSM8K / f"{name}.yaml", PPOConfig))
+    assert (config.model_name, config.dataset, config.dataset_config, config.dataset_split, config.eval_split) == (
+        "Qwen/Qwen2.5-0.5B-Instruct", "openai/gsm8k", "main", "train", "test")
+    assert (config.prompt_field, config.chat_template, config.output_dir) == ("question", True, f"runs/gsm8k/{name}")
+    assert "step by step" in config.system_prompt and "#### " in config.system_prompt
+    assert (config.reward_functions(), config.reward_weights) == (GSM8K_REWARDS, [1.0, 0.1])
+    # Full fine-tuning in float32 (a bfloat16 weight would round a 1e-6 step away), veRL's learning rate, sampling
+    # and token-mean loss, 512-token answers, greedy evaluation on the whole test split.
+    shared = dict(use_lora=False, dtype="float32", learning_rate=1e-6, lr_scheduler="constant", ppo_epochs=1,
+                  clip_epsilon=0.2, max_grad_norm=1.0, max_new_tokens=512, temperature=1.0, top_k=0, top_p=1.0,
+                  missing_eos_penalty=None, loss_aggregation="token_mean", eval_greedy=True, max_eval_prompts=1319)
+    if name == "ppo":  # veRL's one-GPU GSM8K quickstart (Qwen2.5-0.5B-Instruct), with a value model
+        recipe = dict(advantage_estimator="gae", batch_size=256, num_mini_batches=4, micro_batch_size=8,
+                      num_generations=1, value_learning_rate=1e-5, value_clip=0.5, kl_coef=0.001, kl_estimator="k1",
+                      kl_loss_coef=0.0, gamma=1.0, lam=1.0, whiten_advantages=True, entropy_coef=0.001,
+                      total_steps=435)
+    else:  # veRL's GRPO GSM8K example scaled to one GPU, TRL's group of 8; the KL in the loss, not the reward
+        recipe = dict(advantage_estimator="grpo", batch_size=512, num_mini_batches=2, micro_batch_size=16,
+                      num_generations=8, scale_rewards="group", kl_coef=0.0, kl_loss_coef=0.001, entropy_coef=0.0,
+                      total_steps=232)
+    expected = {**shared, **recipe}
+    assert {key: getattr(config, key) for key in expected} == expected
+    assert config.needs_value_model == (name == "ppo") and config.uses_reference
+    assert config.items_per_step == {"ppo": 256, "grpo": 64}[name]  # questions per step
+
+
+def test_the_bundled_gsm8k_rows_score_full_marks_with_their_own_solutions():
+    """The rows' worked solutions, as completions, are right (math_answer reads the number after `####` on both
+    sides) and in the asked-for form; a solution given to another row's question scores 0. Every calculator note
+    <<expression=value>> is correct arithmetic."""
+    from ppo_lm.verifiable_rewards import gsm8k_answer_format, math_answer
+
+    rows = gsm8k_rows()
+    assert len(rows) >= 8 and all(set(row) == {"question", "answer"} for row in rows)
+    questions, answers = [row["question"] for row in rows], [row["answer"] for row in rows]
+    assert math_answer(questions, answers, answer=answers) == [1.0] * len(rows)
+    assert gsm8k_answer_format(questions, answers) == [1.0] * len(rows)
+    shifted = answers[1:] + answers[:1]  # every final answer differs from the next row's
+    assert math_answer(questions, shifted, answer=answers) == [0.0] * len(rows)
+    for answer in answers:
+        notes = re.findall(r"<<([^=>]+)=([^>]+)>>", answer)
+        assert notes and answer.rsplit("\n", 1)[-1].startswith("#### ")
+        for expression, value in notes:
+            assert re.fullmatch(r"[\d.+\-*/() ]+", expression), expression
+            assert abs(eval(expression) - float(value)) < 1e-9, (expression, value)  # digits and operators only
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ppo", "grpo"])
+def test_each_gsm8k_config_runs_one_step_on_the_bundled_rows(tmp_path, chat_model_dir, name):
+    """The shipped config, one step on the bundled rows with the tiny chat model: only sizes, the model, the data
+    (train and eval: the bundled file) and the device are overridden. Each question reaches the model in the chat
+    template after the recipe's system prompt, and both reward functions read the answer column."""
+    config = PPOConfig(**read_config_file(GSM8K / f"{name}.yaml", PPOConfig))
+    run_dir = tmp_path / name
+    sizes = {"ppo": ["--batch_size", "2", "--num_mini_batches", "1", "--micro_batch_size", "2"],
+             "grpo": ["--batch_size", "4", "--num_generations", "2", "--num_mini_batches", "1",
+                      "--micro_batch_size", "4"]}[name]
+    assert main(["train", "--config", str(GSM8K / f"{name}.yaml"), "--model_name", chat_model_dir, "--dataset",
+                 str(GSM8K_ROWS), "--eval_split", str(GSM8K_ROWS), "--output_dir", str(run_dir), *sizes,
+                 "--max_new_tokens", "4", "--total_steps", "1", "--max_eval_prompts", "2", "--report_to", "none",
+                 "--device", "cpu"]) == 0
+
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    questions = {row["question"] for row in gsm8k_rows()}
+    opening = f"<|im_start|>system\n{config.system_prompt}<|im_end|>\n<|im_start|>user\n"
+    closing = "<|im_end|>\n<|im_start|>assistant\n"
+    assert len(samples) == 4  # two test questions, evaluated before and after the step
+    for sample in samples:
+        assert sample["prompt"].startswith(opening) and sample["prompt"].endswith(closing)
+        assert sample["prompt"][len(opening):-len(closing)] in questions
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    step = next(m for m in metrics if "reward_mean" in m)
+    assert step["step"] == 1
+    assert {"reward/math_answer", "reward/gsm8k_answer_format"} <= step.keys()
+    assert all(0.0 <= step[key] <= 1.0 for key in ("reward/math_answer", "reward/gsm8k_answer_format"))
+    assert ("value_loss" in step) == (name == "ppo")
 
 
 # --- conversational prompts -------------------------------------------------------------------------------------------
