@@ -390,18 +390,17 @@ class PPOTrainer:
                 part = prompts[start : start + self.layout.per_process]
                 batch, completions = self._generate(part, generation_config, model)
                 part_columns = {name: values[start : start + len(part)] for name, values in columns.items()}
-                scores, _ = self._score(part, completions, batch, self._ended(batch), part_columns)
+                scores, parts = self._score(part, completions, batch, self._ended(batch), part_columns)
                 mask = batch.response_mask
                 if reference:
                     summed_kl = torch.zeros(len(part))
                 else:
                     kl_per_token, _ = self._per_token(self._with_frozen_prefix(batch), exact_kl_per_token)
                     summed_kl = torch.where(mask.bool(), kl_per_token, 0.0).sum(-1)  # padding's numbers never count
-                samples += [
-                    {"prompt": prompt, "completion": completion, "reward": score, "kl": kl, "length": length}
-                    for prompt, completion, score, kl, length in zip(
-                        part, completions, scores.tolist(), summed_kl.tolist(), mask.sum(-1).tolist(), strict=True)
-                ]
+                fields = {"prompt": part, "completion": completions, "reward": scores.tolist(),
+                          "kl": summed_kl.tolist(), "length": mask.sum(-1).tolist(),
+                          **{f"reward/{name}": values.tolist() for name, values in parts.items()}}
+                samples += [dict(zip(fields, row, strict=True)) for row in zip(*fields.values(), strict=True)]
         samples = gather_rows(samples)  # every process's share of the prompts, in order
         scores = torch.tensor([sample["reward"] for sample in samples], dtype=torch.float64)
         metrics = {
@@ -409,6 +408,9 @@ class PPOTrainer:
             "eval/reward_std": scores.std().item() if len(scores) > 1 else 0.0,
             "eval/kl": sum(sample["kl"] for sample in samples) / len(samples),
             "eval/response_length": sum(sample["length"] for sample in samples) / len(samples),
+            # with several reward functions, each one's mean (a GSM8K run's accuracy is eval/reward/math_answer)
+            **{f"eval/{name}": sum(sample[name] for sample in samples) / len(samples)
+               for name in samples[0] if name.startswith("reward/")},
         }
         return metrics, samples
 

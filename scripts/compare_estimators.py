@@ -1,8 +1,8 @@
 """Which estimator, measured: the word-problems demo under PPO (gae), GRPO, Dr. GRPO, RLOO and REINFORCE++, each
 given the same training time, over several seeds; prints a Markdown table of held-out accuracy before and after.
 
-    uv run python scripts/compare_estimators.py [--minutes 3] [--seeds 0 1 2] [--out runs/compare-estimators]
-        [--only grpo rloo] [--table]     (--table: only print the table of the runs already in --out)
+    uv run python scripts/compare_estimators.py [--minutes 2] [--seeds 0 1 2] [--samples 2]
+        [--out runs/compare-estimators] [--only grpo rloo] [--table]   (--table: print the finished runs' table)
 
 Each run is `ppo-lm demo --task word-problems` with the demo's config, the estimator's own settings below and
 `--max_train_minutes`: the same training time for every estimator (a PPO step, with its value model, costs more
@@ -35,13 +35,13 @@ ESTIMATORS: dict[str, tuple[str, list[str]]] = {
 """Each estimator's key (--only, run directory), its name in the table, and its settings on top of the demo's."""
 
 
-def run(name: str, seed: int, minutes: float, out: Path) -> Path:
+def run(name: str, seed: int, minutes: float, samples: int, out: Path) -> Path:
     run_dir = out / f"{name}-seed{seed}"
     if (run_dir / "summary.json").is_file():
         return run_dir
     command = ["ppo-lm", "demo", "--task", "word-problems", *ESTIMATORS[name][1], "--seed", str(seed),
-               "--max_train_minutes", str(minutes), "--total_steps", "1000", "--output_dir", str(run_dir),
-               "--overwrite"]
+               "--max_train_minutes", str(minutes), "--total_steps", "1000", "--eval_samples_per_prompt",
+               str(samples), "--output_dir", str(run_dir), "--overwrite"]
     print("$", " ".join(command), flush=True)
     subprocess.run(command, check=True)
     return run_dir
@@ -74,8 +74,10 @@ def table(out: Path, names: list[str], seeds: list[int]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=3.0, help="training time of each run")
+    parser.add_argument("--minutes", type=float, default=2.0, help="training time of each run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--samples", type=int, default=2,
+                        help="sampled answers per held-out problem at each evaluation (the demo's: 4)")
     parser.add_argument("--out", type=Path, default=Path("runs/compare-estimators"))
     parser.add_argument("--only", nargs="+", choices=list(ESTIMATORS), help="run only these estimators")
     parser.add_argument("--table", action="store_true", help="print the table of the finished runs; run nothing")
@@ -84,7 +86,7 @@ def main() -> int:
     if not arguments.table:
         for seed in arguments.seeds:  # seed-major: an early stop still leaves every estimator with some seeds
             for name in names:
-                run(name, seed, arguments.minutes, arguments.out)
+                run(name, seed, arguments.minutes, arguments.samples, arguments.out)
     print(f"\nHeld-out accuracy (64 problems; mean ± standard error over seeds), {arguments.minutes:g} min of "
           "training each:\n")
     print(table(arguments.out, names, arguments.seeds))

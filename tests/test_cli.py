@@ -244,6 +244,11 @@ def test_each_gsm8k_config_runs_one_step_on_the_bundled_rows(tmp_path, chat_mode
     assert {"reward/math_answer", "reward/gsm8k_answer_format"} <= step.keys()
     assert all(0.0 <= step[key] <= 1.0 for key in ("reward/math_answer", "reward/gsm8k_answer_format"))
     assert ("value_loss" in step) == (name == "ppo")
+    evaluation = [m for m in metrics if "eval/reward_mean" in m]
+    for m in evaluation:  # each function's mean on the test questions; their weighted sum is the reward
+        assert m["eval/reward_mean"] == pytest.approx(m["eval/reward/math_answer"]
+                                                      + 0.1 * m["eval/reward/gsm8k_answer_format"])
+    assert all({"reward/math_answer", "reward/gsm8k_answer_format"} <= sample.keys() for sample in samples)
 
 
 # --- conversational prompts -------------------------------------------------------------------------------------------
