@@ -1,8 +1,10 @@
 """Checkpoints that resume exactly, written atomically, read without unpickling anything.
 
 A checkpoint is a directory `checkpoint-<step>` in the run directory. It is written under a hidden temporary
-name and renamed into place only once complete; its manifest, written last, lists every file with its size. A
-directory whose manifest is missing or whose files do not match it is never taken for a good checkpoint.
+name and renamed into place only once complete; its manifest, written last, lists every file with its size and
+SHA-256 checksum. A directory whose manifest is missing or whose files do not match it (missing, another size, one
+flipped byte) is never taken for a good checkpoint: resuming falls back to the newest good one and says which file
+was damaged, and `ppo-lm verify` checks a checkpoint or a whole run directory.
 
 State that is not weights (optimizer moments, RNG states, data position, scheduler) is split into tensors, saved
 with safetensors, and a JSON skeleton that says where each tensor goes: loading runs no pickled code.
@@ -10,6 +12,7 @@ with safetensors, and a JSON skeleton that says where each tensor goes: loading 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -29,6 +32,9 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "checkpoint.json"
 FORMAT = "ppo-lm-checkpoint"
+MANIFEST_VERSION = 2
+"""1: each file's size; 2: its size and SHA-256 (a version-1 checkpoint is still read, its sizes checked)."""
+_CHUNK = 1 << 24  # bytes read at a time while hashing: 16 MiB
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -167,8 +173,9 @@ def seal_checkpoint(run_dir: Path, step: int, keep: int = 0) -> Path:
     run_dir = Path(run_dir)
     final = run_dir / f"checkpoint-{step}"
     partial = partial_checkpoint(run_dir, step)
-    files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
-    manifest = {"format": FORMAT, "version": 1, "step": step, "files": files}
+    files = {str(p.relative_to(partial)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+             for p in sorted(partial.rglob("*")) if p.is_file()}
+    manifest = {"format": FORMAT, "version": MANIFEST_VERSION, "step": step, "files": files}
     with open(partial / MANIFEST, "w") as handle:
         json.dump(manifest, handle, indent=1)
         handle.flush()
@@ -182,8 +189,18 @@ def seal_checkpoint(run_dir: Path, step: int, keep: int = 0) -> Path:
     return final
 
 
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, as hex, read in chunks (a checkpoint file may be many GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def checkpoint_problem(path: Path) -> str | None:
-    """Why `path` is not a complete checkpoint, or None when its manifest and files agree."""
+    """Why `path` is not a complete, undamaged checkpoint, or None when its manifest and files agree: every file the
+    manifest lists is there, with its size and (version 2) its SHA-256."""
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         return f"no {MANIFEST} (it was not finished, or is not a ppo-lm checkpoint)"
@@ -193,12 +210,15 @@ def checkpoint_problem(path: Path) -> str | None:
         return f"unreadable {MANIFEST}: {error}"
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         return f"{MANIFEST} is not a ppo-lm checkpoint manifest"
-    for name, size in manifest.get("files", {}).items():
+    for name, expected in manifest.get("files", {}).items():
+        expected = expected if isinstance(expected, dict) else {"size": expected}  # version 1: the size alone
         file = path / name
         if not file.is_file():
             return f"{name} is missing"
-        if file.stat().st_size != size:
-            return f"{name} has {file.stat().st_size} bytes, the manifest says {size}"
+        if file.stat().st_size != expected.get("size"):
+            return f"{name} has {file.stat().st_size} bytes, the manifest says {expected.get('size')}"
+        if "sha256" in expected and file_sha256(file) != expected["sha256"]:
+            return f"{name} is damaged: its SHA-256 differs from the one the manifest recorded"
     return None
 
 
@@ -220,7 +240,8 @@ def find_checkpoint(path: Path) -> Path:
     if (path / MANIFEST).exists() or checkpoint_step(path) is not None:
         problem = checkpoint_problem(path)
         if problem:
-            raise CheckpointError(f"Cannot resume from {path}: it is not a complete checkpoint ({problem}).")
+            raise CheckpointError(f"Cannot resume from {path}: it is not a complete, undamaged checkpoint "
+                                  f"({problem}).")
         return path
     candidates = list_checkpoints(path)
     skipped = []
@@ -228,13 +249,28 @@ def find_checkpoint(path: Path) -> Path:
         problem = checkpoint_problem(candidate)
         if problem is None:
             if skipped:
-                logger.warning("Skipping incomplete checkpoint(s) %s; resuming from %s.",
+                logger.warning("Skipping incomplete or damaged checkpoint(s) %s; resuming from %s.",
                                "; ".join(skipped), candidate.name)
             return candidate
         skipped.append(f"{candidate.name} ({problem})")
     if skipped:
-        raise CheckpointError(f"No complete checkpoint in {path}: {'; '.join(skipped)}.")
+        raise CheckpointError(f"No complete, undamaged checkpoint in {path}: {'; '.join(skipped)}.")
     raise CheckpointError(
         f"No checkpoint in {path}: resume needs a run directory written by `ppo-lm train` (with "
         "checkpoint-<step> folders) or one checkpoint-<step> folder."
     )
+
+
+def verify(path: Path) -> list[tuple[Path, str | None]]:
+    """Check a checkpoint, or every checkpoint of a run directory (oldest first): each one's path and its problem
+    (None when good; see `checkpoint_problem`). Raises CheckpointError when `path` is neither."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"Cannot verify {path}: no such directory.")
+    if (path / MANIFEST).exists() or checkpoint_step(path) is not None:
+        return [(path, checkpoint_problem(path))]
+    checkpoints = list_checkpoints(path)
+    if not checkpoints:
+        raise CheckpointError(f"No checkpoint in {path}: give a checkpoint-<step> folder or a run directory that "
+                              "holds some.")
+    return [(checkpoint, checkpoint_problem(checkpoint)) for checkpoint in checkpoints]

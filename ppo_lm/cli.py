@@ -6,6 +6,7 @@
     ppo-lm reward --config FILE.yaml [--FIELD VALUE ...] [--resume [DIR]] [--overwrite]
     ppo-lm report RUN_DIR
     ppo-lm export CHECKPOINT OUT_DIR [--overwrite]
+    ppo-lm verify DIR                                                     (a checkpoint, or a run's checkpoints)
 
 Config fields come from the YAML file, then from `--FIELD VALUE` overrides (parsed by tyro from the dataclass,
 docstrings and all). Everything that can be checked is checked before a model loads.
@@ -65,6 +66,26 @@ def export_command(argv: list[str]) -> None:
     print(f"exported: {export_policy(arguments.checkpoint, arguments.out_dir, overwrite=arguments.overwrite)}")
 
 
+def verify_command(argv: list[str]) -> int:
+    """`ppo-lm verify DIR`: check that a checkpoint (or each checkpoint of a run directory) is complete and
+    undamaged; exit status 1 when any is not."""
+    parser = argparse.ArgumentParser(prog="ppo-lm verify",
+                                     description="Check checkpoints against their manifests (sizes and SHA-256).")
+    parser.add_argument("path", help="A checkpoint-<step> folder, or a run directory (every checkpoint in it).")
+    arguments = parser.parse_args(argv)
+    from ppo_lm.checkpoint import verify
+
+    results = verify(arguments.path)
+    for checkpoint, problem in results:
+        print(f"{checkpoint}: {'good' if problem is None else 'BAD: ' + problem}")
+    bad = sum(problem is not None for _, problem in results)
+    good = [checkpoint for checkpoint, problem in results if problem is None]
+    if bad:
+        newest = f"; --resume would use {good[-1].name}" if good else "; none is usable"
+        print(f"{bad} of {len(results)} checkpoint(s) damaged or incomplete{newest}.", file=sys.stderr)
+    return 1 if bad else 0
+
+
 def bench_command(argv: list[str]) -> None:
     """`ppo-lm bench`: time PPO steps on a random model of a named architecture (see ppo_lm/bench.py)."""
     from ppo_lm.bench import bench_command as run_bench
@@ -80,7 +101,7 @@ def demo_command(argv: list[str]) -> None:
 
 
 COMMANDS = {"demo": demo_command, "train": train_command, "report": report_command, "export": export_command,
-            "bench": bench_command, "sft": sft_command, "reward": reward_command}
+            "verify": verify_command, "bench": bench_command, "sft": sft_command, "reward": reward_command}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0 if argv else 2
     try:
-        COMMANDS[argv[0]](argv[1:])
+        status = COMMANDS[argv[0]](argv[1:])
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    return 0
+    return status if isinstance(status, int) else 0

@@ -116,9 +116,10 @@ def _load_hub(name: str, split: str, config_name: str | None = None) -> datasets
         return datasets.load_dataset(name, config_name, split=split)
     except Exception as error:
         subset = f", configuration {config_name!r}" if config_name else ""
-        raise DataError(
+        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), "")[:200]
+        raise DataError(  # one line: what was asked, why it failed, what to do
             f"Could not load dataset {name!r} (split {split!r}{subset}) from the Hugging Face Hub "
-            f"({type(error).__name__}: {error}). No local file or directory of that name exists either. To use local "
+            f"({type(error).__name__}: {reason}). No local file or directory of that name exists either. To use local "
             f"data, pass a path to a {_supported_suffixes()} file or to a directory saved with save_to_disk."
         ) from error
 

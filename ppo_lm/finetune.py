@@ -32,7 +32,14 @@ from ppo_lm.checkpoint import save_trained
 from ppo_lm.config import FinetuneConfig
 from ppo_lm.distributed import batch_layout, gather_rows, mean_over_processes, process_state
 from ppo_lm.generation import SequenceBatch, encode_prompts
-from ppo_lm.models import enable_activation_checkpointing, load_tokenizer, lora_config, resolve_device, resolve_dtype
+from ppo_lm.models import (
+    enable_activation_checkpointing,
+    load_pretrained,
+    load_tokenizer,
+    lora_config,
+    resolve_device,
+    resolve_dtype,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +117,7 @@ class FinetuneTrainer:
         self.device = resolve_device(config.device, processes)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.tokenizer = load_tokenizer(config.model_name)
-        model = self.load_model(local_or_hub(config.model_name))
+        model = load_pretrained(self.load_model, local_or_hub(config.model_name), "model_name")
         self.max_length = getattr(model.config, "max_position_embeddings", None) or 2**31
         if config.gradient_checkpointing:
             enable_activation_checkpointing(model)

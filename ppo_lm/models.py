@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -62,9 +63,46 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    """Load a tokenizer; without a pad token, EOS pads (safe here: masks are explicit, never read from ids)."""
-    tokenizer = AutoTokenizer.from_pretrained(name)
+Loaded = TypeVar("Loaded")
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer named in the config cannot be loaded (no such directory, not on the hub, no network)."""
+
+
+def load_pretrained(load: Callable[..., Loaded], name: str, field: str, **kwargs: object) -> Loaded:
+    """`load(name, **kwargs)` (a `from_pretrained`), with a failure to find or fetch `name` turned into one line
+    that names the config `field`, the value, what was tried and what to do (a ModelLoadError)."""
+    try:
+        return load(name, **kwargs)
+    # OSError: transformers' and huggingface_hub's errors for missing files, repositories and networks; ValueError:
+    # a folder that holds no model or tokenizer files, an unknown model type.
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(cannot_load(field, name, error)) from error
+
+
+def cannot_load(field: str, name: str, error: BaseException) -> str:
+    """The one-line message of a model `name` that `from_pretrained` could not load."""
+    reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)[:200]
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        tried = f"the local directory {os.path.abspath(path)} holds no loadable model or tokenizer ({reason})"
+        fix = "point it at a directory written by save_pretrained (config.json, the weights, the tokenizer files)"
+    elif name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        tried = f"no directory {os.path.abspath(path)} exists (relative paths start from {os.getcwd()})"
+        fix = "correct the path"
+    else:
+        tried = f"it is no local directory, and the Hugging Face Hub did not provide it ({reason})"
+        fix = ("check the name for a typo; for a gated model, accept its terms and log in (`hf auth login`); without "
+               "hub access, download it on a machine that has it and give the local directory (`ppo-lm demo` needs "
+               "no download)")
+    return f"{field}={name!r} cannot be loaded: {tried}. To fix it: {fix}."
+
+
+def load_tokenizer(name: str, field: str = "model_name") -> PreTrainedTokenizerBase:
+    """Load a tokenizer (`field` names the config field in errors); without a pad token, EOS pads (safe here: masks
+    are explicit, never read from ids)."""
+    tokenizer = load_pretrained(AutoTokenizer.from_pretrained, name, field)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"The tokenizer of {name!r} has no EOS token; PPO needs one to end responses.")
     if tokenizer.pad_token_id is None:
@@ -245,13 +283,14 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
 
     The reward model goes to `device`; the others to `load_device` (default `device`), where the launch backend
     wants them before it places them (a sharding backend keeps them on the CPU)."""
-    base = AutoModelForCausalLM.from_pretrained(config.model_name, dtype=dtype)
+    base = load_pretrained(AutoModelForCausalLM.from_pretrained, config.model_name, "model_name", dtype=dtype)
     hidden_size = base.config.hidden_size
 
     reference = None
     if config.ref_model_name is not None or not config.use_lora:
-        reference = _freeze(AutoModelForCausalLM.from_pretrained(config.ref_model_name or config.model_name,
-                                                                 dtype=dtype))
+        reference = _freeze(load_pretrained(AutoModelForCausalLM.from_pretrained,
+                                            config.ref_model_name or config.model_name,
+                                            "ref_model_name" if config.ref_model_name else "model_name", dtype=dtype))
 
     with_values = config.needs_value_model
     value_adapter_on_policy = with_values and config.use_lora and config.value_model_name is None
@@ -268,8 +307,8 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
         pass
     elif config.value_model_name is not None:
         # A separate value model, e.g. the reward model: its classifier head starts the value head.
-        value_model = AutoModelForSequenceClassification.from_pretrained(config.value_model_name, num_labels=1,
-                                                                          dtype=dtype)
+        value_model = load_pretrained(AutoModelForSequenceClassification.from_pretrained, config.value_model_name,
+                                      "value_model_name", num_labels=1, dtype=dtype)
         value_head = score_head_of(value_model)
         if config.use_lora:
             value_model = get_peft_model(value_model, lora_config(config), adapter_name=VALUE_ADAPTER)
@@ -279,7 +318,7 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
         value_backbone = backbone_of(policy)
         value_head = nn.Linear(hidden_size, 1)
     else:
-        value_backbone = AutoModel.from_pretrained(config.model_name, dtype=dtype)
+        value_backbone = load_pretrained(AutoModel.from_pretrained, config.model_name, "model_name", dtype=dtype)
         value_head = nn.Linear(hidden_size, 1)
     if isinstance(value_head, nn.Linear) and config.value_model_name is None:
         init_scalar_head(value_head)
@@ -288,8 +327,9 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
 
     reward_model = None
     if config.reward_model_name is not None:
-        reward_model = _freeze(AutoModelForSequenceClassification.from_pretrained(
-            config.reward_model_name, num_labels=1, dtype=dtype))
+        reward_model = _freeze(load_pretrained(AutoModelForSequenceClassification.from_pretrained,
+                                               config.reward_model_name, "reward_model_name", num_labels=1,
+                                               dtype=dtype))
         reward_model.to(device)
 
     # Dropout off everywhere: PPO's ratio and the KL are only meaningful between deterministic forward passes.

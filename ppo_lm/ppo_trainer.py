@@ -658,7 +658,7 @@ class PPOTrainer:
         """The reward model's tokenizer when its vocabulary differs from the policy's, else None (share tokens)."""
         if self.config.reward_model_name is None:
             return None
-        reward_tokenizer = load_tokenizer(self.config.reward_model_name)
+        reward_tokenizer = load_tokenizer(self.config.reward_model_name, "reward_model_name")
         if reward_tokenizer.get_vocab() == self.tokenizer.get_vocab():
             return None
         return reward_tokenizer

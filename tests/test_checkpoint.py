@@ -1,27 +1,82 @@
 """checkpoint.py: which checkpoint a resume takes (one cut short is skipped; a foreign or broken directory is a clear
 error) and how many are kept."""
 
+import hashlib
+import json
 import logging
 
 import pytest
 from conftest import read_metrics
 
-from ppo_lm.checkpoint import CheckpointError, find_checkpoint
+from ppo_lm.checkpoint import (
+    CheckpointError,
+    checkpoint_problem,
+    find_checkpoint,
+    open_checkpoint,
+    seal_checkpoint,
+    verify,
+)
 from ppo_lm.cli import main
 
 
 @pytest.mark.slow
-def test_an_interrupted_checkpoint_is_skipped_on_resume(run_files, caplog):
+def test_a_damaged_checkpoint_is_refused_and_the_run_resumes_from_the_previous_good_one(run_files, caplog, capsys):
     run_dir = run_files["dir"] / "run"
     assert main(["train", "--config", run_files["config"], "--output_dir", str(run_dir)]) == 0
-    # Simulate a crash while checkpoint-4 was being written: a weights file cut short.
+    assert main(["verify", str(run_dir)]) == 0
+    # One byte flipped in the newest checkpoint's weights (a damaged disk or network copy): same size, other bytes.
     weights = run_dir / "checkpoint-4" / "trainable.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])
+    straight = weights.read_bytes()
+    damaged = bytearray(straight)
+    damaged[len(damaged) // 2] ^= 0x01
+    weights.write_bytes(bytes(damaged))
+    capsys.readouterr()
+    assert main(["verify", str(run_dir)]) == 1
+    out, err = capsys.readouterr()
+    assert "checkpoint-2: good" in out and "checkpoint-4: BAD: trainable.safetensors is damaged" in out
+    assert "--resume would use checkpoint-2" in err
+    assert main(["verify", str(run_dir / "checkpoint-4")]) == 1
     with caplog.at_level(logging.WARNING):
         assert find_checkpoint(run_dir).name == "checkpoint-2"
-    assert "checkpoint-4" in caplog.text and "resuming from checkpoint-2" in caplog.text
+    assert "checkpoint-4 (trainable.safetensors is damaged" in caplog.text
+    assert "resuming from checkpoint-2" in caplog.text
+    with pytest.raises(CheckpointError, match="trainable.safetensors is damaged"):
+        find_checkpoint(run_dir / "checkpoint-4")  # named directly: refused, never loaded
     assert main(["train", "--config", run_files["config"], "--output_dir", str(run_dir), "--resume"]) == 0
     assert [m["step"] for m in read_metrics(run_dir) if "reward_mean" in m] == [1, 2, 3, 4]
+    assert weights.read_bytes() == straight  # steps 3 and 4 again, from checkpoint-2: the straight run's weights
+
+
+def test_the_manifest_holds_each_files_size_and_checksum(tmp_path):
+    (open_checkpoint(tmp_path, 1) / "weights.bin").write_bytes(b"abcdef" * 1000)
+    checkpoint = seal_checkpoint(tmp_path, 1)
+    manifest = json.loads((checkpoint / "checkpoint.json").read_text())
+    assert manifest["version"] == 2
+    assert manifest["files"]["weights.bin"] == {"size": 6000, "sha256": hashlib.sha256(b"abcdef" * 1000).hexdigest()}
+    assert checkpoint_problem(checkpoint) is None
+    (checkpoint / "weights.bin").write_bytes(b"abcdeF" + b"abcdef" * 999)
+    assert checkpoint_problem(checkpoint) == ("weights.bin is damaged: its SHA-256 differs from the one the manifest "
+                                              "recorded")
+    (checkpoint / "weights.bin").write_bytes(b"abc")
+    assert checkpoint_problem(checkpoint) == "weights.bin has 3 bytes, the manifest says 6000"
+    (checkpoint / "weights.bin").unlink()
+    assert checkpoint_problem(checkpoint) == "weights.bin is missing"
+    assert verify(tmp_path) == [(checkpoint, "weights.bin is missing")]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="No checkpoint in"):
+        verify(tmp_path / "empty")
+
+
+def test_a_version_1_manifest_is_still_read(tmp_path):
+    """Checkpoints written before checksums (sizes only) still resume; their sizes are still checked."""
+    checkpoint = tmp_path / "checkpoint-3"
+    checkpoint.mkdir()
+    (checkpoint / "weights.bin").write_bytes(b"x" * 10)
+    (checkpoint / "checkpoint.json").write_text(json.dumps(
+        {"format": "ppo-lm-checkpoint", "version": 1, "step": 3, "files": {"weights.bin": 10}}))
+    assert checkpoint_problem(checkpoint) is None and find_checkpoint(tmp_path) == checkpoint
+    (checkpoint / "weights.bin").write_bytes(b"x" * 9)
+    assert checkpoint_problem(checkpoint) == "weights.bin has 9 bytes, the manifest says 10"
 
 
 def test_resume_from_a_foreign_or_broken_directory_is_a_clear_error(run_files, tmp_path, capsys):
@@ -32,7 +87,7 @@ def test_resume_from_a_foreign_or_broken_directory_is_a_clear_error(run_files, t
         find_checkpoint(foreign)
     broken = tmp_path / "checkpoint-7"
     broken.mkdir()
-    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+    with pytest.raises(CheckpointError, match="not a complete, undamaged checkpoint"):
         find_checkpoint(broken)
     with pytest.raises(CheckpointError, match="no such directory"):
         find_checkpoint(tmp_path / "missing")
@@ -41,7 +96,7 @@ def test_resume_from_a_foreign_or_broken_directory_is_a_clear_error(run_files, t
 
 
 def test_only_the_newest_checkpoints_are_kept(tmp_path):
-    from ppo_lm.checkpoint import list_checkpoints, open_checkpoint, seal_checkpoint
+    from ppo_lm.checkpoint import list_checkpoints
 
     for step in (1, 2, 3):
         (open_checkpoint(tmp_path, step) / "weights.bin").write_bytes(b"x" * 10)

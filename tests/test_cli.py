@@ -312,3 +312,18 @@ def test_conversational_prompts_run_through_the_chat_template(tmp_path, chat_mod
     assert samples and all(s["prompt"].startswith("<|im_start|>system\nAnswer with a number.<|im_end|>\n"
                                                   "<|im_start|>user\nWhat is ") for s in samples)
     assert all(s["prompt"].endswith("?<|im_end|>\n<|im_start|>assistant\n") for s in samples)
+
+
+def test_the_quickstart_without_hub_access_ends_in_one_clear_line(tmp_path, monkeypatch, capsys):
+    """A new user on a machine that cannot reach the hub: one line naming model_name, not a library traceback."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network: fail at once
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    assert main(["train", "--config", "configs/quickstart.yaml", "--output_dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]  # besides progress bars
+    assert len(errors) == 1 and "Traceback" not in err
+    assert errors[0].startswith("error: model_name='Qwen/Qwen3-0.6B-Base' cannot be loaded: it is no local "
+                                "directory, and the Hugging Face Hub did not provide it")
+    assert "ppo-lm demo" in errors[0]

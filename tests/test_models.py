@@ -8,9 +8,18 @@ import math
 import pytest
 import torch
 from conftest import length_reward, tiny_config
+from transformers import AutoModelForCausalLM
 
 from ppo_lm import PPOTrainer
-from ppo_lm.models import backbone_of, encode_for_reward, init_scalar_head, shared_frozen_layers
+from ppo_lm.models import (
+    ModelLoadError,
+    backbone_of,
+    encode_for_reward,
+    init_scalar_head,
+    load_pretrained,
+    load_tokenizer,
+    shared_frozen_layers,
+)
 
 
 def test_scalar_head_init_std():
@@ -61,3 +70,37 @@ def test_frozen_layers_are_not_cached_where_that_would_change_the_numbers(tiny_m
     assert shared_frozen_layers(dataclasses.replace(config, cache_frozen_layers=False), trainer.models) == 0
     separate_reference = dataclasses.replace(config, ref_model_name=tiny_model_dir)
     assert PPOTrainer(separate_reference, reward_fn=length_reward).frozen_layers == 0
+
+
+# --- a model that cannot be loaded: one line naming the field, the value, what was tried and what to do ---------------
+
+@pytest.fixture()
+def offline(monkeypatch):
+    """No hub: its calls fail at once instead of retrying for half a minute on a machine without network."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("ppo-lm-tests/no-such-model", "model_name='ppo-lm-tests/no-such-model' cannot be loaded: it is no local "
+                                   "directory, and the Hugging Face Hub did not provide it ("),
+    ("./no-such-folder", "model_name='./no-such-folder' cannot be loaded: no directory "),
+])
+def test_a_model_that_cannot_be_found_is_one_clear_line(offline, tmp_path, monkeypatch, name, expected):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError) as error:
+        load_tokenizer(name)
+    message = str(error.value)
+    assert message.startswith(expected) and "\n" not in message and "To fix it:" in message
+    assert ("hf auth login" in message) == (name == "ppo-lm-tests/no-such-model")
+
+
+def test_a_folder_without_a_model_is_one_clear_line(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(ModelLoadError) as error:
+        load_pretrained(AutoModelForCausalLM.from_pretrained, str(tmp_path), "reward_model_name")
+    message = str(error.value)
+    assert message.startswith(f"reward_model_name='{tmp_path}' cannot be loaded: the local directory {tmp_path} "
+                              "holds no loadable model or tokenizer (")
+    assert "\n" not in message and "save_pretrained" in message
