@@ -12,6 +12,7 @@ with safetensors, and a JSON skeleton that says where each tensor goes: loading 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -40,6 +41,23 @@ _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 class CheckpointError(ValueError):
     """A directory given to resume from is not a usable ppo-lm checkpoint or run directory."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (no space left, no permission, a read-only filesystem)."""
+
+
+def write_failure(run_dir: Path, step: int, error: OSError) -> str:
+    """The one-line message of a checkpoint of `step` that could not be written into `run_dir`."""
+    where = getattr(error, "filename", None) or partial_checkpoint(run_dir, step)
+    reason = error.strerror or str(error)
+    fix = {errno.ENOSPC: "free some space there (or set output_dir on a larger disk) and resume",
+           errno.EDQUOT: "free some space within the quota (or set output_dir elsewhere) and resume",
+           errno.EACCES: "make the directory writable (or set output_dir elsewhere) and resume",
+           errno.EROFS: "the filesystem is read-only: set output_dir on a writable one and resume",
+           }.get(error.errno, "fix the cause and resume")
+    return (f"Could not write the checkpoint of step {step}: {reason} ({where}). The partial checkpoint was removed; "
+            f"the earlier checkpoints in {run_dir} are intact. To go on: {fix} (`--resume`).")
 
 
 # --- state as safetensors + JSON ------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ppo_lm.checkpoint import (
+    CheckpointWriteError,
     find_checkpoint,
     load_state,
     open_checkpoint,
@@ -32,6 +33,7 @@ from ppo_lm.checkpoint import (
     save_state,
     seal_checkpoint,
     set_rng_state,
+    write_failure,
 )
 from ppo_lm.config import RunConfig, TrainConfig
 from ppo_lm.data import PromptStream
@@ -211,15 +213,20 @@ def run_training(
 
     def save(at_step: int) -> Path:
         rng_states = gather_rows([rng_state()])  # each process's generators, so that a resume continues each one
-        directory = open_checkpoint(run_dir, at_step) if is_main else partial_checkpoint(run_dir, at_step)
-        processes.wait_for_everyone()  # the directory exists before any process writes into it
-        trainer.save_state(directory)  # every process: sharded weights are gathered together
-        if is_main:
-            save_state({"step": at_step, "scheduler": scheduler.state_dict(), "data": stream.state_dict(),
-                        "trainer": trainer.extra_state(), "rng": rng_states}, directory, "loop_state")
-            save_config(config, directory / CONFIG_FILE)
-        processes.wait_for_everyone()  # every process's files are written before the manifest seals them
-        return from_main_process(seal_checkpoint(run_dir, at_step, keep=config.save_total_limit) if is_main else None)
+        try:
+            directory = open_checkpoint(run_dir, at_step) if is_main else partial_checkpoint(run_dir, at_step)
+            processes.wait_for_everyone()  # the directory exists before any process writes into it
+            trainer.save_state(directory)  # every process: sharded weights are gathered together
+            if is_main:
+                save_state({"step": at_step, "scheduler": scheduler.state_dict(), "data": stream.state_dict(),
+                            "trainer": trainer.extra_state(), "rng": rng_states}, directory, "loop_state")
+                save_config(config, directory / CONFIG_FILE)
+            processes.wait_for_everyone()  # every process's files are written before the manifest seals them
+            sealed = seal_checkpoint(run_dir, at_step, keep=config.save_total_limit) if is_main else None
+        except OSError as error:  # a full disk, no permission: no half-written checkpoint stays behind
+            shutil.rmtree(partial_checkpoint(run_dir, at_step), ignore_errors=True)
+            raise CheckpointWriteError(write_failure(run_dir, at_step, error)) from error
+        return from_main_process(sealed)
 
     def evaluate(at_step: int) -> dict[str, float]:
         if not eval_items:

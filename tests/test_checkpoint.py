@@ -103,3 +103,30 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
         seal_checkpoint(tmp_path, step, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
     assert not list(tmp_path.glob(".checkpoint-*"))  # no temporary directory is left behind
+
+
+@pytest.mark.slow
+def test_a_save_that_fails_for_lack_of_space_leaves_the_earlier_checkpoints_and_no_partial_one(
+        run_files, monkeypatch, capsys):
+    import errno
+
+    import ppo_lm.checkpoint
+
+    real_save_file = ppo_lm.checkpoint.save_file
+
+    def disk_full_at_step_4(tensors, filename, *args, **kwargs):
+        if ".checkpoint-4.partial" in str(filename):
+            raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+        return real_save_file(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(ppo_lm.checkpoint, "save_file", disk_full_at_step_4)
+    run_dir = run_files["dir"] / "run"
+    assert main(["train", "--config", run_files["config"], "--output_dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "error: Could not write the checkpoint of step 4: No space left on device (" in err
+    assert ".checkpoint-4.partial" in err and "earlier checkpoints in" in err and "free some space" in err
+    assert not list(run_dir.glob(".checkpoint-*")) and not (run_dir / "checkpoint-4").exists()
+    assert verify(run_dir) == [(run_dir / "checkpoint-2", None)]
+    monkeypatch.setattr(ppo_lm.checkpoint, "save_file", real_save_file)  # space freed: the run resumes and ends
+    assert main(["train", "--config", run_files["config"], "--output_dir", str(run_dir), "--resume"]) == 0
+    assert [m["step"] for m in read_metrics(run_dir) if "reward_mean" in m] == [1, 2, 3, 4]
