@@ -337,6 +337,9 @@ def word_problem_data(config: WordProblemsConfig, tokenizer: Any) -> tuple[list,
 
     if config.dataset != GENERATED:
         train, evaluation, _ = load_prompt_data(config, tokenizer)
+        if not evaluation or not all(isinstance(item, dict) and "answer" in item for item in evaluation):
+            raise DemoError(f"The word-problems demo scores held-out answers: {config.dataset} needs evaluation rows "
+                            "(eval_split or eval_fraction) with an `answer` column beside the prompt.")
         return train, evaluation, {"held_out": evaluation}
     train, held_out = train_and_held_out(TRAIN_PROBLEMS, config.max_eval_prompts, config.seed)
     tokenizer = tokenizer or load_tokenizer(config.model_name)

@@ -308,3 +308,11 @@ def test_a_two_step_word_problems_demo_end_to_end(tmp_path, monkeypatch, capsys,
     held_out = {g["prompt"] for g in greedy}
     trained = {json.loads(line)["prompt"] for line in (run_dir / "samples.jsonl").read_text().splitlines()}
     assert trained == held_out  # the loop's evaluation asks the same held-out problems
+
+
+def test_the_word_problems_task_on_a_dataset_without_answers_is_refused(tmp_path, capsys):
+    data = tmp_path / "questions.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i} + {i}?"}) + "\n" for i in range(8)))
+    assert main(["demo", "--task", "word-problems", "--dataset", str(data), "--model_name", str(tmp_path / "none"),
+                 "--reward_fn", "ppo_lm.verifiable_rewards:number_only", "--output_dir", str(tmp_path / "run")]) == 2
+    assert "needs evaluation rows (eval_split or eval_fraction) with an `answer` column" in capsys.readouterr().err
