@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ppo_lm.checkpoint import find_checkpoint
 from ppo_lm.config import PPOConfig
+from ppo_lm.models import load_pretrained
 from ppo_lm.runs import read_config_file
 
 
@@ -24,7 +25,8 @@ def export_policy(checkpoint: str | Path, out_dir: str | Path, overwrite: bool =
         raise FileExistsError(f"{out_dir} is not empty; pass --overwrite to replace it.")
     checkpoint = find_checkpoint(Path(checkpoint))
     config = PPOConfig(**read_config_file(checkpoint / "config.yaml"))
-    model = AutoModelForCausalLM.from_pretrained(config.model_name)
+    # The base the checkpoint's config names: moved or deleted since the run, it is one clear line.
+    model = load_pretrained(AutoModelForCausalLM.from_pretrained, config.model_name, "model_name")
     if config.use_lora:
         from peft import PeftModel
 
