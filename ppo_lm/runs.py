@@ -250,13 +250,13 @@ def load_prompt_data(config: PPOConfig, tokenizer: Any) -> tuple[list, list, dic
     functions are checked against the data's columns too, so that a missing column stops the run before any model
     loads.
     """
-    from ppo_lm.data import DataError, load_prompts, needs_chat_template, render_chat_prompts
+    from ppo_lm.data import PROMPT_KEY, DataError, load_prompts, needs_chat_template, render_chat_prompts
 
     train, evaluation = load_prompts(config.dataset, **_data_options(config, tokenizer))
     if config.reward_fn is not None:
         from ppo_lm.rewards import check_reward_columns, load_reward_functions
 
-        columns = [key for key in train[0] if key != "prompt"] if isinstance(train[0], dict) else []
+        columns = [key for key in train[0] if key != PROMPT_KEY] if isinstance(train[0], dict) else []
         check_reward_columns(load_reward_functions(config.reward_fn), columns,
                              f"{config.dataset} (split {config.dataset_split!r})")
     if needs_chat_template([*train, *evaluation], config.chat_template):
