@@ -11,6 +11,8 @@ The trainers do the algorithm; a backend does what differs between launches, beh
 - `step(groups)`: reduce, clip, take the optimizer step; returns a `StepResult`: whether it stepped, and
   `grad_norm`, the norm of every trained gradient before clipping, under every backend;
 - `discard_gradients()`, and `can_discard_gradients`: whether gradients it has already reduced can still be dropped;
+- `snapshot()` and `restore(snapshot)`: a copy of this process's trained weights and optimizer state, and putting
+  it back, so that a failed training step leaves no trace (`can_roll_back`: whether the backend can);
 - `save_optimizer(directory)` and `load_trained_state(directory, named_trainable)`.
 
 The three backends:
@@ -35,6 +37,9 @@ What differs in their behaviour, by design:
   `gradient_checkpointing`, whose recomputation would then see the policy adapter active); the other backends run
   each term's forward and backward passes in turn, inside the term's context.
 - DeepSpeed runs `ppo-lm train` only; SFT and reward training are refused under it (`stages`).
+- DeepSpeed keeps its master weights and optimizer state inside the engine, where no public call copies them in
+  memory, so it cannot roll a failed step back (`can_roll_back` is False): a failure ends the run, which resumes
+  from its last checkpoint.
 
 Only this module knows FSDP and DeepSpeed.
 """
@@ -68,6 +73,23 @@ STAGES = ("train", "sft", "reward")
 DEEPSPEED_STATE = "deepspeed"
 """A checkpoint's folder of DeepSpeed's own files (the optimizer state, partitioned as the engine holds it)."""
 DEEPSPEED_TAG = "state"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss or gradient of a training step was not finite (NaN or infinite); no optimizer step used it."""
+
+
+@dataclass
+class TrainedState:
+    """A copy of one process's trained weights and optimizer state (`Backend.snapshot`)."""
+
+    parameters: list[nn.Parameter]
+    """The optimizer's parameters (this process's shards, when sharded), in its order."""
+    weights: list[torch.Tensor]
+    """A copy of each parameter's values."""
+    optimizer_state: dict[nn.Parameter, dict[str, Any]]
+    """A copy of the optimizer's per-parameter state (AdamW: its step and moments); parameters without state yet
+    are absent."""
 
 
 class StepResult(NamedTuple):
@@ -110,6 +132,8 @@ class Backend:
     stages: tuple[str, ...] = STAGES
     can_discard_gradients = True
     """Whether gradients already computed (and reduced) for a step can still be dropped without a trace."""
+    can_roll_back = True
+    """Whether `snapshot` and `restore` can undo a training step."""
 
     def __init__(self) -> None:
         self.optimizer: torch.optim.Optimizer | None = None
@@ -152,9 +176,9 @@ class Backend:
 
     def accumulate(self, terms: Sequence[LossTerm], guard: Callable[[torch.Tensor, str], None]
                    ) -> dict[str, torch.Tensor]:
-        """Add the gradients of a micro-batch's loss terms; return their statistics. `guard(objective, name)` runs
-        before any gradient of a term is computed (e.g. to refuse a non-finite loss). Here each term runs its forward
-        and backward passes in turn, inside its context, so only one term's graph is held at a time."""
+        """Add the gradients of a micro-batch's loss terms; return their statistics. `guard(objective, name)` sees
+        each term's objective before its backward pass (the trainer notes a non-finite one). Here each term runs its
+        forward and backward passes in turn, inside its context, so only one term's graph is held at a time."""
         stats: dict[str, torch.Tensor] = {}
         for term in terms:
             with term.context():
@@ -184,6 +208,27 @@ class Backend:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(stepped, grad_norm)
+
+    def snapshot(self) -> TrainedState:
+        """A copy of this process's trained weights and optimizer state, taken before a training step so that
+        `restore` can undo it. It costs one more copy of the trained tensors and of their optimizer state (with
+        AdamW, three times the trained weights), where they live."""
+        parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+        with torch.no_grad():
+            weights = [p.detach().clone() for p in parameters]
+        state = {p: {key: value.clone() if torch.is_tensor(value) else value for key, value in entry.items()}
+                 for p, entry in self.optimizer.state.items()}
+        return TrainedState(parameters, weights, state)
+
+    def restore(self, snapshot: TrainedState) -> None:
+        """Put back the weights and optimizer state of `snapshot` (whose copies the optimizer then owns: a snapshot
+        is restored once) and drop every gradient. Each process restores its own part."""
+        with torch.no_grad():
+            for parameter, weights in zip(snapshot.parameters, snapshot.weights, strict=True):
+                parameter.copy_(weights)
+        self.optimizer.state.clear()
+        self.optimizer.state.update(snapshot.optimizer_state)
+        self.optimizer.zero_grad(set_to_none=True)
 
     def save_optimizer(self, directory: Path) -> None:
         """Write the optimizer state to `directory`. Every process calls it (making sharded state whole is
@@ -422,6 +467,13 @@ class DeepSpeedBackend(Backend):
     title = "DeepSpeed ZeRO"
     stages = ("train",)
     can_discard_gradients = False
+    can_roll_back = False
+
+    def snapshot(self) -> TrainedState:
+        raise NotImplementedError("DeepSpeed cannot roll a training step back (see `can_roll_back`).")
+
+    def restore(self, snapshot: TrainedState) -> None:
+        raise NotImplementedError("DeepSpeed cannot roll a training step back (see `can_roll_back`).")
 
     def __init__(self, settings: DeepSpeedSettings) -> None:
         super().__init__()

@@ -23,8 +23,12 @@ import logging
 import sys
 from typing import Any
 
+from accelerate import PartialState
+
+from ppo_lm.backend import NonFiniteLossError
 from ppo_lm.config import PPOConfig
 from ppo_lm.runs import STAGES, fields_help, run_stage
+from ppo_lm.training import Preempted
 
 
 def train_command(argv: list[str]) -> dict[str, Any]:
@@ -122,4 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as error:  # the step was undone (see training.all_or_nothing_step)
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except Preempted as stop:
+        if PartialState().is_main_process:
+            print(stop, file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:
+        print("Stopped at once (interrupted twice): the newest checkpoint in the output directory is the last one "
+              "saved; continue with --resume.", file=sys.stderr)
+        return 130
     return status if isinstance(status, int) else 0

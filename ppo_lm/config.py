@@ -36,6 +36,8 @@ AdvantageEstimatorName = Literal[ADVANTAGE_ESTIMATORS.names()]
 PolicyLossName = Literal[POLICY_LOSSES.names()]
 LossAggregationName = Literal[LOSS_AGGREGATIONS.names()]
 ScaleRewardsName = Literal["group", "batch", "none"]
+OnNonFiniteName = Literal["raise", "skip"]
+ON_NON_FINITE: tuple[str, ...] = get_args(OnNonFiniteName)
 SCALE_REWARDS: tuple[str, ...] = get_args(ScaleRewardsName)
 TRACKERS = ("tensorboard", "wandb", "trackio")
 """Trackers `report_to` may name (a comma-separated list, so a plain str rather than a Literal)."""
@@ -205,6 +207,19 @@ class TrainConfig(RunConfig):
     max_grad_norm: float = 1.0
     """Gradient norm clip (0 turns clipping off). PPO clips the policy and the value model separately (under
     DeepSpeed: both together)."""
+    step_rollback: bool = True
+    """Keep a copy of the trained weights and optimizer state at the start of each step, so that a step that fails
+    (a non-finite loss in its third minibatch, an out-of-memory in the update, a reward function that raises) leaves
+    them, the KL controller and the step count exactly as they were. The copy costs memory: with AdamW, three times
+    the trained weights (small with LoRA; with full fine-tuning, as much again as the weights and optimizer state).
+    False: no copy; a failed step then ends the run with the weights as the failure left them (resume from the last
+    checkpoint). Not available under DeepSpeed, which runs without it."""
+    on_nonfinite: OnNonFiniteName = "raise"
+    """What a step whose loss or gradient is not finite does: 'raise' (undo the step, then stop with an error that
+    names the step, the minibatch and the loss) or 'skip' (undo the step, count it in the `skipped_steps` metric
+    and go on with the next batch; needs `step_rollback`)."""
+    max_skipped_steps: int = 3
+    """With `on_nonfinite: skip`, stop with an error once this many steps in a row have been skipped."""
 
     @property
     def items_per_step(self) -> int:
@@ -230,6 +245,11 @@ class TrainConfig(RunConfig):
         require_optional_ints(self, ("micro_batch_size",))
         require_numbers(self, ("learning_rate",), positive=True)
         require_numbers(self, ("max_grad_norm",), positive=False)
+        require_choice(self, "on_nonfinite", ON_NON_FINITE)
+        require_ints(self, ("max_skipped_steps",), 1)
+        if self.on_nonfinite == "skip" and not self.step_rollback:
+            raise _invalid(self, "on_nonfinite", self.on_nonfinite, "needs step_rollback: true (a skipped step must "
+                           "leave no trace); set step_rollback: true or on_nonfinite: raise")
 
 
 @dataclass

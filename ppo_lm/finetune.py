@@ -27,7 +27,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
-from ppo_lm.backend import select_backend
+from ppo_lm.backend import NonFiniteLossError, select_backend
 from ppo_lm.checkpoint import save_trained
 from ppo_lm.config import FinetuneConfig
 from ppo_lm.distributed import batch_layout, gather_rows, mean_over_processes, process_state
@@ -156,27 +156,32 @@ class FinetuneTrainer:
 
         Each process's items give their own mean loss; the step's loss is the mean of those over the processes, so
         each process backpropagates its mean divided by the process count (the backend sums the gradients).
-        A non-finite loss raises FloatingPointError before the step, with every gradient of the batch dropped.
+        A loss that is not finite on any process raises `NonFiniteLossError` on every process before the optimizer
+        step, with every gradient of the batch dropped.
         """
         self.model.train()  # dropout as configured (off by default); turns gradient checkpointing on
         sums: dict[str, float] = defaultdict(float)
+        first_non_finite: float | None = None
         try:
             for loss, stats in self.micro_losses(items, self.config.micro_batch_size):
-                if not torch.isfinite(loss):
-                    self.backend.discard_gradients()
-                    raise FloatingPointError(
-                        f"The loss is {loss.item()} at step {self.step_count + 1}; no optimizer step was taken. "
-                        "Lower the learning rate or check the data."
-                    )
+                if first_non_finite is None and not torch.isfinite(loss):
+                    first_non_finite = loss.item()
+                # every process runs every backward pass (a sharded one is collective), finite or not
                 self.backend.backward(loss / self.layout.processes)
                 for name, value in stats.items():
                     sums[name] += value
         finally:
             self.model.eval()
+        sums["non_finite"] = float(first_non_finite is not None)
         sums = mean_over_processes(sums)
+        if sums.pop("non_finite") > 0:
+            self.backend.discard_gradients()
+            value = "not finite (on another process)" if first_non_finite is None else first_non_finite
+            raise NonFiniteLossError(f"The loss is {value} at step {self.step_count + 1}; no optimizer step was "
+                                     "taken. Lower the learning rate or check the data.")
         step = self.backend.step([list(self.trainable().values())])
         if not step.stepped:
-            raise FloatingPointError(f"The gradient norm is {step.grad_norm} at step {self.step_count + 1}; no "
+            raise NonFiniteLossError(f"The gradient norm is {step.grad_norm} at step {self.step_count + 1}; no "
                                      "optimizer step was taken. Lower the learning rate or check the data.")
         sums["grad_norm"] = step.grad_norm
         self.step_count += 1

@@ -36,7 +36,7 @@ from ppo_lm.advantages import (
     masked_whiten,
     zero_variance_groups,
 )
-from ppo_lm.backend import LossTerm, select_backend
+from ppo_lm.backend import LossTerm, NonFiniteLossError, select_backend
 from ppo_lm.checkpoint import save_trained
 from ppo_lm.config import PPOConfig
 from ppo_lm.data import PromptItem, split_prompt_items
@@ -510,10 +510,12 @@ class PPOTrainer:
         rows = rollout.batch.input_ids.shape[0]
         if all_sum(rollout.update_mask.sum()).item() == 0:
             return {"ppo_epochs_run": 0.0, "optimizer_steps": 0.0}
-        for _epoch in range(self.config.ppo_epochs):
+        minibatches = self.config.num_mini_batches
+        for epoch in range(self.config.ppo_epochs):
             order = torch.randperm(rows).to(self.device)
-            for index in order.tensor_split(self.config.num_mini_batches):
-                step_stats = self._minibatch_step(rollout, index)
+            for number, index in enumerate(order.tensor_split(minibatches), 1):
+                where = f"PPO step {self.step_count + 1} (epoch {epoch + 1}, minibatch {number} of {minibatches})"
+                step_stats = self._minibatch_step(rollout, index, where)
                 if step_stats is None:
                     break
                 optimizer_steps += 1
@@ -526,9 +528,10 @@ class PPOTrainer:
         stats["optimizer_steps"] = float(optimizer_steps)
         return stats
 
-    def _minibatch_step(self, rollout: Rollout, index: torch.Tensor) -> dict[str, float] | None:
-        """One optimizer step on the minibatch `index`; its statistics, or None (and no step) when its approximate
-        KL is over `target_kl`.
+    def _minibatch_step(self, rollout: Rollout, index: torch.Tensor, where: str) -> dict[str, float] | None:
+        """One optimizer step on the minibatch `index` (`where` names it in errors); its statistics, or None (and no
+        step) when its approximate KL is over `target_kl`. A loss or gradient that is not finite on any process
+        raises `NonFiniteLossError` on every process, with no step taken.
 
         The approximate KL comes with the minibatch's gradients, which are dropped when it is over the target; a
         backend that cannot drop gradients it has computed gets the decision first, from a pass without gradients.
@@ -538,7 +541,7 @@ class PPOTrainer:
                 and self._minibatch_approx_kl(rollout, index) > target_kl):
             return None
         with self.models.gradient_mode():
-            stats = self._minibatch_gradients(rollout, index)
+            stats = self._minibatch_gradients(rollout, index, where)
         if target_kl is not None and self.backend.can_discard_gradients and stats["approx_kl"] > target_kl:
             self.backend.discard_gradients()
             return None
@@ -547,8 +550,8 @@ class PPOTrainer:
             groups.append(self.models.value_parameters())
         step = self.backend.step(groups)
         if not step.stepped:
-            raise FloatingPointError(f"The gradient norm is {step.grad_norm} at PPO step {self.step_count}; this "
-                                     "minibatch took no optimizer step. Lower the learning rate or check the rewards.")
+            raise NonFiniteLossError(f"The gradient norm is {step.grad_norm} at {where}; this minibatch took no "
+                                     "optimizer step. Lower the learning rate or check the rewards.")
         stats["grad_norm"] = step.grad_norm
         return stats
 
@@ -570,18 +573,29 @@ class PPOTrainer:
                 kl_sum += approx_kl(logprobs, old, mask) * mask.sum() / total_tokens
         return all_sum(kl_sum).item()
 
-    def _minibatch_gradients(self, rollout: Rollout, index: torch.Tensor) -> dict[str, float]:
+    def _minibatch_gradients(self, rollout: Rollout, index: torch.Tensor, where: str) -> dict[str, float]:
         """Accumulate the gradients of one minibatch's losses, micro-batch by micro-batch; return its statistics.
 
         A micro-batch's loss terms are the policy's and, for an estimator with values, the value model's (computed
         inside `value_mode`); the backend runs their forward and backward passes. Each term returns its part of the
-        minibatch's loss and of each statistic, so that the parts of every micro-batch and process add up."""
+        minibatch's loss and of each statistic, so that the parts of every micro-batch and process add up.
+
+        A term whose loss is not finite still runs its backward pass (a sharded backward is collective: every
+        process must take part); whether any process saw one travels with the statistics, so that every process
+        drops the minibatch's gradients and raises `NonFiniteLossError` together."""
         batch, update_mask = rollout.batch, rollout.update_mask
         # The minibatch's size over all processes: the loss aggregations' denominators.
         totals = all_sum(torch.stack([update_mask[index].sum(), update_mask[index].any(-1).sum()]).to(
             update_mask.dtype))
         size = MinibatchSize(tokens=totals[0], responses=totals[1])
         sums: dict[str, float] = defaultdict(float)
+        term_names = ["policy loss", "value loss"] if self.config.needs_value_model else ["policy loss"]
+        non_finite: dict[str, float] = {}  # this process's first non-finite value of each term
+
+        def note_non_finite(objective: torch.Tensor, name: str) -> None:
+            if not torch.isfinite(objective):
+                non_finite.setdefault(name, objective.item())
+
         for micro_index in batch.micro_batches(index, self.config.micro_batch_size):
             micro = batch.select(micro_index)
             mask = update_mask[micro_index, : micro.response_mask.shape[1]]
@@ -591,12 +605,19 @@ class PPOTrainer:
             if self.config.needs_value_model:
                 terms.append(LossTerm("value loss", partial(self._value_terms, rollout, micro_index, micro, mask,
                                                             share), context=self._value_pass))
-            stats = self.backend.accumulate(terms, self._check_finite)
+            stats = self.backend.accumulate(terms, note_non_finite)
             for name, value in stats.items():
                 sums[name] += value.item()
         names = sorted(sums)  # each process holds its rows' part of every statistic: their sum is the whole's
-        totals = all_sum(torch.tensor([sums[name] for name in names], dtype=torch.float64, device=self.device))
-        return dict(zip(names, totals.tolist(), strict=True))
+        local = [sums[name] for name in names] + [float(name in non_finite) for name in term_names]
+        totals = all_sum(torch.tensor(local, dtype=torch.float64, device=self.device)).tolist()
+        failed = [name for name, count in zip(term_names, totals[len(names):], strict=True) if count > 0]
+        if failed:
+            self.backend.discard_gradients()
+            value = non_finite.get(failed[0], "not finite (on another process)")
+            raise NonFiniteLossError(f"The {failed[0]} is {value} at {where}; this minibatch took no optimizer "
+                                     "step. Lower the learning rate or check the rewards.")
+        return dict(zip(names, totals[: len(names)], strict=True))
 
     def _policy_terms(self, rollout: Rollout, micro_index: torch.Tensor, micro: SequenceBatch, mask: torch.Tensor,
                       size: MinibatchSize, share: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -644,15 +665,6 @@ class PPOTrainer:
         with self.models.value_mode():
             self.backend.gather_root_weights(self.models.value_root)  # the value pass runs a body, not a forward
             yield
-
-    def _check_finite(self, loss: torch.Tensor, what: str) -> None:
-        """Drop every gradient of this minibatch and raise if `loss` is not finite (before its backward pass)."""
-        if not torch.isfinite(loss):
-            self.backend.discard_gradients()
-            raise FloatingPointError(
-                f"The {what} is {loss.item()} at PPO step {self.step_count}; this minibatch took no optimizer step. "
-                "Lower the learning rate or check the rewards."
-            )
 
     def _reward_tokenizer_if_different(self):
         """The reward model's tokenizer when its vocabulary differs from the policy's, else None (share tokens)."""

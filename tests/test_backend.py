@@ -144,3 +144,36 @@ def test_a_gradient_that_is_not_finite_takes_no_step_and_is_dropped():
     after = [p.detach() for p in (*first.parameters(), *second.parameters())]
     assert all(torch.equal(old, new) for old, new in zip(before, after, strict=True))
     assert all(p.grad is None for p in (*first.parameters(), *second.parameters()))
+
+
+def test_a_snapshot_restores_the_weights_and_the_optimizer_state_bit_for_bit():
+    torch.manual_seed(0)
+    first, second = nn.Linear(3, 2), nn.Linear(2, 1)
+    backend = Backend()
+    backend.prepare({"first": first, "second": second}, [],
+                    lambda: torch.optim.AdamW([*first.parameters(), *second.parameters()], lr=0.1), 1.0)
+    parameters = [*first.parameters(), *second.parameters()]
+
+    def train_step():
+        backend.backward(second(first(torch.randn(4, 3))).square().sum())
+        assert backend.step([parameters]).stepped
+
+    for taken_before in (0, 2):  # no optimizer state yet (AdamW creates it at its first step), then some
+        for _ in range(taken_before):
+            train_step()
+        weights = [p.detach().clone() for p in parameters]
+        state = {p: {k: v.clone() for k, v in s.items()} for p, s in backend.optimizer.state.items()}
+        saved = backend.snapshot()
+        train_step()
+        backend.backward(first(torch.ones(1, 3)).sum())  # gradients a failed step left behind
+        assert not all(torch.equal(p, w) for p, w in zip(parameters, weights, strict=True))
+        backend.restore(saved)
+        assert all(torch.equal(p, w) for p, w in zip(parameters, weights, strict=True))
+        assert backend.optimizer.state.keys() == state.keys()
+        for p, entry in backend.optimizer.state.items():
+            assert entry.keys() == state[p].keys() and all(torch.equal(entry[k], state[p][k]) for k in entry)
+        assert all(p.grad is None for p in parameters)
+
+
+def test_deepspeed_says_it_cannot_undo_a_step():
+    assert Backend.can_roll_back and FSDPBackend.can_roll_back and not DeepSpeedBackend.can_roll_back

@@ -30,7 +30,8 @@ from ppo_lm.losses import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
 from ppo_lm.runs import CommandLineError, fields_help, parse_config
 
 SHARED = {"model_name", "use_lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_layers",
-          "batch_size", "micro_batch_size", "gradient_checkpointing", "learning_rate", "max_grad_norm"}
+          "batch_size", "micro_batch_size", "gradient_checkpointing", "learning_rate", "max_grad_norm",
+          "step_rollback", "on_nonfinite", "max_skipped_steps"}
 STAGES = (PPOConfig, SFTConfig, RewardConfig)
 
 

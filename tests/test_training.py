@@ -1,14 +1,21 @@
 """training.py's loop, through `ppo-lm train` on a tiny model: exact resume, the run directory, the learning-rate
-schedules, the trackers and the report."""
+schedules, the trackers and the report; all-or-nothing steps and skipped ones; stopping on a signal."""
 
+import copy
+import re
 import shutil
 
 import pytest
 import torch
-from conftest import read_metrics
+from conftest import length_reward, read_metrics, tiny_config
 from safetensors.torch import load_file
 
+from ppo_lm.backend import NonFiniteLossError
+from ppo_lm.checkpoint import load_state
 from ppo_lm.cli import main
+from ppo_lm.ppo_trainer import PPOTrainer
+from ppo_lm.sft_trainer import SFTTrainer
+from ppo_lm.training import all_or_nothing_step
 
 
 @pytest.mark.slow
@@ -121,3 +128,145 @@ def test_tensorboard_logs_by_default_and_report_on_demand(run_files, capsys):
     assert main(["report", str(run_dir)]) == 0
     assert (run_dir / "report.png").stat().st_size > 10_000 and "report.png" in capsys.readouterr().out
     assert main(["report", str(run_files["dir"] / "nothing-here")]) == 2
+
+
+# --- all-or-nothing steps ----------------------------------------------------------------------------------------
+
+PROMPTS = [f"Question {i}: what is {i} plus {i}?" for i in range(4)]
+
+
+def trained_state(trainer):
+    """Copies of everything a step changes: the trained tensors, the optimizer state, the trainer's own state."""
+    weights = [p.detach().clone() for group in trainer.optimizer.param_groups for p in group["params"]]
+    return weights, copy.deepcopy(trainer.optimizer.state_dict()), copy.deepcopy(trainer.extra_state())
+
+
+def assert_same_state(trainer, before):
+    weights, optimizer, extra = trained_state(trainer)
+    assert len(weights) == len(before[0]) and all(torch.equal(a, b) for a, b in zip(weights, before[0], strict=True))
+    assert optimizer["param_groups"] == before[1]["param_groups"]
+    assert optimizer["state"].keys() == before[1]["state"].keys()
+    for key, entry in optimizer["state"].items():
+        assert entry.keys() == before[1]["state"][key].keys()
+        assert all(torch.equal(entry[name], before[1]["state"][key][name]) for name in entry)
+    assert extra == before[2]
+    assert all(p.grad is None for group in trainer.optimizer.param_groups for p in group["params"])
+
+
+def fail_in_update(trainer, monkeypatch, failure):
+    """Make the next update fail: a NaN policy loss in its third minibatch, or an out-of-memory error right after its
+    second optimizer step (weights and optimizer state already changed twice)."""
+    if failure == "nan-loss-in-minibatch-3":
+        policy_loss, calls = trainer.policy_loss, []
+
+        def nan_on_third_call(*args):
+            loss, stats = policy_loss(*args)
+            calls.append(1)
+            return (loss + float("nan") if len(calls) == 3 else loss), stats
+
+        monkeypatch.setattr(trainer, "policy_loss", nan_on_third_call)
+        return NonFiniteLossError, r"The policy loss is nan at PPO step 2 \(epoch 1, minibatch 3 of 4\)"
+    step, calls = trainer.backend.step, []
+
+    def out_of_memory_after_second_step(groups):
+        result = step(groups)
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return result
+
+    monkeypatch.setattr(trainer.backend, "step", out_of_memory_after_second_step)
+    return torch.OutOfMemoryError, "simulated"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failure", ["nan-loss-in-minibatch-3", "out-of-memory"])
+@pytest.mark.parametrize("settings", [{}, {"use_lora": False, "advantage_estimator": "grpo", "num_generations": 2}],
+                         ids=["lora-gae", "full-grpo"])
+def test_a_failed_ppo_step_leaves_weights_optimizer_and_controller_as_before(tiny_model_dir, monkeypatch, settings,
+                                                                             failure):
+    trainer = PPOTrainer(tiny_config(tiny_model_dir, num_mini_batches=4, ppo_epochs=1, adaptive_kl_target=0.01,
+                                     **settings), reward_fn=length_reward)
+    all_or_nothing_step(trainer, PROMPTS)  # a step that works: the optimizer has state, the KL coefficient moved
+    before = trained_state(trainer)
+    error, message = fail_in_update(trainer, monkeypatch, failure)
+    with pytest.raises(error, match=message):
+        all_or_nothing_step(trainer, PROMPTS)
+    assert_same_state(trainer, before)
+    # The same failure without the rollback leaves the first minibatches' steps behind: the check above could fail.
+    monkeypatch.undo()
+    fail_in_update(trainer, monkeypatch, failure)
+    with pytest.raises(error):
+        all_or_nothing_step(trainer, PROMPTS, rollback=False)
+    assert not all(torch.equal(a, b) for a, b in zip(trained_state(trainer)[0], before[0], strict=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
+def test_a_failed_sft_step_leaves_weights_and_optimizer_as_before(tiny_model_dir, monkeypatch, use_lora):
+    from ppo_lm.config import SFTConfig
+
+    trainer = SFTTrainer(SFTConfig(model_name=tiny_model_dir, batch_size=4, micro_batch_size=2, learning_rate=1e-3,
+                                   use_lora=use_lora, device="cpu"))
+    rows = [{"prompt": f"Question {i}:", "completion": f" the answer is {i}"} for i in range(4)]
+    all_or_nothing_step(trainer, rows)
+    before = trained_state(trainer)
+    micro_losses = trainer.micro_losses
+
+    def nan_in_second_micro_batch(items, size):
+        for number, (loss, stats) in enumerate(micro_losses(items, size)):
+            yield (loss * float("nan") if number == 1 else loss), stats
+
+    monkeypatch.setattr(trainer, "micro_losses", nan_in_second_micro_batch)
+    with pytest.raises(NonFiniteLossError, match="The loss is nan at step 2; no optimizer step was taken"):
+        all_or_nothing_step(trainer, rows)
+    assert_same_state(trainer, before)
+    monkeypatch.undo()
+    step = trainer.backend.step
+
+    def out_of_memory_after_the_step(groups):
+        step(groups)
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(trainer.backend, "step", out_of_memory_after_the_step)
+    with pytest.raises(torch.OutOfMemoryError):
+        all_or_nothing_step(trainer, rows)
+    assert_same_state(trainer, before)
+
+
+def nan_advantages_on_attempts(monkeypatch, attempts):
+    """From now on, PPO updates number `attempts` (counting from 1) get a NaN advantage: a non-finite policy loss."""
+    update, count = PPOTrainer.update, []
+
+    def update_with_nan(self, rollout):
+        count.append(1)
+        if len(count) in attempts:
+            rollout.advantages[0, 0] = float("nan")
+        return update(self, rollout)
+
+    monkeypatch.setattr(PPOTrainer, "update", update_with_nan)
+
+
+@pytest.mark.slow
+def test_skip_undoes_a_non_finite_step_and_trains_on(run_files, monkeypatch, caplog):
+    run_dir = run_files["dir"] / "run"
+    nan_advantages_on_attempts(monkeypatch, {2})
+    assert main(["train", "--config", run_files["config"], "--output_dir", str(run_dir), "--on_nonfinite",
+                 "skip"]) == 0
+    train = [m for m in read_metrics(run_dir) if "reward_mean" in m]
+    assert [(m["step"], m["skipped_steps"]) for m in train] == [(1, 0), (2, 1), (3, 1), (4, 1)]
+    assert "Step 2 skipped and undone (1 skipped so far): The policy loss is nan at PPO step 2" in caplog.text
+    assert load_state(run_dir / "checkpoint-4", "loop_state")["skipped"] == {"total": 1, "in_row": 0}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, message", [
+    ("raise", r"The policy loss is nan at PPO step 2 \(epoch 1, minibatch 1 of 1\)"),
+    ("skip", r"2 steps in a row were skipped \(max_skipped_steps=2\), the last because: The policy loss is nan"),
+])
+def test_a_non_finite_step_stops_the_run_with_one_line(run_files, monkeypatch, capsys, mode, message):
+    nan_advantages_on_attempts(monkeypatch, {2, 3, 4})
+    assert main(["train", "--config", run_files["config"], "--output_dir", str(run_files["dir"] / "run"),
+                 "--on_nonfinite", mode, "--max_skipped_steps", "2"]) == 1
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith("error: ") and re.search(message, last_line), last_line
