@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,43 @@ def write_ppo_run(directory: Path, model_dir: str, **settings) -> Path:
     path = directory / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+PAUSING_REWARD = """import os
+import time
+from pathlib import Path
+
+
+def reward(prompts, completions):
+    # write_ppo_run's reward; with PAUSE_DIR set, each call marks a file <rank>-<call number> there, and call number
+    # PAUSE_AT waits PAUSE_SECONDS first: a test sends its signal in the middle of that step.
+    if "PAUSE_DIR" in os.environ:
+        marks = Path(os.environ["PAUSE_DIR"])
+        rank = os.environ.get("RANK", "0")
+        number = len(list(marks.glob(f"{rank}-*"))) + 1
+        (marks / f"{rank}-{number}").touch()
+        if number == int(os.environ["PAUSE_AT"]):
+            time.sleep(float(os.environ["PAUSE_SECONDS"]))
+    return [len(c) / 10 for c in completions]
+"""
+
+
+def write_pausing_reward(directory: Path) -> None:
+    """Replace write_ppo_run's reward.py in `directory` with one that gives the same scores and can pause a step."""
+    (directory / "reward.py").write_text(PAUSING_REWARD)
+
+
+def wait_for(path: Path, process, timeout: float = 300) -> None:
+    """Wait until `path` exists, failing if the subprocess `process` ends first or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended (exit {process.returncode}) before {path.name} appeared:\n"
+                                 + process.stderr.read()[-5000:])
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"{path.name} did not appear in {timeout} s")
+        time.sleep(0.1)
 
 
 @pytest.fixture()

@@ -2,12 +2,17 @@
 schedules, the trackers and the report; all-or-nothing steps and skipped ones; stopping on a signal."""
 
 import copy
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
-from conftest import length_reward, read_metrics, tiny_config
+from conftest import length_reward, read_metrics, tiny_config, wait_for, write_pausing_reward
 from safetensors.torch import load_file
 
 from ppo_lm.backend import NonFiniteLossError
@@ -15,7 +20,7 @@ from ppo_lm.checkpoint import load_state
 from ppo_lm.cli import main
 from ppo_lm.ppo_trainer import PPOTrainer
 from ppo_lm.sft_trainer import SFTTrainer
-from ppo_lm.training import all_or_nothing_step
+from ppo_lm.training import StopSignals, all_or_nothing_step
 
 
 @pytest.mark.slow
@@ -270,3 +275,66 @@ def test_a_non_finite_step_stops_the_run_with_one_line(run_files, monkeypatch, c
                  "--on_nonfinite", mode, "--max_skipped_steps", "2"]) == 1
     last_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert last_line.startswith("error: ") and re.search(message, last_line), last_line
+
+
+# --- stopping on a signal ----------------------------------------------------------------------------------------
+
+def start_run(config: str, run_dir, pause_dir, pause_at: int, pause_seconds: float, *extra: str) -> subprocess.Popen:
+    """`ppo-lm train` in its own process, whose reward function pauses at its call `pause_at` (see conftest)."""
+    pause_dir.mkdir()
+    env = {**os.environ, "PAUSE_DIR": str(pause_dir), "PAUSE_AT": str(pause_at), "PAUSE_SECONDS": str(pause_seconds),
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "ppo_lm", "train", "--config", config, "--output_dir",
+                             str(run_dir), *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_sigterm_in_the_middle_of_a_step_saves_it_and_resume_ends_like_a_straight_run(run_files, monkeypatch):
+    write_pausing_reward(run_files["dir"])
+    settings = ["--total_steps", "5", "--save_steps", "0", "--eval_fraction", "0"]  # reward call k is step k
+    straight, stopped = run_files["dir"] / "straight", run_files["dir"] / "stopped"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as in the subprocess, so that the numbers can agree to 1e-6
+    torch.set_num_threads(1)
+    try:
+        assert main(["train", "--config", run_files["config"], "--output_dir", str(straight), *settings]) == 0
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+
+    run = start_run(run_files["config"], stopped, run_files["dir"] / "marks", 3, 3.0, *settings)
+    wait_for(run_files["dir"] / "marks" / "0-3", run)  # step 3 is scoring its responses
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert f"Stopped by SIGTERM after step 3: checkpoint-3 is saved in {stopped}" in stderr
+    assert f"run the same command with --resume {stopped}" in stderr
+    assert sorted(p.name for p in stopped.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert main(["verify", str(stopped)]) == 0
+    assert [m["step"] for m in read_metrics(stopped)] == [1, 2, 3]  # written and flushed before the exit
+
+    assert main(["train", "--resume", str(stopped)]) == 0  # the run's own config
+    for a, b in zip(read_metrics(straight), read_metrics(stopped), strict=True):
+        assert a.keys() == b.keys() and a["step"] == b["step"]
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-6), (a["step"], key)
+    final_straight = load_file(str(straight / "checkpoint-5" / "trainable.safetensors"))
+    final_resumed = load_file(str(stopped / "checkpoint-5" / "trainable.safetensors"))
+    for name in final_straight:
+        torch.testing.assert_close(final_straight[name], final_resumed[name], atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once_without_saving(run_files):
+    write_pausing_reward(run_files["dir"])
+    run_dir = run_files["dir"] / "run"
+    run = start_run(run_files["config"], run_dir, run_files["dir"] / "marks", 2, 60.0, "--save_steps", "0",
+                    "--eval_fraction", "0")
+    wait_for(run_files["dir"] / "marks" / "0-2", run)  # step 2 waits a minute in its reward function
+    run.send_signal(signal.SIGINT)
+    time.sleep(StopSignals.REPEAT_SECONDS + 1)  # a second press, not the same signal passed on by a launcher
+    interrupted = time.monotonic()
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=60)
+    assert time.monotonic() - interrupted < 20  # not after the step's minute
+    assert run.returncode == 130, stderr[-3000:]
+    assert "SIGINT received: the current step finishes" in stderr and "Stopped at once (interrupted twice)" in stderr
+    assert not list(run_dir.glob("checkpoint-*"))
