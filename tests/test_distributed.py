@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -10,9 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_ppo_run
+from conftest import wait_for, write_pausing_reward, write_ppo_run
+from safetensors.torch import load_file
 
 from ppo_lm import PPOConfig, PPOTrainer
+from ppo_lm.checkpoint import load_state, verify
 from ppo_lm.cli import main
 from ppo_lm.distributed import batch_layout, shard
 
@@ -37,10 +40,10 @@ DEEPSPEED_ZERO3 = ["--config_file", str(ACCELERATE_CONFIGS / "deepspeed_zero3.ya
 """A DeepSpeed ZeRO-3 launch with the shipped config: the weights partitioned too."""
 
 
-def launch(arguments: list[str], cwd: Path, processes: int = 2, sharding: list[str] = REPLICATED
-           ) -> subprocess.CompletedProcess:
-    """`accelerate launch --multi_gpu --num_processes N ...` (or FSDP's options instead of --multi_gpu); without a
-    visible GPU its processes use gloo."""
+def launch_command(arguments: list[str], processes: int = 2, sharding: list[str] = REPLICATED
+                   ) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of `accelerate launch --multi_gpu --num_processes N ...` (or FSDP's options
+    instead of --multi_gpu); without a visible GPU its processes use gloo."""
     with socket.socket() as probe:  # a free port for the rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -48,6 +51,13 @@ def launch(arguments: list[str], cwd: Path, processes: int = 2, sharding: list[s
                "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
                "--dynamo_backend", "no", "--main_process_port", str(port), *arguments]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return command, env
+
+
+def launch(arguments: list[str], cwd: Path, processes: int = 2, sharding: list[str] = REPLICATED
+           ) -> subprocess.CompletedProcess:
+    """Run `launch_command` to the end; it must succeed."""
+    command, env = launch_command(arguments, processes, sharding)
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
@@ -378,3 +388,43 @@ def test_buckets_keep_order_and_respect_the_size_limit(monkeypatch):
     tensors = [torch.zeros(n) for n in (4, 4, 4, 30, 1)]
     groups = distributed._buckets(tensors)
     assert [[t.numel() for t in group] for group in groups] == [[4, 4], [4], [30], [1]]
+
+
+# --- stopping on a signal ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_sigterm_to_a_two_process_launch_saves_every_part_and_resume_ends_like_a_straight_run(tmp_path,
+                                                                                               tiny_model_dir):
+    # The launcher passes the signal on to its processes; each finishes step 2, takes its part in checkpoint-2 and
+    # stops. The resumed launch then ends where an uninterrupted one does.
+    write_ppo_run(tmp_path, tiny_model_dir, total_steps=3, save_steps=0, eval_fraction=0.0)
+    write_pausing_reward(tmp_path)
+    config = str(tmp_path / "config.yaml")
+    straight, stopped, marks = tmp_path / "straight", tmp_path / "stopped", tmp_path / "marks"
+    launch(["-m", "ppo_lm", "train", "--config", config, "--output_dir", str(straight)], cwd=tmp_path)
+
+    marks.mkdir()
+    command, env = launch_command(["-m", "ppo_lm", "train", "--config", config, "--output_dir", str(stopped)])
+    env.update(PAUSE_DIR=str(marks), PAUSE_AT="2", PAUSE_SECONDS="3")  # no evaluation: reward call 2 is step 2
+    run = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(marks / "1-2", run)
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode != 0  # torchrun's agent reports the signal as its own failure (status 1)
+    assert stderr.count(f"Stopped by SIGTERM after step 2: checkpoint-2 is saved in {stopped}") == 1, stderr[-5000:]
+    assert sorted(p.name for p in stopped.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert verify(stopped) == [(stopped / "checkpoint-2", None)]
+    assert len(load_state(stopped / "checkpoint-2", "loop_state")["rng"]) == 2  # each process's generators
+
+    launch(["-m", "ppo_lm", "train", "--resume", str(stopped)], cwd=tmp_path)
+    lines = [[json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+             for run_dir in (straight, stopped)]
+    assert [m["step"] for m in lines[0]] == [m["step"] for m in lines[1]] == [1, 2, 3]
+    for a, b in zip(*lines, strict=True):
+        for key in a.keys() - {key for key in a if key.startswith("time/")}:
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-6), (a["step"], key)
+    final = [load_file(str(run_dir / "checkpoint-3" / "trainable.safetensors")) for run_dir in (straight, stopped)]
+    for name in final[0]:
+        torch.testing.assert_close(final[0][name], final[1][name], atol=1e-6, rtol=0)
