@@ -29,9 +29,11 @@ from typing import Any
 import torch
 from accelerate import PartialState
 
+from ppo_lm.backend import Backend
 from ppo_lm.config import PPOConfig
 from ppo_lm.distributed import gather_rows, shard
 from ppo_lm.runs import parse_config
+from ppo_lm.training import all_or_nothing_step
 
 QWEN3_VOCAB = 151936
 SMALL_VOCAB = 4096
@@ -227,11 +229,12 @@ def run_benchmark(
     processes = PartialState()  # under `accelerate launch`, each process steps on its share of the prompts
     local_prompts = shard(prompts, processes.process_index, processes.num_processes)
     sequences = [prompt for prompt in prompts for _ in range(config.num_generations)]  # num_generations per prompt
+    rollback = config.step_rollback and trainer.backend.can_roll_back
     for _ in range(warmup):
-        trainer.ppo_step(local_prompts)
+        all_or_nothing_step(trainer, local_prompts, rollback)
     records, flops = [], []
     for _ in range(steps):
-        rollout_stats = trainer.ppo_step(local_prompts)  # its texts and statistics are every process's
+        rollout_stats = all_or_nothing_step(trainer, local_prompts, rollback)  # texts and statistics: every process's
         records.append(rollout_stats)
         prompt_lens = [len(ids) for ids in trainer.tokenizer(sequences)["input_ids"]]
         response_lens = [max(1, len(trainer.tokenizer(c)["input_ids"])) for c in rollout_stats["generated_texts"]]
@@ -241,6 +244,7 @@ def run_benchmark(
     generated = statistics.median(r["response_length"] for r in records) * len(sequences)
     rate = matmul_rate(trainer.device, trainer.dtype)
     floor = statistics.median(flops) / (rate * processes.num_processes)  # the processes share the step's FLOPs
+    copy_seconds, copy_bytes = rollback_copy_cost(trainer.backend) if rollback else (0.0, 0)
     return {
         "arch": arch or config.model_name, "device": str(trainer.device), "dtype": str(trainer.dtype).split(".")[-1],
         "use_lora": config.use_lora, "batch_size": config.batch_size, "processes": processes.num_processes,
@@ -259,7 +263,25 @@ def run_benchmark(
         "floor_s": round(floor, 4),
         "time_over_floor": round(step_seconds / floor, 2),
         "model_flop_utilisation": round(floor / step_seconds, 4),
+        "step_rollback": rollback,
+        "rollback_copy_s": round(copy_seconds, 4),
+        "rollback_copy_gib": round(copy_bytes / 2**30, 4),
     }
+
+
+def rollback_copy_cost(backend: Backend, repeats: int = 3) -> tuple[float, int]:
+    """The median seconds one copy of the trained state takes (`Backend.snapshot`, taken before every step), and its
+    size in bytes on this process."""
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        copy = backend.snapshot()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the copies are queued on the GPU
+        seconds.append(time.perf_counter() - start)
+    tensors = copy.weights + [value for entry in copy.optimizer_state.values() for value in entry.values()
+                              if torch.is_tensor(value)]
+    return statistics.median(seconds), sum(t.numel() * t.element_size() for t in tensors)
 
 
 def bench_command(argv: list[str]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ def test_bench_prints_one_json_line_with_every_figure(capsys):
         assert key in result, key
     assert set(result["stage_s"]) == {"generate", "logprobs", "reward", "values", "update"}
     assert result["median_step_s"] > 0 and result["step_tflop"] > 0 and result["time_over_floor"] > 0
+    assert result["step_rollback"] is True and result["rollback_copy_s"] > 0 and result["rollback_copy_gib"] > 0
 
 
 def test_small_vocab_model_dir_loads_and_round_trips_a_prompt(tmp_path):
