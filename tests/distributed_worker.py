@@ -8,7 +8,8 @@ are summed across the processes (all-reduced, or reduce-scattered when an FSDP l
 process writes to OUT_FILE the weights after the update (whole), the update's statistics, the rollout statistics
 and how far whitening over both halves (or, for a critic-free estimator, its advantages of each half) is from the
 whole batch's, and the trainer's checkpoint state to the
-folder OUT_FILE with the suffix `.state`.
+folder OUT_FILE with the suffix `.state`. Where the backend can undo a step, a second update then runs and is undone
+(`Backend.snapshot` and `restore`), and the weights and optimizer state must be the first update's again.
 """
 
 import dataclasses
@@ -20,7 +21,7 @@ from accelerate import PartialState
 
 from ppo_lm import PPOConfig, PPOTrainer
 from ppo_lm.advantages import AdvantageInputs, masked_whiten
-from ppo_lm.distributed import all_sum, full_tensor, gather_rows, shard, shard_like
+from ppo_lm.distributed import all_sum, full_tensor, full_tensors, gather_rows, shard, shard_like
 from ppo_lm.rewards import shape_rewards
 
 
@@ -81,9 +82,27 @@ def main(case_file: str, out_file: str) -> None:
     whitening_error = gather_rows([(shared - whole[rows, :width]).abs().max().item()])
     statistics = local.statistics()
     update_stats = trainer.update(local)
-    with trainer.whole_weights():
-        weights = {name: full_tensor(tensor.detach()).clone()
-                   for name, tensor in trainer.models.named_trainable().items()}
+
+    def whole_state() -> tuple[dict, dict]:
+        with trainer.whole_weights():
+            weights = {name: full_tensor(tensor.detach()).clone()
+                       for name, tensor in trainer.models.named_trainable().items()}
+        optimizer = {key: {name: value.clone() for name, value in entry.items()}
+                     for key, entry in full_tensors(trainer.optimizer.state_dict())["state"].items()}
+        return weights, optimizer
+
+    weights, optimizer = whole_state()
+    undone = None
+    if trainer.backend.can_roll_back:
+        before_second = trainer.backend.snapshot()
+        trainer.update(local)
+        trainer.backend.restore(before_second)
+        weights_again, optimizer_again = whole_state()
+        undone = (all(torch.equal(weights[name], weights_again[name]) for name in weights)
+                  and optimizer.keys() == optimizer_again.keys()
+                  and all(torch.equal(entry[name], optimizer_again[key][name])
+                          for key, entry in optimizer.items() for name in entry))
+    undone_everywhere = gather_rows([undone])
     # The checkpoint state after the update, written by the main process (every process takes part).
     state_dir = Path(out_file).with_suffix(".state")
     if processes.is_main_process:
@@ -97,6 +116,7 @@ def main(case_file: str, out_file: str) -> None:
             "update_stats": update_stats,
             "statistics": statistics,
             "whitening_error": whitening_error,
+            "undone": undone_everywhere,
             "processes": processes.num_processes,
             "device": str(trainer.device),
         }, out_file)
