@@ -333,12 +333,13 @@ def run_training(
         anyone = all_sum(torch.tensor([float(signals.requested is not None)], device=processes.device)).item()
         return (signals.requested or int(signal.SIGTERM)) if anyone > 0 else None
 
-    eval_metrics = evaluate(step) if resume_from is None else {}
     train_metrics: dict[str, Any] = {}
-    progress = tqdm(total=config.total_steps, initial=step, desc="ppo-lm", dynamic_ncols=True, disable=not is_main)
     budget, spent = config.max_train_minutes, 0.0  # seconds of training steps in this process, evaluations excluded
     saved_at = None
-    with StopSignals() as signals:
+    with StopSignals() as signals:  # a signal from here on ends the run at a step's end, with a checkpoint
+        eval_metrics = evaluate(step) if resume_from is None else {}
+        progress = tqdm(total=config.total_steps, initial=step, desc="ppo-lm", dynamic_ncols=True,
+                        disable=not is_main)
         try:
             while step < config.total_steps:
                 if budget is not None and from_main_process(spent >= 60 * budget):  # every process stops at once
@@ -375,8 +376,8 @@ def run_training(
                     raise Preempted(stopped_by, step, run_dir)
         finally:
             progress.close()
-    eval_metrics = evaluate(step) or eval_metrics
-    checkpoint = save(step)
+        eval_metrics = evaluate(step) or eval_metrics  # the last step: a signal now waits for its checkpoint
+        checkpoint = save(step)
     metrics_logger.close()
     report = write_report(run_dir) if is_main else {}
     processes.wait_for_everyone()
