@@ -15,6 +15,7 @@ leading space (the prompt ends in `TL;DR:`), as in the N+ implementation details
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -27,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 # Local file suffix -> the `datasets` builder that reads it.
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+TEXT_SUFFIXES = (".jsonl", ".json", ".csv")
+"""The file types that hold text, which `load_rows` checks is UTF-8 before they are read."""
 TLDR_COLUMNS = ("subreddit", "title", "post")
 TLDR_TEMPLATE = "SUBREDDIT: r/{subreddit}\nTITLE: {title}\nPOST: {post}\nTL;DR:"
 SUMMARY_COLUMN = "summary"
@@ -76,16 +79,81 @@ def _load_file(path: str, split: str) -> datasets.Dataset:
     # An empty .jsonl makes the json builder raise a bare StopIteration: catch it before it gets there.
     if os.path.getsize(path) == 0:
         raise DataError(f"{path} is empty: it holds no rows.")
+    if suffix in TEXT_SUFFIXES:
+        _check_utf8(path)
     try:
         return datasets.load_dataset(FILE_BUILDERS[suffix], data_files=path, split=split)
     except Exception as error:
         # `datasets` reports a file with no rows (a header-only CSV, "[]", blank lines) this way.
         if "corresponds to no data" in str(error):
             raise DataError(f"{path} (split {split!r}) holds no rows.") from error
+        # The json builder's own error names neither the line nor the fault: find them, only now that it failed.
+        fault = _json_fault(path, suffix == ".jsonl") if FILE_BUILDERS[suffix] == "json" else None
+        if fault is not None:
+            raise DataError(f"{path}, {fault}. Fix or remove it.") from error
+        root = _root_cause(error)
         raise DataError(
-            f"Could not read {path} as {FILE_BUILDERS[suffix]} ({type(error).__name__}: {error}). Check that the "
-            f"file is valid {suffix[1:]} with one record per row."
+            f"Could not read {path} as {FILE_BUILDERS[suffix]} ({type(root).__name__}: {str(root).strip()}). Check "
+            f"that the file is valid {suffix[1:]} with one record per row."
         ) from error
+
+
+def _check_utf8(path: str) -> None:
+    """Raise DataError naming the first line of a text data file that is not valid UTF-8.
+
+    pyarrow's readers accept such bytes and the row fails only when it is read, far from the file, so the whole
+    file is checked here first (line by line: a loop over rows, cheap beside parsing them).
+    """
+    with open(path, "rb") as file:
+        for number, line in enumerate(file, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(
+                    f"{path}, line {number}: not valid UTF-8 (byte 0x{line[error.start]:02x} at column "
+                    f"{error.start + 1}: {error.reason}). Save the file as UTF-8, or fix that line."
+                ) from None
+
+
+def _json_fault(path: str, json_lines: bool) -> str | None:
+    """Where and why a JSON-lines (`json_lines`) or JSON file cannot be read as rows ("line 3: invalid JSON: ..."),
+    or None when no fault is found here (the json builder then failed for another reason)."""
+    with open(path, encoding="utf-8") as file:
+        text = file.read()
+    if not json_lines:
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError as error:
+            # "Extra data" after a first complete value: JSON lines in a .json file; check them line by line below.
+            if error.msg != "Extra data":
+                return f"line {error.lineno}: invalid JSON: {error.msg} (column {error.colno})"
+        else:
+            rows = whole if isinstance(whole, list) else [whole]
+            bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
+            return None if bad is None else f"item {bad}: {_json_type(rows[bad])}, not an object of column: value pairs"
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            return f"line {number}: invalid JSON: {error.msg} (column {error.colno})"
+        if not isinstance(row, dict):
+            return f"line {number}: {_json_type(row)}, not an object of column: value pairs"
+    return None
+
+
+def _json_type(value: Any) -> str:
+    names = {str: "a string", int: "a number", float: "a number", bool: "true/false", list: "a list",
+             type(None): "null"}
+    return f"{names.get(type(value), type(value).__name__)} ({json.dumps(value)[:40]})"
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The first exception of a chain (`datasets` wraps the reader's own, which says what was wrong)."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return error
 
 
 def _load_saved(path: str, split: str) -> datasets.Dataset:

@@ -126,10 +126,46 @@ def test_load_rows_file_has_only_train_split(tmp_path):
         load_rows(path, split="test")
 
 
-def test_load_rows_malformed_file(tmp_path):
-    path = tmp_path / "bad.jsonl"
-    path.write_text('{"prompt": "ok"}\n{not json\n')
-    with pytest.raises(DataError, match="Could not read .*bad.jsonl as json"):
+@pytest.mark.parametrize(("name", "text", "message"), [
+    ("bad.jsonl", '{"prompt": "ok"}\n{not json\n',
+     "bad.jsonl, line 2: invalid JSON: Expecting property name enclosed in double quotes (column 2)"),
+    ("bad.jsonl", '{"prompt": "ok"}\n\n{"prompt": "cut short"\n{"prompt": "ok"}\n',
+     "bad.jsonl, line 3: invalid JSON: Expecting ',' delimiter (column 23)"),
+    ("bad.jsonl", '{"prompt": "ok"}\n"a bare string"\n',
+     'bad.jsonl, line 2: a string ("a bare string"), not an object'),
+    ("bad.jsonl", '{"prompt": "ok"}\n[1, 2]\n', "bad.jsonl, line 2: a list ([1, 2]), not an object"),
+    ("bad.json", '[{"prompt": "ok"},\n {"prompt" "no colon"}]',
+     "bad.json, line 2: invalid JSON: Expecting ':' delimiter"),
+    ("bad.json", '[{"prompt": "ok"}, 3]', "bad.json, item 1: a number (3), not an object"),
+    ("bad.json", '{"prompt": "ok"}\n{"prompt": \n', "bad.json, line 2: invalid JSON: Expecting value"),
+])
+def test_a_broken_json_line_names_the_file_and_line(tmp_path, name, text, message):
+    """The json builder's own error names neither the line nor the fault; load_rows finds both."""
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(DataError, match="Fix or remove it") as error:
+        load_rows(str(path))
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["bad.jsonl", "bad.json", "bad.csv"])
+def test_invalid_utf8_names_the_file_and_line(tmp_path, name):
+    """pyarrow reads such bytes without complaint and fails only when the row is read: checked up front instead."""
+    path = tmp_path / name
+    first = b"prompt\n" if name.endswith(".csv") else b'{"prompt": "fine"}\n'
+    bad = b"caf\xe9 au lait\n" if name.endswith(".csv") else b'{"prompt": "caf\xe9 au lait"}\n'
+    path.write_bytes(first + first.replace(b"prompt", b"okay") * (not name.endswith(".csv")) + bad)
+    line = 2 if name.endswith(".csv") else 3
+    with pytest.raises(DataError, match=rf"bad\.\w+, line {line}: not valid UTF-8 \(byte 0xe9 at column \d+: invalid "
+                                        r"continuation byte\)\. Save the file as UTF-8"):
+        load_rows(str(path))
+
+
+def test_a_malformed_csv_names_the_parser_s_reason(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("prompt,label\nfine,1\ntoo,many,fields\n")
+    with pytest.raises(DataError, match=r"Could not read .*bad\.csv as csv \(ParserError: .*Expected 2 fields in "
+                                        r"line 3, saw 3\)"):
         load_rows(str(path))
 
 
