@@ -306,7 +306,8 @@ def prompts_from_rows(
     the `prompt_field` column is returned as it is: plain prompts are never cut here, since the trainer keeps the
     last tokens of a prompt that is too long and warns. A conversation is checked here and rendered later, with the
     tokenizer (`render_chat_prompts`). Raises DataError for a missing column, a malformed conversation, or a value
-    that is neither; `source` (where the rows came from) starts the message.
+    that is neither (None, a number, a string of whitespace alone); `source` (where the rows came from) starts the
+    message, and the row and column follow.
     """
     if max_prompt_length is not None and tokenizer is None:
         raise ValueError("max_prompt_length counts tokens: pass the tokenizer too.")
@@ -331,10 +332,12 @@ def prompts_from_rows(
     for i, prompt in enumerate(prompts):
         if isinstance(prompt, list):
             prompts[i] = check_conversation(prompt, f"{source}, row {i}: {prompt_field}")
-        elif not isinstance(prompt, str) or not prompt:
+        elif not isinstance(prompt, str) or not prompt.strip():
+            # A prompt of spaces alone would still encode to tokens and train on nothing the data meant.
+            value = "missing or null" if prompt is None else f"{prompt!r:.80}"
             raise DataError(
-                f"{source}, row {i}: {prompt_field} is {prompt!r:.80}; every prompt must be a non-empty string or a "
-                "list of chat messages. Fix or drop that row."
+                f"{source}, row {i}: {prompt_field} is {value}; every prompt must be a string with some text (not "
+                "only whitespace) or a list of chat messages. Fix or drop that row."
             )
     return prompts
 

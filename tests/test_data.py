@@ -205,11 +205,18 @@ def test_prompts_from_rows_missing_prompt_field():
         prompts_from_rows(rows)
 
 
-@pytest.mark.parametrize(("values", "bad_row"), [(["fine", "ok", None], 2), (["fine", "", "ok"], 1), ([3, 7], 0)])
-def test_prompts_from_rows_rejects_non_string_prompt(values, bad_row):
+@pytest.mark.parametrize(("values", "shown"), [
+    (["fine", "ok", None], "row 2: prompt is missing or null"),
+    (["fine", "", "ok"], "row 1: prompt is ''"),
+    (["fine", " \n\t", "ok"], "row 1: prompt is ' \\n\\t'"),
+    ([3, 7], "row 0: prompt is 3"),
+    ([{"text": "a dict"}, {"text": "b"}], "row 0: prompt is {'text': 'a dict'}"),
+])
+def test_prompts_from_rows_rejects_a_prompt_without_text(values, shown):
     rows = datasets.Dataset.from_dict({"prompt": values})
-    with pytest.raises(DataError, match=f"row {bad_row}: prompt is .*non-empty string"):
-        prompts_from_rows(rows)
+    with pytest.raises(DataError, match="every prompt must be a string with some text") as error:
+        prompts_from_rows(rows, source="p.jsonl (split 'train')")
+    assert str(error.value).startswith(f"p.jsonl (split 'train'), {shown}; ")
 
 
 def test_plain_prompts_are_not_truncated(qwen_tokenizer):
