@@ -210,6 +210,7 @@ def run_stage(argv: list[str], stage: Stage) -> dict[str, Any]:
 
     if config.max_prompt_length is not None:
         train_items, eval_items, extra = stage.load_data(config, load_tokenizer(config.model_name))
+    warn_if_smaller_than_a_step(config, len(train_items))
     trainer = stage.make_trainer(config)
     result = run_training(config, trainer, train_items, eval_items, run_dir, resume_from=resume_dir)
     if stage.finish is not None:
@@ -220,6 +221,19 @@ def run_stage(argv: list[str], stage: Stage) -> dict[str, Any]:
         _print_summary(result)
     processes.wait_for_everyone()
     return result
+
+
+def warn_if_smaller_than_a_step(config: RunConfig, num_items: int) -> None:
+    """Warn when the training data holds fewer items than one step draws. The prompt stream cycles (see
+    `data.PromptStream`), so each step's batch then holds some rows twice or more: fine for a smoke test, but often a
+    sign of the wrong file or split."""
+    per_step = config.items_per_step
+    if num_items < per_step:
+        groups = getattr(config, "num_generations", 1)
+        batch = f"batch_size={config.batch_size}" + (f" / num_generations={groups}" if groups > 1 else "")
+        logger.warning("%s (split %r) gives %d training row(s), fewer than the %d each step draws (%s): every step's "
+                       "batch repeats rows. Add rows, or lower batch_size.", config.dataset, config.dataset_split,
+                       num_items, per_step, batch)
 
 
 def _print_summary(result: dict[str, Any]) -> None:
