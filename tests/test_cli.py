@@ -429,3 +429,12 @@ def test_max_new_tokens_that_fill_the_context_stop_before_any_model_loads(tmp_pa
     assert main(stage_command("train", dataset, tiny_model_dir, "--max_new_tokens", "512")) == 2
     assert ("error: PPOConfig.max_new_tokens=512 leaves no room for a prompt in the model's context of 512 tokens"
             in capsys.readouterr().err)
+
+
+def test_every_test_the_bad_input_page_cites_exists():
+    """docs/bad-input.md backs each case with a test by name: each name is a test function of the file it cites."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "bad-input.md").read_text()
+    cited = set(re.findall(r"(test_\w+\.py)::(test_\w+)", page))
+    assert len(cited) > 20
+    for file, name in cited:
+        assert f"def {name}(" in (Path(__file__).parent / file).read_text(), f"{file}::{name}"
