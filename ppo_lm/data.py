@@ -118,9 +118,9 @@ def _check_utf8(path: str) -> None:
 def _json_fault(path: str, json_lines: bool) -> str | None:
     """Where and why a JSON-lines (`json_lines`) or JSON file cannot be read as rows ("line 3: invalid JSON: ..."),
     or None when no fault is found here (the json builder then failed for another reason)."""
-    with open(path, encoding="utf-8") as file:
-        text = file.read()
     if not json_lines:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()  # one JSON document: the json builder holds it whole too
         try:
             whole = json.loads(text)
         except json.JSONDecodeError as error:
@@ -131,15 +131,16 @@ def _json_fault(path: str, json_lines: bool) -> str | None:
             rows = whole if isinstance(whole, list) else [whole]
             bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
             return None if bad is None else f"item {bad}: {_json_type(rows[bad])}, not an object of column: value pairs"
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            return f"line {number}: invalid JSON: {error.msg} (column {error.colno})"
-        if not isinstance(row, dict):
-            return f"line {number}: {_json_type(row)}, not an object of column: value pairs"
+    with open(path, encoding="utf-8") as file:  # line by line: a large file is never held whole
+        for number, line in enumerate(file, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.rstrip("\r\n"))  # so that a cut-off line's column is its end, not past it
+            except json.JSONDecodeError as error:
+                return f"line {number}: invalid JSON: {error.msg} (column {error.colno})"
+            if not isinstance(row, dict):
+                return f"line {number}: {_json_type(row)}, not an object of column: value pairs"
     return None
 
 

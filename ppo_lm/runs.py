@@ -20,12 +20,15 @@ import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tyro
 import yaml
 
 from ppo_lm.config import PPOConfig, RewardConfig, RunConfig, SFTConfig
+
+if TYPE_CHECKING:  # the data module loads `datasets`: imported when a stage loads its data, not with the command
+    from ppo_lm.data import RowCheck
 
 logger = logging.getLogger("ppo_lm")
 
@@ -368,7 +371,7 @@ def make_ppo_trainer(config: PPOConfig) -> Any:
     return PPOTrainer(config)
 
 
-def _long_row_check(config: RunConfig, tokenizer: Any, completion_keys: tuple[str, ...]) -> Any:
+def _long_row_check(config: RunConfig, tokenizer: Any, completion_keys: tuple[str, ...]) -> RowCheck | None:
     """The SFT or reward stage's `data.RowCheck`: a warning for rows too long for the model's context, on the pass
     whose items the run trains on (None on the other)."""
     if not _is_final_pass(config, tokenizer):
