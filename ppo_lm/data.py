@@ -145,6 +145,7 @@ def _json_fault(path: str, json_lines: bool) -> str | None:
 
 
 def _json_type(value: Any) -> str:
+    """A JSON value as a message shows it: its kind in words and its start ('a list ([1, 2])')."""
     names = {str: "a string", int: "a number", float: "a number", bool: "true/false", list: "a list",
              type(None): "null"}
     return f"{names.get(type(value), type(value).__name__)} ({json.dumps(value)[:40]})"
