@@ -15,6 +15,7 @@ leading space (the prompt ends in `TL;DR:`), as in the N+ implementation details
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -82,7 +83,8 @@ def _load_file(path: str, split: str) -> datasets.Dataset:
     if suffix in TEXT_SUFFIXES:
         _check_utf8(path)
     try:
-        return datasets.load_dataset(FILE_BUILDERS[suffix], data_files=path, split=split)
+        with _quiet_json_builder():
+            return datasets.load_dataset(FILE_BUILDERS[suffix], data_files=path, split=split)
     except Exception as error:
         # `datasets` reports a file with no rows (a header-only CSV, "[]", blank lines) this way.
         if "corresponds to no data" in str(error):
@@ -96,6 +98,26 @@ def _load_file(path: str, split: str) -> datasets.Dataset:
             f"Could not read {path} as {FILE_BUILDERS[suffix]} ({type(root).__name__}: {str(root).strip()}). Check "
             f"that the file is valid {suffix[1:]} with one record per row."
         ) from error
+
+
+class _NoJsonFailureLine(logging.Filter):
+    """Drops the json builder's own log line about a file it cannot parse: `_load_file` raises a better error (with
+    the file's line number; the builder counts rows from 0 and skips blank lines, which reads as a contradiction)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to load JSON from file")
+
+
+@contextlib.contextmanager
+def _quiet_json_builder() -> Iterator[None]:
+    """While a file loads, without the json builder's line about a parse failure (see `_NoJsonFailureLine`)."""
+    builder_logger = logging.getLogger("datasets.packaged_modules.json.json")
+    quiet = _NoJsonFailureLine()
+    builder_logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        builder_logger.removeFilter(quiet)
 
 
 def _check_utf8(path: str) -> None:

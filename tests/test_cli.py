@@ -381,12 +381,13 @@ def jsonl(rows: list[dict]) -> bytes:
     (lambda good, column: b"", "is empty: it holds no rows."),
 ], ids=["invalid-utf8", "broken-json", "not-an-object", "empty-file"])
 def test_a_broken_file_is_one_line_naming_file_and_line_in_every_stage(tmp_path, tiny_model_dir, no_model, capsys,
-                                                                        stage, content, message):
+                                                                        caplog, stage, content, message):
     dataset = tmp_path / "data.jsonl"
     dataset.write_bytes(content(GOOD_ROWS[stage], TEXT_COLUMN[stage]))
     assert main(stage_command(stage, dataset, tiny_model_dir)) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {dataset}") and message in errors[0]
+    assert "Failed to load JSON" not in caplog.text  # the json builder's own line, which counts rows from 0
 
 
 @pytest.mark.parametrize("stage, value, message", [
