@@ -18,7 +18,7 @@ import difflib
 import io
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -207,7 +207,10 @@ def run_stage(argv: list[str], stage: Stage) -> dict[str, Any]:
 
     if stage.prepare is not None:
         stage.prepare(config)
-    train_items, eval_items, extra = stage.load_data(config, None)  # data errors before any model
+    # Data errors before any model. With max_prompt_length the data loads again below, with the tokenizer (to cut
+    # TL;DR posts); this first pass only finds errors early, so its warnings (rows skipped) wait for the second.
+    with _warnings_held(config.max_prompt_length is not None):
+        train_items, eval_items, extra = stage.load_data(config, None)
     from ppo_lm.models import load_tokenizer
     from ppo_lm.training import run_training
 
@@ -224,6 +227,19 @@ def run_stage(argv: list[str], stage: Stage) -> dict[str, Any]:
         _print_summary(result)
     processes.wait_for_everyone()
     return result
+
+
+@contextlib.contextmanager
+def _warnings_held(hold: bool) -> Iterator[None]:
+    """While the block runs, when `hold`, the data module's warnings are not shown (its errors still are)."""
+    data_logger = logging.getLogger("ppo_lm.data")
+    level = data_logger.level
+    if hold:
+        data_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        data_logger.setLevel(level)
 
 
 def warn_if_smaller_than_a_step(config: RunConfig, num_items: int) -> None:

@@ -424,6 +424,15 @@ def test_long_prompts_and_too_few_rows_are_warned_about_before_any_model_loads(t
             "every step's batch repeats rows.") in caplog.text
 
 
+def test_a_skipped_row_is_warned_about_once_though_max_prompt_length_loads_the_data_twice(tmp_path, tiny_model_dir,
+                                                                                           no_model, caplog):
+    dataset = tmp_path / "data.jsonl"
+    dataset.write_bytes(jsonl([GOOD_ROWS["sft"], {**GOOD_ROWS["sft"], "completion": None}, GOOD_ROWS["sft"]]))
+    with pytest.raises(ModelLoadReached):
+        main(stage_command("sft", dataset, tiny_model_dir, "--max_prompt_length", "64"))
+    assert caplog.text.count("skipping 1 of 3 row(s) with an empty completion (first: row 1)") == 1
+
+
 def test_max_new_tokens_that_fill_the_context_stop_before_any_model_loads(tmp_path, tiny_model_dir, no_model, capsys):
     dataset = tmp_path / "data.jsonl"
     dataset.write_bytes(jsonl([GOOD_ROWS["train"]] * 2))
