@@ -1,7 +1,7 @@
 """Data loading shared by every kind of run: rows from a local file, a saved directory or the hub, then items.
 
-PPO runs call `load_prompts` (train and eval prompts: strings, or dicts that also carry the row's other columns for
-reward functions to read; see `prompt_items_from_rows`), SFT runs `load_completion_rows`
+PPO runs read prompts with `load_items` and `prompt_items_from_rows` (`load_prompts` puts the two together: strings,
+or dicts that also carry the row's other columns for reward functions to read), SFT runs `load_completion_rows`
 (`{"prompt", "completion"}` dicts) and reward-model runs `load_preference_rows` (`{"prompt", "chosen", "rejected"}`
 dicts); each feeds its train items through a `PromptStream` (endless, seeded, resumable batches of any items).
 
@@ -15,6 +15,8 @@ leading space (the prompt ends in `TL;DR:`), as in the N+ implementation details
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import random
@@ -27,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 # Local file suffix -> the `datasets` builder that reads it.
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+TEXT_SUFFIXES = (".jsonl", ".json", ".csv")
+"""The file types that hold text, which `load_rows` checks is UTF-8 before they are read."""
 TLDR_COLUMNS = ("subreddit", "title", "post")
 TLDR_TEMPLATE = "SUBREDDIT: r/{subreddit}\nTITLE: {title}\nPOST: {post}\nTL;DR:"
 SUMMARY_COLUMN = "summary"
@@ -76,16 +80,104 @@ def _load_file(path: str, split: str) -> datasets.Dataset:
     # An empty .jsonl makes the json builder raise a bare StopIteration: catch it before it gets there.
     if os.path.getsize(path) == 0:
         raise DataError(f"{path} is empty: it holds no rows.")
+    if suffix in TEXT_SUFFIXES:
+        _check_utf8(path)
     try:
-        return datasets.load_dataset(FILE_BUILDERS[suffix], data_files=path, split=split)
+        with _quiet_json_builder():
+            return datasets.load_dataset(FILE_BUILDERS[suffix], data_files=path, split=split)
     except Exception as error:
         # `datasets` reports a file with no rows (a header-only CSV, "[]", blank lines) this way.
         if "corresponds to no data" in str(error):
             raise DataError(f"{path} (split {split!r}) holds no rows.") from error
+        # The json builder's own error names neither the line nor the fault: find them, only now that it failed.
+        fault = _json_fault(path, suffix == ".jsonl") if FILE_BUILDERS[suffix] == "json" else None
+        if fault is not None:
+            raise DataError(f"{path}, {fault}. Fix or remove it.") from error
+        root = _root_cause(error)
         raise DataError(
-            f"Could not read {path} as {FILE_BUILDERS[suffix]} ({type(error).__name__}: {error}). Check that the "
-            f"file is valid {suffix[1:]} with one record per row."
+            f"Could not read {path} as {FILE_BUILDERS[suffix]} ({type(root).__name__}: {str(root).strip()}). Check "
+            f"that the file is valid {suffix[1:]} with one record per row."
         ) from error
+
+
+class _NoJsonFailureLine(logging.Filter):
+    """Drops the json builder's own log line about a file it cannot parse: `_load_file` raises a better error (with
+    the file's line number; the builder counts rows from 0 and skips blank lines, which reads as a contradiction)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to load JSON from file")
+
+
+@contextlib.contextmanager
+def _quiet_json_builder() -> Iterator[None]:
+    """While a file loads, without the json builder's line about a parse failure (see `_NoJsonFailureLine`)."""
+    builder_logger = logging.getLogger("datasets.packaged_modules.json.json")
+    quiet = _NoJsonFailureLine()
+    builder_logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        builder_logger.removeFilter(quiet)
+
+
+def _check_utf8(path: str) -> None:
+    """Raise DataError naming the first line of a text data file that is not valid UTF-8.
+
+    pyarrow's readers accept such bytes and the row fails only when it is read, far from the file, so the whole
+    file is checked here first (line by line: a loop over rows, cheap beside parsing them).
+    """
+    with open(path, "rb") as file:
+        for number, line in enumerate(file, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(
+                    f"{path}, line {number}: not valid UTF-8 (byte 0x{line[error.start]:02x} at column "
+                    f"{error.start + 1}: {error.reason}). Save the file as UTF-8, or fix that line."
+                ) from None
+
+
+def _json_fault(path: str, json_lines: bool) -> str | None:
+    """Where and why a JSON-lines (`json_lines`) or JSON file cannot be read as rows ("line 3: invalid JSON: ..."),
+    or None when no fault is found here (the json builder then failed for another reason)."""
+    if not json_lines:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()  # one JSON document: the json builder holds it whole too
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError as error:
+            # "Extra data" after a first complete value: JSON lines in a .json file; check them line by line below.
+            if error.msg != "Extra data":
+                return f"line {error.lineno}: invalid JSON: {error.msg} (column {error.colno})"
+        else:
+            rows = whole if isinstance(whole, list) else [whole]
+            bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
+            return None if bad is None else f"item {bad}: {_json_type(rows[bad])}, not an object of column: value pairs"
+    with open(path, encoding="utf-8") as file:  # line by line: a large file is never held whole
+        for number, line in enumerate(file, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.rstrip("\r\n"))  # so that a cut-off line's column is its end, not past it
+            except json.JSONDecodeError as error:
+                return f"line {number}: invalid JSON: {error.msg} (column {error.colno})"
+            if not isinstance(row, dict):
+                return f"line {number}: {_json_type(row)}, not an object of column: value pairs"
+    return None
+
+
+def _json_type(value: Any) -> str:
+    """A JSON value as a message shows it: its kind in words and its start ('a list ([1, 2])')."""
+    names = {str: "a string", int: "a number", float: "a number", bool: "true/false", list: "a list",
+             type(None): "null"}
+    return f"{names.get(type(value), type(value).__name__)} ({json.dumps(value)[:40]})"
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The first exception of a chain (`datasets` wraps the reader's own, which says what was wrong)."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return error
 
 
 def _load_saved(path: str, split: str) -> datasets.Dataset:
@@ -238,7 +330,8 @@ def prompts_from_rows(
     the `prompt_field` column is returned as it is: plain prompts are never cut here, since the trainer keeps the
     last tokens of a prompt that is too long and warns. A conversation is checked here and rendered later, with the
     tokenizer (`render_chat_prompts`). Raises DataError for a missing column, a malformed conversation, or a value
-    that is neither; `source` (where the rows came from) starts the message.
+    that is neither (None, a number, a string of whitespace alone); `source` (where the rows came from) starts the
+    message, and the row and column follow.
     """
     if max_prompt_length is not None and tokenizer is None:
         raise ValueError("max_prompt_length counts tokens: pass the tokenizer too.")
@@ -263,12 +356,85 @@ def prompts_from_rows(
     for i, prompt in enumerate(prompts):
         if isinstance(prompt, list):
             prompts[i] = check_conversation(prompt, f"{source}, row {i}: {prompt_field}")
-        elif not isinstance(prompt, str) or not prompt:
+        elif not isinstance(prompt, str) or not prompt.strip():
+            # A prompt of spaces alone would still encode to tokens and train on nothing the data meant.
+            value = "missing or null" if prompt is None else f"{prompt!r:.80}"
             raise DataError(
-                f"{source}, row {i}: {prompt_field} is {prompt!r:.80}; every prompt must be a non-empty string or a "
-                "list of chat messages. Fix or drop that row."
+                f"{source}, row {i}: {prompt_field} is {value}; every prompt must be a string with some text (not "
+                "only whitespace) or a list of chat messages. Fix or drop that row."
             )
     return prompts
+
+
+_TOKEN_MARGIN = 8
+"""Tokens a tokenizer may add to a text beyond one per UTF-8 byte (BOS, EOS, SentencePiece's leading-space piece),
+well rounded up: byte-level BPE and byte-fallback tokenizers never make more tokens than bytes otherwise."""
+
+
+def long_prompt_rows(
+    prompts: Sequence[str],
+    room: int,
+    tokenizer: Callable[[], Any],
+    completions: Sequence[Sequence[str]] | None = None,
+    max_completion_tokens: int | None = None,
+) -> list[tuple[int, int, int]]:
+    """`(row, prompt tokens, room for it)` of each of `prompts` longer than the room it gets, counted as the trainers
+    encode them: `room` tokens, less (when `completions` is given: SFT and reward rows) the longest of the row's
+    completions plus its EOS, cut to `max_completion_tokens` (as `finetune.encode_completions` cuts them).
+
+    `tokenizer()` returns the tokenizer. It is called only for rows whose UTF-8 bytes (plus `_TOKEN_MARGIN`) could
+    overflow, so a run whose texts are all short tokenises nothing here.
+    """
+    limit = room - 1 if max_completion_tokens is None else min(max_completion_tokens, room - 1)
+
+    def completion_bound(row: int) -> int:
+        if completions is None:
+            return 0
+        return min(max(len(text.encode("utf-8")) for text in completions[row]) + _TOKEN_MARGIN + 1, limit)
+
+    candidates = [row for row, prompt in enumerate(prompts)
+                  if len(prompt.encode("utf-8")) + _TOKEN_MARGIN + completion_bound(row) > room]
+    if not candidates:
+        return []
+    encode = tokenizer()
+    encoded = encode([prompts[row] for row in candidates], add_special_tokens=True)["input_ids"]
+    prompt_tokens = [len(ids) for ids in encoded]
+    rooms = [room] * len(candidates)
+    if completions is not None:
+        # One tokenizer call for every completion of every candidate row, then each row's longest.
+        texts = [text for row in candidates for text in completions[row]]
+        counts = [len(ids) for ids in encode(texts, add_special_tokens=False)["input_ids"]]
+        start = 0
+        for k, row in enumerate(candidates):
+            longest = max(counts[start:start + len(completions[row])])
+            start += len(completions[row])
+            rooms[k] = room - min(longest + 1, limit)
+    return [(row, tokens, row_room) for row, tokens, row_room in zip(candidates, prompt_tokens, rooms, strict=True)
+            if tokens > row_room]
+
+
+def warn_long_prompts(
+    prompts: Sequence[str],
+    room: int,
+    tokenizer: Callable[[], Any],
+    source: str,
+    why: str,
+    completions: Sequence[Sequence[str]] | None = None,
+    max_completion_tokens: int | None = None,
+    rows: Sequence[int] | None = None,
+) -> list[int]:
+    """Warn once about the rows of `prompts` longer than their room (see `long_prompt_rows`), which the trainers cut
+    to their last tokens (the end of a prompt is what the response continues): how many, the first row, its length
+    and room. `why` says where the room comes from; `source` (where the rows came from) starts the message; `rows`
+    numbers the prompts as the data does (default: 0, 1, ...). Returns the numbers of the rows that do not fit."""
+    long = long_prompt_rows(prompts, room, tokenizer, completions, max_completion_tokens)
+    numbers = range(len(prompts)) if rows is None else rows
+    if long:
+        index, tokens, row_room = long[0]
+        logger.warning("%s: %d of %d prompt(s) do not fit in %s and will keep only their last tokens (first: row %d, "
+                       "%d tokens for a room of %d). Shorten them, or use a model with a longer context.",
+                       source, len(long), len(prompts), why, numbers[index], tokens, row_room)
+    return [numbers[index] for index, _, _ in long]
 
 
 def prompt_items_from_rows(
@@ -433,7 +599,8 @@ def load_prompts(
     seed: int = 0,
     dataset_config: str | None = None,
 ) -> tuple[list[PromptItem], list[PromptItem]]:
-    """Train and eval prompts for a PPO run: the one entry point runs use.
+    """Train and eval prompts for a PPO run (`ppo-lm train` adds the chat template and checks to each split: see
+    `runs.load_prompt_data`).
 
     Train prompts come from `split` of `dataset` (see `load_rows`, `prompt_items_from_rows`): strings, or dicts with
     the prompt under "prompt" and the row's other columns beside it when the rows have other columns. Eval prompts
@@ -490,6 +657,11 @@ def load_items(
 
 # --- SFT and preference rows ----------------------------------------------------------------------------------
 
+RowCheck = Callable[[list[dict[str, str]], list[int], str], object]
+"""`check_rows(items, rows, source)`: sees the items of a split once they are built (rows that are skipped left out),
+each one's row number in the data, and where they came from: runs warn there about rows too long for the model."""
+
+
 def _text(value: Any, row: int, column: str, source: str) -> str:
     """A cell that must hold text: None reads as '' (an empty text), anything else but a string is a DataError."""
     if value is None:
@@ -504,25 +676,35 @@ def _with_leading_space(text: str) -> str:
     return text if not text or text[0].isspace() else " " + text
 
 
-def _drop_rows(items: list[dict[str, str]], reasons: dict[str, list[int]], source: str) -> list[dict[str, str]]:
-    """`items` without the rows listed under each reason, with one warning per reason: how many, why, which first."""
+def _drop_rows(
+    items: list[dict[str, str]], reasons: dict[str, list[int]], source: str, check_rows: RowCheck | None = None,
+    rows: Sequence[int] | None = None,
+) -> list[dict[str, str]]:
+    """`items` without the rows listed under each reason, with one warning per reason: how many, why, which first.
+    `rows` numbers the items as the data does (default: 0, 1, ...); `check_rows` sees the items that are kept."""
+    numbers = list(range(len(items))) if rows is None else list(rows)
     for why, bad in reasons.items():
         if bad:
             logger.warning("%s: skipping %d of %d row(s) with %s (first: row %d).", source, len(bad), len(items), why,
-                           bad[0])
+                           numbers[bad[0]])
     dropped = {i for bad in reasons.values() for i in bad}
-    return [item for i, item in enumerate(items) if i not in dropped]
+    kept = [i for i in range(len(items)) if i not in dropped]
+    if check_rows is not None:
+        check_rows([items[i] for i in kept], [numbers[i] for i in kept], source)
+    return [items[i] for i in kept]
 
 
-def _prompt_source_columns(rows: datasets.Dataset, prompt_field: str, source: str) -> datasets.Dataset:
+def _prompt_source_columns(
+    rows: datasets.Dataset, prompt_field: str, source: str
+) -> tuple[datasets.Dataset, list[int] | None]:
     """Rows whose prompt lives in an `info` dict (the OpenAI comparisons) get subreddit/title/post columns from it.
 
     Rows whose `info` has no text `post` (the CNN/DM articles of that release) are dropped with a warning. Any other
-    rows are returned unchanged.
+    rows are returned unchanged. Returns the rows and, when some were dropped, the numbers of those kept (else None).
     """
     columns = rows.column_names
     if prompt_field in columns or all(c in columns for c in TLDR_COLUMNS) or "info" not in columns:
-        return rows
+        return rows, None
     infos = rows["info"]
     keep = [i for i, info in enumerate(infos) if isinstance(info, dict) and isinstance(info.get("post"), str)]
     if len(keep) < len(infos):
@@ -531,11 +713,12 @@ def _prompt_source_columns(rows: datasets.Dataset, prompt_field: str, source: st
                        source, len(infos) - len(keep), len(infos), first)
     if not keep:
         raise DataError(f"{source}: no row's info holds a Reddit post (info.post); there is no TL;DR prompt to build.")
+    numbers = keep if len(keep) < len(infos) else None
     rows = rows.select(keep)
     infos = [infos[i] for i in keep]
     for column in TLDR_COLUMNS:
         rows = rows.add_column(column, [info.get(column) or "" for info in infos])
-    return rows
+    return rows, numbers
 
 
 def completion_rows(
@@ -546,14 +729,15 @@ def completion_rows(
     max_prompt_length: int | None = None,
     *,
     source: str = "The SFT rows",
+    check_rows: RowCheck | None = None,
 ) -> list[dict[str, str]]:
     """Prompt/completion pairs for SFT, as `{"prompt", "completion"}` dicts.
 
     Two schemas: a `prompt_field` column (or TL;DR subreddit/title/post columns, see `prompts_from_rows`) and a
     `completion_field` column, as in `trl-lib/tldr`; or TL;DR rows with a `summary` column (the OpenAI TL;DR
     release), whose summary becomes the completion with one leading space. Rows with an empty or missing completion
-    are skipped with a warning (training on them would teach the model to stop at once). Raises DataError for a
-    missing column, a value that is not text, or when no row is left.
+    are skipped with a warning (training on them would teach the model to stop at once); `check_rows` sees the rest
+    (see `RowCheck`). Raises DataError for a missing column, a value that is not text, or when no row is left.
     """
     columns = rows.column_names
     if completion_field in columns:
@@ -571,7 +755,8 @@ def completion_rows(
     if space:
         completions = [_with_leading_space(text) for text in completions]
     items = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions, strict=True)]
-    items = _drop_rows(items, {"an empty completion": [i for i, c in enumerate(completions) if not c.strip()]}, source)
+    items = _drop_rows(items, {"an empty completion": [i for i, c in enumerate(completions) if not c.strip()]}, source,
+                       check_rows)
     if not items:
         raise DataError(f"{source}: every row's completion is empty; there is nothing to train on.")
     return items
@@ -594,6 +779,7 @@ def preference_rows(
     max_prompt_length: int | None = None,
     *,
     source: str = "The preference rows",
+    check_rows: RowCheck | None = None,
 ) -> list[dict[str, str]]:
     """Preference pairs for reward-model training, as `{"prompt", "chosen", "rejected"}` dicts.
 
@@ -601,9 +787,10 @@ def preference_rows(
     `trl-lib/tldr-preference`; or the OpenAI human-feedback comparisons: `summaries` (two dicts with `text`, or two
     strings) and `choice` (0 or 1), the prompt from TL;DR columns or from an `info` dict holding them. Summaries get
     one leading space. Pairs whose chosen and rejected texts are equal (no preference to learn) or where either is
-    empty are skipped with a warning. Raises DataError for a missing column, a malformed value, or no pair left.
+    empty are skipped with a warning; `check_rows` sees the rest (see `RowCheck`). Raises DataError for a missing
+    column, a malformed value, or no pair left.
     """
-    rows = _prompt_source_columns(rows, prompt_field, source)
+    rows, numbers = _prompt_source_columns(rows, prompt_field, source)
     columns = rows.column_names
     if all(c in columns for c in PREFERENCE_COLUMNS):
         pairs = [(_text(c, i, "chosen", source), _text(r, i, "rejected", source))
@@ -621,7 +808,7 @@ def preference_rows(
     empty = [i for i, (c, r) in enumerate(pairs) if not c.strip() or not r.strip()]
     same = [i for i, (c, r) in enumerate(pairs) if c.strip() and c.strip() == r.strip()]
     items = _drop_rows(items, {"an empty chosen or rejected completion": empty,
-                               "chosen equal to rejected (no preference to learn)": same}, source)
+                               "chosen equal to rejected (no preference to learn)": same}, source, check_rows, numbers)
     if not items:
         raise DataError(f"{source}: no usable preference pair is left (see the warnings above).")
     return items
@@ -638,11 +825,12 @@ def load_completion_rows(
     max_prompt_length: int | None = None,
     seed: int = 0,
     dataset_config: str | None = None,
+    check_rows: RowCheck | None = None,
 ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """Train and eval prompt/completion rows for an SFT run (see `completion_rows` and `load_items`)."""
     return load_items(
         dataset, lambda rows, source: completion_rows(rows, prompt_field, completion_field, tokenizer,
-                                                      max_prompt_length, source=source),
+                                                      max_prompt_length, source=source, check_rows=check_rows),
         split, eval_split, eval_fraction, seed, dataset_config, what="rows",
     )
 
@@ -657,10 +845,12 @@ def load_preference_rows(
     max_prompt_length: int | None = None,
     seed: int = 0,
     dataset_config: str | None = None,
+    check_rows: RowCheck | None = None,
 ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """Train and eval preference pairs for a reward-model run (see `preference_rows` and `load_items`)."""
     return load_items(
-        dataset, lambda rows, source: preference_rows(rows, prompt_field, tokenizer, max_prompt_length, source=source),
+        dataset, lambda rows, source: preference_rows(rows, prompt_field, tokenizer, max_prompt_length, source=source,
+                                                      check_rows=check_rows),
         split, eval_split, eval_fraction, seed, dataset_config, what="pairs",
     )
 

@@ -18,14 +18,17 @@ import difflib
 import io
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tyro
 import yaml
 
 from ppo_lm.config import PPOConfig, RewardConfig, RunConfig, SFTConfig
+
+if TYPE_CHECKING:  # the data module loads `datasets`: imported when a stage loads its data, not with the command
+    from ppo_lm.data import RowCheck
 
 logger = logging.getLogger("ppo_lm")
 
@@ -204,12 +207,16 @@ def run_stage(argv: list[str], stage: Stage) -> dict[str, Any]:
 
     if stage.prepare is not None:
         stage.prepare(config)
-    train_items, eval_items, extra = stage.load_data(config, None)  # data errors before any model
+    # Data errors before any model. With max_prompt_length the data loads again below, with the tokenizer (to cut
+    # TL;DR posts); this first pass only finds errors early, so its warnings (rows skipped) wait for the second.
+    with _warnings_held(config.max_prompt_length is not None):
+        train_items, eval_items, extra = stage.load_data(config, None)
     from ppo_lm.models import load_tokenizer
     from ppo_lm.training import run_training
 
     if config.max_prompt_length is not None:
         train_items, eval_items, extra = stage.load_data(config, load_tokenizer(config.model_name))
+    warn_if_smaller_than_a_step(config, len(train_items))
     trainer = stage.make_trainer(config)
     result = run_training(config, trainer, train_items, eval_items, run_dir, resume_from=resume_dir)
     if stage.finish is not None:
@@ -220,6 +227,32 @@ def run_stage(argv: list[str], stage: Stage) -> dict[str, Any]:
         _print_summary(result)
     processes.wait_for_everyone()
     return result
+
+
+@contextlib.contextmanager
+def _warnings_held(hold: bool) -> Iterator[None]:
+    """While the block runs, when `hold`, the data module's warnings are not shown (its errors still are)."""
+    data_logger = logging.getLogger("ppo_lm.data")
+    level = data_logger.level
+    if hold:
+        data_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        data_logger.setLevel(level)
+
+
+def warn_if_smaller_than_a_step(config: RunConfig, num_items: int) -> None:
+    """Warn when the training data holds fewer items than one step draws. The prompt stream cycles (see
+    `data.PromptStream`), so each step's batch then holds some rows twice or more: fine for a smoke test, but often a
+    sign of the wrong file or split."""
+    per_step = config.items_per_step
+    if num_items < per_step:
+        groups = getattr(config, "num_generations", 1)
+        batch = f"batch_size={config.batch_size}" + (f" / num_generations={groups}" if groups > 1 else "")
+        logger.warning("%s (split %r) gives %d training row(s), fewer than the %d each step draws (%s): every step's "
+                       "batch repeats rows. Add rows, or lower batch_size.", config.dataset, config.dataset_split,
+                       num_items, per_step, batch)
 
 
 def _print_summary(result: dict[str, Any]) -> None:
@@ -243,34 +276,108 @@ def _data_options(config: RunConfig, tokenizer: Any) -> dict[str, Any]:
                 max_prompt_length=config.max_prompt_length if tokenizer is not None else None)
 
 
+def _is_final_pass(config: RunConfig, tokenizer: Any) -> bool:
+    """Whether this `load_data` call gives the items the run trains on: `run_stage` loads the data a second time, with
+    the tokenizer, only when `max_prompt_length` needs one to cut TL;DR posts."""
+    return tokenizer is not None or config.max_prompt_length is None
+
+
+def _tokenizer_loader(config: RunConfig, tokenizer: Any) -> Callable[[], Any]:
+    """A function that returns `tokenizer`, or else the model's, loaded on the first call only (and never when no
+    split needs it)."""
+    loaded = [tokenizer]
+
+    def the_tokenizer() -> Any:
+        if loaded[0] is None:
+            from ppo_lm.models import load_tokenizer
+
+            loaded[0] = load_tokenizer(config.model_name)
+        return loaded[0]
+
+    return the_tokenizer
+
+
+def context_length(model_name: str) -> int | None:
+    """The context length (`max_position_embeddings`) in the config of `model_name`, read without loading the model;
+    None when the config has none or cannot be read."""
+    from transformers import AutoConfig
+
+    from ppo_lm.models import ModelLoadError, load_pretrained
+
+    try:
+        config = load_pretrained(AutoConfig.from_pretrained, model_name, "model_name")
+    except ModelLoadError:
+        return None  # the trainer says so in one line, once the data has passed all of its own checks
+    return getattr(config, "max_position_embeddings", None)
+
+
 def load_prompt_data(config: PPOConfig, tokenizer: Any) -> tuple[list, list, dict[str, Any]]:
     """PPO's data loader: the prompts of `dataset` (train and eval), conversations put into the chat template.
 
-    Chat prompts need the tokenizer, so it is loaded here when none is given (a tokenizer, never a model). The reward
-    functions are checked against the data's columns too, so that a missing column stops the run before any model
-    loads.
+    Each split is checked in turn: its prompts, then the columns the reward functions read (so that a missing column
+    stops the run before any model loads), then the chat template, then the prompts' lengths: rows too long for the
+    model's context less `max_new_tokens` get a warning that names the first (the trainer keeps their last tokens).
+    Chat prompts and that length check need the tokenizer, so it is loaded here when none is given (a tokenizer and
+    the model's config, never a model).
     """
-    from ppo_lm.data import PROMPT_KEY, DataError, load_prompts, needs_chat_template, render_chat_prompts
+    from ppo_lm.data import DataError, load_items, needs_chat_template, prompt_items_from_rows, render_chat_prompts
 
-    train, evaluation = load_prompts(config.dataset, **_data_options(config, tokenizer))
-    if config.reward_fn is not None:
-        from ppo_lm.rewards import check_reward_columns, load_reward_functions
+    options = _data_options(config, tokenizer)
+    the_tokenizer = _tokenizer_loader(config, tokenizer)
+    uses_chat = False
 
-        columns = [key for key in train[0] if key != PROMPT_KEY] if isinstance(train[0], dict) else []
-        check_reward_columns(load_reward_functions(config.reward_fn), columns,
-                             f"{config.dataset} (split {config.dataset_split!r})")
-    if needs_chat_template([*train, *evaluation], config.chat_template):
-        if tokenizer is None:
-            from ppo_lm.models import load_tokenizer
+    def convert(rows: Any, source: str) -> list:
+        nonlocal uses_chat
+        items = prompt_items_from_rows(rows, config.prompt_field, options["tokenizer"], options["max_prompt_length"],
+                                       source=source)
+        if config.reward_fn is not None:
+            _check_reward_columns(config.reward_fn, items, source)
+        if needs_chat_template(items, config.chat_template):
+            uses_chat = True
+            items = render_chat_prompts(items, the_tokenizer(), config.system_prompt, config.chat_template)
+        if _is_final_pass(config, tokenizer):
+            _warn_long_prompts(config, items, the_tokenizer, source)
+        return items
 
-            tokenizer = load_tokenizer(config.model_name)
-        train, evaluation = (render_chat_prompts(items, tokenizer, config.system_prompt, config.chat_template)
-                             for items in (train, evaluation))
-    elif config.system_prompt is not None:
+    train, evaluation = load_items(config.dataset, convert, options["split"], options["eval_split"],
+                                   options["eval_fraction"], options["seed"], options["dataset_config"], what="prompts")
+    if config.system_prompt is not None and not uses_chat:
         raise DataError(f"system_prompt is set, but the prompts of {config.dataset} are plain text, which go to the "
                         "model as they are. Set chat_template: true to put them into the chat template, or drop "
                         "system_prompt.")
     return train, evaluation, {}
+
+
+def _check_reward_columns(reward_fn: Any, items: list, source: str) -> None:
+    """Stop when a reward function reads a column that the items of `source` lack."""
+    from ppo_lm.data import PROMPT_KEY
+    from ppo_lm.rewards import check_reward_columns, load_reward_functions
+
+    columns = [key for key in items[0] if key != PROMPT_KEY] if isinstance(items[0], dict) else []
+    check_reward_columns(load_reward_functions(reward_fn), columns, source)
+
+
+def _warn_long_prompts(config: RunConfig, items: list, tokenizer: Callable[[], Any], source: str,
+                       completion_keys: tuple[str, ...] = (), rows: list[int] | None = None) -> None:
+    """Warn, naming the first row, about the prompts of `items` that the trainer will cut to fit the model's context:
+    PPO's prompts in the context less `max_new_tokens`; an SFT or reward row's prompt in the context less the row's
+    longest completion (under `completion_keys`) and its EOS (see `data.warn_long_prompts`). `rows` numbers the
+    items as the data does (default: 0, 1, ...)."""
+    from ppo_lm.data import PROMPT_KEY, warn_long_prompts
+
+    context = context_length(config.model_name)
+    if context is None:
+        return
+    prompts = [item[PROMPT_KEY] if isinstance(item, dict) else item for item in items]
+    if completion_keys:
+        warn_long_prompts(prompts, context, tokenizer, source,
+                          f"the model's context of {context} tokens beside their completion and EOS",
+                          [[item[key] for key in completion_keys] for item in items],
+                          getattr(config, "max_completion_length", None), rows)
+    else:
+        room = config.check_prompt_room(context)  # also stops here when max_new_tokens fills the whole context
+        warn_long_prompts(prompts, room, tokenizer, source, f"{room} tokens (the model's context of {context} less "
+                          f"max_new_tokens={config.max_new_tokens})", rows=rows)
 
 
 def make_ppo_trainer(config: PPOConfig) -> Any:
@@ -280,11 +387,22 @@ def make_ppo_trainer(config: PPOConfig) -> Any:
     return PPOTrainer(config)
 
 
+def _long_row_check(config: RunConfig, tokenizer: Any, completion_keys: tuple[str, ...]) -> RowCheck | None:
+    """The SFT or reward stage's `data.RowCheck`: a warning for rows too long for the model's context, on the pass
+    whose items the run trains on (None on the other)."""
+    if not _is_final_pass(config, tokenizer):
+        return None
+    the_tokenizer = _tokenizer_loader(config, tokenizer)
+    return lambda items, rows, source: _warn_long_prompts(config, items, the_tokenizer, source, completion_keys, rows)
+
+
 def load_sft_data(config: SFTConfig, tokenizer: Any) -> tuple[list, list, dict[str, Any]]:
-    """SFT's data loader: prompt/completion rows of `dataset` (train and eval)."""
+    """SFT's data loader: prompt/completion rows of `dataset` (train and eval); rows too long for the model's context
+    get a warning (see `data.warn_long_prompts`)."""
     from ppo_lm.data import load_completion_rows
 
     return (*load_completion_rows(config.dataset, completion_field=config.completion_field,
+                                  check_rows=_long_row_check(config, tokenizer, ("completion",)),
                                   **_data_options(config, tokenizer)), {})
 
 
@@ -296,11 +414,13 @@ def make_sft_trainer(config: SFTConfig) -> Any:
 
 
 def load_reward_data(config: RewardConfig, tokenizer: Any) -> tuple[list, list, dict[str, Any]]:
-    """The reward stage's data loader: preference rows of `dataset`, and `reference_dataset`'s rows (for the score
-    normalisation) as extra `reference`."""
+    """The reward stage's data loader: preference rows of `dataset` (rows too long for the model's context get a
+    warning), and `reference_dataset`'s rows (for the score normalisation) as extra `reference`."""
     from ppo_lm.data import load_completion_rows, load_preference_rows
 
-    train, evaluation = load_preference_rows(config.dataset, **_data_options(config, tokenizer))
+    train, evaluation = load_preference_rows(config.dataset,
+                                             check_rows=_long_row_check(config, tokenizer, ("chosen", "rejected")),
+                                             **_data_options(config, tokenizer))
     reference = None
     if config.reference_dataset is not None:
         reference, _ = load_completion_rows(config.reference_dataset, split=config.reference_split,

@@ -327,3 +327,124 @@ def test_the_quickstart_without_hub_access_ends_in_one_clear_line(tmp_path, monk
     assert errors[0].startswith("error: model_name='Qwen/Qwen3-0.6B-Base' cannot be loaded: it is no local "
                                 "directory, and the Hugging Face Hub did not provide it")
     assert "ppo-lm demo" in errors[0]
+
+
+# --- bad data in each stage's file: one clear line before any model loads (docs/bad-input.md) -------------------------
+
+class ModelLoadReached(Exception):
+    """Raised where a trainer would load its first tokenizer or model."""
+
+
+@pytest.fixture
+def no_model(monkeypatch, qwen_tokenizer):
+    """Every trainer stops with ModelLoadReached where it would load its tokenizer (before its models); the data checks
+    get the tiny model's tokenizer without reading it from disk again."""
+    import ppo_lm.finetune
+    import ppo_lm.models
+    import ppo_lm.ppo_trainer
+
+    def reached(*args, **kwargs):
+        raise ModelLoadReached
+
+    for module in (ppo_lm.ppo_trainer, ppo_lm.finetune):
+        monkeypatch.setattr(module, "load_tokenizer", reached)
+    monkeypatch.setattr(ppo_lm.ppo_trainer, "load_role_models", reached)
+    monkeypatch.setattr(ppo_lm.finetune, "load_pretrained", reached)
+    monkeypatch.setattr(ppo_lm.models, "load_tokenizer", lambda name, field="model_name": qwen_tokenizer)
+
+
+GOOD_ROWS = {"train": {"prompt": "Hello there"}, "sft": {"prompt": "Hello", "completion": " there"},
+             "reward": {"prompt": "Hello", "chosen": " there", "rejected": " you"}}
+"""A valid row of each stage's data."""
+TEXT_COLUMN = {"train": "prompt", "sft": "completion", "reward": "chosen"}
+
+
+def stage_command(stage: str, dataset: Path, model_dir: str, *overrides: str) -> list[str]:
+    """`ppo-lm STAGE` on the tiny model and `dataset`, batch 2, no evaluation; PPO scores with a reward model."""
+    command = [stage, "--model_name", model_dir, "--dataset", str(dataset), "--output_dir",
+               str(dataset.parent / f"run-{stage}"), "--report_to", "none", "--eval_fraction", "0", "--batch_size", "2"]
+    return command + (["--reward_model_name", model_dir] if stage == "train" else []) + list(overrides)
+
+
+def jsonl(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+@pytest.mark.parametrize("stage", ["train", "sft", "reward"])
+@pytest.mark.parametrize("content, message", [
+    (lambda good, column: jsonl([good, good]) + b'{"' + column.encode() + b'": "caf\xe9"}\n',
+     "line 3: not valid UTF-8 (byte 0xe9 at column"),
+    (lambda good, column: jsonl([good]) + b'{"prompt": "no closing brace"\n' + jsonl([good]),
+     "line 2: invalid JSON: Expecting ',' delimiter (column 30). Fix or remove it."),
+    (lambda good, column: jsonl([good]) + b'"a string, not a row"\n',
+     'line 2: a string ("a string, not a row"), not an object of column: value pairs'),
+    (lambda good, column: b"", "is empty: it holds no rows."),
+], ids=["invalid-utf8", "broken-json", "not-an-object", "empty-file"])
+def test_a_broken_file_is_one_line_naming_file_and_line_in_every_stage(tmp_path, tiny_model_dir, no_model, capsys,
+                                                                        caplog, stage, content, message):
+    dataset = tmp_path / "data.jsonl"
+    dataset.write_bytes(content(GOOD_ROWS[stage], TEXT_COLUMN[stage]))
+    assert main(stage_command(stage, dataset, tiny_model_dir)) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {dataset}") and message in errors[0]
+    assert "Failed to load JSON" not in caplog.text  # the json builder's own line, which counts rows from 0
+
+
+@pytest.mark.parametrize("stage, value, message", [
+    ("train", "  ", "row 1: prompt is '  '; every prompt must be a string with some text"),
+    ("train", None, "row 1: prompt is missing or null; every prompt must be"),
+    ("train", 7, "row 1: prompt is 7; every prompt must be"),
+    ("sft", ["a", "list"], "row 1: completion is ['a', 'list'], not a string. Fix or drop that row."),
+    ("reward", {"a": "dict"}, "row 1: chosen is {'a': 'dict'}, not a string. Fix or drop that row."),
+])
+def test_a_bad_value_names_file_row_and_column_before_any_model_loads(tmp_path, tiny_model_dir, no_model, capsys,
+                                                                       stage, value, message):
+    good = GOOD_ROWS[stage]
+    dataset = tmp_path / "data.jsonl"
+    dataset.write_bytes(jsonl([good, {**good, TEXT_COLUMN[stage]: value}, good]))
+    assert main(stage_command(stage, dataset, tiny_model_dir)) == 2
+    assert f"error: {dataset} (split 'train'), {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage", ["train", "sft", "reward"])
+def test_long_prompts_and_too_few_rows_are_warned_about_before_any_model_loads(tmp_path, tiny_model_dir, no_model,
+                                                                               caplog, stage):
+    """The tiny model's context is 512 tokens: row 1's prompt of 600 words keeps only its last tokens, and the
+    stream cycles through 2 rows for a batch of 4. Both are said, with the file and row, before a model loads."""
+    good = GOOD_ROWS[stage]
+    dataset = tmp_path / "data.jsonl"
+    dataset.write_bytes(jsonl([good, {**good, "prompt": " ".join(["word"] * 600)}]))
+    with pytest.raises(ModelLoadReached):
+        main(stage_command(stage, dataset, tiny_model_dir, "--batch_size", "4"))
+    room = ("502 tokens (the model's context of 512 less max_new_tokens=10)" if stage == "train" else
+            "the model's context of 512 tokens beside their completion and EOS")
+    assert (f"{dataset} (split 'train'): 1 of 2 prompt(s) do not fit in {room} and will keep only their last tokens "
+            f"(first: row 1, 600 tokens for a room of {502 if stage == 'train' else 510}).") in caplog.text
+    assert (f"{dataset} (split 'train') gives 2 training row(s), fewer than the 4 each step draws (batch_size=4): "
+            "every step's batch repeats rows.") in caplog.text
+
+
+def test_a_skipped_row_is_warned_about_once_though_max_prompt_length_loads_the_data_twice(tmp_path, tiny_model_dir,
+                                                                                           no_model, caplog):
+    dataset = tmp_path / "data.jsonl"
+    dataset.write_bytes(jsonl([GOOD_ROWS["sft"], {**GOOD_ROWS["sft"], "completion": None}, GOOD_ROWS["sft"]]))
+    with pytest.raises(ModelLoadReached):
+        main(stage_command("sft", dataset, tiny_model_dir, "--max_prompt_length", "64"))
+    assert caplog.text.count("skipping 1 of 3 row(s) with an empty completion (first: row 1)") == 1
+
+
+def test_max_new_tokens_that_fill_the_context_stop_before_any_model_loads(tmp_path, tiny_model_dir, no_model, capsys):
+    dataset = tmp_path / "data.jsonl"
+    dataset.write_bytes(jsonl([GOOD_ROWS["train"]] * 2))
+    assert main(stage_command("train", dataset, tiny_model_dir, "--max_new_tokens", "512")) == 2
+    assert ("error: PPOConfig.max_new_tokens=512 leaves no room for a prompt in the model's context of 512 tokens"
+            in capsys.readouterr().err)
+
+
+def test_every_test_the_bad_input_page_cites_exists():
+    """docs/bad-input.md backs each case with a test by name: each name is a test function of the file it cites."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "bad-input.md").read_text()
+    cited = set(re.findall(r"(test_\w+\.py)::(test_\w+)", page))
+    assert len(cited) > 20
+    for file, name in cited:
+        assert f"def {name}(" in (Path(__file__).parent / file).read_text(), f"{file}::{name}"

@@ -22,12 +22,14 @@ from ppo_lm.data import (
     load_preference_rows,
     load_prompts,
     load_rows,
+    long_prompt_rows,
     needs_chat_template,
     prompts_from_rows,
     render_chat_prompts,
     require_columns,
     split_prompt_items,
     train_eval_split,
+    warn_long_prompts,
 )
 from ppo_lm.data import preference_rows as to_preference_rows
 
@@ -126,10 +128,46 @@ def test_load_rows_file_has_only_train_split(tmp_path):
         load_rows(path, split="test")
 
 
-def test_load_rows_malformed_file(tmp_path):
-    path = tmp_path / "bad.jsonl"
-    path.write_text('{"prompt": "ok"}\n{not json\n')
-    with pytest.raises(DataError, match="Could not read .*bad.jsonl as json"):
+@pytest.mark.parametrize(("name", "text", "message"), [
+    ("bad.jsonl", '{"prompt": "ok"}\n{not json\n',
+     "bad.jsonl, line 2: invalid JSON: Expecting property name enclosed in double quotes (column 2)"),
+    ("bad.jsonl", '{"prompt": "ok"}\n\n{"prompt": "cut short"\n{"prompt": "ok"}\n',
+     "bad.jsonl, line 3: invalid JSON: Expecting ',' delimiter (column 23)"),
+    ("bad.jsonl", '{"prompt": "ok"}\n"a bare string"\n',
+     'bad.jsonl, line 2: a string ("a bare string"), not an object'),
+    ("bad.jsonl", '{"prompt": "ok"}\n[1, 2]\n', "bad.jsonl, line 2: a list ([1, 2]), not an object"),
+    ("bad.json", '[{"prompt": "ok"},\n {"prompt" "no colon"}]',
+     "bad.json, line 2: invalid JSON: Expecting ':' delimiter"),
+    ("bad.json", '[{"prompt": "ok"}, 3]', "bad.json, item 1: a number (3), not an object"),
+    ("bad.json", '{"prompt": "ok"}\n{"prompt": \n', "bad.json, line 2: invalid JSON: Expecting value"),
+])
+def test_a_broken_json_line_names_the_file_and_line(tmp_path, name, text, message):
+    """The json builder's own error names neither the line nor the fault; load_rows finds both."""
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(DataError, match="Fix or remove it") as error:
+        load_rows(str(path))
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["bad.jsonl", "bad.json", "bad.csv"])
+def test_invalid_utf8_names_the_file_and_line(tmp_path, name):
+    """pyarrow reads such bytes without complaint and fails only when the row is read: checked up front instead."""
+    path = tmp_path / name
+    first = b"prompt\n" if name.endswith(".csv") else b'{"prompt": "fine"}\n'
+    bad = b"caf\xe9 au lait\n" if name.endswith(".csv") else b'{"prompt": "caf\xe9 au lait"}\n'
+    path.write_bytes(first + first.replace(b"prompt", b"okay") * (not name.endswith(".csv")) + bad)
+    line = 2 if name.endswith(".csv") else 3
+    with pytest.raises(DataError, match=rf"bad\.\w+, line {line}: not valid UTF-8 \(byte 0xe9 at column \d+: invalid "
+                                        r"continuation byte\)\. Save the file as UTF-8"):
+        load_rows(str(path))
+
+
+def test_a_malformed_csv_names_the_parser_s_reason(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("prompt,label\nfine,1\ntoo,many,fields\n")
+    with pytest.raises(DataError, match=r"Could not read .*bad\.csv as csv \(ParserError: .*Expected 2 fields in "
+                                        r"line 3, saw 3\)"):
         load_rows(str(path))
 
 
@@ -169,17 +207,58 @@ def test_prompts_from_rows_missing_prompt_field():
         prompts_from_rows(rows)
 
 
-@pytest.mark.parametrize(("values", "bad_row"), [(["fine", "ok", None], 2), (["fine", "", "ok"], 1), ([3, 7], 0)])
-def test_prompts_from_rows_rejects_non_string_prompt(values, bad_row):
+@pytest.mark.parametrize(("values", "shown"), [
+    (["fine", "ok", None], "row 2: prompt is missing or null"),
+    (["fine", "", "ok"], "row 1: prompt is ''"),
+    (["fine", " \n\t", "ok"], "row 1: prompt is ' \\n\\t'"),
+    ([3, 7], "row 0: prompt is 3"),
+    ([{"text": "a dict"}, {"text": "b"}], "row 0: prompt is {'text': 'a dict'}"),
+])
+def test_prompts_from_rows_rejects_a_prompt_without_text(values, shown):
     rows = datasets.Dataset.from_dict({"prompt": values})
-    with pytest.raises(DataError, match=f"row {bad_row}: prompt is .*non-empty string"):
-        prompts_from_rows(rows)
+    with pytest.raises(DataError, match="every prompt must be a string with some text") as error:
+        prompts_from_rows(rows, source="p.jsonl (split 'train')")
+    assert str(error.value).startswith(f"p.jsonl (split 'train'), {shown}; ")
 
 
 def test_plain_prompts_are_not_truncated(qwen_tokenizer):
     long_prompt = "word " * 200
     rows = datasets.Dataset.from_dict({"prompt": [long_prompt]})
     assert prompts_from_rows(rows, tokenizer=qwen_tokenizer, max_prompt_length=16) == [long_prompt]
+
+
+def no_tokenizer():
+    raise AssertionError("the tokenizer was loaded, though no text could be too long")
+
+
+def test_long_prompt_rows_counts_tokens_only_where_bytes_could_overflow(qwen_tokenizer):
+    long = "word " * 50
+    tokens = len(qwen_tokenizer(long)["input_ids"])
+    assert long_prompt_rows(["short", "also short"], 20, no_tokenizer) == []
+    assert long_prompt_rows(["short", long, "x"], 20, lambda: qwen_tokenizer) == [(1, tokens, 20)]
+    assert long_prompt_rows([long], tokens, lambda: qwen_tokenizer) == []  # exactly full: kept whole
+
+
+def test_long_prompt_rows_of_sft_and_reward_rows_leave_room_for_the_longest_completion(qwen_tokenizer):
+    prompt, completion = "word " * 10, " x" * 30
+    prompt_tokens, completion_tokens = (len(qwen_tokenizer(text)["input_ids"]) for text in (prompt, completion))
+    context = prompt_tokens + completion_tokens  # one short: the EOS after the completion does not fit
+    rows = long_prompt_rows([prompt, "hi"], context, lambda: qwen_tokenizer, [[" ok", completion], [" ok", " no"]])
+    assert rows == [(0, prompt_tokens, prompt_tokens - 1)]
+    assert long_prompt_rows([prompt], context + 1, lambda: qwen_tokenizer, [[completion]]) == []
+    # A completion cut to max_completion_tokens leaves the prompt its room.
+    assert long_prompt_rows([prompt, "hi"], context, lambda: qwen_tokenizer, [[completion], [" no"]], 5) == []
+
+
+def test_warn_long_prompts_names_the_file_and_first_row(qwen_tokenizer, caplog):
+    with caplog.at_level(logging.WARNING):
+        rows = warn_long_prompts(["fine", "word " * 50, "fine", "word " * 40], 20, lambda: qwen_tokenizer,
+                                 "p.jsonl (split 'train')",
+                                 "20 tokens (the model's context of 30 less max_new_tokens=10)")
+    assert rows == [1, 3]
+    assert ("p.jsonl (split 'train'): 2 of 4 prompt(s) do not fit in 20 tokens (the model's context of 30 less "
+            "max_new_tokens=10) and will keep only their last tokens (first: row 1, 51 tokens for a room of 20)"
+            ) in caplog.text
 
 
 # TL;DR prompts -------------------------------------------------------------------------------------------------
@@ -434,6 +513,24 @@ def test_empty_completions_are_skipped_with_a_warning(tmp_path, caplog):
     assert "skipping 3 of 4 row(s) with an empty completion (first: row 1)" in caplog.text
     with pytest.raises(DataError, match="every row's completion is empty"):
         completion_rows(rows.select([1, 2]))
+
+
+def test_check_rows_sees_the_kept_rows_by_their_numbers_in_the_data():
+    """A warning from `check_rows` (runs: rows too long for the model) names the row of the file, though rows before
+    it were skipped."""
+    seen = []
+    sft = datasets.Dataset.from_list([{"prompt": "a", "completion": " x"}, {"prompt": "b", "completion": " "},
+                                      {"prompt": "c", "completion": " y"}])
+    completion_rows(sft, check_rows=lambda items, rows, source: seen.append((items, rows, source)), source="s.jsonl")
+    assert seen == [([{"prompt": "a", "completion": " x"}, {"prompt": "c", "completion": " y"}], [0, 2], "s.jsonl")]
+    seen.clear()
+    comparisons = datasets.Dataset.from_list([
+        {"info": {"id": "cnn", "post": None}, "summaries": ["a", "b"], "choice": 0},
+        {"info": {"subreddit": "cats", "title": "T", "post": "P"}, "summaries": ["same", "same"], "choice": 0},
+        {"info": {"subreddit": "cats", "title": "T", "post": "P"}, "summaries": ["good", "bad"], "choice": 0},
+    ])
+    to_preference_rows(comparisons, check_rows=lambda items, rows, source: seen.append(rows))
+    assert seen == [[2]]
 
 
 @pytest.mark.parametrize("row, message", [
