@@ -193,6 +193,19 @@ def all_or_nothing_step(trainer: StageTrainer, items: list, rollback: bool = Tru
         raise
 
 
+def steps_can_be_undone(config: TrainConfig, backend: Backend) -> bool:
+    """Whether the run's steps are all or nothing: `step_rollback` asks for it and the backend can. Without it,
+    `on_nonfinite: skip` is refused (a skipped step must leave no trace)."""
+    if config.step_rollback and not backend.can_roll_back:
+        if config.on_nonfinite == "skip":
+            raise ValueError(f"on_nonfinite: skip needs a step that can be undone, which {backend.title} cannot do; "
+                             "set on_nonfinite: raise (a failed step then ends the run, which resumes from its last "
+                             "checkpoint).")
+        logger.warning("%s cannot undo a failed step: a failure ends the run with the weights as it left them; "
+                       "resume from the last checkpoint.", backend.title)
+    return config.step_rollback and backend.can_roll_back
+
+
 class Preempted(Exception):
     """The run stopped on a signal, after saving a checkpoint of its last completed step."""
 
@@ -268,14 +281,7 @@ def run_training(
     local_eval_items = shard(eval_items, rank, world)
     stream = PromptStream(train_items, config.items_per_step, config.seed)
     scheduler = build_scheduler(trainer.optimizer, config)
-    rollback = config.step_rollback and trainer.backend.can_roll_back
-    if config.step_rollback and not rollback:
-        if config.on_nonfinite == "skip":
-            raise ValueError(f"on_nonfinite: skip needs a step that can be undone, which {trainer.backend.title} "
-                             "cannot do; set on_nonfinite: raise (a failed step then ends the run, which resumes "
-                             "from its last checkpoint).")
-        logger.warning("%s cannot undo a failed step: a failure ends the run with the weights as it left them; "
-                       "resume from the last checkpoint.", trainer.backend.title)
+    rollback = steps_can_be_undone(config, trainer.backend)
     skipped = {"total": 0, "in_row": 0}  # steps skipped for a loss that was not finite
     step = 0
     if resume_from is not None:

@@ -338,3 +338,19 @@ def test_a_second_ctrl_c_stops_at_once_without_saving(run_files):
     assert run.returncode == 130, stderr[-3000:]
     assert "SIGINT received: the current step finishes" in stderr and "Stopped at once (interrupted twice)" in stderr
     assert not list(run_dir.glob("checkpoint-*"))
+
+
+def test_skip_is_refused_where_a_step_cannot_be_undone(caplog):
+    from ppo_lm.backend import Backend, DeepSpeedBackend, DeepSpeedSettings
+    from ppo_lm.config import PPOConfig
+    from ppo_lm.training import steps_can_be_undone
+
+    engine = DeepSpeedBackend(DeepSpeedSettings({"stage": 2}))
+    assert steps_can_be_undone(PPOConfig(), Backend()) is True
+    assert steps_can_be_undone(PPOConfig(step_rollback=False), Backend()) is False
+    assert steps_can_be_undone(PPOConfig(), engine) is False
+    assert "DeepSpeed ZeRO cannot undo a failed step" in caplog.text
+    with pytest.raises(ValueError, match="on_nonfinite: skip needs a step that can be undone, which DeepSpeed ZeRO"):
+        steps_can_be_undone(PPOConfig(on_nonfinite="skip"), engine)
+    with pytest.raises(ValueError, match="on_nonfinite='skip' is invalid: needs step_rollback: true"):
+        PPOConfig(on_nonfinite="skip", step_rollback=False)
