@@ -6,7 +6,9 @@ model, through the whole loop (rollouts, updates, logging, evaluation, checkpoin
 A leak (metrics kept in memory, evaluation samples piling up, a growing KL history, tensors held across steps) shows
 as a peak that keeps climbing; a flat run's peak at the last step is its peak at step 50, give or take the
 allocator. Prints a JSON line per checkpoint step (50, 100, ...) and the ratio of the last step's peak to step 50's.
-The peak is the process's `ru_maxrss` (Linux: KiB), read after each step.
+The peak is the process's `ru_maxrss` (Linux: KiB), read after each step. Since a peak set early (loading the
+models) could hide a slow climb below it, each line also gives the resident memory at that step (`VmRSS` in
+/proc/self/status), and the last line its ratio too.
 """
 
 from __future__ import annotations
@@ -21,6 +23,14 @@ from pathlib import Path
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mib() -> float:
+    """Resident memory now (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def main() -> int:
@@ -43,11 +53,13 @@ def main() -> int:
     reward.write_text("def reward(prompts, completions):\n    return [len(c) / 10 for c in completions]\n")
 
     peaks: dict[int, float] = {}
+    resident: dict[int, float] = {}
     train_step = PPOTrainer.train_step
 
     def measured_step(self: PPOTrainer, items: list) -> dict:
         stats = train_step(self, items)
         peaks[self.step_count] = peak_rss_mib()
+        resident[self.step_count] = rss_mib()
         return stats
 
     PPOTrainer.train_step = measured_step  # the benchmark's own probe; the run is otherwise `ppo-lm train`'s
@@ -60,9 +72,11 @@ def main() -> int:
     if status != 0:
         return status
     for step in range(50, arguments.steps + 1, 50):
-        print(json.dumps({"arch": arguments.arch, "step": step, "peak_rss_mib": round(peaks[step], 1)}))
+        print(json.dumps({"arch": arguments.arch, "step": step, "peak_rss_mib": round(peaks[step], 1),
+                          "rss_mib": round(resident[step], 1)}))
     last = max(peaks)
-    print(json.dumps({"peak_at_last_over_peak_at_50": round(peaks[last] / peaks[50], 4), "last_step": last}))
+    print(json.dumps({"peak_at_last_over_peak_at_50": round(peaks[last] / peaks[50], 4),
+                      "rss_at_last_over_rss_at_50": round(resident[last] / resident[50], 4), "last_step": last}))
     return 0
 
 
