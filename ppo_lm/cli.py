@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from typing import Any
 
 from ppo_lm.config import PPOConfig
@@ -120,6 +121,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = COMMANDS[argv[0]](argv[1:])
     except (ValueError, FileNotFoundError, FileExistsError) as error:
+        _end_launch_after(error, exit_code=2)
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:
+        _end_launch_after(error, exit_code=1, traceback_text=traceback.format_exc())
+        raise
     return status if isinstance(status, int) else 0
+
+
+def _end_launch_after(error: Exception, exit_code: int, traceback_text: str | None = None) -> None:
+    """In one process of a multi-process launch, end it now with `error` shown, so that the launcher stops the
+    others instead of leaving them waiting in a collective (`distributed.end_failed_process`); else return."""
+    if "torch" not in sys.modules:  # nothing started processes talking yet (and `ppo-lm --help` stays light)
+        return
+    from ppo_lm.distributed import end_failed_process
+
+    end_failed_process(error, exit_code, traceback_text)
