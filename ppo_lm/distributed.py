@@ -236,8 +236,9 @@ FAILURE_KEY = "ppo_lm/first_failed_process"
 """The key, in the launch's rendezvous store, under which the first process to fail writes its index."""
 STORE_TIMEOUT = timedelta(seconds=2)
 """How long to try to reach the rendezvous store when a process fails (it is not needed to end the launch)."""
-STOP_WAIT_SECONDS = 10.0
-"""How long a process that fails after another waits for the launcher's SIGTERM before it ends itself."""
+STOP_WAIT_SECONDS = 5.0
+"""How long a process that fails after another waits for the launcher's SIGTERM before it ends itself (the agent
+looks at its processes every 0.1 s by default)."""
 
 
 def _launch_store() -> torch.distributed.Store | None:

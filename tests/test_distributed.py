@@ -494,3 +494,21 @@ def test_the_first_process_to_fail_is_recorded_once_in_the_launch_store(monkeypa
     assert distributed._claim_first_failure(0) is None and distributed.failed_process() is None
     assert not torch.distributed.is_initialized()
     distributed.end_failed_process(RuntimeError("one process"), exit_code=1)  # returns: nothing to end
+
+
+def test_a_checkpoint_that_a_failed_launch_left_unsealed_is_never_resumed_from(tmp_path):
+    # A process that fails during a save ends its launch before the main process renames the checkpoint into place:
+    # what is left is `.checkpoint-<step>.partial`, with or without its manifest (it is written just before the
+    # rename). Resuming and `ppo-lm verify` see only the sealed checkpoints.
+    from ppo_lm.checkpoint import MANIFEST, find_checkpoint, open_checkpoint, seal_checkpoint, verify
+
+    run_dir = tmp_path / "run"
+    (open_checkpoint(run_dir, 1) / "trainable.safetensors").write_bytes(b"step 1")
+    sealed = seal_checkpoint(run_dir, 1)
+    for step, manifest in ((2, False), (3, True)):
+        partial = open_checkpoint(run_dir, step)
+        (partial / "trainable.safetensors").write_bytes(f"step {step}".encode())
+        if manifest:
+            (partial / MANIFEST).write_text((sealed / MANIFEST).read_text().replace('"step": 1', '"step": 3'))
+    assert find_checkpoint(run_dir) == sealed
+    assert verify(run_dir) == [(sealed, None)]
