@@ -263,7 +263,9 @@ def failed_process() -> int | None:
     """The index of the process of this launch that failed first, or None when none has (or nothing can tell).
 
     For code that runs while the launch is being torn down (a SIGTERM handler, say): a collective with a failed
-    process cannot complete, so a checkpoint is not worth attempting then.
+    process cannot complete, so a checkpoint is not worth attempting then. (Note that a Python signal handler only
+    runs between bytecodes: a process blocked in an NCCL collective whose peer has gone does not run it, and the
+    agent kills it with SIGKILL 30 s after its SIGTERM; without a handler, SIGTERM ends it at once.)
     """
     store = _launch_store()
     if store is None:
