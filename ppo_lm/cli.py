@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from typing import Any
 
 from accelerate import PartialState
 
-from ppo_lm.backend import NonFiniteLossError
 from ppo_lm.config import PPOConfig
 from ppo_lm.runs import STAGES, fields_help, run_stage
-from ppo_lm.training import Preempted
 
 
 def train_command(argv: list[str]) -> dict[str, Any]:
@@ -124,17 +123,44 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = COMMANDS[argv[0]](argv[1:])
     except (ValueError, FileNotFoundError, FileExistsError) as error:
+        _end_launch_after(error, exit_code=2)
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as error:  # the step was undone (see training.all_or_nothing_step)
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except Preempted as stop:
-        if PartialState().is_main_process:
-            print(stop, file=sys.stderr)
-        return stop.exit_code
     except KeyboardInterrupt:
         print("Stopped at once (interrupted twice): the newest checkpoint in the output directory is the last one "
               "saved; continue with --resume.", file=sys.stderr)
         return 130
+    except Exception as error:
+        if (status := _planned_stop(error)) is not None:
+            return status
+        _end_launch_after(error, exit_code=1, traceback_text=traceback.format_exc())
+        raise
     return status if isinstance(status, int) else 0
+
+
+def _planned_stop(error: Exception) -> int | None:
+    """The exit status of a run that stopped as designed, after saying why: a signal (`training.Preempted`, on
+    every process together, once its checkpoint is saved) or a step whose loss was not finite (undone, on every
+    process together); None for any other error."""
+    from ppo_lm.backend import NonFiniteLossError  # raised only once a stage has imported them
+    from ppo_lm.training import Preempted
+
+    if isinstance(error, Preempted):
+        if PartialState().is_main_process:
+            print(error, file=sys.stderr)
+        return error.exit_code
+    if isinstance(error, NonFiniteLossError):
+        _end_launch_after(error, exit_code=1)
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return None
+
+
+def _end_launch_after(error: Exception, exit_code: int, traceback_text: str | None = None) -> None:
+    """In one process of a multi-process launch, end it now with `error` shown, so that the launcher stops the
+    others instead of leaving them waiting in a collective (`distributed.end_failed_process`); else return."""
+    if "torch" not in sys.modules:  # nothing started processes talking yet (and `ppo-lm --help` stays light)
+        return
+    from ppo_lm.distributed import end_failed_process
+
+    end_failed_process(error, exit_code, traceback_text)

@@ -9,13 +9,24 @@ process's rows. Only the main process writes logs, reports and checkpoints.
 How the weights themselves are held (replicated, FSDP2, DeepSpeed ZeRO) is the backend's business
 (`ppo_lm/backend.py`); this module only sums, gathers and broadcasts, and makes sharded tensors whole or cuts whole
 ones like them. With one process every function here is the plain local computation: no collective call is made.
+
+When one process of a launch fails, the others would wait in their next collective until its timeout (30 minutes
+by default). `end_failed_process` ends the failing process at once instead, with its error shown and recorded for
+the launcher, so that torchrun's agent (under `accelerate launch`) stops the others within its monitor interval.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import os
+import signal
+import sys
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
@@ -217,3 +228,115 @@ def from_main_process(value: Any) -> Any:
     holder = [value]
     broadcast_object_list(holder, from_process=0)
     return holder[0]
+
+
+# --- one failing process ends the launch ----------------------------------------------------------------------------
+
+FAILURE_KEY = "ppo_lm/first_failed_process"
+"""The key, in the launch's rendezvous store, under which the first process to fail writes its index."""
+STORE_TIMEOUT = timedelta(seconds=2)
+"""How long to try to reach the rendezvous store when a process fails (it is not needed to end the launch)."""
+STOP_WAIT_SECONDS = 5.0
+"""How long a process that fails after another waits for the launcher's SIGTERM before it ends itself (the agent
+looks at its processes every 0.1 s by default)."""
+
+
+def _launch_store() -> torch.distributed.Store | None:
+    """A client of the rendezvous store that torchrun's agent holds for the launch; None when the processes were
+    started otherwise (their store may live in a process that has just failed) or it cannot be reached."""
+    address, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not address or not port:
+        return None
+    try:
+        return torch.distributed.TCPStore(address, int(port), is_master=False, timeout=STORE_TIMEOUT,
+                                          wait_for_workers=False)
+    except (RuntimeError, ValueError):  # the agent is gone too
+        return None
+
+
+def _failure_key() -> str:
+    # A launch that restarts its workers (--max_restarts) starts each attempt with a clean slate.
+    return f"{FAILURE_KEY}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+def failed_process() -> int | None:
+    """The index of the process of this launch that failed first, or None when none has (or nothing can tell).
+
+    For code that runs while the launch is being torn down (a SIGTERM handler, say): a collective with a failed
+    process cannot complete, so a checkpoint is not worth attempting then. (Note that a Python signal handler only
+    runs between bytecodes: a process blocked in an NCCL collective whose peer has gone does not run it, and the
+    agent kills it with SIGKILL 30 s after its SIGTERM; without a handler, SIGTERM ends it at once.)
+    """
+    store = _launch_store()
+    if store is None:
+        return None
+    try:
+        return int(store.get(_failure_key())) if store.check([_failure_key()]) else None
+    except (RuntimeError, ValueError):
+        return None
+
+
+def _claim_first_failure(index: int) -> int | None:
+    """Record `index` as the launch's first failed process unless another process came first; returns the first
+    one's index (None when the store cannot be reached)."""
+    store = _launch_store()
+    if store is None:
+        return None
+    try:  # compare_set is atomic: of processes failing together, exactly one is first
+        return int(store.compare_set(_failure_key(), "", str(index)))
+    except (RuntimeError, ValueError):
+        return None
+
+
+def _flush_output() -> None:
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+def end_failed_process(error: BaseException, exit_code: int, traceback_text: str | None = None) -> None:
+    """In a launch of several processes, end this one at once after `error`, so that the launch ends within
+    seconds with its error shown; with one process (or before the processes have connected), return and do
+    nothing.
+
+    Call it from an `except` block. The first process to fail prints its error in one line that names the process,
+    and exits with `exit_code`. Under torchrun (`accelerate launch`) it also writes the error, with its traceback,
+    to the file the agent reads, so that the launcher's closing summary shows it as the root cause; elsewhere it
+    prints `traceback_text` (when given) before that line. Its exit is what ends the launch: the agent sees it
+    within its monitor interval (0.1 s) and sends SIGTERM to the other processes, wherever they are waiting (with
+    NCCL, a process blocked in a collective whose peer has gone would otherwise wait until the collective times
+    out). A process that fails after another, typically because a collective lost that peer, says so in one line
+    and waits a few seconds for that SIGTERM, so that the agent names the process that failed first.
+
+    The exit is `os._exit`: no atexit handler, finaliser or process-group destructor runs, because any of them may
+    wait for the other processes (an NCCL communicator with collectives in flight, a tracker's thread), and what
+    they would write is not needed: checkpoints are only published once complete, and metrics.jsonl is written a
+    line at a time. Trackers (TensorBoard, W&B) may lose the events they had not yet flushed.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    index, count = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if count == 1:
+        return
+    first = _claim_first_failure(index)
+    if first is None or first == index:
+        summary = str(error) if traceback_text is None else f"{type(error).__name__}: {error}"
+        if "TORCHELASTIC_ERROR_FILE" in os.environ:  # torchrun's closing summary shows the traceback
+            from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+            get_error_handler().record_exception(error)
+            traceback_text = None
+        # (from a new line: the main process's progress bar may be half-way along one)
+        print(f"\n{traceback_text or ''}error (process {index} of {count}): {summary}", file=sys.stderr)
+        _flush_output()
+        os._exit(exit_code)
+    own = (str(error).strip().splitlines() or [""])[0][:160]
+    print(f"process {index} of {count} stops too: process {first} failed first, its error is above (here: "
+          f"{type(error).__name__}: {own})", file=sys.stderr)
+    _flush_output()
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun: let its SIGTERM end this process, at once
+        with contextlib.suppress(ValueError):  # (only the main thread may set a handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        time.sleep(STOP_WAIT_SECONDS)
+    os._exit(1)

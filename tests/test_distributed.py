@@ -392,6 +392,134 @@ def test_buckets_keep_order_and_respect_the_size_limit(monkeypatch):
     assert [[t.numel() for t in group] for group in groups] == [[4, 4], [4], [30], [1]]
 
 
+# --- one process fails --------------------------------------------------------------------------------------------
+
+
+FAILING_REWARD = '''\
+"""A length reward that fails on process 1 in step 2: in the reward itself, or in the backward pass that follows."""
+import os
+import threading
+import time
+
+import torch
+
+calls = 0
+
+
+def fail(error):
+    with open({stamp!r}, "w") as handle:
+        handle.write(repr(time.time()))
+    raise error
+
+
+def backward_that_runs_out_of_memory(*args, **kwargs):
+    fail(torch.OutOfMemoryError("simulated: out of memory in the update on process 1"))
+
+
+def reward(prompts, completions):
+    global calls
+    calls += 1
+    if os.environ["RANK"] == "1" and calls == 2:  # no evaluation in this run: the second call is step 2's
+        if {where!r} == "reward":
+            # A client library's worker thread (not a daemon) is still running: the interpreter would wait for it
+            # at exit, and process 0 for process 1 in its next collective.
+            threading.Thread(target=time.sleep, args=(3600,)).start()
+            fail(RuntimeError("simulated: the reward service is unreachable from process 1"))
+        torch.Tensor.backward = backward_that_runs_out_of_memory
+    return [len(c) / 10 for c in completions]
+'''
+
+
+def launch_expecting_failure(arguments: list[str], cwd: Path, timeout: float) -> tuple[int, str]:
+    """`launch` for a run that should fail: 2 replicated processes; the exit status and the output (stdout, then
+    stderr). A launch still running after `timeout` seconds is stopped, with its processes, and fails the test."""
+    command, env = launch_command(arguments)
+    with subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # SIGTERM, not SIGKILL: the workers run in sessions of their own, and the agent stops them on SIGTERM
+            # (SIGKILL after 30 s), so that they do not outlive the test.
+            process.terminate()
+            stdout, stderr = process.communicate(timeout=60)
+            pytest.fail(f"the launch still ran after {timeout} s:\n{(stdout + stderr)[-5000:]}")
+    return process.returncode, stdout + stderr
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("where, message", [
+    ("reward", "RuntimeError: simulated: the reward service is unreachable from process 1"),
+    ("update", "OutOfMemoryError: simulated: out of memory in the update on process 1"),
+], ids=["reward", "update"])
+def test_a_process_that_fails_ends_the_whole_launch_within_seconds_with_its_error(tiny_model_dir, tmp_path, where,
+                                                                                 message):
+    # Process 1 fails in step 2 while process 0 goes on to its next collective. The failing process ends at once
+    # and torchrun's agent stops the other, instead of leaving it in the collective until its timeout (30 minutes).
+    import time
+
+    from ppo_lm.checkpoint import checkpoint_problem, find_checkpoint
+
+    stamp = tmp_path / "failed_at"
+    reward = tmp_path / "failing_reward.py"
+    reward.write_text(FAILING_REWARD.format(stamp=str(stamp), where=where))
+    run_dir = tmp_path / "run"
+    config = write_ppo_run(tmp_path, tiny_model_dir, output_dir=str(run_dir), total_steps=4, save_steps=1,
+                           eval_fraction=0.0, reward_fn=f"{reward}:reward")
+    code, output = launch_expecting_failure(["-m", "ppo_lm", "train", "--config", str(config)], cwd=tmp_path,
+                                            timeout=120)
+    ended = time.time()
+    assert code != 0, output[-5000:]
+    assert ended - float(stamp.read_text()) < 30, output[-5000:]
+    assert f"error (process 1 of 2): {'RewardFunctionError: ' if where == 'reward' else ''}" in output
+    assert message in output
+    # Step 1's checkpoint is whole, and it is what --resume takes; step 2's was never begun.
+    assert sorted(p.name for p in run_dir.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]
+    assert find_checkpoint(run_dir) == run_dir / "checkpoint-1" and checkpoint_problem(run_dir / "checkpoint-1") is None
+
+
+def test_the_first_process_to_fail_is_recorded_once_in_the_launch_store(monkeypatch):
+    # What torchrun's agent store holds for the processes: the first to claim a failure is named; a later claim
+    # (a process whose collective lost that peer) gets the first one's index; a restarted attempt starts afresh.
+    # Without the agent's store nothing is known, and without a process group end_failed_process does nothing.
+    from ppo_lm import distributed
+
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(store.port))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    assert distributed.failed_process() is None
+    assert distributed._claim_first_failure(1) == 1
+    assert distributed._claim_first_failure(0) == 1
+    assert distributed.failed_process() == 1
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert distributed.failed_process() is None
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # the store may have died with a failed process
+    assert distributed._claim_first_failure(0) is None and distributed.failed_process() is None
+    assert not torch.distributed.is_initialized()
+    distributed.end_failed_process(RuntimeError("one process"), exit_code=1)  # returns: nothing to end
+
+
+def test_a_checkpoint_that_a_failed_launch_left_unsealed_is_never_resumed_from(tmp_path):
+    # A process that fails during a save ends its launch before the main process renames the checkpoint into place:
+    # what is left is `.checkpoint-<step>.partial`, with or without its manifest (it is written just before the
+    # rename). Resuming and `ppo-lm verify` see only the sealed checkpoints.
+    from ppo_lm.checkpoint import MANIFEST, find_checkpoint, open_checkpoint, seal_checkpoint, verify
+
+    run_dir = tmp_path / "run"
+    (open_checkpoint(run_dir, 1) / "trainable.safetensors").write_bytes(b"step 1")
+    sealed = seal_checkpoint(run_dir, 1)
+    for step, manifest in ((2, False), (3, True)):
+        partial = open_checkpoint(run_dir, step)
+        (partial / "trainable.safetensors").write_bytes(f"step {step}".encode())
+        if manifest:
+            (partial / MANIFEST).write_text((sealed / MANIFEST).read_text().replace('"step": 1', '"step": 3'))
+    assert find_checkpoint(run_dir) == sealed
+    assert verify(run_dir) == [(sealed, None)]
+
+
 # --- stopping on a signal ----------------------------------------------------------------------------------------
 
 
