@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import signal
 import threading
@@ -50,7 +51,7 @@ from ppo_lm.checkpoint import (
 )
 from ppo_lm.config import RunConfig, TrainConfig
 from ppo_lm.data import PromptStream
-from ppo_lm.distributed import all_sum, from_main_process, gather_rows, shard
+from ppo_lm.distributed import all_sum, failed_process, from_main_process, gather_rows, shard
 from ppo_lm.report import write_report
 
 logger = logging.getLogger(__name__)
@@ -222,8 +223,9 @@ class StopSignals:
     instead of ending the process; a second SIGINT raises KeyboardInterrupt at once.
 
     A launcher passes the signal it gets on to its workers, which a terminal's Ctrl-C reaches too, so a signal within
-    `REPEAT_SECONDS` of the first counts as the same request. Outside the main thread (where Python cannot set
-    handlers) nothing changes.
+    `REPEAT_SECONDS` of the first counts as the same request. A SIGTERM that torchrun's agent sends because another
+    process failed (`distributed.failed_process`) ends the process at once, as it would without a handler. Outside
+    the main thread (where Python cannot set handlers) nothing changes.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -244,6 +246,12 @@ class StopSignals:
             signal.signal(number, handler)
 
     def _handle(self, number: int, frame: FrameType | None) -> None:
+        if self.requested is None and number == signal.SIGTERM and failed_process() is not None:
+            # the launcher is ending the launch because another process failed: no checkpoint can be written
+            # without that process, so end as SIGTERM would have without this handler
+            signal.signal(number, signal.SIG_DFL)
+            os.kill(os.getpid(), number)
+            return
         if self.requested is None:
             self.requested, self._first_at = number, time.monotonic()
             logger.warning("%s received: the current step finishes, then a checkpoint is saved and the run stops "
