@@ -15,6 +15,7 @@ import torch
 from conftest import length_reward, read_metrics, tiny_config, wait_for, write_pausing_reward
 from safetensors.torch import load_file
 
+from ppo_lm import training
 from ppo_lm.backend import NonFiniteLossError
 from ppo_lm.checkpoint import load_state
 from ppo_lm.cli import main
@@ -256,8 +257,21 @@ def nan_advantages_on_attempts(monkeypatch, attempts):
 def test_skip_undoes_a_non_finite_step_and_trains_on(run_files, monkeypatch, caplog):
     run_dir = run_files["dir"] / "run"
     nan_advantages_on_attempts(monkeypatch, {2})
+    undone = []
+
+    def checked_step(trainer, items, rollback=True):  # the loop's own step, watched: what a failure leaves
+        before = trained_state(trainer)
+        try:
+            return all_or_nothing_step(trainer, items, rollback)
+        except NonFiniteLossError:
+            assert_same_state(trainer, before)
+            undone.append(trainer.step_count)
+            raise
+
+    monkeypatch.setattr(training, "all_or_nothing_step", checked_step)
     assert main(["train", "--config", run_files["config"], "--output_dir", str(run_dir), "--on_nonfinite",
                  "skip"]) == 0
+    assert undone == [1]  # the second step failed, and left everything as the first step had
     train = [m for m in read_metrics(run_dir) if "reward_mean" in m]
     assert [(m["step"], m["skipped_steps"]) for m in train] == [(1, 0), (2, 1), (3, 1), (4, 1)]
     assert "Step 2 skipped and undone (1 skipped so far): The policy loss is nan at PPO step 2" in caplog.text
