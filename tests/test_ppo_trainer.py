@@ -1,6 +1,7 @@
 """PPOTrainer on a tiny random Qwen3 with the real Qwen tokenizer, loaded from disk through from_pretrained."""
 
 import copy
+import dataclasses
 import logging
 import math
 
@@ -263,24 +264,58 @@ def test_no_reward_is_an_error(tiny_model_dir):
 
 @pytest.mark.slow
 def test_micro_batches_give_the_same_rollout_and_update_as_one_pass(tiny_model_dir):
+    """Rows (micro_batch_size) or a token budget (micro_batch_tokens) against the whole minibatch in one pass, in
+    float32: the same samples; the same rollout tensors, losses and gradient norms to 1e-5 (absolute) or 1e-4
+    (relative); after 8 AdamW steps, weights within 1 % of each tensor's update of the plain path's.
+
+    Adam divides each gradient by its running size, so a component whose gradient is near 0 turns a rounding
+    difference (the passes add their parts in another order) into a step of up to the learning rate: the weights
+    are compared by how far they moved, not element by element."""
     prompts = PROMPTS * 2
     results = []
-    for micro_batch_size in (None, 3):
-        config = tiny_config(tiny_model_dir, micro_batch_size=micro_batch_size, batch_size=8, num_mini_batches=2)
+    before = None
+    # A budget of 24 tokens: each row of PROMPTS[0] (24 prompt tokens and a response) is over it and gets a pass of
+    # its own; the short prompts (1 and 4 tokens) share theirs.
+    for sizing in ({"micro_batch_tokens": None}, {"micro_batch_size": 3}, {"micro_batch_tokens": 24}):
+        config = tiny_config(tiny_model_dir, batch_size=8, num_mini_batches=2, **sizing)
         trainer = PPOTrainer(config, reward_fn=length_reward)
+        before = before or {n: p.detach().clone() for n, p in trainer.models.named_trainable().items()}
         rollout = trainer.make_rollout(prompts)
+        if sizing.get("micro_batch_tokens"):
+            groups = [rollout.batch.select(index) for index in trainer._micro_batches(rollout.batch, torch.arange(8),
+                                                                                      collective=True)]
+            assert len(groups) > 2
+            assert all(group.input_ids.numel() <= 24 or len(group.input_ids) == 1 for group in groups)
+            assert any(group.input_ids.numel() > 24 for group in groups)  # a long prompt's row, alone
+            assert any(len(group.input_ids) > 1 for group in groups)
         stats = trainer.update(rollout)
         weights = {n: p.detach().clone() for n, p in trainer.models.named_trainable().items()}
         results.append((rollout, stats, weights))
-    (plain, plain_stats, plain_weights), (micro, micro_stats, micro_weights) = results
-    assert torch.equal(plain.batch.input_ids, micro.batch.input_ids)  # same seed, same samples
-    mask = plain.batch.response_mask.bool()
-    for name in ("old_logprobs", "ref_logprobs", "values", "advantages", "entropy"):
-        torch.testing.assert_close(getattr(plain, name)[mask], getattr(micro, name)[mask], atol=1e-5, rtol=1e-4)
-    for name in ("policy_loss", "value_loss", "approx_kl", "policy_clip_fraction", "ratio_mean"):
-        assert plain_stats[name] == pytest.approx(micro_stats[name], rel=1e-4, abs=1e-6), name
-    for name in plain_weights:
-        torch.testing.assert_close(plain_weights[name], micro_weights[name], atol=1e-5, rtol=1e-4)
+    plain, plain_stats, plain_weights = results[0]
+    for micro, micro_stats, micro_weights in results[1:]:
+        assert torch.equal(plain.batch.input_ids, micro.batch.input_ids)  # same seed, same samples
+        mask = plain.batch.response_mask.bool()
+        for name in ("old_logprobs", "ref_logprobs", "values", "advantages", "entropy"):
+            torch.testing.assert_close(getattr(plain, name)[mask], getattr(micro, name)[mask], atol=1e-5, rtol=1e-4)
+        for name in ("policy_loss", "value_loss", "approx_kl", "policy_clip_fraction", "ratio_mean", "grad_norm"):
+            assert plain_stats[name] == pytest.approx(micro_stats[name], rel=1e-4, abs=1e-5), name
+        for name in plain_weights:
+            moved = (plain_weights[name] - before[name]).norm().item()
+            assert (plain_weights[name] - micro_weights[name]).norm().item() <= 1e-2 * moved + 1e-6, name
+
+
+def test_micro_batch_size_wins_over_the_token_budget_and_auto_reads_the_model(trainer):
+    assert trainer.config.micro_batch_tokens == "auto"  # the default
+    model = trainer.models.policy.config
+    per_token = 17 * model.num_hidden_layers * model.hidden_size * 4 + 4 * model.vocab_size
+    assert trainer.micro_batch_tokens == max(256, min(65536, 2**30 // per_token))
+    explicit = copy.copy(trainer)
+    explicit.config = dataclasses.replace(trainer.config, micro_batch_size=2)
+    assert explicit._token_budget() is None
+    explicit.config = dataclasses.replace(trainer.config, micro_batch_tokens=None)
+    assert explicit._token_budget() is None
+    explicit.config = dataclasses.replace(trainer.config, micro_batch_tokens=100)
+    assert explicit._token_budget() == 100
 
 
 @pytest.mark.slow
