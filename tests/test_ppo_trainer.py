@@ -318,6 +318,22 @@ def test_micro_batch_size_wins_over_the_token_budget_and_auto_reads_the_model(tr
     assert explicit._token_budget() == 100
 
 
+def test_every_process_runs_as_many_token_budget_passes_as_the_busiest(trainer, monkeypatch):
+    """Sharded weights are gathered in every forward and backward pass, so every process must run the same number:
+    a process with fewer groups than another halves its largest ones (here the other process reports 3)."""
+    import ppo_lm.ppo_trainer as module
+
+    batch = trainer.make_rollout(PROMPTS).batch
+    local = copy.copy(trainer)
+    local.micro_batch_tokens = 10**6  # everything in one group on this process
+    local.layout = dataclasses.replace(trainer.layout, processes=2)
+    monkeypatch.setattr(module, "all_sum", lambda counts: counts + torch.tensor([0.0, 3.0]))
+    index = torch.arange(len(PROMPTS))
+    assert len(local._micro_batches(batch, index, collective=False)) == 1  # passes on whole weights: no agreement
+    groups = local._micro_batches(batch, index, collective=True)
+    assert len(groups) == 3 and sorted(torch.cat(groups).tolist()) == index.tolist()  # every row, once
+
+
 @pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_update(tiny_model_dir):
     weights = []
