@@ -86,6 +86,7 @@ from ppo_lm.rewards import (
 
 logger = logging.getLogger(__name__)
 
+
 def repeated_prompts(items: list[PromptItem], times: int) -> tuple[list[str], dict[str, list]]:
     """Each prompt item `times` times in a row, as `(prompts, columns)` (`data.split_prompt_items`)."""
     if isinstance(items, (str, dict)):
