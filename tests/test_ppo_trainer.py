@@ -374,15 +374,18 @@ def test_an_update_trains_the_value_adapter_and_head_as_well_as_the_policy(tiny_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("estimator", [{}, {"advantage_estimator": "rloo", "num_generations": 2}],
-                         ids=["gae", "rloo"])
-def test_caching_the_frozen_layers_gives_the_same_rollout_and_update(tiny_model_dir, estimator):
+@pytest.mark.parametrize("estimator, sizing", [({}, {"micro_batch_size": 3}),
+                                               ({"advantage_estimator": "rloo", "num_generations": 2},
+                                                {"micro_batch_size": 3}),
+                                               ({}, {"micro_batch_tokens": 24})],
+                         ids=["gae", "rloo", "gae-token-budget"])
+def test_caching_the_frozen_layers_gives_the_same_rollout_and_update(tiny_model_dir, estimator, sizing):
     """The fast path (bottom layer run once per rollout) against the plain one (every pass runs every layer)."""
     results = []
     critic_free = bool(estimator)
     for cache in (False, True):
         config = tiny_config(tiny_model_dir, lora_target_modules=["q_proj", "v_proj", "down_proj"], lora_layers=[1],
-                             cache_frozen_layers=cache, batch_size=8, micro_batch_size=3, ppo_epochs=2, **estimator)
+                             cache_frozen_layers=cache, batch_size=8, ppo_epochs=2, **sizing, **estimator)
         trainer = PPOTrainer(config, reward_fn=length_reward)
         assert trainer.frozen_layers == (1 if cache else 0)
         rollout = trainer.make_rollout((PROMPTS * 2)[: config.items_per_step])
