@@ -32,6 +32,7 @@ from accelerate import PartialState
 from ppo_lm.backend import Backend
 from ppo_lm.config import PPOConfig
 from ppo_lm.distributed import gather_rows, shard
+from ppo_lm.generation import token_budget_groups
 from ppo_lm.runs import parse_config
 from ppo_lm.training import all_or_nothing_step
 
@@ -209,6 +210,34 @@ def step_flops(model_config, prompt_lens: list[int], response_lens: list[int], c
     return flops
 
 
+def update_padding(prompt_lens: list[int], response_lens: list[int], micro_batch_size: int | None,
+                   micro_batch_tokens: int | None) -> dict[str, float]:
+    """How much of a minibatch's forward/backward work is padding, three ways: the whole minibatch in one pass, the
+    micro-batches the update forms (by rows or by the token budget, rows sorted by prompt length), and packed rows
+    (no padding at all: one long row, each sequence with its own position ids, which needs attention kernels that
+    keep the sequences apart). Fractions of the padded tokens; `micro_batches` is how many passes the update runs.
+
+    For one process and one minibatch (the bench's default) the rows are the step's; a per-token count, so attention
+    (quadratic in the width) is not in it.
+    """
+    order = sorted(range(len(prompt_lens)), key=lambda row: -prompt_lens[row])  # stable, as the trainer sorts
+    prompts, responses = [prompt_lens[row] for row in order], [response_lens[row] for row in order]
+    if micro_batch_size is not None:
+        sizes = [min(micro_batch_size, len(order) - start) for start in range(0, len(order), micro_batch_size)]
+    elif micro_batch_tokens is not None:
+        sizes = token_budget_groups(prompts, responses, micro_batch_tokens)
+    else:
+        sizes = [len(order)]
+    real = sum(prompts) + sum(responses)
+    grouped, start = 0, 0
+    for size in sizes:
+        grouped += size * (max(prompts[start : start + size]) + max(responses[start : start + size]))
+        start += size
+    whole = len(order) * (max(prompts) + max(responses))
+    return {"micro_batches": len(sizes), "real_tokens": real, "padding_whole": round(1 - real / whole, 4),
+            "padding_micro_batches": round(1 - real / grouped, 4), "padding_packed": 0.0}
+
+
 def peak_memory_gib(device: torch.device) -> float:
     """Peak memory so far: max allocated on CUDA, the process's peak RSS on the CPU."""
     if device.type == "cuda":
@@ -251,6 +280,9 @@ def run_benchmark(
         **trainer.backend.describe(),
         "max_new_tokens": config.max_new_tokens,
         "ppo_epochs": config.ppo_epochs, "micro_batch_size": config.micro_batch_size,
+        "micro_batch_tokens": config.micro_batch_tokens, "micro_batch_tokens_used": trainer.micro_batch_tokens,
+        "update_padding": update_padding(prompt_lens, response_lens, config.micro_batch_size,
+                                         trainer.micro_batch_tokens),
         "median_step_s": round(step_seconds, 4),
         "stage_s": {stage: round(median[stage], 4) for stage in STAGES[:-1]},
         "generated_tokens_per_s": round(generated / step_seconds, 1),

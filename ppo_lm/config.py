@@ -37,6 +37,8 @@ PolicyLossName = Literal[POLICY_LOSSES.names()]
 LossAggregationName = Literal[LOSS_AGGREGATIONS.names()]
 ScaleRewardsName = Literal["group", "batch", "none"]
 OnNonFiniteName = Literal["raise", "skip"]
+MicroBatchTokens = int | Literal["auto"] | None
+"""`micro_batch_tokens`: a number of tokens, 'auto' (chosen from the device and the model) or None (off)."""
 ON_NON_FINITE: tuple[str, ...] = get_args(OnNonFiniteName)
 SCALE_REWARDS: tuple[str, ...] = get_args(ScaleRewardsName)
 TRACKERS = ("tensorboard", "wandb", "trackio")
@@ -198,7 +200,8 @@ class TrainConfig(RunConfig):
     micro_batch_size: int | None = None
     """Items per forward/backward pass on a process (sequences in PPO, rows in SFT, pairs in reward training),
     gradients accumulated to the same optimizer step; PPO groups a minibatch's sequences by prompt length (less
-    padding, less memory). None: a process's whole minibatch (PPO) or share of the batch in one pass."""
+    padding, less memory). None: a process's whole minibatch (PPO) or share of the batch in one pass; in PPO, passes
+    are then sized by `micro_batch_tokens` instead, which a set `micro_batch_size` overrides."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of storing them: less memory, about a third slower."""
     learning_rate: float = 1e-5
@@ -379,6 +382,14 @@ class PPOConfig(TrainConfig):
     hidden state per token. Applies when the reference and the value model are the shared base (the default)."""
     target_kl: float | None = None
     """Stop the PPO epochs early when a minibatch's approximate KL to the rollout policy passes this. None: off."""
+    micro_batch_tokens: MicroBatchTokens = "auto"
+    """Padded tokens per forward/backward pass when `micro_batch_size` is None: a process's minibatch (and each
+    rollout and evaluation pass) is sorted by prompt length and packed greedily into groups whose rows x own width
+    stays within this budget (a single longer row gets a pass of its own). The same loss and gradients as one pass,
+    for less padding and memory. 'auto': memory / bytes per token (`generation.auto_micro_batch_tokens`), where the
+    memory is 1 GiB on the CPU and a quarter of the GPU's free memory after the models load, and a token costs about
+    17 x layers x hidden_size values of activations plus one float32 row of logits. None: the whole minibatch in
+    one pass. `micro_batch_size`, when set, wins."""
 
     def validate(self) -> None:
         """Raise a ValueError naming the first field whose value is not allowed."""
@@ -391,6 +402,9 @@ class PPOConfig(TrainConfig):
             raise _invalid(self, "eval_samples_per_prompt", self.eval_samples_per_prompt,
                            "must be 1 with eval_greedy: greedy decoding gives the same response every time")
         require_numbers(self, ("kl_coef", "kl_loss_coef", "value_clip", "vf_coef", "entropy_coef"), positive=False)
+        tokens = self.micro_batch_tokens
+        if not (tokens is None or tokens == "auto" or (_is_int(tokens) and tokens >= 1)):
+            raise _invalid(self, "micro_batch_tokens", tokens, "must be an integer >= 1, 'auto' or None")
         for name, registry in (("kl_estimator", KL_ESTIMATORS), ("advantage_estimator", ADVANTAGE_ESTIMATORS),
                                ("policy_loss", POLICY_LOSSES), ("loss_aggregation", LOSS_AGGREGATIONS)):
             require_choice(self, name, registry.names())  # read when validating: a variant may register later

@@ -53,16 +53,32 @@ class SequenceBatch:
         """Position of each token among the real tokens of its row."""
         return position_ids_from_mask(self.attention_mask)
 
-    def micro_batches(self, index: torch.Tensor, size: int | None) -> list[torch.Tensor]:
-        """Split the rows in `index` into groups of at most `size` rows of similar prompt length (None: one group).
+    def micro_batches(self, index: torch.Tensor, size: int | None = None, tokens: int | None = None,
+                      min_groups: int = 1) -> list[torch.Tensor]:
+        """Split the rows in `index` into groups of similar prompt length, one forward/backward pass each.
 
-        Rows sorted by prompt length share their padding: a group of short prompts is trimmed to its own width.
+        `size` (rows per group) wins over `tokens` (a budget of padded tokens per group: rows x the group's own
+        width once `select` has trimmed its padding, see `token_budget_groups`). Neither: one group. With a token
+        budget, a group with the most rows is halved until there are at least `min_groups` groups (so that every
+        process of a sharded launch runs the same number of passes). Rows sorted by prompt length share their
+        padding: a group of short prompts is trimmed to its own width.
         """
-        if size is None or size >= len(index):
+        if size is not None:
+            if size >= len(index):
+                return [index]
+            return list(self._by_prompt_length(index)[0].split(size))
+        if tokens is None:
             return [index]
+        ordered, prompt_lengths = self._by_prompt_length(index)
+        response_lengths = self.attention_mask[ordered, self.prompt_width :].sum(-1)
+        sizes = token_budget_groups(prompt_lengths.tolist(), response_lengths.tolist(), tokens)
+        return list(ordered.split(split_to_count(sizes, min_groups)))
+
+    def _by_prompt_length(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of `index` from the longest prompt to the shortest (ties keep their order), and those lengths."""
         prompt_lengths = self.attention_mask[index, : self.prompt_width].sum(-1)
-        ordered = index[torch.argsort(prompt_lengths, descending=True, stable=True)]
-        return list(ordered.split(size))
+        order = torch.argsort(prompt_lengths, descending=True, stable=True)
+        return index[order], prompt_lengths[order]
 
     def select(self, index: torch.Tensor) -> SequenceBatch:
         """The rows in `index`, without the padding columns that none of them needs."""
@@ -73,6 +89,70 @@ class SequenceBatch:
         hidden = None if self.prefix_hidden is None else self.prefix_hidden[index][:, left:right]
         return SequenceBatch(input_ids[:, left:right], attention_mask[:, left:right], self.prompt_width - left,
                              hidden, self.prefix_layers)
+
+
+def token_budget_groups(prompt_lengths: Sequence[int], response_lengths: Sequence[int], budget: int) -> list[int]:
+    """Sizes of consecutive groups of rows whose padded size stays within `budget` tokens.
+
+    Rows come in the order given (sorted by prompt length, longest first, by the caller). A group's padded size is
+    its rows x (its longest prompt + its longest response): the width `SequenceBatch.select` leaves, since prompts
+    end and responses start in one column. Each row joins the current group while that keeps the group within
+    the budget, else it starts the next one; a row wider than the budget alone gets a group of its own. The loop
+    is over rows (a few hundred at most), never over tokens.
+    """
+    sizes: list[int] = []
+    rows = widest_prompt = widest_response = 0
+    for prompt, response in zip(prompt_lengths, response_lengths, strict=True):
+        wider_prompt, wider_response = max(widest_prompt, prompt), max(widest_response, response)
+        if rows and (rows + 1) * (wider_prompt + wider_response) > budget:
+            sizes.append(rows)
+            rows, wider_prompt, wider_response = 0, prompt, response
+        rows, widest_prompt, widest_response = rows + 1, wider_prompt, wider_response
+    if rows:
+        sizes.append(rows)
+    return sizes
+
+
+CPU_ACTIVATION_BYTES = 2**30
+"""On the CPU, the activations a pass may hold (1 GiB): memory is rarely short there, but a smaller pass keeps its
+tensors nearer the caches (on `small_vocab`, micro-batches of 8 rows beat the whole batch of 32)."""
+CUDA_FREE_FRACTION = 0.25
+"""On a GPU, the share of the memory left free after the models load that one pass's activations may take: the rest
+holds the rollout's tensors, the logits' float32 copies, the allocator's slack and the other role's pass."""
+AUTO_TOKENS_RANGE = (256, 65536)
+"""The automatic budget is clamped to this range of tokens."""
+
+
+def auto_micro_batch_tokens(device_type: str, free_bytes: int | None, num_layers: int, hidden_size: int,
+                            vocab_size: int, dtype_bytes: int) -> int:
+    """The token budget of a micro-batch that `micro_batch_tokens: auto` picks: memory / bytes per token.
+
+    Bytes per token: the activations a decoder layer keeps for the backward pass, about 17 values per hidden unit
+    (34 bytes at 2 bytes a value, Korthikanti et al., 2022), over every layer, plus one float32 row of logits (the
+    output head runs on response positions only, but keeps several float32 copies there). Memory: on "cuda", a
+    quarter of `free_bytes` (what the GPU has free once the models are loaded); elsewhere 1 GiB. The result is
+    clamped to `AUTO_TOKENS_RANGE`. A pure function of its numbers, so the rule can be tested without a device.
+    """
+    per_token = 17 * num_layers * hidden_size * dtype_bytes + 4 * vocab_size
+    memory = CUDA_FREE_FRACTION * free_bytes if device_type == "cuda" and free_bytes else CPU_ACTIVATION_BYTES
+    low, high = AUTO_TOKENS_RANGE
+    return int(min(high, max(low, memory // per_token)))
+
+
+def split_to_count(sizes: Sequence[int], count: int) -> list[int]:
+    """`sizes` of consecutive groups, the group with the most rows halved (first such group, larger half first)
+    until there are at least `count` groups. Halving keeps every group within the budget it was packed to.
+
+    Raises ValueError when there are fewer rows than `count`.
+    """
+    sizes = list(sizes)
+    if sum(sizes) < count:
+        raise ValueError(f"{sum(sizes)} rows cannot make {count} groups.")
+    while len(sizes) < count:
+        largest = max(range(len(sizes)), key=sizes.__getitem__)
+        half = sizes[largest] // 2
+        sizes[largest : largest + 1] = [sizes[largest] - half, half]
+    return sizes
 
 
 def encode_prompts(

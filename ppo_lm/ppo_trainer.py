@@ -18,6 +18,7 @@ names in their registries; how the launch holds the weights is the backend's bus
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -41,7 +42,14 @@ from ppo_lm.checkpoint import save_trained
 from ppo_lm.config import PPOConfig
 from ppo_lm.data import PromptItem, split_prompt_items
 from ppo_lm.distributed import all_sum, batch_layout, gather_rows, process_state
-from ppo_lm.generation import SequenceBatch, encode_prompts, generate_responses, greedy_config, sampling_config
+from ppo_lm.generation import (
+    SequenceBatch,
+    auto_micro_batch_tokens,
+    encode_prompts,
+    generate_responses,
+    greedy_config,
+    sampling_config,
+)
 from ppo_lm.losses import (
     KL_ESTIMATORS,
     LOSS_AGGREGATIONS,
@@ -75,6 +83,8 @@ from ppo_lm.rewards import (
     load_reward_functions,
     shape_rewards,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def repeated_prompts(items: list[PromptItem], times: int) -> tuple[list[str], dict[str, list]]:
@@ -212,6 +222,7 @@ class PPOTrainer:
             self.models.trained_modules(), [self.models.reference], self._make_optimizer, config.max_grad_norm)
         with self.whole_weights():
             self.frozen_layers = shared_frozen_layers(config, self.models)  # run once per rollout, then reused
+        self.micro_batch_tokens = self._token_budget()  # after loading: 'auto' reads what memory the models left
         self.reward_tokenizer = self._reward_tokenizer_if_different()
 
         context = getattr(self.models.policy.config, "max_position_embeddings", None) or 2**31
@@ -225,6 +236,38 @@ class PPOTrainer:
         self.kl_controller = KLController(config.kl_coef, config.adaptive_kl_target, config.adaptive_kl_horizon)
         self.update_reads_old_logprobs = config.update_reads_old_logprobs  # the rollout skips the policy's pass
         self.step_count = 0
+
+    def _token_budget(self) -> int | None:
+        """The padded tokens per pass that micro-batches are packed to, or None when `micro_batch_size` (which
+        wins) or nothing sizes them."""
+        cfg = self.config
+        if cfg.micro_batch_size is not None or cfg.micro_batch_tokens is None:
+            return None
+        if cfg.micro_batch_tokens != "auto":
+            return cfg.micro_batch_tokens
+        model = self.models.policy.config
+        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+        budget = auto_micro_batch_tokens(self.device.type, free, model.num_hidden_layers, model.hidden_size,
+                                         model.vocab_size, self.dtype.itemsize)
+        logger.info("micro_batch_tokens: auto chose %d tokens per forward/backward pass", budget)
+        return budget
+
+    def _micro_batches(self, batch: SequenceBatch, index: torch.Tensor, collective: bool) -> list[torch.Tensor]:
+        """The rows `index` of `batch` as micro-batches, by `micro_batch_size` or else the token budget.
+
+        `collective`: the passes run on sharded weights, where every forward and backward pass gathers weights from
+        every process, so every process must run as many; token-budget groups then split until each process has
+        as many as the process with the most (rows per minibatch are equal on every process, so this is possible).
+        """
+        cfg = self.config
+        groups = batch.micro_batches(index, cfg.micro_batch_size, self.micro_batch_tokens)
+        if collective and self.micro_batch_tokens is not None and self.layout.processes > 1:
+            counts = torch.zeros(self.layout.processes, device=self.device)
+            counts[process_state().process_index] = len(groups)
+            most = int(all_sum(counts).max().item())
+            if most > len(groups):
+                groups = batch.micro_batches(index, None, self.micro_batch_tokens, min_groups=most)
+        return groups
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         """AdamW over the policy's parameter group and, with a value model, the value model's. Called by the backend
@@ -348,7 +391,7 @@ class PPOTrainer:
         rows, width = batch.response_mask.shape
         outputs: list[torch.Tensor | None] = [None, None]
         everything = torch.arange(rows, device=batch.input_ids.device)
-        for index in batch.micro_batches(everything, self.config.micro_batch_size):
+        for index in self._micro_batches(batch, everything, collective=False):  # weights held whole: no collective
             micro = batch.select(index)
             for slot, result in enumerate(forward(micro)):
                 if result is None:
@@ -430,7 +473,10 @@ class PPOTrainer:
         """The batch with the output of the frozen bottom layers attached, for every later pass to start from."""
         if not self.frozen_layers:
             return batch
-        hidden = prefix_hidden_states(self.models.policy, batch, self.frozen_layers, self.config.micro_batch_size)
+        rows = self.config.micro_batch_size
+        if self.micro_batch_tokens is not None:  # this pass runs over the batch's whole width: budget / width rows
+            rows = max(1, self.micro_batch_tokens // batch.input_ids.shape[1])
+        hidden = prefix_hidden_states(self.models.policy, batch, self.frozen_layers, rows)
         return replace(batch, prefix_hidden=hidden, prefix_layers=self.frozen_layers)
 
     # --- checkpoint state ----------------------------------------------------------------------------------------
@@ -564,7 +610,7 @@ class PPOTrainer:
         total_tokens = all_sum(rollout.update_mask[index].sum()).clamp(min=1)
         kl_sum = torch.zeros((), device=self.device)
         with torch.no_grad():
-            for micro_index in batch.micro_batches(index, self.config.micro_batch_size):
+            for micro_index in self._micro_batches(batch, index, collective=True):
                 micro = batch.select(micro_index)
                 width = micro.response_mask.shape[1]
                 mask = rollout.update_mask[micro_index, :width]
@@ -596,7 +642,7 @@ class PPOTrainer:
             if not torch.isfinite(objective):
                 non_finite.setdefault(name, objective.item())
 
-        for micro_index in batch.micro_batches(index, self.config.micro_batch_size):
+        for micro_index in self._micro_batches(batch, index, collective=True):
             micro = batch.select(micro_index)
             mask = update_mask[micro_index, : micro.response_mask.shape[1]]
             share = mask.sum() / size.tokens.clamp(min=1)  # this micro-batch's share of the minibatch's tokens

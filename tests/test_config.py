@@ -305,3 +305,21 @@ def test_several_reward_functions_and_their_weights_parse_from_the_command_line_
     assert parse_config(PPOConfig, {}, ["--reward_fn", "a.py:f"], prog="ppo-lm train").reward_fn == "a.py:f"
     config = parse_config(PPOConfig, {"reward_fn": ["a.py:f"], "reward_weights": [2.0]}, [], prog="ppo-lm train")
     assert config.reward_functions() == ["a.py:f"] and config.reward_weights == [2.0]
+
+
+# --- micro-batches by tokens ------------------------------------------------------------------------------------------
+
+
+def test_micro_batch_tokens_is_auto_by_default_and_parses_as_a_number_auto_or_none():
+    assert PPOConfig().micro_batch_tokens == "auto" and PPOConfig().micro_batch_size is None
+    for argument, value in (("4096", 4096), ("auto", "auto"), ("None", None)):
+        config = parse_config(PPOConfig, {}, ["--micro_batch_tokens", argument], prog="ppo-lm train")
+        assert config.micro_batch_tokens == value
+    assert parse_config(PPOConfig, {"micro_batch_tokens": 512}, [], prog="ppo-lm train").micro_batch_tokens == 512
+    assert PPOConfig(micro_batch_size=4, micro_batch_tokens=512).micro_batch_size == 4  # both may be set: rows win
+
+
+@pytest.mark.parametrize("value", [0, -5, "big", 2.5, True])
+def test_a_bad_micro_batch_tokens_is_refused_naming_what_is_allowed(value):
+    with pytest.raises(ValueError, match=r"micro_batch_tokens=.* is invalid: must be an integer >= 1, 'auto' or None"):
+        PPOConfig(micro_batch_tokens=value)

@@ -1,6 +1,7 @@
 """PPOTrainer on a tiny random Qwen3 with the real Qwen tokenizer, loaded from disk through from_pretrained."""
 
 import copy
+import dataclasses
 import logging
 import math
 
@@ -263,24 +264,74 @@ def test_no_reward_is_an_error(tiny_model_dir):
 
 @pytest.mark.slow
 def test_micro_batches_give_the_same_rollout_and_update_as_one_pass(tiny_model_dir):
+    """Rows (micro_batch_size) or a token budget (micro_batch_tokens) against the whole minibatch in one pass, in
+    float32: the same samples; the same rollout tensors, losses and gradient norms to 1e-5 (absolute) or 1e-4
+    (relative); after 8 AdamW steps, weights within 1 % of each tensor's update of the plain path's.
+
+    Adam divides each gradient by its running size, so a component whose gradient is near 0 turns a rounding
+    difference (the passes add their parts in another order) into a step of up to the learning rate: the weights
+    are compared by how far they moved, not element by element."""
     prompts = PROMPTS * 2
     results = []
-    for micro_batch_size in (None, 3):
-        config = tiny_config(tiny_model_dir, micro_batch_size=micro_batch_size, batch_size=8, num_mini_batches=2)
+    before = None
+    # A budget of 24 tokens: each row of PROMPTS[0] (24 prompt tokens and a response) is over it and gets a pass of
+    # its own; the short prompts (1 and 4 tokens) share theirs.
+    for sizing in ({"micro_batch_tokens": None}, {"micro_batch_size": 3}, {"micro_batch_tokens": 24}):
+        config = tiny_config(tiny_model_dir, batch_size=8, num_mini_batches=2, **sizing)
         trainer = PPOTrainer(config, reward_fn=length_reward)
+        before = before or {n: p.detach().clone() for n, p in trainer.models.named_trainable().items()}
         rollout = trainer.make_rollout(prompts)
+        if sizing.get("micro_batch_tokens"):
+            groups = [rollout.batch.select(index) for index in trainer._micro_batches(rollout.batch, torch.arange(8),
+                                                                                      collective=True)]
+            assert len(groups) > 2
+            assert all(group.input_ids.numel() <= 24 or len(group.input_ids) == 1 for group in groups)
+            assert any(group.input_ids.numel() > 24 for group in groups)  # a long prompt's row, alone
+            assert any(len(group.input_ids) > 1 for group in groups)
         stats = trainer.update(rollout)
         weights = {n: p.detach().clone() for n, p in trainer.models.named_trainable().items()}
         results.append((rollout, stats, weights))
-    (plain, plain_stats, plain_weights), (micro, micro_stats, micro_weights) = results
-    assert torch.equal(plain.batch.input_ids, micro.batch.input_ids)  # same seed, same samples
-    mask = plain.batch.response_mask.bool()
-    for name in ("old_logprobs", "ref_logprobs", "values", "advantages", "entropy"):
-        torch.testing.assert_close(getattr(plain, name)[mask], getattr(micro, name)[mask], atol=1e-5, rtol=1e-4)
-    for name in ("policy_loss", "value_loss", "approx_kl", "policy_clip_fraction", "ratio_mean"):
-        assert plain_stats[name] == pytest.approx(micro_stats[name], rel=1e-4, abs=1e-6), name
-    for name in plain_weights:
-        torch.testing.assert_close(plain_weights[name], micro_weights[name], atol=1e-5, rtol=1e-4)
+    plain, plain_stats, plain_weights = results[0]
+    for micro, micro_stats, micro_weights in results[1:]:
+        assert torch.equal(plain.batch.input_ids, micro.batch.input_ids)  # same seed, same samples
+        mask = plain.batch.response_mask.bool()
+        for name in ("old_logprobs", "ref_logprobs", "values", "advantages", "entropy"):
+            torch.testing.assert_close(getattr(plain, name)[mask], getattr(micro, name)[mask], atol=1e-5, rtol=1e-4)
+        for name in ("policy_loss", "value_loss", "approx_kl", "policy_clip_fraction", "ratio_mean", "grad_norm"):
+            assert plain_stats[name] == pytest.approx(micro_stats[name], rel=1e-4, abs=1e-5), name
+        for name in plain_weights:
+            moved = (plain_weights[name] - before[name]).norm().item()
+            assert (plain_weights[name] - micro_weights[name]).norm().item() <= 1e-2 * moved + 1e-6, name
+
+
+def test_micro_batch_size_wins_over_the_token_budget_and_auto_reads_the_model(trainer):
+    assert trainer.config.micro_batch_tokens == "auto"  # the default
+    model = trainer.models.policy.config
+    per_token = 17 * model.num_hidden_layers * model.hidden_size * 4 + 4 * model.vocab_size
+    assert trainer.micro_batch_tokens == max(256, min(65536, 2**30 // per_token))
+    explicit = copy.copy(trainer)
+    explicit.config = dataclasses.replace(trainer.config, micro_batch_size=2)
+    assert explicit._token_budget() is None
+    explicit.config = dataclasses.replace(trainer.config, micro_batch_tokens=None)
+    assert explicit._token_budget() is None
+    explicit.config = dataclasses.replace(trainer.config, micro_batch_tokens=100)
+    assert explicit._token_budget() == 100
+
+
+def test_every_process_runs_as_many_token_budget_passes_as_the_busiest(trainer, monkeypatch):
+    """Sharded weights are gathered in every forward and backward pass, so every process must run the same number:
+    a process with fewer groups than another halves its largest ones (here the other process reports 3)."""
+    import ppo_lm.ppo_trainer as module
+
+    batch = trainer.make_rollout(PROMPTS).batch
+    local = copy.copy(trainer)
+    local.micro_batch_tokens = 10**6  # everything in one group on this process
+    local.layout = dataclasses.replace(trainer.layout, processes=2)
+    monkeypatch.setattr(module, "all_sum", lambda counts: counts + torch.tensor([0.0, 3.0]))
+    index = torch.arange(len(PROMPTS))
+    assert len(local._micro_batches(batch, index, collective=False)) == 1  # passes on whole weights: no agreement
+    groups = local._micro_batches(batch, index, collective=True)
+    assert len(groups) == 3 and sorted(torch.cat(groups).tolist()) == index.tolist()  # every row, once
 
 
 @pytest.mark.slow
@@ -323,15 +374,18 @@ def test_an_update_trains_the_value_adapter_and_head_as_well_as_the_policy(tiny_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("estimator", [{}, {"advantage_estimator": "rloo", "num_generations": 2}],
-                         ids=["gae", "rloo"])
-def test_caching_the_frozen_layers_gives_the_same_rollout_and_update(tiny_model_dir, estimator):
+@pytest.mark.parametrize("estimator, sizing", [({}, {"micro_batch_size": 3}),
+                                               ({"advantage_estimator": "rloo", "num_generations": 2},
+                                                {"micro_batch_size": 3}),
+                                               ({}, {"micro_batch_tokens": 24})],
+                         ids=["gae", "rloo", "gae-token-budget"])
+def test_caching_the_frozen_layers_gives_the_same_rollout_and_update(tiny_model_dir, estimator, sizing):
     """The fast path (bottom layer run once per rollout) against the plain one (every pass runs every layer)."""
     results = []
     critic_free = bool(estimator)
     for cache in (False, True):
         config = tiny_config(tiny_model_dir, lora_target_modules=["q_proj", "v_proj", "down_proj"], lora_layers=[1],
-                             cache_frozen_layers=cache, batch_size=8, micro_batch_size=3, ppo_epochs=2, **estimator)
+                             cache_frozen_layers=cache, batch_size=8, ppo_epochs=2, **sizing, **estimator)
         trainer = PPOTrainer(config, reward_fn=length_reward)
         assert trainer.frozen_layers == (1 if cache else 0)
         rollout = trainer.make_rollout((PROMPTS * 2)[: config.items_per_step])
