@@ -83,17 +83,20 @@ def main(case_file: str, out_file: str) -> None:
     statistics = local.statistics()
     update_stats = trainer.update(local)
 
-    def whole_state() -> tuple[dict, dict]:
+    def whole_weights() -> dict:
         with trainer.whole_weights():
-            weights = {name: full_tensor(tensor.detach()).clone()
-                       for name, tensor in trainer.models.named_trainable().items()}
+            return {name: full_tensor(tensor.detach()).clone()
+                    for name, tensor in trainer.models.named_trainable().items()}
+
+    def whole_state() -> tuple[dict, dict]:  # (DeepSpeed's engine keeps the optimizer state its own way)
         optimizer = {key: {name: value.clone() for name, value in entry.items()}
                      for key, entry in full_tensors(trainer.optimizer.state_dict())["state"].items()}
-        return weights, optimizer
+        return whole_weights(), optimizer
 
-    weights, optimizer = whole_state()
+    weights = whole_weights()
     undone = None
     if trainer.backend.can_roll_back:
+        weights, optimizer = whole_state()
         before_second = trainer.backend.snapshot()
         trainer.update(local)
         trainer.backend.restore(before_second)

@@ -194,8 +194,8 @@ def test_a_non_finite_loss_raises_and_changes_nothing(trainer):
     before = snapshot(trainer)
     rollout = trainer.make_rollout(PROMPTS[:4])
     rollout.advantages[0, 0] = float("nan")  # a valid token: the policy loss of the minibatch is NaN
-    with pytest.raises(FloatingPointError, match=r"The policy loss is nan at PPO step \d+; this minibatch took no "
-                                                 "optimizer step"):
+    with pytest.raises(FloatingPointError, match=r"The policy loss is nan at PPO step \d+ \(epoch 1, minibatch 1 "
+                                                 r"of 1\); this minibatch took no optimizer step"):
         trainer.update(rollout)
     assert_unchanged(trainer, before)
     assert all(p.grad is None for p in trainer.models.policy_parameters())  # no gradient left for the next step
