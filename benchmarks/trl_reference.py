@@ -5,6 +5,33 @@ Runs in its own virtual environment (TRL is not a dependency of ppo-lm); `compar
     /path/to/trl-venv/bin/python benchmarks/trl_reference.py --policy DIR --reward DIR --lora 1 ...
 
 Prints one JSON line with the median seconds between successive PPO updates and the process's peak memory.
+
+How a step is sized here: `--batch_size` prompts, `per_device_train_batch_size=--micro_batch_size` rows per
+forward/backward pass, `gradient_accumulation_steps=batch_size // micro_batch_size` to reach the batch, one minibatch
+(`num_mini_batches=1`), and the rollout's forward passes (logprobs, reference, values, rewards) also on
+`--micro_batch_size` rows at a time (`local_rollout_forward_batch_size`). `--micro_batch_size` equal to
+`--batch_size` is the whole batch in every pass, with no accumulation.
+
+TRL 1.12.0's own defaults (checked on the installed `trl.experimental.ppo.PPOConfig`; a user who sets none of them
+gets these): `per_device_train_batch_size=8`, `gradient_accumulation_steps=1` (so a batch of 8 prompts per device
+and step), `local_rollout_forward_batch_size=64`, `num_mini_batches=1`, `num_ppo_epochs=4`,
+`gradient_checkpointing=True` and `bf16=None`, which becomes True unless `fp16` is set. Two of these do less than
+their names say in the PPOTrainer of 1.12.0:
+
+- `gradient_checkpointing`: the PPOTrainer has its own training loop and never calls
+  `gradient_checkpointing_enable`, so the default True has no effect there (no activation recomputation).
+- `bf16`: the PPOTrainer builds its own `Accelerator(gradient_accumulation_steps=...)` without `mixed_precision`, so
+  `bf16=True` gives no autocast (only an `ACCELERATE_MIXED_PRECISION=bf16` environment, e.g. from `accelerate launch
+  --mixed_precision bf16`, would); bfloat16 comes only from the weights' dtype, which `--bf16 1` sets here. And
+  transformers' `TrainingArguments` refuses `bf16=True` on a machine without a bf16 GPU unless `use_cpu=True`, so
+  TRL's default config fails on a CPU as it is; this script passes `use_cpu=True` where there is no GPU. (In
+  transformers' own `Trainer`, `bf16=True` with `use_cpu=True` does mean bfloat16 autocast on the CPU: it passes
+  `mixed_precision="bf16"` to its Accelerator, which wraps the model's forward in `torch.autocast("cpu",
+  torch.bfloat16)`.)
+
+So by default this script runs float32 weights, no autocast, no gradient checkpointing (as TRL's default would
+run in effect), with `--micro_batch_size 4` unless told otherwise; `compare_trl.py` runs it with the whole batch
+(`whole`) and with micro-batches and accumulation (`accum`).
 """
 
 import argparse
@@ -78,6 +105,7 @@ def main() -> None:
             local_rollout_forward_batch_size=arguments.micro_batch_size, total_episodes=arguments.batch_size * steps,
             temperature=1.0, stop_token="eos", num_sample_generations=0, report_to="none", save_strategy="no",
             logging_steps=10_000, learning_rate=1e-5, bf16=bool(arguments.bf16), seed=0,
+            use_cpu=not torch.cuda.is_available(),  # else TrainingArguments refuses bf16 on a CPU
         )
         timer = StepTimer()
         trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=reference,
