@@ -33,6 +33,7 @@ from ppo_lm.backend import Backend
 from ppo_lm.config import PPOConfig
 from ppo_lm.distributed import gather_rows, shard
 from ppo_lm.generation import token_budget_groups
+from ppo_lm.models import backbone_of
 from ppo_lm.runs import parse_config
 from ppo_lm.training import all_or_nothing_step
 
@@ -183,7 +184,8 @@ def step_flops(model_config, prompt_lens: list[int], response_lens: list[int], c
 
     A forward pass costs 2 FLOPs per weight per token, plus causal attention (2 * layers * attn_width * T^2 per
     sequence) and the output head on the positions whose logits are used. A backward pass costs 2x its forward
-    for full fine-tuning, 1x for LoRA (input gradients only; the adapters' own cost is negligible).
+    for full fine-tuning, 1x for LoRA (input gradients only; the adapters' own cost is negligible). `head` is the
+    part of `step` that goes through the output head (float32 even when the bodies are autocast).
     """
     hidden, layers = model_config.hidden_size, model_config.num_hidden_layers
     head_dim = getattr(model_config, "head_dim", hidden // model_config.num_attention_heads)
@@ -207,6 +209,8 @@ def step_flops(model_config, prompt_lens: list[int], response_lens: list[int], c
     flops = {"generate": generate, "logprobs": logprobs, "reward": reward, "values": values,
              "update": update_epoch * config.ppo_epochs}
     flops["step"] = sum(flops.values())
+    generations = responses + len(totals)
+    flops["head"] = head * (generations + (passes + (1 + backward_factor) * config.ppo_epochs) * responses)
     return flops
 
 
@@ -267,15 +271,21 @@ def run_benchmark(
         records.append(rollout_stats)
         prompt_lens = [len(ids) for ids in trainer.tokenizer(sequences)["input_ids"]]
         response_lens = [max(1, len(trainer.tokenizer(c)["input_ids"])) for c in rollout_stats["generated_texts"]]
-        flops.append(step_flops(trainer.models.policy.config, prompt_lens, response_lens, config)["step"])
+        flops.append(step_flops(trainer.models.policy.config, prompt_lens, response_lens, config))
     median = {stage: statistics.median(r.get(f"time/{stage}", 0.0) for r in records) for stage in STAGES}  # 0: not run
     step_seconds = median["step"]
     generated = statistics.median(r["response_length"] for r in records) * len(sequences)
-    rate = matmul_rate(trainer.device, trainer.dtype)
-    floor = statistics.median(flops) / (rate * processes.num_processes)  # the processes share the step's FLOPs
+    # The bodies' products run in the autocast dtype when there is one, the output head's in the weights' dtype.
+    body_dtype = getattr(backbone_of(trainer.models.policy), "autocast_dtype", None) or trainer.dtype
+    rate = matmul_rate(trainer.device, body_dtype)
+    head_rate = rate if body_dtype == trainer.dtype else matmul_rate(trainer.device, trainer.dtype)
+    step_flop = statistics.median(f["step"] for f in flops)
+    head_flop = statistics.median(f["head"] for f in flops)
+    floor = ((step_flop - head_flop) / rate + head_flop / head_rate) / processes.num_processes  # shared FLOPs
     copy_seconds, copy_bytes = rollback_copy_cost(trainer.backend) if rollback else (0.0, 0)
     return {
         "arch": arch or config.model_name, "device": str(trainer.device), "dtype": str(trainer.dtype).split(".")[-1],
+        "autocast": None if body_dtype == trainer.dtype else str(body_dtype).split(".")[-1],
         "use_lora": config.use_lora, "batch_size": config.batch_size, "processes": processes.num_processes,
         **trainer.backend.describe(),
         "max_new_tokens": config.max_new_tokens,
@@ -290,8 +300,10 @@ def run_benchmark(
         "tokens_per_s": round((sum(len(p) for p in trainer.tokenizer(sequences)["input_ids"]) + generated)
                               / step_seconds, 1),
         "peak_memory_gib": round(max(gather_rows([peak_memory_gib(trainer.device)])), 3),  # the largest process's
-        "step_tflop": round(statistics.median(flops) / 1e12, 4),
+        "step_tflop": round(step_flop / 1e12, 4),
+        "head_tflop": round(head_flop / 1e12, 4),
         "matmul_tflops": round(rate / 1e12, 3),
+        "head_matmul_tflops": round(head_rate / 1e12, 3),
         "floor_s": round(floor, 4),
         "time_over_floor": round(step_seconds / floor, 2),
         "model_flop_utilisation": round(floor / step_seconds, 4),

@@ -33,6 +33,8 @@ from ppo_lm.config import FinetuneConfig
 from ppo_lm.distributed import batch_layout, gather_rows, mean_over_processes, process_state
 from ppo_lm.generation import SequenceBatch, encode_prompts
 from ppo_lm.models import (
+    autocast_bodies,
+    autocast_dtype,
     enable_activation_checkpointing,
     load_pretrained,
     load_tokenizer,
@@ -124,6 +126,7 @@ class FinetuneTrainer:
         if config.use_lora:
             model = get_peft_model(model, lora_config(config, self.full_modules))
         self.model = model.to(self.backend.load_device(self.device)).eval()
+        autocast_bodies([self.model], self.device, autocast_dtype(config.mixed_precision, self.device, self.dtype))
         self.optimizer = self.backend.prepare(
             {"model": self.model}, [], lambda: torch.optim.AdamW(
                 self.trainable().values(), lr=config.learning_rate, weight_decay=config.weight_decay),

@@ -13,9 +13,10 @@ explicit position ids, so that padding changes nothing a real token sees.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, TypeVar
 
@@ -61,6 +62,50 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     return getattr(torch, name)
+
+
+def autocast_dtype(mixed_precision: str, device: torch.device, weights: torch.dtype) -> torch.dtype | None:
+    """The dtype the transformer bodies' matrix products run in under `mixed_precision` ('auto', 'bf16', 'no'), or
+    None when they run in the weights' own dtype. Only float32 weights are ever autocast."""
+    if mixed_precision == "no" or weights != torch.float32:
+        return None
+    if mixed_precision == "bf16" or (device.type == "cpu" and cpu_multiplies_bf16()):
+        return torch.bfloat16
+    return None
+
+
+def cpu_multiplies_bf16() -> bool:
+    """Whether this CPU has bfloat16 matrix instructions (AVX-512 BF16 or AMX), which make bfloat16 products several
+    times faster than float32 ones; without them oneDNN emulates bfloat16, slower than float32."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check is not None and check() for check in checks)
+
+
+def autocast_bodies(models: Iterable[nn.Module | None], device: torch.device, dtype: torch.dtype | None) -> None:
+    """Run the transformer body of each model under `torch.autocast(dtype)` (no-op for None): every path into a
+    model (its forward, `generate`, a pass over the body alone) goes through the body. The output heads stay outside:
+    the policy's logits, and so every logprob, ratio and KL, come from float32 products, and each body's float32
+    residual stream reaches them as it is. A body shared by several roles is wrapped once."""
+    if dtype is None:
+        return
+    for model in models:
+        body = None if model is None else backbone_of(model)
+        if body is None or getattr(body, "autocast_dtype", None) is not None:
+            continue
+        body.forward = _autocast_forward(body.forward, device.type, dtype)
+        body.autocast_dtype = dtype
+
+
+def _autocast_forward(forward: Callable, device_type: str, dtype: torch.dtype) -> Callable:
+    """`forward` inside autocast. The context ends with the call: autocast keeps its float32 -> bfloat16 casts of
+    trained weights until it exits, and they must not outlive an optimizer step."""
+
+    @functools.wraps(forward)
+    def run(*args: object, **kwargs: object) -> object:
+        with torch.autocast(device_type, dtype=dtype):
+            return forward(*args, **kwargs)
+
+    return run
 
 
 Loaded = TypeVar("Loaded")
@@ -348,6 +393,8 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
     models = RoleModels(policy, reference, value_backbone, value_head, value_adapter_on_policy, reward_model,
                         trained if config.gradient_checkpointing else [])
     models.keep_adapters_trainable()  # set_adapter turned the value adapter's requires_grad off
+    autocast_bodies([policy, reference, value_backbone, reward_model], device,
+                    autocast_dtype(config.mixed_precision, device, dtype))
     return models
 
 

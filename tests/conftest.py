@@ -214,8 +214,9 @@ def length_reward(prompts, completions):
 
 
 def tiny_config(model_dir, **overrides):
-    """A PPOConfig for the tiny model on the CPU (batch 4, 6 new tokens, learning rates 1e-3, seed 0) + `overrides`."""
+    """A PPOConfig for the tiny model on the CPU (batch 4, 6 new tokens, learning rates 1e-3, seed 0, float32 without
+    autocast, so that a test's numbers do not depend on whether the CPU has bfloat16 instructions) + `overrides`."""
     settings = dict(model_name=model_dir, batch_size=4, max_new_tokens=6, learning_rate=1e-3,
-                    value_learning_rate=1e-3, device="cpu", seed=0)
+                    value_learning_rate=1e-3, device="cpu", seed=0, mixed_precision="no")
     settings.update(overrides)
     return PPOConfig(**settings)

@@ -18,6 +18,7 @@ def test_bench_prints_one_json_line_with_every_figure(capsys):
         assert key in result, key
     assert set(result["stage_s"]) == {"generate", "logprobs", "reward", "values", "update"}
     assert result["median_step_s"] > 0 and result["step_tflop"] > 0 and result["time_over_floor"] > 0
+    assert 0 < result["head_tflop"] <= result["step_tflop"]  # rounded to 4 decimals: equal for the tiny model
     assert result["step_rollback"] is True and result["rollback_copy_s"] > 0 and result["rollback_copy_gib"] > 0
 
 
@@ -45,3 +46,20 @@ def test_small_vocab_model_dir_loads_and_round_trips_a_prompt(tmp_path):
     with torch.no_grad():
         assert policy(torch.tensor([ids])).logits.shape == (1, 7, SMALL_VOCAB)
         assert reward(torch.tensor([ids])).logits.shape == (1, 1)
+
+
+@pytest.mark.parametrize("use_lora", [True, False])
+def test_the_head_flops_are_the_output_heads_part_of_the_step(use_lora):
+    """Doubling the vocabulary adds exactly the head's FLOPs once more: everything else is the body's."""
+    from types import SimpleNamespace
+
+    from ppo_lm import PPOConfig
+    from ppo_lm.bench import step_flops
+
+    shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 intermediate_size=128)
+    config = PPOConfig(use_lora=use_lora, mixed_precision="no")
+    small, large = (step_flops(SimpleNamespace(vocab_size=vocab, **shape), [5, 9], [3, 2], config)
+                    for vocab in (1000, 2000))
+    assert large["step"] - small["step"] == pytest.approx(small["head"])
+    assert large["head"] == pytest.approx(2 * small["head"])

@@ -11,6 +11,7 @@ from ppo_lm.advantages import ADVANTAGE_ESTIMATORS
 from ppo_lm.config import (
     DTYPES,
     LR_SCHEDULERS,
+    MIXED_PRECISIONS,
     SCALE_REWARDS,
     AdvantageEstimatorName,
     DTypeName,
@@ -18,6 +19,7 @@ from ppo_lm.config import (
     KLEstimatorName,
     LossAggregationName,
     LRSchedulerName,
+    MixedPrecisionName,
     PolicyLossName,
     PPOConfig,
     RewardConfig,
@@ -86,6 +88,7 @@ CHOICES = [
     (PPOConfig, "scale_rewards", ScaleRewardsName, SCALE_REWARDS),
     (SFTConfig, "lr_scheduler", LRSchedulerName, LR_SCHEDULERS),
     (RewardConfig, "dtype", DTypeName, DTYPES),
+    (SFTConfig, "mixed_precision", MixedPrecisionName, MIXED_PRECISIONS),
 ]
 
 

@@ -10,9 +10,10 @@ import torch
 from conftest import length_reward, tiny_config
 from transformers import AutoModelForCausalLM
 
-from ppo_lm import PPOTrainer
+from ppo_lm import PPOTrainer, SFTConfig, SFTTrainer
 from ppo_lm.models import (
     ModelLoadError,
+    autocast_dtype,
     backbone_of,
     encode_for_reward,
     init_scalar_head,
@@ -104,3 +105,34 @@ def test_a_folder_without_a_model_is_one_clear_line(tmp_path):
     assert message.startswith(f"reward_model_name='{tmp_path}' cannot be loaded: the local directory {tmp_path} "
                               "holds no loadable model or tokenizer (")
     assert "\n" not in message and "save_pretrained" in message
+
+
+@pytest.mark.parametrize("setting, device, weights, native, expected", [
+    ("no", "cpu", torch.float32, True, None),
+    ("bf16", "cpu", torch.float32, False, torch.bfloat16),  # asked for: even where bfloat16 is emulated
+    ("bf16", "cuda", torch.float32, False, torch.bfloat16),
+    ("bf16", "cpu", torch.bfloat16, True, None),  # bfloat16 weights multiply in bfloat16 already
+    ("auto", "cpu", torch.float32, True, torch.bfloat16),
+    ("auto", "cpu", torch.float32, False, None),  # emulated bfloat16 is slower than float32
+    ("auto", "cuda", torch.float32, True, None),  # a GPU gets bfloat16 weights from dtype: auto instead
+])
+def test_autocast_dtype_follows_the_setting_the_device_and_the_weights(monkeypatch, setting, device, weights, native,
+                                                                       expected):
+    monkeypatch.setattr("ppo_lm.models.cpu_multiplies_bf16", lambda: native)
+    assert autocast_dtype(setting, torch.device(device), weights) == expected
+
+
+@pytest.mark.slow
+def test_sft_under_autocast_runs_the_body_in_bfloat16_and_keeps_float32_weights(tiny_model_dir, tmp_path):
+    config = SFTConfig(model_name=tiny_model_dir, output_dir=str(tmp_path), device="cpu", batch_size=2,
+                       mixed_precision="bf16", learning_rate=1e-3)
+    trainer = SFTTrainer(config)
+    body = backbone_of(trainer.model)
+    seen = []
+    body.layers[0].mlp.down_proj.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+    trainable = {name: p.detach().clone() for name, p in trainer.trainable().items()}
+    stats = trainer.train_step([{"prompt": "Hello", "completion": " world"}, {"prompt": "TL;DR:", "completion": " ok"}])
+    assert seen and set(seen) == {torch.bfloat16}  # the body's products ran in bfloat16
+    assert math.isfinite(stats["loss"])
+    moved = [name for name, p in trainer.trainable().items() if not torch.equal(p, trainable[name])]
+    assert moved and all(p.dtype == torch.float32 for p in trainer.trainable().values())
