@@ -99,20 +99,25 @@ class BatchLayout:
     """Optimizer steps per PPO epoch (`num_mini_batches`)."""
     per_process_minibatch: int
     """Rows of a minibatch on one process."""
-    accumulation: int
-    """Micro-batches per process per optimizer step (1 without `micro_batch_size`)."""
+    accumulation: int | None
+    """Micro-batches per process per optimizer step: by `micro_batch_size`, or 1 for the whole minibatch; None when
+    a token budget forms them (how many depends on the rows' lengths)."""
+    micro_batch_tokens: int | str | None = None
+    """The token budget (`PPOConfig.micro_batch_tokens`) when it forms the micro-batches."""
 
     def describe(self) -> str:
         """One line for the log."""
+        each = (f"{self.accumulation} micro-batch(es) each" if self.accumulation is not None else
+                f"each in micro-batches of at most micro_batch_tokens={self.micro_batch_tokens} padded tokens")
         return (f"batch {self.global_batch} = {self.per_process} per process x {self.processes} processes; "
-                f"{self.mini_batches} minibatch(es) of {self.per_process_minibatch} rows per process, "
-                f"{self.accumulation} micro-batch(es) each")
+                f"{self.mini_batches} minibatch(es) of {self.per_process_minibatch} rows per process, {each}")
 
 
 def batch_layout(batch_size: int, processes: int, num_mini_batches: int, micro_batch_size: int | None,
-                 group_size: int = 1) -> BatchLayout:
+                 group_size: int = 1, micro_batch_tokens: int | str | None = None) -> BatchLayout:
     """Check that `batch_size` rollouts split evenly over the processes, in whole groups of `group_size` responses to
-    one prompt (a group stays on one process), and each process's share into minibatches.
+    one prompt (a group stays on one process), and each process's share into minibatches. `micro_batch_size` wins
+    over `micro_batch_tokens` ('auto' or a number: the trainer packs rows into passes by that budget).
 
     Raises ValueError, before any model loads, for a combination that does not divide, naming what to change.
     """
@@ -137,8 +142,12 @@ def batch_layout(batch_size: int, processes: int, num_mini_batches: int, micro_b
             f"processes x num_mini_batches = {processes * num_mini_batches}."
         )
     minibatch = per_process // num_mini_batches
-    accumulation = math.ceil(minibatch / micro_batch_size) if micro_batch_size else 1
-    return BatchLayout(batch_size, processes, per_process, num_mini_batches, minibatch, accumulation)
+    if micro_batch_size:
+        return BatchLayout(batch_size, processes, per_process, num_mini_batches, minibatch,
+                           math.ceil(minibatch / micro_batch_size))
+    if micro_batch_tokens is not None:
+        return BatchLayout(batch_size, processes, per_process, num_mini_batches, minibatch, None, micro_batch_tokens)
+    return BatchLayout(batch_size, processes, per_process, num_mini_batches, minibatch, 1)
 
 
 def _divisors_hint(n: int) -> str:

@@ -211,7 +211,7 @@ class PPOTrainer:
         self.backend = select_backend("train")  # how the launch holds and updates the weights
         processes = process_state()
         self.layout = batch_layout(config.batch_size, processes.num_processes, config.num_mini_batches,
-                                   config.micro_batch_size, config.num_generations)
+                                   config.micro_batch_size, config.num_generations, config.micro_batch_tokens)
         # Each process samples its own rollouts (its own seed); the weights are the main process's (broadcast below).
         set_seed(config.seed + processes.process_index)
         self.device = resolve_device(config.device, processes)

@@ -182,7 +182,8 @@ def run_stage(argv: list[str], stage: Stage) -> dict[str, Any]:
     processes = process_state()
     layout = batch_layout(config.batch_size, processes.num_processes,
                           getattr(config, "num_mini_batches", 1),  # only PPO splits a batch into minibatches
-                          config.micro_batch_size, getattr(config, "num_generations", 1))
+                          config.micro_batch_size, getattr(config, "num_generations", 1),
+                          getattr(config, "micro_batch_tokens", None))  # only PPO packs passes by a token budget
     if not processes.is_main_process:  # one copy of the log: the main process's
         logging.getLogger().setLevel(logging.ERROR)
         import transformers

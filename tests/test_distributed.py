@@ -72,6 +72,11 @@ def test_batch_layout_splits_the_global_batch_over_processes_minibatches_and_mic
     assert layout.per_process * layout.processes == layout.global_batch
     assert "64 = 16 per process x 4 processes" in layout.describe()
     assert batch_layout(8, 1, 1, None).accumulation == 1
+    # A token budget forms the passes: how many depends on the lengths, and the log says so instead of a count.
+    budget = batch_layout(8, 1, 1, None, micro_batch_tokens="auto")
+    assert budget.accumulation is None and "at most micro_batch_tokens=auto padded tokens" in budget.describe()
+    assert "1 micro-batch(es)" not in budget.describe()
+    assert batch_layout(8, 1, 1, 4, micro_batch_tokens="auto").accumulation == 2  # micro_batch_size wins
 
 
 @pytest.mark.parametrize("batch_size, processes, mini_batches, message", [
