@@ -205,7 +205,8 @@ def step_flops(model_config, prompt_lens: list[int], response_lens: list[int], c
     reward = forward_body
     values = forward_body if config.needs_value_model else 0
     backward_factor = 1.0 if config.use_lora else 2.0
-    update_epoch = (1 + backward_factor) * (forward_body + head * responses + values)
+    update_values = 0 if config.shared_value_trunk else values  # a shared trunk's pass serves both losses
+    update_epoch = (1 + backward_factor) * (forward_body + head * responses + update_values)
     flops = {"generate": generate, "logprobs": logprobs, "reward": reward, "values": values,
              "update": update_epoch * config.ppo_epochs}
     flops["step"] = sum(flops.values())

@@ -65,6 +65,7 @@ from ppo_lm.models import (
     encode_for_reward,
     load_role_models,
     load_tokenizer,
+    policy_logprobs_and_values,
     prefix_hidden_states,
     resolve_device,
     resolve_dtype,
@@ -635,7 +636,11 @@ class PPOTrainer:
             update_mask.dtype))
         size = MinibatchSize(tokens=totals[0], responses=totals[1])
         sums: dict[str, float] = defaultdict(float)
-        term_names = ["policy loss", "value loss"] if self.config.needs_value_model else ["policy loss"]
+        shared_trunk = self.config.needs_value_model and self.config.shared_value_trunk
+        if shared_trunk:
+            term_names = ["policy and value loss"]
+        else:
+            term_names = ["policy loss", "value loss"] if self.config.needs_value_model else ["policy loss"]
         non_finite: dict[str, float] = {}  # this process's first non-finite value of each term
 
         def note_non_finite(objective: torch.Tensor, name: str) -> None:
@@ -646,9 +651,13 @@ class PPOTrainer:
             micro = batch.select(micro_index)
             mask = update_mask[micro_index, : micro.response_mask.shape[1]]
             share = mask.sum() / size.tokens.clamp(min=1)  # this micro-batch's share of the minibatch's tokens
-            terms = [LossTerm("policy loss", partial(self._policy_terms, rollout, micro_index, micro, mask, size,
-                                                     share))]
-            if self.config.needs_value_model:
+            if shared_trunk:  # one pass of the policy's body for both losses
+                terms = [LossTerm(term_names[0], partial(self._shared_trunk_terms, rollout, micro_index, micro, mask,
+                                                         size, share), context=self._value_pass)]
+            else:
+                terms = [LossTerm("policy loss", partial(self._policy_terms, rollout, micro_index, micro, mask, size,
+                                                         share))]
+            if self.config.needs_value_model and not shared_trunk:
                 terms.append(LossTerm("value loss", partial(self._value_terms, rollout, micro_index, micro, mask,
                                                             share), context=self._value_pass))
             stats = self.backend.accumulate(terms, note_non_finite)
@@ -671,10 +680,17 @@ class PPOTrainer:
         kl_loss_coef x the k3 KL to the reference, minus entropy_coef x the entropy, aggregated over the minibatch
         (`size`); and its part of each statistic (token means weighted by `share`)."""
         cfg = self.config
-        width = mask.shape[1]
         logprobs, entropy = sequence_logprobs(self.models.policy, micro, cfg.temperature,
                                               with_entropy=cfg.entropy_coef > 0 or rollout.entropy is None,
                                               entropy_grad=cfg.entropy_coef > 0)
+        return self._policy_objective(rollout, micro_index, mask, size, share, logprobs, entropy)
+
+    def _policy_objective(self, rollout: Rollout, micro_index: torch.Tensor, mask: torch.Tensor, size: MinibatchSize,
+                          share: torch.Tensor, logprobs: torch.Tensor, entropy: torch.Tensor | None
+                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`_policy_terms` from the micro-batch's logprobs (and entropy, when computed)."""
+        cfg = self.config
+        width = mask.shape[1]
         old = logprobs.detach() if rollout.old_logprobs is None else rollout.old_logprobs[micro_index, :width]
         policy_loss, loss_stats = self.policy_loss(logprobs, old, rollout.advantages[micro_index, :width], mask, cfg)
         per_token = policy_loss
@@ -697,13 +713,31 @@ class PPOTrainer:
                      share: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """A micro-batch's part of the value objective (vf_coef x the clipped value loss, a token mean weighted by
         `share`) and of its statistics; inside `_value_pass`."""
-        width = mask.shape[1]
         values = sequence_values(self.models.value_backbone, self.models.value_head, micro)
+        return self._value_objective(rollout, micro_index, mask, share, values)
+
+    def _value_objective(self, rollout: Rollout, micro_index: torch.Tensor, mask: torch.Tensor, share: torch.Tensor,
+                         values: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`_value_terms` from the micro-batch's values."""
+        width = mask.shape[1]
         value_loss, value_clip = clipped_value_loss(
             values, rollout.values[micro_index, :width], rollout.returns[micro_index, :width], mask,
             self.config.value_clip)
         return (self.config.vf_coef * value_loss) * share, {"value_loss": value_loss.detach() * share,
                                                             "value_clip_fraction": value_clip * share}
+
+    def _shared_trunk_terms(self, rollout: Rollout, micro_index: torch.Tensor, micro: SequenceBatch,
+                            mask: torch.Tensor, size: MinibatchSize, share: torch.Tensor
+                            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """With `shared_value_trunk`: the policy objective plus the value objective, both read from one pass of the
+        policy's body (inside `_value_pass`, which gathers the weights the output head needs under sharding)."""
+        cfg = self.config
+        logprobs, entropy, values = policy_logprobs_and_values(
+            self.models.policy, self.models.value_head, micro, cfg.temperature,
+            with_entropy=cfg.entropy_coef > 0 or rollout.entropy is None, entropy_grad=cfg.entropy_coef > 0)
+        policy_objective, stats = self._policy_objective(rollout, micro_index, mask, size, share, logprobs, entropy)
+        value_objective, value_stats = self._value_objective(rollout, micro_index, mask, share, values)
+        return policy_objective + value_objective, {**stats, **value_stats}
 
     @contextlib.contextmanager
     def _value_pass(self) -> Iterator[None]:
