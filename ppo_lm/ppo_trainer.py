@@ -337,8 +337,13 @@ class PPOTrainer:
             #    With one optimizer step per batch and no KL in the reward, the update's pass gives the old logprobs.
             with self._timed("logprobs", timings), torch.no_grad():
                 batch = self._with_frozen_prefix(batch)
-                old_logprobs = entropy = None
-                if not self.update_reads_old_logprobs:
+                old_logprobs = entropy = values = None
+                if not self.update_reads_old_logprobs and cfg.needs_value_model and cfg.shared_value_trunk:
+                    # the values come from the same pass of the policy's body (stage 5 needs none of its own)
+                    with models.value_mode():
+                        old_logprobs, entropy, values = self._per_token(batch, lambda micro: policy_logprobs_and_values(
+                            models.policy, models.value_head, micro, cfg.temperature, with_entropy=True))
+                elif not self.update_reads_old_logprobs:
                     old_logprobs, entropy = self._per_token(batch, lambda micro: sequence_logprobs(
                         models.policy, micro, cfg.temperature, with_entropy=True))
                 ref_logprobs = None
@@ -357,8 +362,7 @@ class PPOTrainer:
             rewards = shape_rewards(scores, no_kl if kl is None else kl, response_mask, kl_coef)
 
             # 5. values of the state before each response token, for an estimator that needs them.
-            values = None
-            if cfg.needs_value_model:
+            if cfg.needs_value_model and values is None:
                 with self._timed("values", timings), torch.no_grad(), models.value_mode():
                     values, _ = self._per_token(batch, lambda micro: (
                         sequence_values(models.value_backbone, models.value_head, micro), None))
@@ -386,21 +390,24 @@ class PPOTrainer:
         )
 
     def _per_token(
-        self, batch: SequenceBatch, forward: Callable[[SequenceBatch], tuple[torch.Tensor, torch.Tensor | None]]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run `forward` over the batch's micro-batches and put its `[rows, response]` outputs back in row order."""
+        self, batch: SequenceBatch, forward: Callable[[SequenceBatch], tuple[torch.Tensor | None, ...]]
+    ) -> tuple[torch.Tensor | None, ...]:
+        """Run `forward` over the batch's micro-batches and put each of its `[rows, response]` outputs back in row
+        order (None where it gives None)."""
         rows, width = batch.response_mask.shape
-        outputs: list[torch.Tensor | None] = [None, None]
+        outputs: list[torch.Tensor | None] = []
         everything = torch.arange(rows, device=batch.input_ids.device)
         for index in self._micro_batches(batch, everything, collective=False):  # weights held whole: no collective
             micro = batch.select(index)
-            for slot, result in enumerate(forward(micro)):
+            results = forward(micro)
+            outputs = outputs or [None] * len(results)
+            for slot, result in enumerate(results):
                 if result is None:
                     continue
                 if outputs[slot] is None:
                     outputs[slot] = torch.zeros(rows, width, dtype=result.dtype, device=result.device)
                 outputs[slot][index, : result.shape[1]] = result
-        return outputs[0], outputs[1]
+        return tuple(outputs)
 
     def evaluate(
         self, prompts: list[str], greedy: bool | None = None, reference: bool = False

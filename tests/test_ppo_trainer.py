@@ -801,6 +801,12 @@ def test_a_shared_value_trunk_is_a_head_on_the_policy_and_one_pass_gives_the_two
     assert set(trainer.backend.optimizer.param_groups[1]["params"]) == set(models.value_head.parameters())
 
     rollout = trainer.make_rollout((PROMPTS * 2)[: config.items_per_step])
+    with torch.no_grad():  # the rollout read its values from the old-logprob pass: they are the value pass's
+        plain_values = sequence_values(models.value_backbone, models.value_head, rollout.batch)
+        plain_logprobs, _ = sequence_logprobs(models.policy, rollout.batch, config.temperature)
+    valid = rollout.batch.response_mask.bool()
+    torch.testing.assert_close(rollout.values[valid], plain_values[valid], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(rollout.old_logprobs[valid], plain_logprobs[valid], atol=1e-5, rtol=1e-4)
     index = torch.arange(8)
     trained = models.named_trainable()
 
