@@ -473,6 +473,12 @@ class PPOConfig(TrainConfig):
         return ADVANTAGE_ESTIMATORS[self.advantage_estimator].needs_values
 
     @property
+    def value_head_on_policy(self) -> bool:
+        """Whether the value model is a head on the policy's body (`shared_value_trunk` with an estimator that reads
+        values)."""
+        return self.shared_value_trunk and self.needs_value_model
+
+    @property
     def uses_reference(self) -> bool:
         """Whether any KL term needs the reference model's logprobs during training."""
         return self.kl_coef > 0 or self.kl_loss_coef > 0 or self.adaptive_kl_target is not None

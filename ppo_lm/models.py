@@ -345,7 +345,7 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
     with_values = config.needs_value_model
     value_adapter_on_policy = (with_values and config.use_lora and config.value_model_name is None
                                and not config.shared_value_trunk)
-    value_on_policy_body = value_adapter_on_policy or (with_values and config.shared_value_trunk)
+    value_on_policy_body = value_adapter_on_policy or config.value_head_on_policy
     if config.use_lora:
         policy = get_peft_model(base, lora_config(config), adapter_name=POLICY_ADAPTER)
         if value_adapter_on_policy:
@@ -367,7 +367,7 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
             value_head.requires_grad_(True)
         value_backbone = backbone_of(value_model)
     elif value_on_policy_body:
-        if config.shared_value_trunk and not head_reads_last_hidden_state(policy):
+        if config.value_head_on_policy and not head_reads_last_hidden_state(policy):
             raise ValueError(f"shared_value_trunk: {type(base).__name__} does not compute its logits as its output "
                              "head on its body's last hidden state, which the shared trunk relies on; set "
                              "shared_value_trunk: false.")

@@ -338,7 +338,7 @@ class PPOTrainer:
             with self._timed("logprobs", timings), torch.no_grad():
                 batch = self._with_frozen_prefix(batch)
                 old_logprobs = entropy = values = None
-                if not self.update_reads_old_logprobs and cfg.needs_value_model and cfg.shared_value_trunk:
+                if not self.update_reads_old_logprobs and cfg.value_head_on_policy:
                     # the values come from the same pass of the policy's body (stage 5 needs none of its own)
                     with models.value_mode():
                         old_logprobs, entropy, values = self._per_token(batch, lambda micro: policy_logprobs_and_values(
@@ -643,8 +643,7 @@ class PPOTrainer:
             update_mask.dtype))
         size = MinibatchSize(tokens=totals[0], responses=totals[1])
         sums: dict[str, float] = defaultdict(float)
-        shared_trunk = self.config.needs_value_model and self.config.shared_value_trunk
-        if shared_trunk:
+        if self.config.value_head_on_policy:
             term_names = ["policy and value loss"]
         else:
             term_names = ["policy loss", "value loss"] if self.config.needs_value_model else ["policy loss"]
@@ -658,15 +657,15 @@ class PPOTrainer:
             micro = batch.select(micro_index)
             mask = update_mask[micro_index, : micro.response_mask.shape[1]]
             share = mask.sum() / size.tokens.clamp(min=1)  # this micro-batch's share of the minibatch's tokens
-            if shared_trunk:  # one pass of the policy's body for both losses
+            if self.config.value_head_on_policy:  # one pass of the policy's body for both losses
                 terms = [LossTerm(term_names[0], partial(self._shared_trunk_terms, rollout, micro_index, micro, mask,
                                                          size, share), context=self._value_pass)]
             else:
                 terms = [LossTerm("policy loss", partial(self._policy_terms, rollout, micro_index, micro, mask, size,
                                                          share))]
-            if self.config.needs_value_model and not shared_trunk:
-                terms.append(LossTerm("value loss", partial(self._value_terms, rollout, micro_index, micro, mask,
-                                                            share), context=self._value_pass))
+                if self.config.needs_value_model:
+                    terms.append(LossTerm("value loss", partial(self._value_terms, rollout, micro_index, micro, mask,
+                                                                share), context=self._value_pass))
             stats = self.backend.accumulate(terms, note_non_finite)
             for name, value in stats.items():
                 sums[name] += value.item()
