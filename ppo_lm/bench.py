@@ -203,9 +203,13 @@ def step_flops(model_config, prompt_lens: list[int], response_lens: list[int], c
     passes = int(not config.update_reads_old_logprobs) + int(config.uses_reference)
     logprobs = passes * (forward_body + head * responses)
     reward = forward_body
-    values = forward_body if config.needs_value_model else 0
+    value_pass = forward_body if config.needs_value_model else 0
+    # A value head on the policy reads the policy's passes: the old-logprob pass (unless the update gives those) and
+    # each update pass serve both.
+    shared = config.value_head_on_policy
+    values = 0 if shared and not config.update_reads_old_logprobs else value_pass
     backward_factor = 1.0 if config.use_lora else 2.0
-    update_epoch = (1 + backward_factor) * (forward_body + head * responses + values)
+    update_epoch = (1 + backward_factor) * (forward_body + head * responses + (0 if shared else value_pass))
     flops = {"generate": generate, "logprobs": logprobs, "reward": reward, "values": values,
              "update": update_epoch * config.ppo_epochs}
     flops["step"] = sum(flops.values())

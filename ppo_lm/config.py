@@ -277,7 +277,15 @@ class PPOConfig(TrainConfig):
     """Sequence-classification reward model (num_labels=1). None: a reward function (`reward_fn`, or a Python
     callable given to the trainer); exactly one of the two scores the responses."""
     value_model_name: str | None = None
-    """Separate value model, e.g. the reward model. None: a second LoRA adapter plus a scalar head on the base."""
+    """Separate value model, e.g. the reward model. None: a second LoRA adapter plus a scalar head on the base (a
+    second copy of the base in full fine-tuning), or a head on the policy with `shared_value_trunk`."""
+    shared_value_trunk: bool = False
+    """gae only: the value model is a scalar head on the policy's own final hidden states (the design of trlx and of
+    TRL's older PPOTrainer) instead of a model of its own. One forward and backward pass per micro-batch serves both
+    losses, and there are no value weights besides the head (in full fine-tuning no second copy of the model, its
+    gradients and AdamW state). What it changes: vf_coef x the value loss's gradient reaches the policy's trained
+    weights, so the value loss shapes the policy's features too, and the values start from the policy's features
+    (the head itself learns at `value_learning_rate`). Not with `value_model_name`."""
     reward_fn: str | list[str] | None = None
     """Reward function for the command line, 'package.module:function' or 'path/to/file.py:function', or a list of
     them whose weighted sum is the score (each one's mean is logged as `reward/<name>`). A function is called as
@@ -418,6 +426,9 @@ class PPOConfig(TrainConfig):
             require_choice(self, name, registry.names())  # read when validating: a variant may register later
         self._check_groups()
         self._check_policy_loss()
+        if self.shared_value_trunk and self.value_model_name is not None:
+            raise _invalid(self, "shared_value_trunk", self.shared_value_trunk,
+                           "puts the value head on the policy: leave value_model_name unset, or set this to false")
         for name in ("gamma", "lam"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 <= value <= 1):
@@ -460,6 +471,12 @@ class PPOConfig(TrainConfig):
     def needs_value_model(self) -> bool:
         """Whether the advantage estimator reads a value model's estimates (only then is one loaded and trained)."""
         return ADVANTAGE_ESTIMATORS[self.advantage_estimator].needs_values
+
+    @property
+    def value_head_on_policy(self) -> bool:
+        """Whether the value model is a head on the policy's body (`shared_value_trunk` with an estimator that reads
+        values)."""
+        return self.shared_value_trunk and self.needs_value_model
 
     @property
     def uses_reference(self) -> bool:

@@ -222,6 +222,9 @@ class RoleModels:
     """Linear map from a hidden state to a scalar value; None without a value model."""
     value_adapter_on_policy: bool
     """True when the value model is the 'value' adapter on the policy's base (switching adapters is needed)."""
+    value_on_policy_body: bool
+    """True when the value body is the policy's own body: through the 'value' adapter, or as it is
+    (`shared_value_trunk`, where the value model is only a head)."""
     reward_model: nn.Module | None
     """Frozen sequence-classification reward model, or None when a reward function scores."""
     checkpointed: list[nn.Module]
@@ -235,7 +238,7 @@ class RoleModels:
     def value_root(self) -> nn.Module:
         """The model whose forward pass the value body is part of: the policy when the value model is its adapter,
         else the value body itself. The value pass calls the body directly, not this model's forward."""
-        return self.policy if self.value_adapter_on_policy else self.value_backbone
+        return self.policy if self.value_on_policy_body else self.value_backbone
 
     @contextlib.contextmanager
     def gradient_mode(self) -> Iterator[None]:
@@ -260,6 +263,8 @@ class RoleModels:
             return []
         if self.value_adapter_on_policy:
             body = [p for n, p in self.policy.named_parameters() if f".{VALUE_ADAPTER}." in n]
+        elif self.value_on_policy_body:  # the shared trunk's weights are the policy's
+            body = []
         else:
             body = [p for p in self.value_backbone.parameters() if p.requires_grad]
         head = [p for p in self.value_head.parameters() if id(p) not in {id(q) for q in body}]
@@ -270,7 +275,7 @@ class RoleModels:
         modules = {"policy": self.policy}
         if self.value_head is not None:
             modules["value_head"] = self.value_head
-            if not self.value_adapter_on_policy:
+            if not self.value_on_policy_body:
                 modules["value_backbone"] = self.value_backbone
         return modules
 
@@ -281,7 +286,7 @@ class RoleModels:
         if self.value_head is None:
             return named
         value_ids = {id(p) for p in self.value_parameters()}
-        value_body = self.policy if self.value_adapter_on_policy else self.value_backbone
+        value_body = self.policy if self.value_on_policy_body else self.value_backbone
         named.update({f"value.{n}": p for n, p in value_body.named_parameters() if id(p) in value_ids})
         named.update({f"value_head.{n}": p for n, p in self.value_head.named_parameters()})
         return named
@@ -338,7 +343,9 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
                                             "ref_model_name" if config.ref_model_name else "model_name", dtype=dtype))
 
     with_values = config.needs_value_model
-    value_adapter_on_policy = with_values and config.use_lora and config.value_model_name is None
+    value_adapter_on_policy = (with_values and config.use_lora and config.value_model_name is None
+                               and not config.shared_value_trunk)
+    value_on_policy_body = value_adapter_on_policy or config.value_head_on_policy
     if config.use_lora:
         policy = get_peft_model(base, lora_config(config), adapter_name=POLICY_ADAPTER)
         if value_adapter_on_policy:
@@ -359,7 +366,11 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
             value_model = get_peft_model(value_model, lora_config(config), adapter_name=VALUE_ADAPTER)
             value_head.requires_grad_(True)
         value_backbone = backbone_of(value_model)
-    elif value_adapter_on_policy:
+    elif value_on_policy_body:
+        if config.value_head_on_policy and not head_reads_last_hidden_state(policy):
+            raise ValueError(f"shared_value_trunk: {type(base).__name__} does not compute its logits as its output "
+                             "head on its body's last hidden state, which the shared trunk relies on; set "
+                             "shared_value_trunk: false.")
         value_backbone = backbone_of(policy)
         value_head = nn.Linear(hidden_size, 1)
     else:
@@ -378,7 +389,7 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
         reward_model.to(device)
 
     # Dropout off everywhere: PPO's ratio and the KL are only meaningful between deterministic forward passes.
-    trained = [policy] if value_backbone is None or value_adapter_on_policy else [policy, value_backbone]
+    trained = [policy] if value_backbone is None or value_on_policy_body else [policy, value_backbone]
     for module in (policy, value_backbone, value_head, reference):
         if module is not None:
             module.eval()
@@ -390,8 +401,8 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
             for module in model.modules():
                 if isinstance(module, nn.Dropout):
                     module.p = 0.0
-    models = RoleModels(policy, reference, value_backbone, value_head, value_adapter_on_policy, reward_model,
-                        trained if config.gradient_checkpointing else [])
+    models = RoleModels(policy, reference, value_backbone, value_head, value_adapter_on_policy, value_on_policy_body,
+                        reward_model, trained if config.gradient_checkpointing else [])
     models.keep_adapters_trainable()  # set_adapter turned the value adapter's requires_grad off
     autocast_bodies([policy, reference, value_backbone, reward_model], device,
                     autocast_dtype(config.mixed_precision, device, dtype))
@@ -402,11 +413,12 @@ def shared_frozen_layers(config: PPOConfig, models: RoleModels) -> int:
     """How many bottom decoder layers compute the same hidden states in every pass of a PPO step, 0 if none.
 
     Those are the layers below the lowest LoRA layer, when the reference is the policy with its adapters off and the
-    value model (if any) an adapter on it. The count is used only if starting a pass from their output was checked to
-    give the same logprobs as a whole forward pass (an architecture that rescales `inputs_embeds` would not).
+    value model (if any) an adapter or a head on it. The count is used only if starting a pass from their output was
+    checked to give the same logprobs as a whole forward pass (an architecture that rescales `inputs_embeds` would
+    not).
     """
     if not (config.cache_frozen_layers and config.lora_layers and models.reference is None
-            and (models.value_adapter_on_policy or models.value_head is None)):
+            and (models.value_on_policy_body or models.value_head is None)):
         return 0
     decoder = backbone_of(models.policy)
     if not (isinstance(getattr(decoder, "layers", None), nn.ModuleList) and hasattr(decoder, "norm")):
@@ -482,13 +494,15 @@ def response_logits(model: nn.Module, batch: SequenceBatch, temperature: float) 
     (float32). Only those positions go through the output head."""
     keep = torch.arange(batch.prompt_width - 1, batch.input_ids.shape[1] - 1, device=batch.input_ids.device)
     with forward_inputs(model, batch) as inputs:
-        return model(
+        logits = model(
             **inputs,
             attention_mask=batch.attention_mask,
             position_ids=batch.position_ids,
             logits_to_keep=keep,
             use_cache=False,
-        ).logits.float() / temperature
+        ).logits.float()
+    # x / 1.0 is x exactly: skip a pass over [rows, response, vocab] floats at the default temperature.
+    return logits if temperature == 1.0 else logits / temperature
 
 
 def sequence_logprobs(
@@ -527,6 +541,44 @@ def sequence_values(backbone: nn.Module, head: nn.Module, batch: SequenceBatch) 
             **inputs, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
         ).last_hidden_state[:, batch.prompt_width - 1 : -1]
     return head(hidden.to(head.weight.dtype)).squeeze(-1)
+
+
+def policy_logprobs_and_values(
+    model: nn.Module,
+    value_head: nn.Module,
+    batch: SequenceBatch,
+    temperature: float,
+    with_entropy: bool = False,
+    entropy_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """`sequence_logprobs` and `sequence_values` of a shared value trunk from one pass of the policy's body: the
+    output head and the value head read the same final hidden states. Returns (logprobs, entropy or None, values),
+    each `[batch, response]`."""
+    body = backbone_of(model)
+    with forward_inputs(body, batch) as inputs:
+        hidden = body(
+            **inputs, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
+        ).last_hidden_state[:, batch.prompt_width - 1 : -1]
+    logits = model.get_output_embeddings()(hidden).float()
+    logits = logits if temperature == 1.0 else logits / temperature
+    logprobs = logits.gather(-1, batch.responses.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    entropy = entropy_from_logits(logits if entropy_grad else logits.detach()) if with_entropy else None
+    values = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1)
+    return logprobs, entropy, values
+
+
+def head_reads_last_hidden_state(model: nn.Module) -> bool:
+    """Whether the model's logits are its output head applied to its body's last hidden state (what a shared value
+    trunk computes them as), checked on two short rows; a model that rescales or caps its logits fails."""
+    device = next(model.parameters()).device
+    input_ids = torch.arange(2, 14, device=device).reshape(2, 6)
+    batch = SequenceBatch(input_ids, torch.ones_like(input_ids), prompt_width=3)
+    head = nn.Linear(model.config.hidden_size, 1).to(device)
+    with torch.no_grad():
+        whole, _ = sequence_logprobs(model, batch, temperature=1.0)
+        shared, _, _ = policy_logprobs_and_values(model, head, batch, temperature=1.0)
+    tolerance = 1e-4 if next(model.parameters()).dtype == torch.float32 else 5e-2
+    return torch.allclose(whole, shared, atol=tolerance, rtol=0)
 
 
 def encode_for_reward(

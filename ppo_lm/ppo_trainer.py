@@ -65,6 +65,7 @@ from ppo_lm.models import (
     encode_for_reward,
     load_role_models,
     load_tokenizer,
+    policy_logprobs_and_values,
     prefix_hidden_states,
     resolve_device,
     resolve_dtype,
@@ -336,8 +337,13 @@ class PPOTrainer:
             #    With one optimizer step per batch and no KL in the reward, the update's pass gives the old logprobs.
             with self._timed("logprobs", timings), torch.no_grad():
                 batch = self._with_frozen_prefix(batch)
-                old_logprobs = entropy = None
-                if not self.update_reads_old_logprobs:
+                old_logprobs = entropy = values = None
+                if not self.update_reads_old_logprobs and cfg.value_head_on_policy:
+                    # the values come from the same pass of the policy's body (stage 5 needs none of its own)
+                    with models.value_mode():
+                        old_logprobs, entropy, values = self._per_token(batch, lambda micro: policy_logprobs_and_values(
+                            models.policy, models.value_head, micro, cfg.temperature, with_entropy=True))
+                elif not self.update_reads_old_logprobs:
                     old_logprobs, entropy = self._per_token(batch, lambda micro: sequence_logprobs(
                         models.policy, micro, cfg.temperature, with_entropy=True))
                 ref_logprobs = None
@@ -356,8 +362,7 @@ class PPOTrainer:
             rewards = shape_rewards(scores, no_kl if kl is None else kl, response_mask, kl_coef)
 
             # 5. values of the state before each response token, for an estimator that needs them.
-            values = None
-            if cfg.needs_value_model:
+            if cfg.needs_value_model and values is None:
                 with self._timed("values", timings), torch.no_grad(), models.value_mode():
                     values, _ = self._per_token(batch, lambda micro: (
                         sequence_values(models.value_backbone, models.value_head, micro), None))
@@ -385,21 +390,24 @@ class PPOTrainer:
         )
 
     def _per_token(
-        self, batch: SequenceBatch, forward: Callable[[SequenceBatch], tuple[torch.Tensor, torch.Tensor | None]]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run `forward` over the batch's micro-batches and put its `[rows, response]` outputs back in row order."""
+        self, batch: SequenceBatch, forward: Callable[[SequenceBatch], tuple[torch.Tensor | None, ...]]
+    ) -> tuple[torch.Tensor | None, ...]:
+        """Run `forward` over the batch's micro-batches and put each of its `[rows, response]` outputs back in row
+        order (None where it gives None)."""
         rows, width = batch.response_mask.shape
-        outputs: list[torch.Tensor | None] = [None, None]
+        outputs: list[torch.Tensor | None] = []
         everything = torch.arange(rows, device=batch.input_ids.device)
         for index in self._micro_batches(batch, everything, collective=False):  # weights held whole: no collective
             micro = batch.select(index)
-            for slot, result in enumerate(forward(micro)):
+            results = forward(micro)
+            outputs = outputs or [None] * len(results)
+            for slot, result in enumerate(results):
                 if result is None:
                     continue
                 if outputs[slot] is None:
                     outputs[slot] = torch.zeros(rows, width, dtype=result.dtype, device=result.device)
                 outputs[slot][index, : result.shape[1]] = result
-        return outputs[0], outputs[1]
+        return tuple(outputs)
 
     def evaluate(
         self, prompts: list[str], greedy: bool | None = None, reference: bool = False
@@ -635,7 +643,10 @@ class PPOTrainer:
             update_mask.dtype))
         size = MinibatchSize(tokens=totals[0], responses=totals[1])
         sums: dict[str, float] = defaultdict(float)
-        term_names = ["policy loss", "value loss"] if self.config.needs_value_model else ["policy loss"]
+        if self.config.value_head_on_policy:
+            term_names = ["policy and value loss"]
+        else:
+            term_names = ["policy loss", "value loss"] if self.config.needs_value_model else ["policy loss"]
         non_finite: dict[str, float] = {}  # this process's first non-finite value of each term
 
         def note_non_finite(objective: torch.Tensor, name: str) -> None:
@@ -646,11 +657,15 @@ class PPOTrainer:
             micro = batch.select(micro_index)
             mask = update_mask[micro_index, : micro.response_mask.shape[1]]
             share = mask.sum() / size.tokens.clamp(min=1)  # this micro-batch's share of the minibatch's tokens
-            terms = [LossTerm("policy loss", partial(self._policy_terms, rollout, micro_index, micro, mask, size,
-                                                     share))]
-            if self.config.needs_value_model:
-                terms.append(LossTerm("value loss", partial(self._value_terms, rollout, micro_index, micro, mask,
-                                                            share), context=self._value_pass))
+            if self.config.value_head_on_policy:  # one pass of the policy's body for both losses
+                terms = [LossTerm(term_names[0], partial(self._shared_trunk_terms, rollout, micro_index, micro, mask,
+                                                         size, share), context=self._value_pass)]
+            else:
+                terms = [LossTerm("policy loss", partial(self._policy_terms, rollout, micro_index, micro, mask, size,
+                                                         share))]
+                if self.config.needs_value_model:
+                    terms.append(LossTerm("value loss", partial(self._value_terms, rollout, micro_index, micro, mask,
+                                                                share), context=self._value_pass))
             stats = self.backend.accumulate(terms, note_non_finite)
             for name, value in stats.items():
                 sums[name] += value.item()
@@ -671,10 +686,17 @@ class PPOTrainer:
         kl_loss_coef x the k3 KL to the reference, minus entropy_coef x the entropy, aggregated over the minibatch
         (`size`); and its part of each statistic (token means weighted by `share`)."""
         cfg = self.config
-        width = mask.shape[1]
         logprobs, entropy = sequence_logprobs(self.models.policy, micro, cfg.temperature,
                                               with_entropy=cfg.entropy_coef > 0 or rollout.entropy is None,
                                               entropy_grad=cfg.entropy_coef > 0)
+        return self._policy_objective(rollout, micro_index, mask, size, share, logprobs, entropy)
+
+    def _policy_objective(self, rollout: Rollout, micro_index: torch.Tensor, mask: torch.Tensor, size: MinibatchSize,
+                          share: torch.Tensor, logprobs: torch.Tensor, entropy: torch.Tensor | None
+                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`_policy_terms` from the micro-batch's logprobs (and entropy, when computed)."""
+        cfg = self.config
+        width = mask.shape[1]
         old = logprobs.detach() if rollout.old_logprobs is None else rollout.old_logprobs[micro_index, :width]
         policy_loss, loss_stats = self.policy_loss(logprobs, old, rollout.advantages[micro_index, :width], mask, cfg)
         per_token = policy_loss
@@ -697,13 +719,31 @@ class PPOTrainer:
                      share: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """A micro-batch's part of the value objective (vf_coef x the clipped value loss, a token mean weighted by
         `share`) and of its statistics; inside `_value_pass`."""
-        width = mask.shape[1]
         values = sequence_values(self.models.value_backbone, self.models.value_head, micro)
+        return self._value_objective(rollout, micro_index, mask, share, values)
+
+    def _value_objective(self, rollout: Rollout, micro_index: torch.Tensor, mask: torch.Tensor, share: torch.Tensor,
+                         values: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`_value_terms` from the micro-batch's values."""
+        width = mask.shape[1]
         value_loss, value_clip = clipped_value_loss(
             values, rollout.values[micro_index, :width], rollout.returns[micro_index, :width], mask,
             self.config.value_clip)
         return (self.config.vf_coef * value_loss) * share, {"value_loss": value_loss.detach() * share,
                                                             "value_clip_fraction": value_clip * share}
+
+    def _shared_trunk_terms(self, rollout: Rollout, micro_index: torch.Tensor, micro: SequenceBatch,
+                            mask: torch.Tensor, size: MinibatchSize, share: torch.Tensor
+                            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """With `shared_value_trunk`: the policy objective plus the value objective, both read from one pass of the
+        policy's body (inside `_value_pass`, which gathers the weights the output head needs under sharding)."""
+        cfg = self.config
+        logprobs, entropy, values = policy_logprobs_and_values(
+            self.models.policy, self.models.value_head, micro, cfg.temperature,
+            with_entropy=cfg.entropy_coef > 0 or rollout.entropy is None, entropy_grad=cfg.entropy_coef > 0)
+        policy_objective, stats = self._policy_objective(rollout, micro_index, mask, size, share, logprobs, entropy)
+        value_objective, value_stats = self._value_objective(rollout, micro_index, mask, share, values)
+        return policy_objective + value_objective, {**stats, **value_stats}
 
     @contextlib.contextmanager
     def _value_pass(self) -> Iterator[None]:

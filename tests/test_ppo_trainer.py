@@ -777,3 +777,84 @@ def test_bfloat16_autocast_gives_the_float32_rollout_losses_and_update(tiny_mode
         assert (update - mixed_update).norm().item() <= 0.3 * moved, name
         assert torch.nn.functional.cosine_similarity(update.flatten(), mixed_update.flatten(), dim=0) > 0.95, name
         assert mixed_weights[name].dtype == torch.float32  # the master weights stay float32
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
+def test_a_shared_value_trunk_is_a_head_on_the_policy_and_one_pass_gives_the_two_pass_gradients(
+        tiny_model_dir, tmp_path, use_lora):
+    """shared_value_trunk: the value model is only a head on the policy's body. Its one pass per micro-batch gives the
+    gradients of the plain path (the policy's pass and a value pass through the same body, one after the other) to
+    float32 rounding; the value loss alone moves the policy's weights (what the option changes); the checkpoint holds
+    the policy and the head, and loads back."""
+    from safetensors.torch import load_file
+
+    from ppo_lm.losses import MinibatchSize
+
+    config = tiny_config(tiny_model_dir, shared_value_trunk=True, use_lora=use_lora, batch_size=8,
+                         micro_batch_size=3)
+    trainer = PPOTrainer(config, reward_fn=length_reward)
+    models = trainer.models
+    assert models.value_backbone is backbone_of(models.policy) and not models.value_adapter_on_policy
+    assert {id(p) for p in models.value_parameters()} == {id(p) for p in models.value_head.parameters()}
+    assert not any(".value." in name for name, _ in models.policy.named_parameters())  # no value adapter
+    assert set(trainer.backend.optimizer.param_groups[1]["params"]) == set(models.value_head.parameters())
+
+    rollout = trainer.make_rollout((PROMPTS * 2)[: config.items_per_step])
+    with torch.no_grad():  # the rollout read its values from the old-logprob pass: they are the value pass's
+        plain_values = sequence_values(models.value_backbone, models.value_head, rollout.batch)
+        plain_logprobs, _ = sequence_logprobs(models.policy, rollout.batch, config.temperature)
+    valid = rollout.batch.response_mask.bool()
+    torch.testing.assert_close(rollout.values[valid], plain_values[valid], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(rollout.old_logprobs[valid], plain_logprobs[valid], atol=1e-5, rtol=1e-4)
+    index = torch.arange(8)
+    trained = models.named_trainable()
+
+    def gradients() -> dict[str, torch.Tensor]:
+        grads = {n: p.grad.clone() for n, p in trained.items() if p.grad is not None}
+        trainer.optimizer.zero_grad(set_to_none=True)
+        return grads
+
+    stats = trainer._minibatch_gradients(rollout, index, "test")
+    one_pass = gradients()
+    mask = rollout.update_mask
+    size = MinibatchSize(tokens=mask.sum(), responses=mask.any(-1).sum().to(mask.dtype))
+    plain_stats: dict[str, float] = {}
+    value_only = None
+    for micro_index in trainer._micro_batches(rollout.batch, index, collective=True):
+        micro = rollout.batch.select(micro_index)
+        micro_mask = mask[micro_index, : micro.response_mask.shape[1]]
+        share = micro_mask.sum() / size.tokens
+        policy_objective, policy_stats = trainer._policy_terms(rollout, micro_index, micro, micro_mask, size, share)
+        policy_objective.backward()
+        value_objective, value_stats = trainer._value_terms(rollout, micro_index, micro, micro_mask, share)
+        value_objective.backward()
+        for name, value in {**policy_stats, **value_stats}.items():
+            plain_stats[name] = plain_stats.get(name, 0.0) + value.item()
+        if value_only is None:  # the value loss alone, on the first micro-batch
+            before = gradients()
+            trainer._value_terms(rollout, micro_index, micro, micro_mask, share)[0].backward()
+            value_only = gradients()
+            for name, grad in before.items():  # put the plain path's sums back
+                trained[name].grad = grad
+    two_passes = gradients()
+    assert one_pass.keys() == two_passes.keys()
+    for name in one_pass:
+        torch.testing.assert_close(one_pass[name], two_passes[name], atol=1e-6, rtol=1e-4)
+    for name in ("policy_loss", "value_loss", "approx_kl", "value_clip_fraction"):
+        assert stats[name] == pytest.approx(plain_stats[name], rel=1e-5, abs=1e-7), name
+    assert any(name.startswith("policy.") and grad.abs().sum() > 0 for name, grad in value_only.items())
+
+    trainer.ppo_step(PROMPTS * 2)
+    trainer.save_state(tmp_path)
+    saved = load_file(str(tmp_path / "trainable.safetensors"))
+    assert {name.split(".")[0] for name in saved} == {"policy", "value_head"}
+    again = PPOTrainer(config, reward_fn=length_reward)
+    again.load_state(tmp_path)
+    for name, tensor in again.models.named_trainable().items():
+        assert torch.equal(tensor, models.named_trainable()[name]), name
+
+
+def test_a_shared_value_trunk_with_a_separate_value_model_is_refused(tiny_model_dir):
+    with pytest.raises(ValueError, match="shared_value_trunk=True is invalid.*value_model_name"):
+        tiny_config(tiny_model_dir, shared_value_trunk=True, value_model_name=tiny_model_dir)
