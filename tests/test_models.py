@@ -20,6 +20,7 @@ from ppo_lm.models import (
     load_pretrained,
     load_tokenizer,
     shared_frozen_layers,
+    token_logprobs,
 )
 
 
@@ -136,3 +137,17 @@ def test_sft_under_autocast_runs_the_body_in_bfloat16_and_keeps_float32_weights(
     assert math.isfinite(stats["loss"])
     moved = [name for name, p in trainer.trainable().items() if not torch.equal(p, trainable[name])]
     assert moved and all(p.dtype == torch.float32 for p in trainer.trainable().values())
+
+
+def test_token_logprobs_are_the_gathered_log_softmax_and_have_its_gradient():
+    """The fused cross-entropy path against the plain one (logit of the token minus logsumexp), float32."""
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 5, 1000) * 4).requires_grad_(True)
+    tokens = torch.randint(0, 1000, (3, 5))
+    fused = token_logprobs(logits, tokens)
+    plain = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-6)
+    weights = torch.randn(3, 5)
+    (fused_grad,) = torch.autograd.grad((fused * weights).sum(), logits)
+    (plain_grad,) = torch.autograd.grad((plain * weights).sum(), logits)
+    torch.testing.assert_close(fused_grad, plain_grad, atol=1e-6, rtol=1e-5)
