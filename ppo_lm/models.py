@@ -237,8 +237,9 @@ class RoleModels:
 
     @property
     def value_root(self) -> nn.Module:
-        """The model whose forward pass the value body is part of: the policy when the value model is its adapter,
-        else the value body itself. The value pass calls the body directly, not this model's forward."""
+        """The model whose forward pass the value body is part of: the policy when the value model is its adapter
+        or a head on its body, else the value body itself. The value pass calls the body directly, not this model's
+        forward."""
         return self.policy if self.value_on_policy_body else self.value_backbone
 
     @contextlib.contextmanager
