@@ -50,7 +50,9 @@ def reward_files(tmp_path, tiny_model_dir):
     config = tmp_path / "reward.yaml"
     config.write_text(f"model_name: {tiny_model_dir}\ndataset: {tmp_path / 'pref_splits'}\neval_split: validation\n"
                       "batch_size: 8\nlearning_rate: 0.001\nuse_lora: false\ntotal_steps: 6\neval_steps: 0\n"
-                      "save_steps: 3\nmax_eval_samples: 2\nreport_to: none\ndevice: cpu\n")
+                      "save_steps: 3\nmax_eval_samples: 2\nreport_to: none\ndevice: cpu\n"
+                      # float32 products: the saved offset is checked against a plain float32 reader to 1e-3
+                      "mixed_precision: 'no'\n")
     return {"config": str(config), "dir": tmp_path, "train": train, "reference": reference}
 
 

@@ -32,8 +32,9 @@ def test_completion_nll_is_the_token_mean_and_splits_into_micro_batches():
 # --- the trainer ------------------------------------------------------------------------------------------------------
 
 def tiny_sft_config(model_dir, **overrides):
+    """float32 products (mixed_precision: no): the tests compare steps at float32 tolerances."""
     settings = dict(model_name=model_dir, batch_size=4, learning_rate=1e-3, use_lora=False, device="cpu",
-                    sample_max_new_tokens=3)
+                    sample_max_new_tokens=3, mixed_precision="no")
     settings.update(overrides)
     return SFTConfig(**settings)
 
