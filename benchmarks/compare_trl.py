@@ -21,7 +21,8 @@ every linear layer) the script runs every *setting* `--rounds` times, one after 
 drift in a shared machine hits all of them alike:
 
 - ppo-lm `default`: no batching or precision option at all, i.e. what a user who sets none gets (`dtype: auto`,
-  float32 on a CPU and bfloat16 on a GPU that has it; micro-batches from `micro_batch_tokens: auto`). `--bf16 1`
+  float32 on a CPU and bfloat16 on a GPU that has it; `mixed_precision: auto`, bfloat16 autocast on a CPU with
+  bfloat16 instructions; micro-batches from `micro_batch_tokens: auto`). `--bf16 1`
   adds `--dtype bfloat16` to every ppo-lm setting.
 - ppo-lm extra settings, `--ours_settings 'NAME=ARGS;NAME=ARGS'`: ARGS appended to the bench command of `default`
   (`--ours_micro_batch_size N`, kept for old commands, adds the setting `mbN` = `--micro_batch_size N`).
