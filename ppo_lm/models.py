@@ -503,8 +503,20 @@ def response_logits(model: nn.Module, batch: SequenceBatch, temperature: float) 
             logits_to_keep=keep,
             use_cache=False,
         ).logits.float()
-    # x / 1.0 is x exactly: skip a pass over [rows, response, vocab] floats at the default temperature.
+    return _divided(logits, temperature)
+
+
+def _divided(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logits divided by the temperature; x / 1.0 is x exactly, so the default temperature skips a pass over
+    `[rows, response, vocab]` floats."""
     return logits if temperature == 1.0 else logits / temperature
+
+
+def _logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, with_entropy: bool, entropy_grad: bool
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The tokens' logprobs and, with `with_entropy`, each position's entropy (differentiable with `entropy_grad`)."""
+    entropy = entropy_from_logits(logits if entropy_grad else logits.detach()) if with_entropy else None
+    return token_logprobs(logits, tokens), entropy
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -526,10 +538,8 @@ def sequence_logprobs(
     With `with_entropy`, also the entropy of the model's next-token distribution at each response position
     (differentiable only with `entropy_grad`).
     """
-    logits = response_logits(model, batch, temperature)
-    logprobs = token_logprobs(logits, batch.responses)
-    entropy = entropy_from_logits(logits if entropy_grad else logits.detach()) if with_entropy else None
-    return logprobs, entropy
+    return _logprobs_and_entropy(response_logits(model, batch, temperature), batch.responses, with_entropy,
+                                 entropy_grad)
 
 
 def last_hidden_states(backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -544,11 +554,16 @@ def last_hidden_states(backbone: nn.Module, input_ids: torch.Tensor, attention_m
 
 def sequence_values(backbone: nn.Module, head: nn.Module, batch: SequenceBatch) -> torch.Tensor:
     """Value of the state before each response token (read where that token is predicted), `[batch, response]`."""
+    hidden = response_hidden_states(backbone, batch)
+    return head(hidden.to(head.weight.dtype)).squeeze(-1)
+
+
+def response_hidden_states(backbone: nn.Module, batch: SequenceBatch) -> torch.Tensor:
+    """The body's final hidden states at each position that predicts a response token, `[batch, response, hidden]`."""
     with forward_inputs(backbone, batch) as inputs:
-        hidden = backbone(
+        return backbone(
             **inputs, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
         ).last_hidden_state[:, batch.prompt_width - 1 : -1]
-    return head(hidden.to(head.weight.dtype)).squeeze(-1)
 
 
 def policy_logprobs_and_values(
@@ -562,17 +577,10 @@ def policy_logprobs_and_values(
     """`sequence_logprobs` and `sequence_values` of a shared value trunk from one pass of the policy's body: the
     output head and the value head read the same final hidden states. Returns (logprobs, entropy or None, values),
     each `[batch, response]`."""
-    body = backbone_of(model)
-    with forward_inputs(body, batch) as inputs:
-        hidden = body(
-            **inputs, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
-        ).last_hidden_state[:, batch.prompt_width - 1 : -1]
-    logits = model.get_output_embeddings()(hidden).float()
-    logits = logits if temperature == 1.0 else logits / temperature
-    logprobs = token_logprobs(logits, batch.responses)
-    entropy = entropy_from_logits(logits if entropy_grad else logits.detach()) if with_entropy else None
-    values = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1)
-    return logprobs, entropy, values
+    hidden = response_hidden_states(backbone_of(model), batch)
+    logits = _divided(model.get_output_embeddings()(hidden).float(), temperature)
+    logprobs, entropy = _logprobs_and_entropy(logits, batch.responses, with_entropy, entropy_grad)
+    return logprobs, entropy, value_head(hidden.to(value_head.weight.dtype)).squeeze(-1)
 
 
 def head_reads_last_hidden_state(model: nn.Module) -> bool:
