@@ -27,7 +27,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
-from ppo_lm.backend import NonFiniteLossError, select_backend
+from ppo_lm.backend import NonFiniteLossError, adamw, select_backend
 from ppo_lm.checkpoint import save_trained
 from ppo_lm.config import FinetuneConfig
 from ppo_lm.distributed import batch_layout, gather_rows, mean_over_processes, process_state
@@ -128,7 +128,7 @@ class FinetuneTrainer:
         self.model = model.to(self.backend.load_device(self.device)).eval()
         autocast_bodies([self.model], self.device, autocast_dtype(config.mixed_precision, self.device, self.dtype))
         self.optimizer = self.backend.prepare(
-            {"model": self.model}, [], lambda: torch.optim.AdamW(
+            {"model": self.model}, [], lambda: adamw(
                 self.trainable().values(), lr=config.learning_rate, weight_decay=config.weight_decay),
             config.max_grad_norm)
         self.step_count = 0

@@ -37,7 +37,7 @@ from ppo_lm.advantages import (
     masked_whiten,
     zero_variance_groups,
 )
-from ppo_lm.backend import LossTerm, NonFiniteLossError, select_backend
+from ppo_lm.backend import LossTerm, NonFiniteLossError, adamw, select_backend
 from ppo_lm.checkpoint import save_trained
 from ppo_lm.config import PPOConfig
 from ppo_lm.data import PromptItem, split_prompt_items
@@ -276,7 +276,7 @@ class PPOTrainer:
         groups = [{"params": self.models.policy_parameters(), "lr": self.config.learning_rate}]
         if self.config.needs_value_model:
             groups.append({"params": self.models.value_parameters(), "lr": self.config.value_learning_rate})
-        return torch.optim.AdamW(groups, weight_decay=0.0)
+        return adamw(groups, weight_decay=0.0)
 
     def train_step(self, prompts: list[PromptItem]) -> dict:
         """One step of a training run: a PPO step (the name every stage's trainer shares)."""

@@ -184,7 +184,7 @@ def all_or_nothing_step(trainer: StageTrainer, items: list, rollback: bool = Tru
     goes on. `rollback` False runs the step as it is (no copy is kept: a failure leaves what it leaves)."""
     if not rollback:
         return trainer.train_step(items)
-    before = trainer.backend.snapshot()
+    before = trainer.backend.snapshot(reuse=True)
     extra = copy.deepcopy(trainer.extra_state())
     try:
         return trainer.train_step(items)

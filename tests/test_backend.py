@@ -14,7 +14,15 @@ import pytest
 import torch
 from torch import nn
 
-from ppo_lm.backend import Backend, DeepSpeedBackend, FSDPBackend, deepspeed_settings, fsdp_sharding, select_backend
+from ppo_lm.backend import (
+    Backend,
+    DeepSpeedBackend,
+    FSDPBackend,
+    adamw,
+    deepspeed_settings,
+    fsdp_sharding,
+    select_backend,
+)
 
 FSDP_LAUNCH = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
 DEEPSPEED_LAUNCH = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
@@ -146,33 +154,68 @@ def test_a_gradient_that_is_not_finite_takes_no_step_and_is_dropped():
     assert all(p.grad is None for p in (*first.parameters(), *second.parameters()))
 
 
-def test_a_snapshot_restores_the_weights_and_the_optimizer_state_bit_for_bit():
+@pytest.mark.parametrize("reuse", [False, True], ids=["fresh-copy", "reused-buffers"])
+def test_a_snapshot_restores_the_weights_and_the_optimizer_state_bit_for_bit(reuse):
     torch.manual_seed(0)
     first, second = nn.Linear(3, 2), nn.Linear(2, 1)
     backend = Backend()
     backend.prepare({"first": first, "second": second}, [],
-                    lambda: torch.optim.AdamW([*first.parameters(), *second.parameters()], lr=0.1), 1.0)
+                    lambda: adamw([*first.parameters(), *second.parameters()], lr=0.1), 1.0)
     parameters = [*first.parameters(), *second.parameters()]
 
     def train_step():
         backend.backward(second(first(torch.randn(4, 3))).square().sum())
         assert backend.step([parameters]).stepped
 
-    for taken_before in (0, 2):  # no optimizer state yet (AdamW creates it at its first step), then some
+    buffers = set()
+    for taken_before in (0, 2, 1):  # no optimizer state yet (AdamW creates it at its first step), then some
         for _ in range(taken_before):
             train_step()
         weights = [p.detach().clone() for p in parameters]
         state = {p: {k: v.clone() for k, v in s.items()} for p, s in backend.optimizer.state.items()}
-        saved = backend.snapshot()
-        train_step()
-        backend.backward(first(torch.ones(1, 3)).sum())  # gradients a failed step left behind
-        assert not all(torch.equal(p, w) for p, w in zip(parameters, weights, strict=True))
-        backend.restore(saved)
-        assert all(torch.equal(p, w) for p, w in zip(parameters, weights, strict=True))
-        assert backend.optimizer.state.keys() == state.keys()
-        for p, entry in backend.optimizer.state.items():
-            assert entry.keys() == state[p].keys() and all(torch.equal(entry[k], state[p][k]) for k in entry)
-        assert all(p.grad is None for p in parameters)
+        saved = backend.snapshot(reuse=reuse)
+        if state:
+            buffers.add(tuple(t.data_ptr() for t in saved.weights))
+        for _ in range(2):  # a snapshot stays valid after a restore
+            train_step()
+            backend.backward(first(torch.ones(1, 3)).sum())  # gradients a failed step left behind
+            assert not all(torch.equal(p, w) for p, w in zip(parameters, weights, strict=True))
+            backend.restore(saved)
+            assert all(torch.equal(p, w) for p, w in zip(parameters, weights, strict=True))
+            assert backend.optimizer.state.keys() == state.keys()
+            for p, entry in backend.optimizer.state.items():
+                assert entry.keys() == state[p].keys() and all(torch.equal(entry[k], state[p][k]) for k in entry)
+                assert all(entry[k] is not saved.optimizer_state[p][k] for k in entry if torch.is_tensor(entry[k]))
+            assert all(p.grad is None for p in parameters)
+    assert len(buffers) == (1 if reuse else 2)  # reused: every copy went into the same tensors
+
+
+def test_the_fused_adamw_takes_the_plain_adamw_steps():
+    """`adamw` picks torch's fused kernel on the CPU; its weights and moments after several steps (two groups, weight
+    decay, varied shapes) are the per-tensor loop's to float32 rounding."""
+    torch.manual_seed(0)
+    shapes = [(64, 32), (32,), (7, 5, 3), (1,)]
+    plain = [nn.Parameter(torch.randn(shape)) for shape in shapes]
+    fused = [nn.Parameter(p.detach().clone()) for p in plain]
+
+    def groups(params):
+        return [{"params": params[:2], "lr": 1e-2}, {"params": params[2:], "lr": 3e-3}]
+
+    reference = torch.optim.AdamW(groups(plain), weight_decay=0.1, foreach=False)
+    fast = adamw(groups(fused), weight_decay=0.1)
+    assert all(group["fused"] for group in fast.param_groups)
+    for _ in range(5):
+        for a, b in zip(plain, fused, strict=True):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        reference.step()
+        fast.step()
+    for a, b in zip(plain, fused, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(fast.state[b][key], reference.state[a][key], rtol=1e-6, atol=1e-9)
+        assert float(fast.state[b]["step"]) == float(reference.state[a]["step"]) == 5
+
 
 
 def test_deepspeed_says_it_cannot_undo_a_step():

@@ -1,0 +1,63 @@
+"""The per-step costs that scale with the trained weights, not the tokens: the AdamW step and the rollback copy.
+
+    uv run python benchmarks/adamw.py --arch small
+
+Builds the trained tensors of a full fine-tuning run of `--arch` (the policy, and with `--value_model` a second,
+separate value backbone as a GAE run has), gives them random gradients and prints one JSON line: the median seconds
+of torch's default AdamW (its per-tensor loop on the CPU), of `ppo_lm.backend.adamw` (torch's fused kernel where it
+applies), of a rollback copy into new tensors and of one into the previous copy's tensors (`Backend.snapshot`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ppo_lm.backend import Backend, adamw  # noqa: E402
+from ppo_lm.bench import qwen3_config  # noqa: E402
+
+
+def median_seconds(run, repeats: int) -> float:
+    run()  # warm-up: AdamW creates its state at the first step
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="small")
+    parser.add_argument("--value_model", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    models = [AutoModelForCausalLM.from_config(qwen3_config(args.arch)) for _ in range(1 + args.value_model)]
+    parameters = [p for model in models for p in model.parameters()]
+    for parameter in parameters:
+        parameter.grad = torch.randn_like(parameter)
+    record = {"arch": args.arch, "value_model": args.value_model, "threads": torch.get_num_threads(),
+              "trained_gib": round(sum(p.numel() * p.element_size() for p in parameters) / 2**30, 3)}
+    for name, make in (("adamw_default_s", lambda: torch.optim.AdamW(parameters, lr=1e-5)),
+                       ("adamw_ours_s", lambda: adamw(parameters, lr=1e-5))):
+        optimizer = make()
+        record[name] = round(median_seconds(optimizer.step, args.repeats), 4)
+    backend = Backend()
+    backend.optimizer = optimizer  # the fused one, with its state
+    record["snapshot_fresh_s"] = round(median_seconds(backend.snapshot, args.repeats), 4)
+    record["snapshot_reused_s"] = round(median_seconds(lambda: backend.snapshot(reuse=True), args.repeats), 4)
+    print(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()
