@@ -146,7 +146,8 @@ def _copied_entry(entry: dict[str, Any], into: dict[str, Any] | None) -> dict[st
 def adamw(groups: Sequence[dict[str, Any]] | Sequence[nn.Parameter], **settings: Any) -> torch.optim.AdamW:
     """torch's AdamW over `groups`, with its fused kernel when every parameter is a floating-point tensor on the CPU
     or a GPU (a DTensor shard included). The fused kernel takes the same step in one pass over each tensor; torch
-    defaults to it on no device, and its per-tensor loop is about 20 times slower on the CPU (`benchmarks/adamw.py`).
+    defaults to it on no device, and its per-tensor loop is several times slower on the CPU
+    (`benchmarks/per_weight_costs.py`).
     `test_the_fused_adamw_takes_the_plain_adamw_steps` holds it to the plain steps."""
     groups = list(groups)
     parameters = [p for group in groups for p in (group["params"] if isinstance(group, dict) else [group])]

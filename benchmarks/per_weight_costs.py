@@ -1,11 +1,13 @@
-"""The per-step costs that scale with the trained weights, not the tokens: the AdamW step and the rollback copy.
+"""The per-step costs that scale with the trained weights, not the tokens: the AdamW step, the rollback copy, and
+a fresh allocation the size of the largest weight (as each dense embedding gradient is).
 
-    uv run python benchmarks/adamw.py --arch small
+    uv run python benchmarks/per_weight_costs.py --arch small
 
 Builds the trained tensors of a full fine-tuning run of `--arch` (the policy, and with `--value_model` a second,
 separate value backbone as a GAE run has), gives them random gradients and prints one JSON line: the median seconds
 of torch's default AdamW (its per-tensor loop on the CPU), of `ppo_lm.backend.adamw` (torch's fused kernel where it
-applies), of a rollback copy into new tensors and of one into the previous copy's tensors (`Backend.snapshot`).
+applies), of a rollback copy into new tensors and of one into the previous copy's tensors (`Backend.snapshot`), and
+of `torch.zeros` the shape of the largest trained tensor (a fresh allocation pays a page fault per page touched).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from ppo_lm.backend import Backend, adamw  # noqa: E402
 from ppo_lm.bench import qwen3_config  # noqa: E402
 
@@ -56,6 +59,9 @@ def main() -> None:
     backend.optimizer = optimizer  # the fused one, with its state
     record["snapshot_fresh_s"] = round(median_seconds(backend.snapshot, args.repeats), 4)
     record["snapshot_reused_s"] = round(median_seconds(lambda: backend.snapshot(reuse=True), args.repeats), 4)
+    largest = max(parameters, key=lambda p: p.numel())
+    record["fresh_zeros_s"] = round(median_seconds(lambda: torch.zeros_like(largest), args.repeats), 4)
+    record["largest_mb"] = round(largest.numel() * largest.element_size() / 1e6, 1)
     print(json.dumps(record))
 
 
