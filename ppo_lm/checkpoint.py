@@ -187,7 +187,9 @@ def open_checkpoint(run_dir: Path, step: int) -> Path:
 
 def seal_checkpoint(run_dir: Path, step: int, keep: int = 0) -> Path:
     """Publish the filled `partial_checkpoint` of `step`: the manifest seals it, a rename makes it
-    `checkpoint-<step>`. Keeps the newest `keep` checkpoints (0 keeps all). Returns the checkpoint's path."""
+    `checkpoint-<step>`. Keeps the newest `keep` checkpoints (0 keeps all), and removes the partial checkpoints of
+    other steps: a save that a killed process left unfinished, which no one will finish. Returns the checkpoint's
+    path."""
     run_dir = Path(run_dir)
     final = run_dir / f"checkpoint-{step}"
     partial = partial_checkpoint(run_dir, step)
@@ -201,6 +203,8 @@ def seal_checkpoint(run_dir: Path, step: int, keep: int = 0) -> Path:
     if final.exists():  # the same step saved again (e.g. the end of a run that just saved): replace it
         shutil.rmtree(final)
     os.replace(partial, final)
+    for stale in run_dir.glob(".checkpoint-*.partial"):
+        shutil.rmtree(stale, ignore_errors=True)
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -95,9 +95,10 @@ def test_resume_from_a_foreign_or_broken_directory_is_a_clear_error(run_files, t
     assert f"No checkpoint in {foreign}" in capsys.readouterr().err  # the directory named, not another error
 
 
-def test_only_the_newest_checkpoints_are_kept(tmp_path):
+def test_only_the_newest_checkpoints_are_kept_and_a_killed_save_is_cleared(tmp_path):
     from ppo_lm.checkpoint import list_checkpoints
 
+    (open_checkpoint(tmp_path, 7) / "weights.bin").write_bytes(b"x")  # a save that a killed run never sealed
     for step in (1, 2, 3):
         (open_checkpoint(tmp_path, step) / "weights.bin").write_bytes(b"x" * 10)
         seal_checkpoint(tmp_path, step, keep=2)
