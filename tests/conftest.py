@@ -55,6 +55,22 @@ def qwen_tokenizer() -> PreTrainedTokenizerFast:
     return build_qwen_tokenizer()
 
 
+def save_qwen_tokenizer(tokenizer: PreTrainedTokenizerFast, path: str | Path) -> None:
+    """`tokenizer.save_pretrained(path)`, with its added tokens listed in tokenizer_config.json (added_tokens_decoder)
+    as in the hub's Qwen checkpoints.
+
+    transformers 5 leaves that list out for a tokenizers-backed tokenizer, and its from_pretrained then parses the
+    whole 18 MB tokenizer.json in Python to find the added tokens: about half of each load's second. The suite loads
+    these tokenizers some hundreds of times (every trainer, every run); the tokenizer loaded is the same either way.
+    """
+    tokenizer.save_pretrained(path)
+    config_file = Path(path) / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["added_tokens_decoder"] = {str(index): token.__getstate__()
+                                      for index, token in tokenizer.added_tokens_decoder.items()}
+    config_file.write_text(json.dumps(config, indent=2))
+
+
 # A ChatML template (the form of Qwen's and SmolLM2's), written for the tests: the tokenizers built here have none.
 CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -73,7 +89,7 @@ def chat_model_dir(tmp_path_factory, tiny_model_dir) -> str:
     shutil.copytree(tiny_model_dir, path, dirs_exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.chat_template = CHATML_TEMPLATE
-    tokenizer.save_pretrained(path)
+    save_qwen_tokenizer(tokenizer, path)
     return str(path)
 
 
@@ -84,7 +100,7 @@ def tiny_model_dir(tmp_path_factory, qwen_tokenizer) -> str:
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(tiny_qwen3_config(len(qwen_tokenizer)))
     model.save_pretrained(path)
-    qwen_tokenizer.save_pretrained(path)
+    save_qwen_tokenizer(qwen_tokenizer, path)
     return str(path)
 
 
@@ -95,7 +111,7 @@ def tiny_reward_model_dir(tmp_path_factory, qwen_tokenizer) -> str:
     torch.manual_seed(1)
     model = Qwen3ForSequenceClassification(tiny_qwen3_config(len(qwen_tokenizer), num_labels=1))
     model.save_pretrained(path)
-    qwen_tokenizer.save_pretrained(path)
+    save_qwen_tokenizer(qwen_tokenizer, path)
     return str(path)
 
 
@@ -110,7 +126,7 @@ def peaked_model_dir(tmp_path_factory, qwen_tokenizer) -> str:
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(tiny_qwen3_config(len(qwen_tokenizer), initializer_range=0.5))
     model.save_pretrained(path)
-    qwen_tokenizer.save_pretrained(path)
+    save_qwen_tokenizer(qwen_tokenizer, path)
     return str(path)
 
 
@@ -138,7 +154,7 @@ def eos_model_dir(tmp_path_factory, qwen_tokenizer) -> str:
         model.lm_head.weight[:, 0] = 0.0
         model.lm_head.weight[config.eos_token_id, 0] = EOS_LOGIT / hidden[0, :, 0].mean()
     model.save_pretrained(path)
-    qwen_tokenizer.save_pretrained(path)
+    save_qwen_tokenizer(qwen_tokenizer, path)
     return str(path)
 
 

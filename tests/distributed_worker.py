@@ -1,18 +1,24 @@
-"""One process of the 2-process test in test_distributed.py (started by `accelerate launch`, gloo on the CPU).
+"""One process of a 2-process launch of test_distributed.py (started by `accelerate launch`, gloo on the CPU).
 
-    distributed_worker.py CASE_FILE OUT_FILE
+    distributed_worker.py PLAN_FILE
 
-CASE_FILE (torch.save) holds the PPOConfig fields, the trainable weights to start from and a rollout made in one
-process. Each process takes its half of the rollout's rows and runs one `PPOTrainer.update` on it; the gradients
-are summed across the processes (all-reduced, or reduce-scattered when an FSDP launch shards the weights). The main
-process writes to OUT_FILE the weights after the update (whole), the update's statistics, the rollout statistics
-and how far whitening over both halves (or, for a critic-free estimator, its advantages of each half) is from the
-whole batch's, and the trainer's checkpoint state to the
-folder OUT_FILE with the suffix `.state`. Where the backend can undo a step, a second update then runs and is undone
-(`Backend.snapshot` and `restore`), and the weights and optimizer state must be the first update's again.
+PLAN_FILE (JSON) lists the steps that every process runs, in order: `["update", CASE_FILE, OUT_FILE]` is one
+update case (below); `["ppo-lm", ARGUMENT, ...]` runs that `ppo-lm` command (`ppo_lm.cli.main`), which must succeed.
+Each launch starts its processes and imports torch, transformers and peft anew (about 15 s on 2 CPU cores, most of
+a small case's time): so the tests run everything that one accelerate config can run in one launch.
+
+An update case: CASE_FILE (torch.save) holds the PPOConfig fields, the trainable weights to start from and a rollout
+made in one process. Each process takes its half of the rollout's rows and runs one `PPOTrainer.update` on it; the
+gradients are summed across the processes (all-reduced, or reduce-scattered when an FSDP launch shards the weights).
+The main process writes to OUT_FILE the weights after the update (whole), the update's statistics, the rollout
+statistics and how far whitening over both halves (or, for a critic-free estimator, its advantages of each half) is
+from the whole batch's, and the trainer's checkpoint state to the folder OUT_FILE with the suffix `.state`. Where the
+backend can undo a step, a second update then runs and is undone (`Backend.snapshot` and `restore`), and the weights
+and optimizer state must be the first update's again.
 """
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -55,7 +61,7 @@ def local_advantages(trainer: PPOTrainer, local) -> torch.Tensor:
     return advantages
 
 
-def main(case_file: str, out_file: str) -> None:
+def run_update_case(case_file: str, out_file: str) -> None:
     case = torch.load(case_file, weights_only=False)
     trainer = PPOTrainer(PPOConfig(**case["config"]), reward_fn=lambda prompts, completions: [0.0] * len(prompts))
     processes = PartialState()
@@ -124,6 +130,18 @@ def main(case_file: str, out_file: str) -> None:
             "device": str(trainer.device),
         }, out_file)
     processes.wait_for_everyone()
+
+
+def main(plan_file: str) -> None:
+    from ppo_lm.cli import main as ppo_lm
+
+    for kind, *arguments in json.loads(Path(plan_file).read_text()):
+        if kind == "update":
+            run_update_case(*arguments)
+        elif kind != "ppo-lm":
+            raise ValueError(f"unknown step {kind!r} in {plan_file}")
+        elif (status := ppo_lm(arguments)) != 0:
+            sys.exit(f"ppo-lm {' '.join(arguments)} ended with status {status}")
 
 
 if __name__ == "__main__":

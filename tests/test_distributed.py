@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -108,47 +109,175 @@ def test_the_layout_is_checked_before_any_model_loads(tmp_path, capsys):
 
 
 # --- two processes ------------------------------------------------------------------------------------------------
+#
+# A launch spends about 15 s before its first step: the launcher and both processes import torch, transformers and
+# peft. So each accelerate config that several tests need is launched once per module (the `*_launch` fixtures):
+# its launch runs all their update cases and `ppo-lm` commands one after the other (distributed_worker.py's plan),
+# and each test checks its own part. The tests whose runs must be launched apart (a resume, a signal, a failure)
+# still launch them themselves.
 
 
-@pytest.mark.distributed
-@pytest.mark.slow
-@pytest.mark.parametrize("sharding, extra", [
-    (REPLICATED, {}),
+@dataclass
+class UpdateCase:
+    """One update split over two processes: the settings; the weights before; the update run here in one process
+    (the weights after, its statistics and the rollout's); the file that the launch's main process writes."""
+
+    settings: dict
+    before: dict[str, torch.Tensor]
+    after: dict[str, torch.Tensor]
+    update_stats: dict
+    statistics: dict
+    out: Path
+
+
+@dataclass
+class SharedLaunch:
+    """A launch that several tests share: its folder and output, and its update cases by test id."""
+
+    directory: Path
+    stdout: str
+    updates: dict[str, UpdateCase]
+
+
+LAUNCHES = {"replicated_launch": REPLICATED, "sharded_launch": SHARDED, "deepspeed_zero2_launch": DEEPSPEED_ZERO2,
+            "deepspeed_zero3_launch": DEEPSPEED_ZERO3}
+"""The shared launches: fixture name -> its `accelerate launch` options."""
+
+UPDATE_CASES = {
+    "replicated": ("replicated_launch", {}),
     # FSDP, with the bottom layer frozen and cached: a forward pass of the update skips one of the sharded layers.
-    (SHARDED, {"lora_layers": [1], "lora_target_modules": ["q_proj", "v_proj", "down_proj"]}),
+    "sharded": ("sharded_launch", {"lora_layers": [1], "lora_target_modules": ["q_proj", "v_proj", "down_proj"]}),
     # DeepSpeed clips the policy and value gradients together: no clipping here, in either run. ZeRO-2 with full
     # fine-tuning (the engine holds the policy, the value model and its head); its second epoch passes target_kl,
     # so it takes no step (under DeepSpeed, checked before its gradients).
-    (DEEPSPEED_ZERO2, {"max_grad_norm": 1e6, "target_kl": 1e-6, "use_lora": False}),
-    (DEEPSPEED_ZERO3, {"max_grad_norm": 1e6}),
+    "deepspeed-zero2": ("deepspeed_zero2_launch", {"max_grad_norm": 1e6, "target_kl": 1e-6, "use_lora": False}),
+    "deepspeed-zero3": ("deepspeed_zero3_launch", {"max_grad_norm": 1e6}),
     # GRPO with groups of 2 (each process holds whole groups), its std over the whole batch, the KL in the loss and
     # each response's token mean counting the same: every denominator is summed over both processes.
-    (REPLICATED, {"advantage_estimator": "grpo", "num_generations": 2, "scale_rewards": "batch", "kl_coef": 0.0,
-                  "kl_loss_coef": 0.1, "loss_aggregation": "sequence_mean"}),
+    "grpo-groups": ("replicated_launch", {"advantage_estimator": "grpo", "num_generations": 2, "scale_rewards": "batch",
+                                          "kl_coef": 0.0, "kl_loss_coef": 0.1, "loss_aggregation": "sequence_mean"}),
     # The critic-free estimators under the sharding launches: no value model to shard or hand to the engine.
-    (SHARDED, {"advantage_estimator": "rloo", "num_generations": 2, "kl_coef": 0.0, "kl_loss_coef": 0.1}),
-    (DEEPSPEED_ZERO3, {"advantage_estimator": "grpo", "num_generations": 2, "max_grad_norm": 1e6,
-                       "loss_aggregation": "sequence_sum"}),
-], ids=["replicated", "sharded", "deepspeed-zero2", "deepspeed-zero3", "grpo-groups", "rloo-sharded",
-        "grpo-deepspeed-zero3"])
-def test_an_update_split_over_two_processes_gives_the_weights_of_one_process(tiny_model_dir, tmp_path, sharding,
-                                                                             extra):
+    "rloo-sharded": ("sharded_launch", {"advantage_estimator": "rloo", "num_generations": 2, "kl_coef": 0.0,
+                                        "kl_loss_coef": 0.1}),
+    "grpo-deepspeed-zero3": ("deepspeed_zero3_launch", {"advantage_estimator": "grpo", "num_generations": 2,
+                                                        "max_grad_norm": 1e6, "loss_aggregation": "sequence_sum"}),
+}
+"""The update cases by test id: the shared launch that runs each, and its PPOConfig fields over the common ones."""
+
+
+def prepare_update_case(directory: Path, model_dir: str, extra: dict) -> tuple[UpdateCase, list[str]]:
+    """Make the case's rollout in this process, write the case file for the launch, then run the update here.
+    Returns the case and its step of the launch's plan."""
     # float32 products (mixed_precision: no): the two launches are compared at float32 tolerances.
-    settings = dict(model_name=tiny_model_dir, batch_size=8, max_new_tokens=6, learning_rate=1e-3,
+    settings = dict(model_name=model_dir, batch_size=8, max_new_tokens=6, learning_rate=1e-3,
                     value_learning_rate=1e-3, device="cpu", seed=0, ppo_epochs=2, num_mini_batches=1,
                     micro_batch_size=3, mixed_precision="no", **extra)
     trainer = PPOTrainer(PPOConfig(**settings), reward_fn=length_reward)
     rollout = trainer.make_rollout(PROMPTS[: settings["batch_size"] // settings.get("num_generations", 1)])
     before = {name: tensor.detach().clone() for name, tensor in trainer.models.named_trainable().items()}
-    case, out = tmp_path / "case.pt", tmp_path / "out.pt"
-    torch.save({"config": settings, "weights": before, "rollout": rollout}, case)
-
+    case_file, out = directory / "case.pt", directory / "out.pt"
+    torch.save({"config": settings, "weights": before, "rollout": rollout}, case_file)
     statistics = rollout.statistics()
     update_stats = trainer.update(rollout)
-    after = trainer.models.named_trainable()
+    after = {name: tensor.detach().clone() for name, tensor in trainer.models.named_trainable().items()}
+    return UpdateCase(settings, before, after, update_stats, statistics, out), ["update", str(case_file), str(out)]
 
-    launch([str(WORKER), str(case), str(out)], cwd=tmp_path, sharding=sharding)
-    result = torch.load(out, weights_only=False)
+
+def run_shared_launch(directory: Path, model_dir: str, name: str, commands: list[list[str]]) -> SharedLaunch:
+    """Launch `name` once: first its update cases, then the `ppo-lm` commands, in the same two processes."""
+    updates, plan = {}, []
+    for case_id, (launch_name, extra) in UPDATE_CASES.items():
+        if launch_name == name:
+            (directory / case_id).mkdir()
+            updates[case_id], step = prepare_update_case(directory / case_id, model_dir, extra)
+            plan.append(step)
+    plan += [["ppo-lm", *command] for command in commands]
+    (directory / "plan.json").write_text(json.dumps(plan))
+    result = launch([str(WORKER), str(directory / "plan.json")], cwd=directory, sharding=LAUNCHES[name])
+    return SharedLaunch(directory, result.stdout, updates)
+
+
+def printed_summaries(launch_output: str, run_dir: Path) -> int:
+    """How many closing summaries of the run in `run_dir` a launch printed (each names its checkpoint first)."""
+    return launch_output.count(f"checkpoint: {run_dir}{os.sep}")
+
+
+@pytest.fixture(scope="module")
+def replicated_launch(tmp_path_factory, tiny_model_dir) -> SharedLaunch:
+    """The replicated launch: its update cases; a 2-step train run (`train/run`), which
+    test_a_two_process_train_run_checkpoints_resumes_and_logs_once resumes; and the 3-step run (`sigterm/straight`)
+    that the SIGTERM test's stopped and resumed run must end like."""
+    directory = tmp_path_factory.mktemp("replicated-launch")
+    train, sigterm = directory / "train", directory / "sigterm"
+    train.mkdir()
+    sigterm.mkdir()
+    config = write_ppo_run(train, tiny_model_dir, output_dir=str(train / "run"), total_steps=2, eval_steps=1,
+                           save_steps=1)
+    write_ppo_run(sigterm, tiny_model_dir, total_steps=3, save_steps=0, eval_fraction=0.0)
+    write_pausing_reward(sigterm)
+    commands = [["train", "--config", str(config)],
+                ["train", "--config", str(sigterm / "config.yaml"), "--output_dir", str(sigterm / "straight")]]
+    return run_shared_launch(directory, tiny_model_dir, "replicated_launch", commands)
+
+
+def sft_command(model_dir: str, data: str, run_dir: Path, lora: str) -> list[str]:
+    """`ppo-lm sft` for 3 steps on `data`, with LoRA (merged into the final model) or full fine-tuning."""
+    return ["sft", "--model_name", model_dir, "--dataset", data, "--batch_size", "4", "--learning_rate",
+            "0.003" if lora == "true" else "0.001", "--use_lora", lora, "--total_steps", "3", "--eval_steps", "0",
+            "--save_steps", "0", "--eval_fraction", "0.2", "--sample_max_new_tokens", "4", "--max_eval_samples", "2",
+            "--report_to", "none", "--output_dir", str(run_dir)]
+
+
+@pytest.fixture(scope="module")
+def sharded_launch(tmp_path_factory, tiny_model_dir) -> SharedLaunch:
+    """The FSDP launch (the shipped fsdp.yaml): its update cases; the SFT runs with LoRA (`sft-true`) and full
+    fine-tuning (`sft-false`); the LoRA reward run (`reward-run`); and the full fine-tuning PPO run (`full/run`)
+    that test_a_sharded_full_fine_tuning_run_checkpoints_resumes_and_exports_whole_weights resumes."""
+    from rlhf_data import preference_rows, sft_rows, write_jsonl
+
+    directory = tmp_path_factory.mktemp("sharded-launch")
+    sft_data = write_jsonl(directory / "sft.jsonl", sft_rows(20))
+    preferences = write_jsonl(directory / "pref.jsonl", preference_rows(24, seed=1))
+    reference = write_jsonl(directory / "reference.jsonl", sft_rows(6))
+    (directory / "full").mkdir()
+    config = write_ppo_run(directory / "full", tiny_model_dir, output_dir=str(directory / "full" / "run"),
+                           total_steps=3, eval_steps=0, save_steps=1, use_lora=False, learning_rate=1e-4,
+                           lr_scheduler="linear")
+    commands = [sft_command(tiny_model_dir, sft_data, directory / f"sft-{lora}", lora) for lora in ("true", "false")]
+    commands.append(["reward", "--model_name", tiny_model_dir, "--dataset", preferences, "--batch_size", "4",
+                     "--learning_rate", "0.003", "--use_lora", "true", "--total_steps", "2", "--eval_steps", "0",
+                     "--save_steps", "0", "--eval_fraction", "0.2", "--max_eval_samples", "2", "--report_to", "none",
+                     "--reference_dataset", reference, "--output_dir", str(directory / "reward-run")])
+    commands.append(["train", "--config", str(config)])
+    return run_shared_launch(directory, tiny_model_dir, "sharded_launch", commands)
+
+
+@pytest.fixture(scope="module")
+def deepspeed_zero2_launch(tmp_path_factory, tiny_model_dir) -> SharedLaunch:
+    """The DeepSpeed ZeRO-2 launch (the shipped config): its update case."""
+    return run_shared_launch(tmp_path_factory.mktemp("deepspeed-zero2-launch"), tiny_model_dir,
+                             "deepspeed_zero2_launch", [])
+
+
+@pytest.fixture(scope="module")
+def deepspeed_zero3_launch(tmp_path_factory, tiny_model_dir) -> SharedLaunch:
+    """The DeepSpeed ZeRO-3 launch (the shipped config): its update cases, and the 3-step train run (`run`) that
+    test_a_deepspeed_zero3_run_generates_on_gathered_weights_and_resumes_where_it_stopped resumes."""
+    directory = tmp_path_factory.mktemp("deepspeed-zero3-launch")
+    config = write_ppo_run(directory, tiny_model_dir, output_dir=str(directory / "run"), total_steps=3, eval_steps=2,
+                           save_steps=1, max_new_tokens=6, micro_batch_size=1, target_kl=10.0)
+    return run_shared_launch(directory, tiny_model_dir, "deepspeed_zero3_launch", [["train", "--config", str(config)]])
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("case_id", list(UPDATE_CASES))
+def test_an_update_split_over_two_processes_gives_the_weights_of_one_process(request, tiny_model_dir, case_id):
+    launch_name, extra = UPDATE_CASES[case_id]
+    case = request.getfixturevalue(launch_name).updates[case_id]
+    sharding, before, after, update_stats, statistics = (LAUNCHES[launch_name], case.before, case.after,
+                                                          case.update_stats, case.statistics)
+    result = torch.load(case.out, weights_only=False)
     assert result["processes"] == 2 and result["device"] == "cpu" and result["sharded"] == (sharding == SHARDED)
     assert max(result["whitening_error"]) < 1e-5
     # a second update, undone, left every process's weights and optimizer state as the first update left them
@@ -159,20 +288,19 @@ def test_an_update_split_over_two_processes_gives_the_weights_of_one_process(tin
         # Float tolerance, scaled to how far the update moved the tensor: Adam divides each gradient by its running
         # size, so a gradient component near zero turns summation-order rounding into a visible (still tiny) step.
         # Hence the test: the two updates differ by under 1% of the update's size, tensor by tensor.
-        step = (tensor.detach() - before[name]).norm().item()
-        difference = (result["weights"][name] - tensor.detach()).norm().item()
+        step = (tensor - before[name]).norm().item()
+        difference = (result["weights"][name] - tensor).norm().item()
         assert difference <= 1e-2 * step + 1e-7, (name, difference, step)
     # The checkpoint state holds the whole updated tensors, and the policy adapter that peft loads.
     from peft import PeftModel
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    saved = load_file(str(out.with_suffix(".state") / "trainable.safetensors"))
+    saved = load_file(str(case.out.with_suffix(".state") / "trainable.safetensors"))
     assert saved.keys() == result["weights"].keys()
     assert all(torch.equal(saved[name], result["weights"][name]) for name in saved)
     if extra.get("use_lora", True):
         policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                                           str(out.with_suffix(".state") / "policy"))
+                                           str(case.out.with_suffix(".state") / "policy"))
         for name, tensor in policy.named_parameters():
             if "lora_" in name:
                 assert torch.equal(tensor, result["weights"][f"policy.{name}"]), name
@@ -189,18 +317,11 @@ def test_an_update_split_over_two_processes_gives_the_weights_of_one_process(tin
     assert result["statistics"]["generated_texts"] == statistics["generated_texts"]
 
 
-@pytest.fixture()
-def run_config(tmp_path, tiny_model_dir):
-    return write_ppo_run(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "run"), total_steps=2, eval_steps=1,
-                         save_steps=1)
-
-
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_a_two_process_train_run_checkpoints_resumes_and_logs_once(run_config, tmp_path, capsys):
-    run_dir = tmp_path / "run"
-    first = launch(["-m", "ppo_lm", "train", "--config", str(run_config)], cwd=tmp_path)
-    assert first.stdout.count("checkpoint: ") == 1  # the summary is printed once
+def test_a_two_process_train_run_checkpoints_resumes_and_logs_once(replicated_launch, tmp_path, capsys):
+    run_dir = replicated_launch.directory / "train" / "run"
+    assert printed_summaries(replicated_launch.stdout, run_dir) == 1  # the summary is printed once
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train_steps = [line["step"] for line in metrics if "reward_mean" in line]
     eval_steps = [line["step"] for line in metrics if "eval/reward_mean" in line]
@@ -225,20 +346,16 @@ def test_a_two_process_train_run_checkpoints_resumes_and_logs_once(run_config, t
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_a_deepspeed_zero3_run_generates_on_gathered_weights_and_resumes_where_it_stopped(tmp_path, tiny_model_dir):
+def test_a_deepspeed_zero3_run_generates_on_gathered_weights_and_resumes_where_it_stopped(deepspeed_zero3_launch,
+                                                                                         tmp_path, tiny_model_dir):
     # ZeRO-3 partitions the policy (base and both adapters) and the value head. Generation and evaluation run on
     # gathered weights although the processes' responses end at different lengths (3 eval prompts: 1 + 2), and
     # the approximate-KL check runs before each minibatch. Resuming from checkpoint-2 redoes step 3 as it was.
-    from safetensors.torch import load_file
-
     from ppo_lm.checkpoint import CheckpointError
     from ppo_lm.export import export_policy
 
-    run_dir = tmp_path / "run"
-    config = write_ppo_run(tmp_path, tiny_model_dir, output_dir=str(run_dir), total_steps=3, eval_steps=2,
-                           save_steps=1, max_new_tokens=6, micro_batch_size=1, target_kl=10.0)
-    first = launch(["-m", "ppo_lm", "train", "--config", str(config)], cwd=tmp_path, sharding=DEEPSPEED_ZERO3)
-    assert first.stdout.count("checkpoint: ") == 1
+    run_dir = deepspeed_zero3_launch.directory / "run"
+    assert printed_summaries(deepspeed_zero3_launch.stdout, run_dir) == 1
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in metrics if "reward_mean" in line] == [1, 2, 3]
     assert [line["step"] for line in metrics if "eval/reward_mean" in line] == [0, 2, 3]
@@ -269,18 +386,14 @@ def test_a_deepspeed_zero3_run_generates_on_gathered_weights_and_resumes_where_i
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_a_sharded_full_fine_tuning_run_checkpoints_resumes_and_exports_whole_weights(tmp_path, tiny_model_dir):
+def test_a_sharded_full_fine_tuning_run_checkpoints_resumes_and_exports_whole_weights(sharded_launch, tmp_path,
+                                                                                       tiny_model_dir):
     # FSDP over 2 processes shards the policy, the reference, the value model and its head; checkpoints hold the
     # whole tensors, and the resumed run (sharded again) goes on from them.
-    from safetensors.torch import load_file
-
     from ppo_lm.export import export_policy
 
-    run_dir, resumed_dir = tmp_path / "run", tmp_path / "resumed"
-    config = write_ppo_run(tmp_path, tiny_model_dir, output_dir=str(run_dir), total_steps=3, eval_steps=0,
-                           save_steps=1, use_lora=False, learning_rate=1e-4, lr_scheduler="linear")
-    first = launch(["-m", "ppo_lm", "train", "--config", str(config)], cwd=tmp_path, sharding=SHARDED)
-    assert first.stdout.count("checkpoint: ") == 1
+    run_dir, resumed_dir = sharded_launch.directory / "full" / "run", tmp_path / "resumed"
+    assert printed_summaries(sharded_launch.stdout, run_dir) == 1
     saved = load_file(str(run_dir / "checkpoint-2" / "trainable.safetensors"))
     base = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
     for name, tensor in base.items():
@@ -339,16 +452,9 @@ def test_a_sharded_lora_run_in_bfloat16_generates_evaluates_and_saves_the_policy
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("lora", ["true", "false"], ids=["sharded-lora-merged", "sharded-full"])
-def test_a_two_process_sft_run_trains_logs_once_and_writes_one_final_model(tiny_model_dir, tmp_path, lora):
-    from rlhf_data import sft_rows, write_jsonl
-
-    data = write_jsonl(tmp_path / "sft.jsonl", sft_rows(20))
-    run_dir = tmp_path / "sft-run"
-    launch(["-m", "ppo_lm", "sft", "--model_name", tiny_model_dir, "--dataset", str(data), "--batch_size", "4",
-            "--learning_rate", "0.003" if lora == "true" else "0.001", "--use_lora", lora, "--total_steps", "3",
-            "--eval_steps", "0", "--save_steps", "0", "--eval_fraction", "0.2", "--sample_max_new_tokens", "4",
-            "--max_eval_samples", "2", "--report_to", "none", "--output_dir", str(run_dir)], cwd=tmp_path,
-           sharding=SHARDED)
+def test_a_two_process_sft_run_trains_logs_once_and_writes_one_final_model(sharded_launch, lora):
+    run_dir = sharded_launch.directory / f"sft-{lora}"
+    assert printed_summaries(sharded_launch.stdout, run_dir) == 1
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in metrics if "loss" in line] == [1, 2, 3]
     evals = [line for line in metrics if "eval/loss" in line]
@@ -363,22 +469,16 @@ def test_a_two_process_sft_run_trains_logs_once_and_writes_one_final_model(tiny_
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_a_sharded_lora_reward_run_normalises_and_writes_a_merged_model(tiny_model_dir, tmp_path):
+def test_a_sharded_lora_reward_run_normalises_and_writes_a_merged_model(sharded_launch):
     # The final model of a sharded LoRA reward run: the adapter merged into a base loaded again (a sharded model
     # cannot be copied), with the score_offset that normalisation set on the main process.
-    from rlhf_data import preference_rows, sft_rows, write_jsonl
+    from rlhf_data import sft_rows
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from ppo_lm.finetune import encode_completions
     from ppo_lm.models import sequence_scores
 
-    data = write_jsonl(tmp_path / "pref.jsonl", preference_rows(24, seed=1))
-    reference = write_jsonl(tmp_path / "reference.jsonl", sft_rows(6))
-    run_dir = tmp_path / "reward-run"
-    launch(["-m", "ppo_lm", "reward", "--model_name", tiny_model_dir, "--dataset", str(data), "--batch_size", "4",
-            "--learning_rate", "0.003", "--use_lora", "true", "--total_steps", "2", "--eval_steps", "0",
-            "--save_steps", "0", "--eval_fraction", "0.2", "--max_eval_samples", "2", "--report_to", "none",
-            "--reference_dataset", reference, "--output_dir", str(run_dir)], cwd=tmp_path, sharding=SHARDED)
+    run_dir = sharded_launch.directory / "reward-run"
     model = AutoModelForSequenceClassification.from_pretrained(str(run_dir / "final")).eval()
     assert model.config.score_offset != 0.0
     rows = sft_rows(6)
@@ -531,16 +631,14 @@ def test_a_checkpoint_that_a_failed_launch_left_unsealed_is_never_resumed_from(t
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_sigterm_to_a_two_process_launch_saves_every_part_and_resume_ends_like_a_straight_run(tmp_path,
-                                                                                               tiny_model_dir):
+def test_sigterm_to_a_two_process_launch_saves_every_part_and_resume_ends_like_a_straight_run(replicated_launch,
+                                                                                               tmp_path):
     # The launcher passes the signal on to its processes; each finishes step 2, takes its part in checkpoint-2 and
-    # stops. The resumed launch then ends where an uninterrupted one does.
-    write_ppo_run(tmp_path, tiny_model_dir, total_steps=3, save_steps=0, eval_fraction=0.0)
-    write_pausing_reward(tmp_path)
-    config = str(tmp_path / "config.yaml")
-    straight, stopped, marks = tmp_path / "straight", tmp_path / "stopped", tmp_path / "marks"
-    launch(["-m", "ppo_lm", "train", "--config", config, "--output_dir", str(straight)], cwd=tmp_path)
-
+    # stops. The resumed launch then ends where an uninterrupted one does (the replicated launch ran that one, with
+    # the same config and reward).
+    files = replicated_launch.directory / "sigterm"
+    config, straight = str(files / "config.yaml"), files / "straight"
+    stopped, marks = tmp_path / "stopped", tmp_path / "marks"
     marks.mkdir()
     command, env = launch_command(["-m", "ppo_lm", "train", "--config", config, "--output_dir", str(stopped)])
     env.update(PAUSE_DIR=str(marks), PAUSE_AT="2", PAUSE_SECONDS="3")  # no evaluation: reward call 2 is step 2
