@@ -129,7 +129,8 @@ def auto_micro_batch_tokens(device_type: str, free_bytes: int | None, num_layers
 
     Bytes per token: the activations a decoder layer keeps for the backward pass, about 17 values per hidden unit
     (34 bytes at 2 bytes a value, Korthikanti et al., 2022), over every layer, plus one float32 row of logits (the
-    output head runs on response positions only, but keeps several float32 copies there). Memory: on "cuda", a
+    output head runs on response positions only, where `models.head_token_logprobs` keeps one float32 row each, but
+    a model that goes through its own forward pass keeps about three). Memory: on "cuda", a
     quarter of `free_bytes` (what the GPU has free once the models are loaded); elsewhere 1 GiB. The result is
     clamped to `AUTO_TOKENS_RANGE`. A pure function of its numbers, so the rule can be tested without a device.
     """

@@ -230,6 +230,9 @@ class RoleModels:
     """Frozen sequence-classification reward model, or None when a reward function scores."""
     checkpointed: list[nn.Module]
     """Models with gradient checkpointing, put in training mode (their dropout zeroed) for gradient passes."""
+    fused_head: bool = False
+    """Whether the policy's and the reference's logprobs come through `head_token_logprobs` (their logits are their
+    head on their body's last hidden state, checked at load)."""
 
     def held(self) -> list[nn.Module]:
         """The models a launch backend holds (places, gathers): every role but the reward model."""
@@ -356,6 +359,12 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
     else:
         policy = base
 
+    # Whether logprobs may come through `head_token_logprobs`; a separately loaded reference may be of another
+    # architecture.
+    fused_head = all(fused_head_reproduces_logprobs(model) for model in (policy, reference) if model is not None)
+    if not fused_head:
+        logger.info("%s does not compute its logits as its output head on its body's last hidden state: logprobs "
+                    "come from its own forward pass, with its whole logits in memory.", type(base).__name__)
     value_backbone = value_head = None
     if not with_values:
         pass
@@ -404,7 +413,7 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
                 if isinstance(module, nn.Dropout):
                     module.p = 0.0
     models = RoleModels(policy, reference, value_backbone, value_head, value_adapter_on_policy, value_on_policy_body,
-                        reward_model, trained if config.gradient_checkpointing else [])
+                        reward_model, trained if config.gradient_checkpointing else [], fused_head)
     models.keep_adapters_trainable()  # set_adapter turned the value adapter's requires_grad off
     autocast_bodies([policy, reference, value_backbone, reward_model], device,
                     autocast_dtype(config.mixed_precision, device, dtype))
@@ -519,6 +528,105 @@ def _logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, with_entro
     return token_logprobs(logits, tokens), entropy
 
 
+class HeadTokenLogprobs(torch.autograd.Function):
+    """log softmax(head(hidden) / temperature)[token] at each position, holding one `[positions, vocab]` float32
+    tensor between the forward and backward passes instead of the three that the plain path makes (the head's
+    logits, `cross_entropy`'s saved log-softmax and its backward's gradient: about 0.24 GiB each for 400 positions
+    of a 151,936-token vocabulary).
+
+    Forward: the logits, shifted by their row maximum and exponentiated in place. That is all the backward pass
+    needs (the softmax is it over its row sum), so nothing else is kept. Backward: the gradient of the logits,
+    `grad x (onehot - softmax) / temperature`, is written into the same tensor and goes back through the head's
+    product as `F.linear`'s backward would send it. With `with_entropy`, the second output is each position's
+    entropy (not differentiable), from the shifted logits before they are overwritten; otherwise it is empty.
+    The plain path (`response_logits`, then `token_logprobs`) gives the same numbers to float32 rounding; a test
+    holds them together. One backward pass only: it overwrites what it saved.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, hidden: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None, tokens: torch.Tensor, temperature: float, with_entropy: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(hidden, weight, bias).float()  # [positions, vocab], our own tensor: changed in place
+        if temperature != 1.0:
+            logits.div_(temperature)
+        chosen = logits.gather(1, tokens[:, None]).squeeze(1)
+        top = logits.amax(1, keepdim=True)
+        shifted = logits.sub_(top)
+        entropy = _entropy_then_exp_(shifted) if with_entropy else shifted.new_empty(0)
+        exp_shifted = shifted if with_entropy else shifted.exp_()
+        total = exp_shifted.sum(1)
+        ctx.save_for_backward(hidden, weight, tokens, exp_shifted, total)
+        ctx.temperature, ctx.has_bias, ctx.used = temperature, bias is not None, False
+        ctx.mark_non_differentiable(entropy)
+        return chosen - top.squeeze(1) - total.log(), entropy
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor, _: torch.Tensor
+                 ) -> tuple[torch.Tensor | None, ...]:
+        if ctx.used:
+            raise RuntimeError("HeadTokenLogprobs runs one backward pass only (its saved tensor becomes the gradient).")
+        ctx.used = True
+        hidden, weight, tokens, exp_shifted, total = ctx.saved_tensors
+        scale = grad / ctx.temperature  # d logprob / d logits = (onehot - softmax) / temperature
+        grad_logits = exp_shifted.mul_((-scale / total)[:, None])
+        grad_logits.scatter_add_(1, tokens[:, None], scale[:, None])
+        grad_logits = grad_logits.to(weight.dtype)
+        grad_hidden = grad_logits @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = grad_logits.T @ hidden if ctx.needs_input_grad[1] else None
+        grad_bias = grad_logits.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def _entropy_then_exp_(shifted: torch.Tensor, chunk_elements: int = 2**23) -> torch.Tensor:
+    """Each row's entropy from logits shifted by their row maximum, `log Z - sum(exp(s) s) / Z` with
+    `Z = sum(exp(s))`; `shifted` is left holding `exp(s)`. A few rows at a time (about `chunk_elements` values), so
+    that the exponentials need no second `[rows, vocab]` tensor."""
+    rows, vocab = shifted.shape
+    entropy = shifted.new_empty(rows)
+    step = max(1, chunk_elements // vocab)
+    for start in range(0, rows, step):
+        part = shifted[start : start + step]
+        exp_part = part.exp()
+        total = exp_part.sum(1)
+        entropy[start : start + step] = total.log() - torch.linalg.vecdot(exp_part, part) / total
+        part.copy_(exp_part)
+    return entropy
+
+
+def head_token_logprobs(model: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float,
+                        with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The tokens' logprobs (`[batch, response]`) from the body's hidden states at the positions that predict them
+    (`[batch, response, hidden]`), through the model's output head by `HeadTokenLogprobs`; with `with_entropy`,
+    also each position's entropy (no gradient).
+
+    It runs as the head module's forward, so that a launch backend that gathers each module's weights around its
+    forward (ZeRO-3) gathers the head's here too.
+    """
+    head = model.get_output_embeddings()
+
+    def forward(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return HeadTokenLogprobs.apply(states, head.weight, head.bias, tokens.flatten(), temperature, with_entropy)
+
+    with _forward_replaced(head, forward):
+        logprobs, entropy = head(hidden.flatten(0, 1))
+    return logprobs.view_as(tokens), entropy.view_as(tokens) if with_entropy else None
+
+
+@contextlib.contextmanager
+def _forward_replaced(module: nn.Module, forward: Callable) -> Iterator[None]:
+    """Inside, calling `module` runs `forward`, with the module's hooks around it as around its own."""
+    previous = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous
+
+
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[token] at each position, `[batch, response]`: PyTorch's fused cross-entropy, whose
     backward is one pass over the logits (about 1.6x faster than a gather minus logsumexp over a 151k vocabulary on
@@ -532,12 +640,18 @@ def sequence_logprobs(
     temperature: float,
     with_entropy: bool = False,
     entropy_grad: bool = False,
+    fused_head: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logprob of each response token under `model` (logits divided by the temperature), `[batch, response]`.
 
     With `with_entropy`, also the entropy of the model's next-token distribution at each response position
-    (differentiable only with `entropy_grad`).
+    (differentiable only with `entropy_grad`). `fused_head`: through `head_token_logprobs` (the same numbers in a
+    third of the memory), for a model whose logits are its head on its body's last hidden state
+    (`head_reads_last_hidden_state`) and no entropy gradient; otherwise the model's own forward pass.
     """
+    if fused_head and not entropy_grad:
+        return head_token_logprobs(model, response_hidden_states(backbone_of(model), batch), batch.responses,
+                                   temperature, with_entropy)
     return _logprobs_and_entropy(response_logits(model, batch, temperature), batch.responses, with_entropy,
                                  entropy_grad)
 
@@ -573,28 +687,47 @@ def policy_logprobs_and_values(
     temperature: float,
     with_entropy: bool = False,
     entropy_grad: bool = False,
+    fused_head: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """`sequence_logprobs` and `sequence_values` of a shared value trunk from one pass of the policy's body: the
     output head and the value head read the same final hidden states. Returns (logprobs, entropy or None, values),
-    each `[batch, response]`."""
+    each `[batch, response]`. `fused_head` as in `sequence_logprobs`."""
     hidden = response_hidden_states(backbone_of(model), batch)
-    logits = _divided(model.get_output_embeddings()(hidden).float(), temperature)
-    logprobs, entropy = _logprobs_and_entropy(logits, batch.responses, with_entropy, entropy_grad)
+    if fused_head and not entropy_grad:
+        logprobs, entropy = head_token_logprobs(model, hidden, batch.responses, temperature, with_entropy)
+    else:
+        logits = _divided(model.get_output_embeddings()(hidden).float(), temperature)
+        logprobs, entropy = _logprobs_and_entropy(logits, batch.responses, with_entropy, entropy_grad)
     return logprobs, entropy, value_head(hidden.to(value_head.weight.dtype)).squeeze(-1)
 
 
 def head_reads_last_hidden_state(model: nn.Module) -> bool:
     """Whether the model's logits are its output head applied to its body's last hidden state (what a shared value
     trunk computes them as), checked on two short rows; a model that rescales or caps its logits fails."""
+    head = nn.utils.skip_init(nn.Linear, model.config.hidden_size, 1, device=next(model.parameters()).device)
+    nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)  # skip_init: building the probe draws no random numbers
+    return _gives_own_logprobs(model, lambda batch: policy_logprobs_and_values(model, head, batch, 1.0)[0])
+
+
+def fused_head_reproduces_logprobs(model: nn.Module) -> bool:
+    """Whether `head_token_logprobs` gives the logprobs of the model's own forward pass (its logits are a linear
+    head with a `weight` on its body's last hidden state), checked on two short rows."""
+    if not isinstance(getattr(model.get_output_embeddings(), "weight", None), torch.Tensor):
+        return False
+    return _gives_own_logprobs(model, lambda batch: sequence_logprobs(model, batch, 1.0, fused_head=True)[0])
+
+
+def _gives_own_logprobs(model: nn.Module, logprobs_of: Callable[[SequenceBatch], torch.Tensor]) -> bool:
+    """Whether `logprobs_of(batch)` matches the model's own forward pass on two short rows (to 1e-4 with float32
+    weights, 5e-2 otherwise)."""
     device = next(model.parameters()).device
     input_ids = torch.arange(2, 14, device=device).reshape(2, 6)
     batch = SequenceBatch(input_ids, torch.ones_like(input_ids), prompt_width=3)
-    head = nn.Linear(model.config.hidden_size, 1).to(device)
     with torch.no_grad():
         whole, _ = sequence_logprobs(model, batch, temperature=1.0)
-        shared, _, _ = policy_logprobs_and_values(model, head, batch, temperature=1.0)
+        other = logprobs_of(batch)
     tolerance = 1e-4 if next(model.parameters()).dtype == torch.float32 else 5e-2
-    return torch.allclose(whole, shared, atol=tolerance, rtol=0)
+    return torch.allclose(whole, other, atol=tolerance, rtol=0)
 
 
 def encode_for_reward(

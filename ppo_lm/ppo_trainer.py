@@ -342,15 +342,16 @@ class PPOTrainer:
                     # the values come from the same pass of the policy's body (stage 5 needs none of its own)
                     with models.value_mode():
                         old_logprobs, entropy, values = self._per_token(batch, lambda micro: policy_logprobs_and_values(
-                            models.policy, models.value_head, micro, cfg.temperature, with_entropy=True))
+                            models.policy, models.value_head, micro, cfg.temperature, with_entropy=True,
+                            fused_head=models.fused_head))
                 elif not self.update_reads_old_logprobs:
                     old_logprobs, entropy = self._per_token(batch, lambda micro: sequence_logprobs(
-                        models.policy, micro, cfg.temperature, with_entropy=True))
+                        models.policy, micro, cfg.temperature, with_entropy=True, fused_head=models.fused_head))
                 ref_logprobs = None
                 if cfg.uses_reference:
                     with models.reference_model() as reference:
                         ref_logprobs, _ = self._per_token(batch, lambda micro: sequence_logprobs(
-                            reference, micro, cfg.temperature))
+                            reference, micro, cfg.temperature, fused_head=models.fused_head))
 
             # 4. shape: per-token KL penalty plus the (possibly penalised) score on the last valid token.
             kl_coef = self.kl_controller.value
@@ -662,7 +663,7 @@ class PPOTrainer:
                                                          size, share), context=self._value_pass)]
             else:
                 terms = [LossTerm("policy loss", partial(self._policy_terms, rollout, micro_index, micro, mask, size,
-                                                         share))]
+                                                         share), context=self._policy_pass)]
                 if self.config.needs_value_model:
                     terms.append(LossTerm("value loss", partial(self._value_terms, rollout, micro_index, micro, mask,
                                                                 share), context=self._value_pass))
@@ -688,7 +689,7 @@ class PPOTrainer:
         cfg = self.config
         logprobs, entropy = sequence_logprobs(self.models.policy, micro, cfg.temperature,
                                               with_entropy=cfg.entropy_coef > 0 or rollout.entropy is None,
-                                              entropy_grad=cfg.entropy_coef > 0)
+                                              entropy_grad=cfg.entropy_coef > 0, fused_head=self.models.fused_head)
         return self._policy_objective(rollout, micro_index, mask, size, share, logprobs, entropy)
 
     def _policy_objective(self, rollout: Rollout, micro_index: torch.Tensor, mask: torch.Tensor, size: MinibatchSize,
@@ -740,10 +741,18 @@ class PPOTrainer:
         cfg = self.config
         logprobs, entropy, values = policy_logprobs_and_values(
             self.models.policy, self.models.value_head, micro, cfg.temperature,
-            with_entropy=cfg.entropy_coef > 0 or rollout.entropy is None, entropy_grad=cfg.entropy_coef > 0)
+            with_entropy=cfg.entropy_coef > 0 or rollout.entropy is None, entropy_grad=cfg.entropy_coef > 0,
+            fused_head=self.models.fused_head)
         policy_objective, stats = self._policy_objective(rollout, micro_index, mask, size, share, logprobs, entropy)
         value_objective, value_stats = self._value_objective(rollout, micro_index, mask, share, values)
         return policy_objective + value_objective, {**stats, **value_stats}
+
+    @contextlib.contextmanager
+    def _policy_pass(self) -> Iterator[None]:
+        """The weights a pass through the policy's body and head needs at hand (a fused head's pass calls them
+        directly, not the policy's forward)."""
+        self.backend.gather_root_weights(self.models.policy)
+        yield
 
     @contextlib.contextmanager
     def _value_pass(self) -> Iterator[None]:

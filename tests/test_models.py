@@ -11,11 +11,16 @@ from conftest import length_reward, tiny_config
 from transformers import AutoModelForCausalLM
 
 from ppo_lm import PPOTrainer, SFTConfig, SFTTrainer
+from ppo_lm.losses import entropy_from_logits
 from ppo_lm.models import (
+    HeadTokenLogprobs,
     ModelLoadError,
     autocast_dtype,
     backbone_of,
     encode_for_reward,
+    fused_head_reproduces_logprobs,
+    head_reads_last_hidden_state,
+    head_token_logprobs,
     init_scalar_head,
     load_pretrained,
     load_tokenizer,
@@ -151,3 +156,75 @@ def test_token_logprobs_are_the_gathered_log_softmax_and_have_its_gradient():
     (fused_grad,) = torch.autograd.grad((fused * weights).sum(), logits)
     (plain_grad,) = torch.autograd.grad((plain * weights).sum(), logits)
     torch.testing.assert_close(fused_grad, plain_grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, temperature, bias", [
+    (torch.float32, 1.0, False), (torch.float32, 0.7, True), (torch.bfloat16, 0.7, False)])
+def test_the_fused_head_gives_the_plain_heads_logprobs_entropy_and_gradients(dtype, temperature, bias):
+    """`HeadTokenLogprobs` against the head's logits (cast to float32, divided by the temperature) through
+    `token_logprobs`: logprobs, entropy and the gradients of the hidden states, the head's weight and its bias.
+    Tolerances: float32 rounding for float32 weights; for bfloat16 weights, whose gradients both paths round to
+    bfloat16 from float32 values that differ in rounding, one bfloat16 step (2^-8 relative)."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 1000, bias=bias).to(dtype)
+    hidden = torch.randn(3, 5, 32, dtype=dtype, requires_grad=True)
+    tokens = torch.randint(0, 1000, (3, 5))
+    upstream = torch.randn(3, 5)
+
+    logits = head(hidden).float() / temperature
+    plain = token_logprobs(logits, tokens)
+    plain_grads = torch.autograd.grad((plain * upstream).sum(), [hidden, *head.parameters()])
+    fused, entropy = head_token_logprobs(_HeadOnly(head), hidden, tokens, temperature,
+                                         with_entropy=True)
+    fused_grads = torch.autograd.grad((fused * upstream).sum(), [hidden, *head.parameters()])
+
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 2**-8}
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, entropy_from_logits(logits.detach()), atol=1e-4, rtol=1e-5)
+    for fused_grad, plain_grad in zip(fused_grads, plain_grads, strict=True):
+        assert fused_grad.dtype == plain_grad.dtype == dtype
+        torch.testing.assert_close(fused_grad, plain_grad, **tolerance)
+    assert "forward" not in head.__dict__  # the head's own forward is back
+
+
+def test_the_fused_head_refuses_a_second_backward_pass():
+    """Its backward pass overwrites what it saved, so a second one (retain_graph) would be wrong: it raises."""
+    hidden = torch.randn(4, 8, requires_grad=True)
+    weight = torch.randn(50, 8)
+    logprobs, _ = HeadTokenLogprobs.apply(hidden, weight, None, torch.randint(0, 50, (4,)), 1.0, False)
+    logprobs.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass only"):
+        logprobs.sum().backward()
+
+
+class _HeadOnly(torch.nn.Module):
+    """A model that is only an output head, for `head_token_logprobs`."""
+
+    def __init__(self, head: torch.nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.head
+
+
+def test_a_model_that_rescales_its_logits_keeps_its_own_forward_pass(tiny_model_dir):
+    """The load-time probes: a Qwen3 model's logits are its linear head on its last hidden state, so the fused head
+    and a shared value trunk may read them from there. A model whose forward rescales its logits (as Gemma's
+    soft-capping or Granite's logit scaling do), or whose head has no weight, is left to its own forward pass."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    rng = torch.get_rng_state()
+    assert fused_head_reproduces_logprobs(model) and head_reads_last_hidden_state(model)
+    assert torch.equal(torch.get_rng_state(), rng)  # the probes draw no random numbers (the run's samples stay)
+    forward = model.forward
+
+    def rescaled(*args, **kwargs):
+        output = forward(*args, **kwargs)
+        output.logits = output.logits * 0.5
+        return output
+
+    model.forward = rescaled
+    assert not fused_head_reproduces_logprobs(model) and not head_reads_last_hidden_state(model)
+    del model.forward
+    model.lm_head = _HeadOnly(model.lm_head)  # a head module without a weight of its own
+    assert not fused_head_reproduces_logprobs(model)

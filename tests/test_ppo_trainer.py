@@ -304,6 +304,44 @@ def test_micro_batches_give_the_same_rollout_and_update_as_one_pass(tiny_model_d
             assert (plain_weights[name] - micro_weights[name]).norm().item() <= 1e-2 * moved + 1e-6, name
 
 
+@pytest.mark.parametrize("overrides", [
+    {"temperature": 0.7},
+    {"use_lora": False, "kl_loss_coef": 0.1},
+    {"shared_value_trunk": True, "ppo_epochs": 1, "num_mini_batches": 1, "kl_coef": 0.0},
+], ids=["lora", "full", "shared-trunk-one-pass"])
+def test_the_fused_head_gives_the_plain_paths_rollout_losses_and_weights(tiny_model_dir, overrides):
+    """Logprobs through `head_token_logprobs` (the default for a model whose logits are its head on its last hidden
+    state) against the model's own forward and `cross_entropy`, in float32: the same samples; rollout tensors,
+    losses and gradient norms to 1e-5 (absolute) or 1e-4 (relative); after two PPO steps, weights within 1 % of
+    each tensor's update (see the micro-batch test for why updates, not elements)."""
+    results = []
+    before = None
+    for fused in (True, False):
+        trainer = PPOTrainer(tiny_config(tiny_model_dir, **overrides), reward_fn=length_reward)
+        assert trainer.models.fused_head  # Qwen3's logits are its head on its last hidden state
+        trainer.models.fused_head = fused
+        assert trainer.update_reads_old_logprobs == ("shared_value_trunk" in overrides)
+        before = before or {n: p.detach().clone() for n, p in trainer.models.named_trainable().items()}
+        rollout = trainer.make_rollout(PROMPTS)
+        stats = trainer.update(rollout)
+        stats.update(trainer.ppo_step(PROMPTS))
+        weights = {n: p.detach().clone() for n, p in trainer.models.named_trainable().items()}
+        results.append((rollout, stats, weights))
+    (fused, fused_stats, fused_weights), (plain, plain_stats, plain_weights) = results
+    assert torch.equal(fused.batch.input_ids, plain.batch.input_ids)
+    mask = plain.batch.response_mask.bool()
+    for name in ("old_logprobs", "ref_logprobs", "values", "advantages", "entropy"):
+        if getattr(plain, name) is not None:
+            torch.testing.assert_close(getattr(fused, name)[mask], getattr(plain, name)[mask], atol=1e-5, rtol=1e-4)
+    for name in ("policy_loss", "value_loss", "kl_loss", "entropy", "approx_kl", "ratio_mean", "grad_norm"):
+        if name in plain_stats:
+            assert fused_stats[name] == pytest.approx(plain_stats[name], rel=1e-4, abs=1e-5), name
+    for name in plain_weights:
+        moved = (plain_weights[name] - before[name]).norm().item()
+        assert moved > 0, name
+        assert (plain_weights[name] - fused_weights[name]).norm().item() <= 1e-2 * moved + 1e-6, name
+
+
 def test_micro_batch_size_wins_over_the_token_budget_and_auto_reads_the_model(trainer):
     assert trainer.config.micro_batch_tokens == "auto"  # the default
     model = trainer.models.policy.config
