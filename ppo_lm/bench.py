@@ -32,7 +32,7 @@ from accelerate import PartialState
 from ppo_lm.backend import Backend
 from ppo_lm.config import PPOConfig
 from ppo_lm.distributed import gather_rows, shard
-from ppo_lm.generation import token_budget_groups
+from ppo_lm.generation import TokenBudget, token_budget_groups
 from ppo_lm.models import backbone_of
 from ppo_lm.runs import parse_config
 from ppo_lm.training import all_or_nothing_step
@@ -219,7 +219,7 @@ def step_flops(model_config, prompt_lens: list[int], response_lens: list[int], c
 
 
 def update_padding(prompt_lens: list[int], response_lens: list[int], micro_batch_size: int | None,
-                   micro_batch_tokens: int | None) -> dict[str, float]:
+                   token_budget: TokenBudget | None) -> dict[str, float]:
     """How much of a minibatch's forward/backward work is padding, three ways: the whole minibatch in one pass, the
     micro-batches the update forms (by rows or by the token budget, rows sorted by prompt length), and packed rows
     (no padding at all: one long row, each sequence with its own position ids, which needs attention kernels that
@@ -232,8 +232,8 @@ def update_padding(prompt_lens: list[int], response_lens: list[int], micro_batch
     prompts, responses = [prompt_lens[row] for row in order], [response_lens[row] for row in order]
     if micro_batch_size is not None:
         sizes = [min(micro_batch_size, len(order) - start) for start in range(0, len(order), micro_batch_size)]
-    elif micro_batch_tokens is not None:
-        sizes = token_budget_groups(prompts, responses, micro_batch_tokens)
+    elif token_budget is not None:
+        sizes = token_budget_groups(prompts, responses, *token_budget)
     else:
         sizes = [len(order)]
     real = sum(prompts) + sum(responses)
@@ -294,9 +294,10 @@ def run_benchmark(
         **trainer.backend.describe(),
         "max_new_tokens": config.max_new_tokens,
         "ppo_epochs": config.ppo_epochs, "micro_batch_size": config.micro_batch_size,
-        "micro_batch_tokens": config.micro_batch_tokens, "micro_batch_tokens_used": trainer.micro_batch_tokens,
-        "update_padding": update_padding(prompt_lens, response_lens, config.micro_batch_size,
-                                         trainer.micro_batch_tokens),
+        "micro_batch_tokens": config.micro_batch_tokens,
+        "micro_batch_tokens_used": trainer.token_budget and trainer.token_budget.tokens,
+        "response_position_tokens": trainer.token_budget and round(trainer.token_budget.response_cost, 3),
+        "update_padding": update_padding(prompt_lens, response_lens, config.micro_batch_size, trainer.token_budget),
         "median_step_s": round(step_seconds, 4),
         "stage_s": {stage: round(median[stage], 4) for stage in STAGES[:-1]},
         "generated_tokens_per_s": round(generated / step_seconds, 1),

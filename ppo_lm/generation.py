@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
@@ -54,11 +55,12 @@ class SequenceBatch:
         return position_ids_from_mask(self.attention_mask)
 
     def micro_batches(self, index: torch.Tensor, size: int | None = None, tokens: int | None = None,
-                      min_groups: int = 1) -> list[torch.Tensor]:
+                      min_groups: int = 1, response_cost: float = 1.0) -> list[torch.Tensor]:
         """Split the rows in `index` into groups of similar prompt length, one forward/backward pass each.
 
         `size` (rows per group) wins over `tokens` (a budget of padded tokens per group: rows x the group's own
-        width once `select` has trimmed its padding, see `token_budget_groups`). Neither: one group. With a token
+        width once `select` has trimmed its padding, each response column counting `response_cost` tokens, see
+        `token_budget_groups`). Neither: one group. With a token
         budget, a group with the most rows is halved until there are at least `min_groups` groups (so that every
         process of a sharded launch runs the same number of passes). Rows sorted by prompt length share their
         padding: a group of short prompts is trimmed to its own width.
@@ -71,7 +73,7 @@ class SequenceBatch:
             return [index]
         ordered, prompt_lengths = self._by_prompt_length(index)
         response_lengths = self.attention_mask[ordered, self.prompt_width :].sum(-1)
-        sizes = token_budget_groups(prompt_lengths.tolist(), response_lengths.tolist(), tokens)
+        sizes = token_budget_groups(prompt_lengths.tolist(), response_lengths.tolist(), tokens, response_cost)
         return list(ordered.split(split_to_count(sizes, min_groups)))
 
     def _by_prompt_length(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,20 +93,22 @@ class SequenceBatch:
                              hidden, self.prefix_layers)
 
 
-def token_budget_groups(prompt_lengths: Sequence[int], response_lengths: Sequence[int], budget: int) -> list[int]:
+def token_budget_groups(prompt_lengths: Sequence[int], response_lengths: Sequence[int], budget: int,
+                        response_cost: float = 1.0) -> list[int]:
     """Sizes of consecutive groups of rows whose padded size stays within `budget` tokens.
 
     Rows come in the order given (sorted by prompt length, longest first, by the caller). A group's padded size is
-    its rows x (its longest prompt + its longest response): the width `SequenceBatch.select` leaves, since prompts
-    end and responses start in one column. Each row joins the current group while that keeps the group within
-    the budget, else it starts the next one; a row wider than the budget alone gets a group of its own. The loop
-    is over rows (a few hundred at most), never over tokens.
+    its rows x (its longest prompt + `response_cost` x its longest response): the width `SequenceBatch.select`
+    leaves, since prompts end and responses start in one column, with each response column counted as
+    `response_cost` tokens (more than 1 where the output head's memory at those positions is charged too). Each row
+    joins the current group while that keeps the group within the budget, else it starts the next one; a row wider
+    than the budget alone gets a group of its own. The loop is over rows (a few hundred at most), never over tokens.
     """
     sizes: list[int] = []
     rows = widest_prompt = widest_response = 0
     for prompt, response in zip(prompt_lengths, response_lengths, strict=True):
         wider_prompt, wider_response = max(widest_prompt, prompt), max(widest_response, response)
-        if rows and (rows + 1) * (wider_prompt + wider_response) > budget:
+        if rows and (rows + 1) * (wider_prompt + response_cost * wider_response) > budget:
             sizes.append(rows)
             rows, wider_prompt, wider_response = 0, prompt, response
         rows, widest_prompt, widest_response = rows + 1, wider_prompt, wider_response
@@ -123,21 +127,31 @@ AUTO_TOKENS_RANGE = (256, 65536)
 """The automatic budget is clamped to this range of tokens."""
 
 
+class TokenBudget(NamedTuple):
+    """What sizes token-budget micro-batches: padded tokens per pass, and what a response position counts for."""
+
+    tokens: int
+    response_cost: float = 1.0
+    """Tokens a response column counts for (`token_budget_groups`): 1 for a budget the user set."""
+
+
 def auto_micro_batch_tokens(device_type: str, free_bytes: int | None, num_layers: int, hidden_size: int,
-                            vocab_size: int, dtype_bytes: int) -> int:
-    """The token budget of a micro-batch that `micro_batch_tokens: auto` picks: memory / bytes per token.
+                            vocab_size: int, dtype_bytes: int, head_copies: int = 1) -> TokenBudget:
+    """The token budget of a micro-batch that `micro_batch_tokens: auto` picks: memory / bytes per token, with each
+    response position also charged the output head's memory there.
 
     Bytes per token: the activations a decoder layer keeps for the backward pass, about 17 values per hidden unit
-    (34 bytes at 2 bytes a value, Korthikanti et al., 2022), over every layer, plus one float32 row of logits (the
-    output head runs on response positions only, where `models.head_token_logprobs` keeps one float32 row each, but
-    a model that goes through its own forward pass keeps about three). Memory: on "cuda", a
-    quarter of `free_bytes` (what the GPU has free once the models are loaded); elsewhere 1 GiB. The result is
-    clamped to `AUTO_TOKENS_RANGE`. A pure function of its numbers, so the rule can be tested without a device.
+    (34 bytes at 2 bytes a value, Korthikanti et al., 2022), over every layer. The output head runs on response
+    positions only, where it holds `head_copies` float32 rows of logits each (one through
+    `models.head_token_logprobs`, about three through a model's own forward pass and `cross_entropy`): a response
+    position costs `1 + head bytes / token bytes` tokens. Memory: on "cuda", a quarter of `free_bytes` (what the GPU
+    has free once the models are loaded); elsewhere 1 GiB. The tokens are clamped to `AUTO_TOKENS_RANGE`. A pure
+    function of its numbers, so the rule can be tested without a device.
     """
-    per_token = 17 * num_layers * hidden_size * dtype_bytes + 4 * vocab_size
+    per_token = 17 * num_layers * hidden_size * dtype_bytes
     memory = CUDA_FREE_FRACTION * free_bytes if device_type == "cuda" and free_bytes else CPU_ACTIVATION_BYTES
     low, high = AUTO_TOKENS_RANGE
-    return int(min(high, max(low, memory // per_token)))
+    return TokenBudget(int(min(high, max(low, memory // per_token))), 1 + head_copies * 4 * vocab_size / per_token)
 
 
 def split_to_count(sizes: Sequence[int], count: int) -> list[int]:

@@ -44,6 +44,7 @@ from ppo_lm.data import PromptItem, split_prompt_items
 from ppo_lm.distributed import all_sum, batch_layout, gather_rows, process_state
 from ppo_lm.generation import (
     SequenceBatch,
+    TokenBudget,
     auto_micro_batch_tokens,
     encode_prompts,
     generate_responses,
@@ -223,7 +224,7 @@ class PPOTrainer:
             self.models.trained_modules(), [self.models.reference], self._make_optimizer, config.max_grad_norm)
         with self.whole_weights():
             self.frozen_layers = shared_frozen_layers(config, self.models)  # run once per rollout, then reused
-        self.micro_batch_tokens = self._token_budget()  # after loading: 'auto' reads what memory the models left
+        self.token_budget = self._token_budget()  # after loading: 'auto' reads what memory the models left
         self.reward_tokenizer = self._reward_tokenizer_if_different()
 
         context = getattr(self.models.policy.config, "max_position_embeddings", None) or 2**31
@@ -238,19 +239,21 @@ class PPOTrainer:
         self.update_reads_old_logprobs = config.update_reads_old_logprobs  # the rollout skips the policy's pass
         self.step_count = 0
 
-    def _token_budget(self) -> int | None:
-        """The padded tokens per pass that micro-batches are packed to, or None when `micro_batch_size` (which
-        wins) or nothing sizes them."""
+    def _token_budget(self) -> TokenBudget | None:
+        """The padded tokens per pass that micro-batches are packed to (and what a response position counts for),
+        or None when `micro_batch_size` (which wins) or nothing sizes them."""
         cfg = self.config
         if cfg.micro_batch_size is not None or cfg.micro_batch_tokens is None:
             return None
         if cfg.micro_batch_tokens != "auto":
-            return cfg.micro_batch_tokens
+            return TokenBudget(cfg.micro_batch_tokens)
         model = self.models.policy.config
         free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
         budget = auto_micro_batch_tokens(self.device.type, free, model.num_hidden_layers, model.hidden_size,
-                                         model.vocab_size, self.dtype.itemsize)
-        logger.info("micro_batch_tokens: auto chose %d tokens per forward/backward pass", budget)
+                                         model.vocab_size, self.dtype.itemsize,
+                                         head_copies=1 if self.models.fused_head else 3)
+        logger.info("micro_batch_tokens: auto chose %d tokens per forward/backward pass, a response position "
+                    "counting as %.2f (the output head's memory there)", *budget)
         return budget
 
     def _micro_batches(self, batch: SequenceBatch, index: torch.Tensor, collective: bool) -> list[torch.Tensor]:
@@ -261,13 +264,15 @@ class PPOTrainer:
         as many as the process with the most (rows per minibatch are equal on every process, so this is possible).
         """
         cfg = self.config
-        groups = batch.micro_batches(index, cfg.micro_batch_size, self.micro_batch_tokens)
-        if collective and self.micro_batch_tokens is not None and self.layout.processes > 1:
+        budget = self.token_budget
+        tokens, response_cost = (None, 1.0) if budget is None else budget
+        groups = batch.micro_batches(index, cfg.micro_batch_size, tokens, response_cost=response_cost)
+        if collective and budget is not None and self.layout.processes > 1:
             counts = torch.zeros(self.layout.processes, device=self.device)
             counts[process_state().process_index] = len(groups)
             most = int(all_sum(counts).max().item())
             if most > len(groups):
-                groups = batch.micro_batches(index, None, self.micro_batch_tokens, min_groups=most)
+                groups = batch.micro_batches(index, None, tokens, min_groups=most, response_cost=response_cost)
         return groups
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -483,8 +488,8 @@ class PPOTrainer:
         if not self.frozen_layers:
             return batch
         rows = self.config.micro_batch_size
-        if self.micro_batch_tokens is not None:  # this pass runs over the batch's whole width: budget / width rows
-            rows = max(1, self.micro_batch_tokens // batch.input_ids.shape[1])
+        if self.token_budget is not None:  # bottom layers over the batch's whole width, no head: budget / width rows
+            rows = max(1, self.token_budget.tokens // batch.input_ids.shape[1])
         hidden = prefix_hidden_states(self.models.policy, batch, self.frozen_layers, rows)
         return replace(batch, prefix_hidden=hidden, prefix_layers=self.frozen_layers)
 

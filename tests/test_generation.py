@@ -73,13 +73,22 @@ def test_min_groups_halves_the_largest_groups():
     assert [g.tolist() for g in groups] == [[2], [0], [1, 3]]
 
 
-def test_auto_budget_is_memory_over_bytes_per_token():
-    per_token = 17 * 8 * 512 * 4 + 4 * 4096  # small_vocab in float32
-    assert auto_micro_batch_tokens("cpu", None, 8, 512, 4096, 4) == 2**30 // per_token
-    per_token = 17 * 28 * 1024 * 2 + 4 * 151936  # qwen3-0.6b in bfloat16, 40 GiB free
-    assert auto_micro_batch_tokens("cuda", 40 * 2**30, 28, 1024, 151936, 2) == 10 * 2**30 // per_token
-    assert auto_micro_batch_tokens("cuda", 2**20, 28, 1024, 151936, 2) == AUTO_TOKENS_RANGE[0]
-    assert auto_micro_batch_tokens("cuda", 2**50, 2, 64, 100, 4) == AUTO_TOKENS_RANGE[1]
-    # a larger model or a wider vocabulary never gets a larger budget
+def test_auto_budget_is_memory_over_bytes_per_token_with_the_head_charged_on_response_positions():
+    per_token = 17 * 8 * 512 * 4  # small_vocab in float32
+    assert auto_micro_batch_tokens("cpu", None, 8, 512, 4096, 4) == (2**30 // per_token, 1 + 4 * 4096 / per_token)
+    per_token = 17 * 28 * 1024 * 2  # qwen3-0.6b in bfloat16, 40 GiB free, logits through the model's own forward
+    assert auto_micro_batch_tokens("cuda", 40 * 2**30, 28, 1024, 151936, 2, head_copies=3) == (
+        10 * 2**30 // per_token, 1 + 3 * 4 * 151936 / per_token)
+    assert auto_micro_batch_tokens("cuda", 2**20, 28, 1024, 151936, 2).tokens == AUTO_TOKENS_RANGE[0]
+    assert auto_micro_batch_tokens("cuda", 2**50, 2, 64, 100, 4).tokens == AUTO_TOKENS_RANGE[1]
+    # a larger model never gets a larger budget; a wider vocabulary makes each response position cost more
     assert auto_micro_batch_tokens("cpu", None, 16, 512, 4096, 4) < auto_micro_batch_tokens("cpu", None, 8, 512,
                                                                                                4096, 4)
+    assert (auto_micro_batch_tokens("cpu", None, 8, 512, 151936, 4).response_cost
+            > auto_micro_batch_tokens("cpu", None, 8, 512, 4096, 4).response_cost)
+
+
+def test_response_columns_can_count_for_more_than_one_token():
+    # rows of 10 prompt + 4 response tokens: 14 tokens each, or 10 + 4 x 3 = 22 when a response column counts 3
+    assert token_budget_groups([10] * 4, [4] * 4, budget=44) == [3, 1]
+    assert token_budget_groups([10] * 4, [4] * 4, budget=44, response_cost=3.0) == [2, 2]

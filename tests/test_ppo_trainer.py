@@ -11,6 +11,7 @@ from conftest import length_reward, tiny_config, tiny_qwen3_config
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerFast, set_seed
 
 from ppo_lm import PPOConfig, PPOTrainer, RewardFunctionError, exact_kl, masked_mean
+from ppo_lm.generation import TokenBudget
 from ppo_lm.models import backbone_of, response_logits, sequence_logprobs, sequence_scores, sequence_values
 from ppo_lm.rewards import WeightedRewards
 
@@ -345,15 +346,18 @@ def test_the_fused_head_gives_the_plain_paths_rollout_losses_and_weights(tiny_mo
 def test_micro_batch_size_wins_over_the_token_budget_and_auto_reads_the_model(trainer):
     assert trainer.config.micro_batch_tokens == "auto"  # the default
     model = trainer.models.policy.config
-    per_token = 17 * model.num_hidden_layers * model.hidden_size * 4 + 4 * model.vocab_size
-    assert trainer.micro_batch_tokens == max(256, min(65536, 2**30 // per_token))
+    per_token = 17 * model.num_hidden_layers * model.hidden_size * 4
+    assert trainer.token_budget == (max(256, min(65536, 2**30 // per_token)), 1 + 4 * model.vocab_size / per_token)
+    plain_head = copy.copy(trainer)  # a model that keeps its whole logits: three float32 rows per response position
+    plain_head.models = dataclasses.replace(trainer.models, fused_head=False)
+    assert plain_head._token_budget().response_cost == 1 + 3 * 4 * model.vocab_size / per_token
     explicit = copy.copy(trainer)
     explicit.config = dataclasses.replace(trainer.config, micro_batch_size=2)
     assert explicit._token_budget() is None
     explicit.config = dataclasses.replace(trainer.config, micro_batch_tokens=None)
     assert explicit._token_budget() is None
     explicit.config = dataclasses.replace(trainer.config, micro_batch_tokens=100)
-    assert explicit._token_budget() == 100
+    assert explicit._token_budget() == (100, 1.0)  # a budget the user sets counts padded tokens
 
 
 def test_every_process_runs_as_many_token_budget_passes_as_the_busiest(trainer, monkeypatch):
@@ -363,7 +367,7 @@ def test_every_process_runs_as_many_token_budget_passes_as_the_busiest(trainer, 
 
     batch = trainer.make_rollout(PROMPTS).batch
     local = copy.copy(trainer)
-    local.micro_batch_tokens = 10**6  # everything in one group on this process
+    local.token_budget = TokenBudget(10**6)  # everything in one group on this process
     local.layout = dataclasses.replace(trainer.layout, processes=2)
     monkeypatch.setattr(module, "all_sum", lambda counts: counts + torch.tensor([0.0, 3.0]))
     index = torch.arange(len(PROMPTS))
