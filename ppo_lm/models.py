@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.nn import functional as F
 from transformers import (
@@ -86,7 +87,8 @@ def autocast_bodies(models: Iterable[nn.Module | None], device: torch.device, dt
     """Run the transformer body of each model under `torch.autocast(dtype)` (no-op for None): every path into a
     model (its forward, `generate`, a pass over the body alone) goes through the body. The output heads stay outside:
     the policy's logits, and so every logprob, ratio and KL, come from float32 products, and each body's float32
-    residual stream reaches them as it is. A body shared by several roles is wrapped once."""
+    residual stream reaches them as it is. A body shared by several roles is wrapped once. Its LoRA layers skip
+    peft's cast of their input to the adapter's dtype, which autocast would undo."""
     if dtype is None:
         return
     for model in models:
@@ -95,6 +97,11 @@ def autocast_bodies(models: Iterable[nn.Module | None], device: torch.device, dt
             continue
         body.forward = _autocast_forward(body.forward, device.type, dtype)
         body.autocast_dtype = dtype
+        for layer in body.modules():
+            if isinstance(layer, BaseTunerLayer):
+                # peft casts a bfloat16 input (an attention output, an MLP product) to its float32 adapter's dtype,
+                # which autocast casts straight back for the adapter's product: the same numbers, two copies fewer.
+                layer.cast_input_dtype_enabled = False
 
 
 def _autocast_forward(forward: Callable, device_type: str, dtype: torch.dtype) -> Callable:

@@ -228,3 +228,29 @@ def test_a_model_that_rescales_its_logits_keeps_its_own_forward_pass(tiny_model_
     del model.forward
     model.lm_head = _HeadOnly(model.lm_head)  # a head module without a weight of its own
     assert not fused_head_reproduces_logprobs(model)
+
+
+def test_lora_layers_under_autocast_skip_peft_input_casts_with_the_same_numbers(tiny_model_dir):
+    """Under autocast, peft's cast of a bfloat16 input to the float32 adapter's dtype is undone by autocast before
+    the adapter's product, so skipping it (what `autocast_bodies` sets) must give bit for bit the same logprobs and
+    adapter gradients as keeping it."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from ppo_lm.models import sequence_logprobs
+
+    trainer = PPOTrainer(tiny_config(tiny_model_dir, mixed_precision="bf16"), reward_fn=length_reward)
+    policy = trainer.models.policy
+    layers = [module for module in policy.modules() if isinstance(module, BaseTunerLayer)]
+    assert layers and not any(layer.cast_input_dtype_enabled for layer in layers)
+    batch = trainer.make_rollout(["Hello there", "TL;DR: the cat sat"] * 2).batch
+    results = []
+    for cast in (False, True):
+        for layer in layers:
+            layer.cast_input_dtype_enabled = cast
+        policy.zero_grad(set_to_none=True)
+        logprobs, _ = sequence_logprobs(policy, batch, temperature=1.0)
+        logprobs.sum().backward()
+        results.append((logprobs.detach(), [p.grad.clone() for p in trainer.models.policy_parameters()]))
+    (skipped, skipped_grads), (cast, cast_grads) = results
+    assert torch.equal(skipped, cast)
+    assert all(torch.equal(a, b) for a, b in zip(skipped_grads, cast_grads, strict=True))
