@@ -653,8 +653,8 @@ def sequence_logprobs(
 
     With `with_entropy`, also the entropy of the model's next-token distribution at each response position
     (differentiable only with `entropy_grad`). `fused_head`: through `head_token_logprobs` (the same numbers in a
-    third of the memory), for a model whose logits are its head on its body's last hidden state
-    (`head_reads_last_hidden_state`) and no entropy gradient; otherwise the model's own forward pass.
+    third of the memory), for a model where that was checked to match its own forward pass
+    (`fused_head_reproduces_logprobs`) and no entropy gradient; otherwise the model's own forward pass.
     """
     if fused_head and not entropy_grad:
         return head_token_logprobs(model, response_hidden_states(backbone_of(model), batch), batch.responses,
