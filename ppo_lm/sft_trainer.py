@@ -3,7 +3,8 @@
 Each row becomes `[left pad | prompt | completion + EOS | right pad]` (`finetune.encode_completions`); the loss is
 the mean negative log-likelihood of the completion tokens and the EOS that ends them, over every such token of the
 batch. Prompt tokens are read, never trained on. The logprobs come from the same function PPO uses
-(`models.sequence_logprobs`, temperature 1), so only the completion columns go through the output head.
+(`models.sequence_logprobs`, temperature 1), so only the completion columns go through the output head, and, as
+in PPO, through the fused head (one float32 row of logits per column) where the model allows it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 from ppo_lm.config import SFTConfig
 from ppo_lm.finetune import FinetuneTrainer, encode_completions
 from ppo_lm.generation import SequenceBatch, encode_prompts, generate_responses
-from ppo_lm.models import sequence_logprobs
+from ppo_lm.models import fused_head_reproduces_logprobs, sequence_logprobs
 
 
 def completion_nll(logprobs: torch.Tensor, mask: torch.Tensor, total_tokens: torch.Tensor | int) -> torch.Tensor:
@@ -37,6 +38,14 @@ class SFTTrainer(FinetuneTrainer):
 
     config: SFTConfig
     stage = "sft"
+    fused_head: bool
+    """Whether the completion logprobs come through `models.head_token_logprobs` (one float32 row of logits per
+    completion position instead of three), checked at start-up against the model's own forward pass."""
+
+    def __init__(self, config: SFTConfig):
+        super().__init__(config)
+        with self.whole_weights():  # however the launch holds the weights, the probe runs on whole ones
+            self.fused_head = fused_head_reproduces_logprobs(self.model)
 
     def load_model(self, name: str) -> PreTrainedModel:
         """The causal LM to fine-tune."""
@@ -58,7 +67,9 @@ class SFTTrainer(FinetuneTrainer):
         everything = torch.arange(len(items), device=self.device)
         for index in batch.micro_batches(everything, micro_batch_size):
             micro = batch.select(index)
-            logprobs, _ = sequence_logprobs(self.model, micro, temperature=1.0)
+            if self.fused_head:  # the fused pass runs the body and the head directly, not the model's forward
+                self.backend.gather_root_weights(self.model)
+            logprobs, _ = sequence_logprobs(self.model, micro, temperature=1.0, fused_head=self.fused_head)
             loss = completion_nll(logprobs, micro.response_mask, total_tokens)
             yield loss, {"loss": loss.item(), "tokens": float(micro.response_mask.sum())}
 

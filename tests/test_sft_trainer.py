@@ -81,6 +81,26 @@ def test_micro_batches_give_the_same_step(tiny_model_dir):
         torch.testing.assert_close(micro_weights[name], weights[name], atol=5e-5, rtol=1e-4)  # Adam: lr * sign
 
 
+@pytest.mark.parametrize("use_lora", [True, False])
+def test_the_fused_head_gives_the_plain_sft_step(tiny_model_dir, use_lora):
+    """SFT's completion logprobs through the fused head (chosen at start-up for Qwen3) against the model's own
+    forward pass: the same loss, gradient norm and weights after a step, to float32 rounding (full fine-tuning
+    trains the tied head through it)."""
+    items = sft_rows(4)
+    results = []
+    for fused in (True, False):
+        trainer = SFTTrainer(tiny_sft_config(tiny_model_dir, use_lora=use_lora))
+        assert trainer.fused_head
+        trainer.fused_head = fused
+        stats = trainer.train_step(items)
+        results.append((stats, {n: p.detach().clone() for n, p in trainer.trainable().items()}))
+    (fused, weights), (plain, plain_weights) = results
+    assert fused["loss"] == pytest.approx(plain["loss"], rel=1e-5) and fused["tokens"] == plain["tokens"]
+    assert fused["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-4)
+    for name in weights:
+        torch.testing.assert_close(weights[name], plain_weights[name], atol=5e-5, rtol=1e-4)  # Adam: lr * sign
+
+
 # --- runs from the command line ---------------------------------------------------------------------------------------
 
 @pytest.fixture()
