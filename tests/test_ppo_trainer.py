@@ -305,6 +305,7 @@ def test_micro_batches_give_the_same_rollout_and_update_as_one_pass(tiny_model_d
             assert (plain_weights[name] - micro_weights[name]).norm().item() <= 1e-2 * moved + 1e-6, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
     {"temperature": 0.7},
     {"use_lora": False, "kl_loss_coef": 0.1},

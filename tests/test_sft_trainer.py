@@ -87,6 +87,7 @@ def assert_same_step(first: tuple[dict, dict], second: tuple[dict, dict]) -> Non
         torch.testing.assert_close(other_weights[name], weights[name], atol=5e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_lora", [True, False])
 def test_the_fused_head_gives_the_plain_sft_step(tiny_model_dir, use_lora):
     """SFT's completion logprobs through the fused head (chosen at start-up for Qwen3) against the model's own
