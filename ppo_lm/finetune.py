@@ -41,7 +41,6 @@ from ppo_lm.models import (
     lora_config,
     resolve_device,
     resolve_dtype,
-    use_cpu_sdpa,
 )
 
 logger = logging.getLogger(__name__)
@@ -128,7 +127,6 @@ class FinetuneTrainer:
             model = get_peft_model(model, lora_config(config, self.full_modules))
         self.model = model.to(self.backend.load_device(self.device)).eval()
         autocast_bodies([self.model], self.device, autocast_dtype(config.mixed_precision, self.device, self.dtype))
-        use_cpu_sdpa([self.model], self.device)
         self.optimizer = self.backend.prepare(
             {"model": self.model}, [], lambda: adamw(
                 self.trainable().values(), lr=config.learning_rate, weight_decay=config.weight_decay),

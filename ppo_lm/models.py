@@ -92,55 +92,24 @@ def cpu_has_amx() -> bool:
     return check is not None and check()
 
 
-CPU_SDPA = "ppo_lm_cpu_sdpa"
-"""The attention implementation that `use_cpu_sdpa` gives a model on the CPU: see `cpu_sdpa`."""
-
-SPLIT_ATTENTION_MIN_LENGTH = 160
-"""From this many positions on, `cpu_sdpa` runs a masked causal pass as two halves of its queries."""
+FLOAT32_SDPA = "ppo_lm_sdpa_float32"
+"""The attention implementation of an autocast body on a CPU without AMX: torch's sdpa on float32 operands."""
 
 
-def cpu_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-             attention_mask: torch.Tensor | None, **kwargs: object) -> tuple[torch.Tensor, None]:
-    """transformers' sdpa attention, with two changes for torch's CPU attention kernel (numbers measured by
-    `benchmarks/attention_dtype.py` on a 2-core EPYC).
-
-    - Under autocast on a CPU without AMX tiles, its operands are float32 and autocast is off: there the kernel is
-      slower in bfloat16 than in float32 (3.1x for a forward and backward pass of 32 x 48 tokens, 1.1x for 8 x 420).
-    - Given a mask (a padded batch), the kernel computes every query against every key, the masked ones included.
-      When the mask is causal, the first half of the queries sees none of the second half's keys, so a long pass
-      runs as two calls: the first half of the queries against the first half of the keys, the second against all
-      (0.76x the time at 420 positions). Each query's softmax covers the same keys as in one call; the sums run in
-      another order, a float32 rounding apart.
-    """
-    if torch.is_autocast_enabled(query.device.type) and query.device.type == "cpu" and not cpu_has_amx():
-        with torch.autocast(query.device.type, enabled=False):
-            return cpu_sdpa(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
-    length = query.shape[2]
-    half = length // 2
-    if (length < SPLIT_ATTENTION_MIN_LENGTH or key.shape[2] != length or attention_mask is None
-            or attention_mask.dtype != torch.bool or attention_mask.dim() != 4
-            or kwargs.get("position_bias") is not None or attention_mask[..., :half, half:].any()):
+def float32_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None, **kwargs: object) -> tuple[torch.Tensor, None]:
+    """transformers' sdpa attention, with its operands in float32 and autocast off when a body runs under autocast.
+    On a CPU with AVX-512 BF16 but no AMX, torch's flash-attention kernel is slower in bfloat16 than in float32
+    (2.7x for a forward and backward pass of 32 x 48 tokens on an EPYC: `benchmarks/attention_dtype.py`), while
+    the bodies' matrix products still gain from bfloat16. Outside autocast it is plain sdpa."""
+    if not torch.is_autocast_enabled(query.device.type):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    first, _ = sdpa_attention_forward(module, query[:, :, :half], key[:, :, :half], value[:, :, :half],
-                                      attention_mask[..., :half, :half], **kwargs)
-    second, _ = sdpa_attention_forward(module, query[:, :, half:], key, value, attention_mask[..., half:, :],
-                                       **kwargs)
-    return torch.cat([first, second], dim=1), None  # [rows, positions, heads, dim]
+    with torch.autocast(query.device.type, enabled=False):
+        return sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
 
 
-AttentionInterface.register(CPU_SDPA, cpu_sdpa)
-AttentionMaskInterface.register(CPU_SDPA, sdpa_mask)  # the same boolean masks as sdpa
-
-
-def use_cpu_sdpa(models: Iterable[nn.Module | None], device: torch.device) -> None:
-    """On the CPU, each model that uses transformers' sdpa attention uses `cpu_sdpa` instead. The switch is in the
-    model's config object (every module reads the same one), which does not save it."""
-    if device.type != "cpu":
-        return
-    for model in models:
-        config = getattr(model, "config", None)
-        if getattr(config, "_attn_implementation", None) == "sdpa":
-            config._attn_implementation = CPU_SDPA
+AttentionInterface.register(FLOAT32_SDPA, float32_sdpa)
+AttentionMaskInterface.register(FLOAT32_SDPA, sdpa_mask)  # the same boolean masks as sdpa
 
 
 def autocast_bodies(models: Iterable[nn.Module | None], device: torch.device, dtype: torch.dtype | None) -> None:
@@ -148,7 +117,8 @@ def autocast_bodies(models: Iterable[nn.Module | None], device: torch.device, dt
     model (its forward, `generate`, a pass over the body alone) goes through the body. The output heads stay outside:
     the policy's logits, and so every logprob, ratio and KL, come from float32 products, and each body's float32
     residual stream reaches them as it is. A body shared by several roles is wrapped once. Its LoRA layers skip
-    peft's cast of their input to the adapter's dtype, which autocast would undo."""
+    peft's cast of their input to the adapter's dtype, which autocast would undo. On a CPU without AMX, a body
+    that uses sdpa attention runs it in float32 (`float32_sdpa`)."""
     if dtype is None:
         return
     for model in models:
@@ -157,6 +127,10 @@ def autocast_bodies(models: Iterable[nn.Module | None], device: torch.device, dt
             continue
         body.forward = _autocast_forward(body.forward, device.type, dtype)
         body.autocast_dtype = dtype
+        config = getattr(body, "config", None)
+        if device.type == "cpu" and not cpu_has_amx() and getattr(config, "_attn_implementation", None) == "sdpa":
+            # The config is the model's own (every module holds the same one); it is not saved with the model.
+            config._attn_implementation = FLOAT32_SDPA
         for layer in body.modules():
             if isinstance(layer, BaseTunerLayer):
                 # peft casts a bfloat16 input (an attention output, an MLP product) to its float32 adapter's dtype,
@@ -484,7 +458,6 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
     models.keep_adapters_trainable()  # set_adapter turned the value adapter's requires_grad off
     autocast_bodies([policy, reference, value_backbone, reward_model], device,
                     autocast_dtype(config.mixed_precision, device, dtype))
-    use_cpu_sdpa([policy, reference, value_backbone, reward_model], device)
     return models
 
 

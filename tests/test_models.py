@@ -4,7 +4,6 @@ layers may be run once per rollout (cached)."""
 import dataclasses
 import logging
 import math
-import unittest.mock
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from ppo_lm import PPOTrainer, SFTConfig, SFTTrainer
 from ppo_lm.losses import entropy_from_logits
 from ppo_lm.models import (
-    CPU_SDPA,
+    FLOAT32_SDPA,
     HeadTokenLogprobs,
     ModelLoadError,
     autocast_bodies,
@@ -29,7 +28,6 @@ from ppo_lm.models import (
     load_tokenizer,
     shared_frozen_layers,
     token_logprobs,
-    use_cpu_sdpa,
 )
 
 
@@ -133,7 +131,8 @@ def test_autocast_dtype_follows_the_setting_the_device_and_the_weights(monkeypat
 
 
 @pytest.mark.parametrize("amx", [False, True])
-def test_autocast_bodies_on_a_cpu_without_amx_run_attention_in_float32(tiny_model_dir, tmp_path, monkeypatch, amx):
+def test_autocast_bodies_run_sdpa_attention_in_float32_on_a_cpu_without_amx(tiny_model_dir, tmp_path, monkeypatch,
+                                                                             amx):
     """Without AMX the attention kernel gets float32 operands outside autocast (the products around it stay
     bfloat16), with AMX it runs under autocast, which hands it bfloat16 ones; the switch is not saved with the
     model."""
@@ -149,55 +148,35 @@ def test_autocast_bodies_on_a_cpu_without_amx_run_attention_in_float32(tiny_mode
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert model.config._attn_implementation == "sdpa"
     autocast_bodies([model], torch.device("cpu"), torch.bfloat16)
-    use_cpu_sdpa([model], torch.device("cpu"))
-    assert model.config._attn_implementation == CPU_SDPA
     products = []
     model.model.layers[0].self_attn.o_proj.register_forward_hook(lambda m, a, output: products.append(output.dtype))
     model(torch.tensor([[5, 6, 7, 8]]), attention_mask=torch.tensor([[0, 1, 1, 1]]))
     assert len(seen) == 2 and all(call == (True, {torch.float32, torch.bfloat16}) if amx
                                   else call == (False, {torch.float32}) for call in seen)
     assert products == [torch.bfloat16]
+    assert model.config._attn_implementation == ("sdpa" if amx else FLOAT32_SDPA)
     model.save_pretrained(tmp_path)
-    assert CPU_SDPA not in (tmp_path / "config.json").read_text()
+    assert FLOAT32_SDPA not in (tmp_path / "config.json").read_text()
 
 
-def test_cpu_sdpa_splits_a_long_causal_pass_with_sdpas_outputs_and_gradients():
-    """A padded causal pass of SPLIT_ATTENTION_MIN_LENGTH positions runs as two calls and gives sdpa's outputs and
-    query, key and value gradients (float32 rounding); a mask that lets a query see a later key goes to sdpa
-    itself, as does a shorter pass."""
+def test_float32_sdpa_is_sdpa_on_float32_operands_under_autocast_and_plain_sdpa_outside():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from ppo_lm.models import SPLIT_ATTENTION_MIN_LENGTH, cpu_sdpa
+    from ppo_lm.models import float32_sdpa
 
     module = torch.nn.Module()
     module.num_key_value_groups, module.is_causal = 2, True
-    length = SPLIT_ATTENTION_MIN_LENGTH
     generator = torch.Generator().manual_seed(0)
-    inputs = [torch.randn(3, heads, length, 8, generator=generator) for heads in (4, 2, 2)]
-    positions = torch.arange(length)
-    real = (positions >= torch.tensor([0, 30, 100])[:, None]) & (positions < torch.tensor([length, 150, 120])[:, None])
-    mask = (torch.ones(length, length, dtype=torch.bool).tril() & real[:, None, :])[:, None]
-    calls = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    results = []
-    for attention in (cpu_sdpa, sdpa_attention_forward):
-        leaves = [tensor.clone().requires_grad_() for tensor in inputs]
-        with unittest.mock.patch.object(torch.nn.functional, "scaled_dot_product_attention",
-                                        lambda *a, **k: calls.append(a[0].shape[2]) or sdpa(*a, **k)):
-            output, _ = attention(module, *leaves, mask, scaling=0.3)
-        output.square().sum().backward()
-        results.append((output, [leaf.grad for leaf in leaves]))
-    assert calls == [length // 2, length - length // 2, length]  # two halves, then sdpa's one call
-    (split, split_grads), (whole, whole_grads) = results
-    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
-    for split_grad, whole_grad in zip(split_grads, whole_grads, strict=True):
-        torch.testing.assert_close(split_grad, whole_grad, rtol=1e-5, atol=1e-6)
-    future = mask.clone()
-    future[0, 0, 3, length - 1] = True  # a query that sees a later key
-    for other, queries in ((future, inputs), (mask[..., 1:, 1:], [x[:, :, 1:] for x in inputs])):
-        fast, _ = cpu_sdpa(module, *queries, other, scaling=0.3)
-        plain, _ = sdpa_attention_forward(module, *queries, other, scaling=0.3)
-        assert torch.equal(fast, plain)
+    query, key, value = (torch.randn(2, heads, 5, 8, generator=generator).bfloat16() for heads in (4, 2, 2))
+    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+    mask[0, :, :, 0] = False  # a padded first position
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast, _ = float32_sdpa(module, query, key, value, mask, scaling=0.3)
+    reference, _ = sdpa_attention_forward(module, query.float(), key.float(), value.float(), mask, scaling=0.3)
+    assert fast.dtype == torch.float32 and torch.equal(fast, reference)
+    outside, _ = float32_sdpa(module, query, key, value, mask, scaling=0.3)
+    plain, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+    assert outside.dtype == torch.bfloat16 and torch.equal(outside, plain)
 
 
 @pytest.mark.slow
