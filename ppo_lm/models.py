@@ -101,8 +101,8 @@ def float32_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     """transformers' sdpa attention, with its operands in float32 and autocast off when a body runs under autocast.
     On a CPU with AVX-512 BF16 but no AMX, torch's flash-attention kernel is slower in bfloat16 than in float32
     (2.1x the time for a forward and backward pass of 32 x 48 tokens, 1.07x for 8 x 420, on a 2-core EPYC:
-    `results/attention_dtype_cpu.jsonl`), while the bodies' matrix products still gain from bfloat16. Outside autocast
-    it is plain sdpa."""
+    `benchmarks/attention_dtype.py`), while the bodies' matrix products still gain from bfloat16. Outside
+    autocast it is plain sdpa."""
     if not torch.is_autocast_enabled(query.device.type):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     with torch.autocast(query.device.type, enabled=False):
