@@ -3,9 +3,11 @@
     uv run python benchmarks/profile_step.py --arch small_vocab --prompt_lengths 32 --use_lora true
 
 Builds `--arch`'s random policy and reward model (`ppo_lm.bench.build_model_dirs`), makes `ppo-lm bench`'s
-prompts, and prints the process's resident memory after the imports and after the models load (read from
-/proc/self/statm, Linux only), the step's stage times, and the profiler's table of the operators that took the
-most time themselves. Options other than the three above are PPOConfig fields, as in `ppo-lm bench`.
+prompts and step shape (`ppo_lm.bench.BENCH_DEFAULTS`, sampling at temperature 1 without top-k or top-p, as
+`benchmarks/compare_trl.py` runs it), and prints the process's resident memory after the imports and after the
+models load (read from /proc/self/statm, Linux only), the step's stage times, and the profiler's table of the
+operators that took the most time themselves. Options other than the three above are PPOConfig fields, as in
+`ppo-lm bench`.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch.profiler
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ppo_lm.bench import build_model_dirs, prompt_lengths, synthetic_prompts  # noqa: E402
+from ppo_lm.bench import BENCH_DEFAULTS, build_model_dirs, prompt_lengths, synthetic_prompts  # noqa: E402
 from ppo_lm.config import PPOConfig  # noqa: E402
 from ppo_lm.ppo_trainer import PPOTrainer  # noqa: E402
 from ppo_lm.runs import parse_config  # noqa: E402
@@ -37,12 +41,10 @@ def main() -> None:
     parser.add_argument("--prompt_lengths", default="32")
     parser.add_argument("--rows", type=int, default=30, help="Operators in the table.")
     arguments, overrides = parser.parse_known_args()
-    import torch.profiler
 
     with tempfile.TemporaryDirectory() as directory:
         policy, reward = build_model_dirs(arguments.arch, Path(directory))
-        defaults = {"batch_size": 32, "max_new_tokens": 16, "ppo_epochs": 4, "num_mini_batches": 1,
-                    "report_to": "none", "top_k": 0, "top_p": 1.0, "temperature": 1.0, "model_name": policy,
+        defaults = {**BENCH_DEFAULTS, "top_k": 0, "top_p": 1.0, "temperature": 1.0, "model_name": policy,
                     "reward_model_name": reward, "output_dir": str(Path(directory) / "run")}
         config = parse_config(PPOConfig, defaults, overrides, prog="profile_step.py")
         trainer = PPOTrainer(config)

@@ -55,6 +55,10 @@ vocabulary (a byte-level BPE trained offline, `small_vocab_tokenizer`), where th
 the work. An entry that sets `vocab_size` gets that tokenizer; its `eos_token_id` and `pad_token_id` are the
 tokenizer's ids of `<|endoftext|>` and `<|pad|>`."""
 
+BENCH_DEFAULTS: dict[str, Any] = {"batch_size": 32, "max_new_tokens": 16, "ppo_epochs": 4, "num_mini_batches": 1,
+                                  "report_to": "none"}
+"""The PPOConfig fields `ppo-lm bench` sets before the command line's: one step's shape."""
+
 STAGES = ("generate", "logprobs", "reward", "values", "update", "step")
 
 
@@ -344,9 +348,7 @@ def bench_command(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--reward", choices=["model", "function"], default="model",
                         help="Score with a reward model of the same architecture, or a cheap Python function.")
     arguments, overrides = parser.parse_known_args(argv)
-    defaults = {"batch_size": 32, "max_new_tokens": 16, "ppo_epochs": 4, "num_mini_batches": 1,
-                "report_to": "none"}
-    config = parse_config(PPOConfig, defaults, overrides, prog="ppo-lm bench")
+    config = parse_config(PPOConfig, BENCH_DEFAULTS, overrides, prog="ppo-lm bench")
     with tempfile.TemporaryDirectory() as directory:
         model_given = any(arg.startswith("--model_name") for arg in overrides)
         if not model_given:
