@@ -33,6 +33,9 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import AttentionInterface
 
 from ppo_lm.config import PPOConfig, TrainConfig
 from ppo_lm.generation import SequenceBatch, position_ids_from_mask
@@ -79,8 +82,35 @@ def autocast_dtype(mixed_precision: str, device: torch.device, weights: torch.dt
 def cpu_multiplies_bf16() -> bool:
     """Whether this CPU has bfloat16 matrix instructions (AVX-512 BF16 or AMX), which make bfloat16 products several
     times faster than float32 ones; without them oneDNN emulates bfloat16, slower than float32."""
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check is not None and check() for check in checks)
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return cpu_has_amx() or (check is not None and check())
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles, on which torch's CPU attention kernel runs bfloat16 at matrix-unit speed."""
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return check is not None and check()
+
+
+FLOAT32_SDPA = "ppo_lm_sdpa_float32"
+"""The attention implementation of an autocast body on a CPU without AMX: torch's sdpa on float32 operands."""
+
+
+def float32_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None, **kwargs: object) -> tuple[torch.Tensor, None]:
+    """transformers' sdpa attention, with its operands in float32 and autocast off when a body runs under autocast.
+    On a CPU with AVX-512 BF16 but no AMX, torch's flash-attention kernel is slower in bfloat16 than in float32
+    (2.1x the time for a forward and backward pass of 32 x 48 tokens, 1.07x for 8 x 420, on a 2-core EPYC:
+    `benchmarks/attention_dtype.py`), while the bodies' matrix products still gain from bfloat16. Outside
+    autocast it is plain sdpa."""
+    if not torch.is_autocast_enabled(query.device.type):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    with torch.autocast(query.device.type, enabled=False):
+        return sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
+
+
+AttentionInterface.register(FLOAT32_SDPA, float32_sdpa)
+AttentionMaskInterface.register(FLOAT32_SDPA, sdpa_mask)  # the same boolean masks as sdpa
 
 
 def autocast_bodies(models: Iterable[nn.Module | None], device: torch.device, dtype: torch.dtype | None) -> None:
@@ -88,7 +118,8 @@ def autocast_bodies(models: Iterable[nn.Module | None], device: torch.device, dt
     model (its forward, `generate`, a pass over the body alone) goes through the body. The output heads stay outside:
     the policy's logits, and so every logprob, ratio and KL, come from float32 products, and each body's float32
     residual stream reaches them as it is. A body shared by several roles is wrapped once. Its LoRA layers skip
-    peft's cast of their input to the adapter's dtype, which autocast would undo."""
+    peft's cast of their input to the adapter's dtype, which autocast would undo. On a CPU without AMX, a body
+    that uses sdpa attention runs it in float32 (`float32_sdpa`)."""
     if dtype is None:
         return
     for model in models:
@@ -97,6 +128,10 @@ def autocast_bodies(models: Iterable[nn.Module | None], device: torch.device, dt
             continue
         body.forward = _autocast_forward(body.forward, device.type, dtype)
         body.autocast_dtype = dtype
+        config = getattr(body, "config", None)
+        if device.type == "cpu" and not cpu_has_amx() and getattr(config, "_attn_implementation", None) == "sdpa":
+            # The config is the model's own (every module holds the same one); it is not saved with the model.
+            config._attn_implementation = FLOAT32_SDPA
         for layer in body.modules():
             if isinstance(layer, BaseTunerLayer):
                 # peft casts a bfloat16 input (an attention output, an MLP product) to its float32 adapter's dtype,

@@ -476,7 +476,7 @@ def test_a_sharded_lora_reward_run_normalises_and_writes_a_merged_model(sharded_
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from ppo_lm.finetune import encode_completions
-    from ppo_lm.models import sequence_scores
+    from ppo_lm.models import autocast_bodies, autocast_dtype, sequence_scores
 
     run_dir = sharded_launch.directory / "reward-run"
     model = AutoModelForSequenceClassification.from_pretrained(str(run_dir / "final")).eval()
@@ -484,9 +484,14 @@ def test_a_sharded_lora_reward_run_normalises_and_writes_a_merged_model(sharded_
     rows = sft_rows(6)
     batch = encode_completions(AutoTokenizer.from_pretrained(str(run_dir / "final")), [r["prompt"] for r in rows],
                                [r["completion"] for r in rows], 512)
+    # The run normalised in its own precision ('auto': bfloat16 bodies on a CPU with bfloat16 instructions). Scored
+    # that way, the reference rows average 0; scored in float32, 0 to bfloat16's precision (1 % of their spread).
     with torch.no_grad():
-        assert sequence_scores(model, batch.input_ids, batch.attention_mask).mean().item() == pytest.approx(
-            0.0, abs=1e-3)
+        plain = sequence_scores(model, batch.input_ids, batch.attention_mask)
+        autocast_bodies([model], torch.device("cpu"), autocast_dtype("auto", torch.device("cpu"), torch.float32))
+        as_in_the_run = sequence_scores(model, batch.input_ids, batch.attention_mask)
+    assert as_in_the_run.mean().item() == pytest.approx(0.0, abs=1e-3)
+    assert plain.mean().item() == pytest.approx(0.0, abs=1e-2 * plain.std().item())
 
 
 def test_buckets_keep_order_and_respect_the_size_limit(monkeypatch):

@@ -13,8 +13,10 @@ from transformers import AutoModelForCausalLM
 from ppo_lm import PPOTrainer, SFTConfig, SFTTrainer
 from ppo_lm.losses import entropy_from_logits
 from ppo_lm.models import (
+    FLOAT32_SDPA,
     HeadTokenLogprobs,
     ModelLoadError,
+    autocast_bodies,
     autocast_dtype,
     backbone_of,
     encode_for_reward,
@@ -126,6 +128,55 @@ def test_autocast_dtype_follows_the_setting_the_device_and_the_weights(monkeypat
                                                                        expected):
     monkeypatch.setattr("ppo_lm.models.cpu_multiplies_bf16", lambda: native)
     assert autocast_dtype(setting, torch.device(device), weights) == expected
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_autocast_bodies_run_sdpa_attention_in_float32_on_a_cpu_without_amx(tiny_model_dir, tmp_path, monkeypatch,
+                                                                             amx):
+    """Without AMX the attention kernel gets float32 operands outside autocast (the products around it stay
+    bfloat16), with AMX it runs under autocast, which hands it bfloat16 ones; the switch is not saved with the
+    model."""
+    monkeypatch.setattr("ppo_lm.models.cpu_has_amx", lambda: amx)
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(query, key, value, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), {query.dtype, key.dtype, value.dtype}))
+        return sdpa(query, key, value, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording_sdpa)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert model.config._attn_implementation == "sdpa"
+    autocast_bodies([model], torch.device("cpu"), torch.bfloat16)
+    products = []
+    model.model.layers[0].self_attn.o_proj.register_forward_hook(lambda m, a, output: products.append(output.dtype))
+    model(torch.tensor([[5, 6, 7, 8]]), attention_mask=torch.tensor([[0, 1, 1, 1]]))
+    assert len(seen) == 2 and all(call == (True, {torch.float32, torch.bfloat16}) if amx
+                                  else call == (False, {torch.float32}) for call in seen)
+    assert products == [torch.bfloat16]
+    assert model.config._attn_implementation == ("sdpa" if amx else FLOAT32_SDPA)
+    model.save_pretrained(tmp_path)
+    assert FLOAT32_SDPA not in (tmp_path / "config.json").read_text()
+
+
+def test_float32_sdpa_is_sdpa_on_float32_operands_under_autocast_and_plain_sdpa_outside():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from ppo_lm.models import float32_sdpa
+
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(2, heads, 5, 8, generator=generator).bfloat16() for heads in (4, 2, 2))
+    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+    mask[0, :, :, 0] = False  # a padded first position
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast, _ = float32_sdpa(module, query, key, value, mask, scaling=0.3)
+    reference, _ = sdpa_attention_forward(module, query.float(), key.float(), value.float(), mask, scaling=0.3)
+    assert fast.dtype == torch.float32 and torch.equal(fast, reference)
+    outside, _ = float32_sdpa(module, query, key, value, mask, scaling=0.3)
+    plain, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+    assert outside.dtype == torch.bfloat16 and torch.equal(outside, plain)
 
 
 @pytest.mark.slow

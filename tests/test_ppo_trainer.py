@@ -779,12 +779,15 @@ def test_bfloat16_autocast_gives_the_float32_rollout_losses_and_update(tiny_mode
     logprobs, values and losses agree to 2e-2 (absolute), and after 4 AdamW steps each tensor's update is within 30 %
     of its size of the float32 one and points the same way (cosine > 0.95); float32 fast paths agree to 1e-5 and 1 %.
     (Adam divides by each gradient's running size: the LoRA A matrices, whose first gradients are 0, turn rounding
-    into steps; their updates differ by up to 23 % here, every other tensor's by less.) Before any update, the
-    policy's logprobs of a differently composed micro-batch give ratios within 1e-2 of 1 (1e-5 in float32)."""
+    into steps; their updates differ by up to 26 % here, every other tensor's by less.) Before any update, the
+    policy's logprobs of a differently composed micro-batch give ratios within 1e-2 of 1 (1e-5 in float32).
+    The value clip is wide open: here three quarters of the value predictions leave the default 0.2 range within two
+    steps, and whether a token on the edge is clipped (its gradient 0) then depends on rounding, which moved one
+    value tensor's second gradient by 55 % when the attention kernel's operands changed from bfloat16 to float32."""
     results = []
     for precision in ("no", "bf16"):
         config = tiny_config(tiny_model_dir, batch_size=8, use_lora=use_lora, mixed_precision=precision,
-                             learning_rate=1e-4, value_learning_rate=1e-4)
+                             learning_rate=1e-4, value_learning_rate=1e-4, value_clip=1e6)
         trainer = PPOTrainer(config, reward_fn=length_reward)
         body = backbone_of(trainer.models.policy)
         assert getattr(body, "autocast_dtype", None) == (torch.bfloat16 if precision == "bf16" else None)
