@@ -136,19 +136,23 @@ class TokenBudget(NamedTuple):
 
 
 def auto_micro_batch_tokens(device_type: str, free_bytes: int | None, num_layers: int, hidden_size: int,
-                            vocab_size: int, dtype_bytes: int, head_copies: int = 1) -> TokenBudget:
+                            vocab_size: int, dtype_bytes: int, head_copies: int = 1,
+                            autocast_bytes: int = 0) -> TokenBudget:
     """The token budget of a micro-batch that `micro_batch_tokens: auto` picks: memory / bytes per token, with each
     response position also charged the output head's memory there.
 
     Bytes per token: the activations a decoder layer keeps for the backward pass, about 17 values per hidden unit
-    (34 bytes at 2 bytes a value, Korthikanti et al., 2022), over every layer. The output head runs on response
+    (34 bytes at 2 bytes a value, Korthikanti et al., 2022), over every layer, each value `dtype_bytes` plus
+    `autocast_bytes`: a body autocast from float32 keeps most values twice, as they are and as the lower-precision
+    copy its products were given (on `small_vocab` with TL;DR-length prompts, bfloat16 autocast on the CPU, the peak
+    grew about 0.5 MiB a token of budget: 133 bytes per hidden unit and layer). The output head runs on response
     positions only, where it holds `head_copies` float32 rows of logits each (one through
     `models.head_token_logprobs`, about three through a model's own forward pass and `cross_entropy`): a response
     position costs `1 + head bytes / token bytes` tokens. Memory: on "cuda", a quarter of `free_bytes` (what the GPU
     has free once the models are loaded); elsewhere 1 GiB. The tokens are clamped to `AUTO_TOKENS_RANGE`. A pure
     function of its numbers, so the rule can be tested without a device.
     """
-    per_token = 17 * num_layers * hidden_size * dtype_bytes
+    per_token = 17 * num_layers * hidden_size * (dtype_bytes + autocast_bytes)
     memory = CUDA_FREE_FRACTION * free_bytes if device_type == "cuda" and free_bytes else CPU_ACTIVATION_BYTES
     low, high = AUTO_TOKENS_RANGE
     return TokenBudget(int(min(high, max(low, memory // per_token))), 1 + head_copies * 4 * vocab_size / per_token)

@@ -63,6 +63,7 @@ from ppo_lm.losses import (
 )
 from ppo_lm.models import (
     POLICY_ADAPTER,
+    backbone_of,
     encode_for_reward,
     load_role_models,
     load_tokenizer,
@@ -249,9 +250,11 @@ class PPOTrainer:
             return TokenBudget(cfg.micro_batch_tokens)
         model = self.models.policy.config
         free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+        autocast = getattr(backbone_of(self.models.policy), "autocast_dtype", None)
         budget = auto_micro_batch_tokens(self.device.type, free, model.num_hidden_layers, model.hidden_size,
                                          model.vocab_size, self.dtype.itemsize,
-                                         head_copies=1 if self.models.fused_head else 3)
+                                         head_copies=1 if self.models.fused_head else 3,
+                                         autocast_bytes=0 if autocast is None else autocast.itemsize)
         logger.info("micro_batch_tokens: auto chose %d tokens per forward/backward pass, a response position "
                     "counting as %.2f (the output head's memory there)", *budget)
         return budget

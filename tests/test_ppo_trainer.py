@@ -349,6 +349,12 @@ def test_micro_batch_size_wins_over_the_token_budget_and_auto_reads_the_model(tr
     model = trainer.models.policy.config
     per_token = 17 * model.num_hidden_layers * model.hidden_size * 4
     assert trainer.token_budget == (max(256, min(65536, 2**30 // per_token)), 1 + 4 * model.vocab_size / per_token)
+    body = backbone_of(trainer.models.policy)
+    body.autocast_dtype = torch.bfloat16  # as `autocast_bodies` marks it: each value also has a 2-byte copy
+    try:
+        assert trainer._token_budget().response_cost == 1 + 4 * model.vocab_size / (per_token * 6 / 4)
+    finally:
+        del body.autocast_dtype
     plain_head = copy.copy(trainer)  # a model that keeps its whole logits: three float32 rows per response position
     plain_head.models = dataclasses.replace(trainer.models, fused_head=False)
     assert plain_head._token_budget().response_cost == 1 + 3 * 4 * model.vocab_size / per_token
