@@ -33,7 +33,7 @@ from ppo_lm.backend import Backend
 from ppo_lm.config import PPOConfig
 from ppo_lm.distributed import gather_rows, shard
 from ppo_lm.generation import TokenBudget, token_budget_groups
-from ppo_lm.models import backbone_of
+from ppo_lm.models import body_autocast_dtype
 from ppo_lm.runs import parse_config
 from ppo_lm.training import all_or_nothing_step
 
@@ -284,7 +284,7 @@ def run_benchmark(
     step_seconds = median["step"]
     generated = statistics.median(r["response_length"] for r in records) * len(sequences)
     # The bodies' products run in the autocast dtype when there is one, the output head's in the weights' dtype.
-    body_dtype = getattr(backbone_of(trainer.models.policy), "autocast_dtype", None) or trainer.dtype
+    body_dtype = body_autocast_dtype(trainer.models.policy) or trainer.dtype
     rate = matmul_rate(trainer.device, body_dtype)
     head_rate = rate if body_dtype == trainer.dtype else matmul_rate(trainer.device, trainer.dtype)
     step_flop = statistics.median(f["step"] for f in flops)

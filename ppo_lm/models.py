@@ -205,6 +205,11 @@ def backbone_of(model: nn.Module) -> nn.Module:
     return model.base_model
 
 
+def body_autocast_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype `autocast_bodies` runs this model's body in, or None when the body is not autocast."""
+    return getattr(backbone_of(model), "autocast_dtype", None)
+
+
 def score_head_of(model: PreTrainedModel) -> nn.Module:
     """The scalar head of a sequence-classification model (`score` in decoder models)."""
     head = getattr(model, "score", None)

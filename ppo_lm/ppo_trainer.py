@@ -63,7 +63,7 @@ from ppo_lm.losses import (
 )
 from ppo_lm.models import (
     POLICY_ADAPTER,
-    backbone_of,
+    body_autocast_dtype,
     encode_for_reward,
     load_role_models,
     load_tokenizer,
@@ -250,7 +250,7 @@ class PPOTrainer:
             return TokenBudget(cfg.micro_batch_tokens)
         model = self.models.policy.config
         free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
-        autocast = getattr(backbone_of(self.models.policy), "autocast_dtype", None)
+        autocast = body_autocast_dtype(self.models.policy)
         budget = auto_micro_batch_tokens(self.device.type, free, model.num_hidden_layers, model.hidden_size,
                                          model.vocab_size, self.dtype.itemsize,
                                          head_copies=1 if self.models.fused_head else 3,

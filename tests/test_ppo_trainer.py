@@ -12,7 +12,14 @@ from transformers import AutoModelForSequenceClassification, PreTrainedTokenizer
 
 from ppo_lm import PPOConfig, PPOTrainer, RewardFunctionError, exact_kl, masked_mean
 from ppo_lm.generation import TokenBudget
-from ppo_lm.models import backbone_of, response_logits, sequence_logprobs, sequence_scores, sequence_values
+from ppo_lm.models import (
+    backbone_of,
+    body_autocast_dtype,
+    response_logits,
+    sequence_logprobs,
+    sequence_scores,
+    sequence_values,
+)
 from ppo_lm.rewards import WeightedRewards
 
 PROMPTS = [
@@ -796,8 +803,7 @@ def test_bfloat16_autocast_gives_the_float32_rollout_losses_and_update(tiny_mode
         config = tiny_config(tiny_model_dir, batch_size=8, use_lora=use_lora, mixed_precision=precision,
                              learning_rate=1e-4, value_learning_rate=1e-4, value_clip=1e6)
         trainer = PPOTrainer(config, reward_fn=length_reward)
-        body = backbone_of(trainer.models.policy)
-        assert getattr(body, "autocast_dtype", None) == (torch.bfloat16 if precision == "bf16" else None)
+        assert body_autocast_dtype(trainer.models.policy) == (torch.bfloat16 if precision == "bf16" else None)
         before = {n: p.detach().clone() for n, p in trainer.models.named_trainable().items()}
         if results:  # the float32 run's samples, so that both score the same tokens
             batch = results[0][0].batch
