@@ -13,7 +13,16 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+import torch.nn.functional as F
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedTokenizerBase,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -240,6 +249,62 @@ def sampling_config(
     )
 
 
+def inverse_cdf_sample(probs: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """One index per row of `probs` (`[rows, vocab]`, non-negative, a positive finite total), drawn with
+    probability proportional to its entry, as `[rows, 1]`: one uniform per row, found among the cumulative sums.
+
+    `torch.multinomial`, which transformers samples with, draws an exponential variate for every entry instead: on
+    a 2-core EPYC that took 94 ms of each decode step for 32 rows of a 151,936-token vocabulary. The sums run in
+    float32 within blocks of `block` entries and in float64 across blocks, so that no small probability is lost to
+    rounding against a running total near 1: an entry's chance is off by at most the float32 rounding of its
+    block's partial sum. An entry of probability 0 is never drawn.
+    """
+    rows, vocab = probs.shape
+    within = F.pad(probs, (0, -vocab % block)).view(rows, -1, block).cumsum(-1)  # [rows, blocks, block]
+    block_ends = within[:, :, -1].double().cumsum(-1)  # [rows, blocks]
+    total = block_ends[:, -1:]
+    if not bool(torch.isfinite(total).all() and (total > 0).all()):
+        raise ValueError("cannot sample: a row of next-token probabilities is not finite or sums to 0 (the policy's "
+                         "logits hold NaN or inf; lower learning_rate, or check the model's weights).")
+    target = torch.rand(rows, 1, dtype=torch.float64, device=probs.device) * total
+    chosen_block = _first_above(block_ends, target)
+    offset = target - F.pad(block_ends, (1, 0)).gather(1, chosen_block)  # mass before the target, in its block
+    sums = within.gather(1, chosen_block[:, :, None].expand(-1, -1, block)).squeeze(1).double()  # [rows, block]
+    return chosen_block * block + _first_above(sums, offset)
+
+
+def _first_above(sums: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per row, the first index whose cumulative sum exceeds `target`, or, where rounding puts the target at or past
+    the row's total, the last index with a positive entry (the first that reaches the total)."""
+    last_positive = torch.searchsorted(sums, sums[:, -1:].contiguous(), right=False)
+    return torch.minimum(torch.searchsorted(sums, target, right=True), last_positive)
+
+
+class InverseCDFSampling(LogitsProcessor):
+    """The last logits processor of sampled generation under transformers' greedy decoding: it draws each row's
+    next token from `softmax(scores)` with `inverse_cdf_sample`, then leaves every score but that token's at -inf,
+    so that greedy decoding picks it."""
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        tokens = inverse_cdf_sample(scores.softmax(-1))
+        return torch.full_like(scores, float("-inf")).scatter_(1, tokens, 0.0)
+
+
+def sampling_processors(config: GenerationConfig) -> LogitsProcessorList:
+    """What a sampling `config` (`sampling_config`) does to the next-token scores, as transformers' `generate`
+    would apply it (temperature, then top-k, then top-p, each only when it changes something), followed by
+    `InverseCDFSampling`: with these processors, greedy decoding samples from the distribution `config` describes."""
+    processors = LogitsProcessorList()
+    if config.temperature is not None and config.temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(config.temperature))
+    if config.top_k is not None and config.top_k != 0:
+        processors.append(TopKLogitsWarper(top_k=config.top_k))
+    if config.top_p is not None and config.top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p=config.top_p))
+    processors.append(InverseCDFSampling())
+    return processors
+
+
 def generate_responses(
     model: torch.nn.Module,
     prompt_ids: torch.Tensor,
@@ -248,10 +313,17 @@ def generate_responses(
     stop_token_id: int,
     pad_token_id: int,
 ) -> SequenceBatch:
-    """Sample one response per left-padded prompt with the KV cache, cut after the first stop token."""
+    """Sample one response per left-padded prompt with the KV cache, cut after the first stop token. A sampling
+    config draws its tokens by `sampling_processors` under greedy decoding: the same distribution as transformers'
+    own sampling, without its exponential variate per vocabulary entry."""
+    processors = None
+    if generation_config.do_sample:
+        processors = sampling_processors(generation_config)
+        generation_config = greedy_config(generation_config.max_new_tokens, stop_token_id, pad_token_id)
     with torch.no_grad():
         sequences = model.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config
+            input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config,
+            logits_processor=processors,
         )
     width = prompt_ids.shape[1]
     responses = sequences[:, width:]

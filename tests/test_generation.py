@@ -1,13 +1,22 @@
-"""generation.py: the response mask that ends at the stop token; micro-batches sized by rows or by tokens."""
+"""generation.py: the response mask that ends at the stop token; micro-batches sized by rows or by tokens; the
+inverse-CDF sampler and the warpers in front of it."""
+
+from unittest import mock
 
 import pytest
 import torch
+from conftest import tiny_qwen3_config
+from transformers import LogitsProcessorList, Qwen3ForCausalLM
 
 from ppo_lm.generation import (
     AUTO_TOKENS_RANGE,
     SequenceBatch,
     auto_micro_batch_tokens,
+    generate_responses,
+    inverse_cdf_sample,
     mask_after_stop,
+    sampling_config,
+    sampling_processors,
     split_to_count,
     token_budget_groups,
 )
@@ -92,3 +101,89 @@ def test_response_columns_can_count_for_more_than_one_token():
     # rows of 10 prompt + 4 response tokens: 14 tokens each, or 10 + 4 x 3 = 22 when a response column counts 3
     assert token_budget_groups([10] * 4, [4] * 4, budget=44) == [3, 1]
     assert token_budget_groups([10] * 4, [4] * 4, budget=44, response_cost=3.0) == [2, 2]
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
+    """Pearson's statistic of `counts` against `probs` (normalised here) over the entries expected at least 5 times
+    (the rest pooled into one cell), and its degrees of freedom."""
+    expected = probs / probs.sum() * counts.sum()
+    large = expected >= 5
+    observed = torch.cat([counts[large], counts[~large].sum(0, keepdim=True)])
+    expected = torch.cat([expected[large], expected[~large].sum(0, keepdim=True)])
+    keep = expected > 0
+    statistic = ((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum().item()
+    return statistic, int(keep.sum()) - 1
+
+
+def assert_fits(counts: torch.Tensor, probs: torch.Tensor) -> None:
+    """The counts fit the probabilities: chi-square within 5 standard deviations of its mean, and no draw where the
+    probability is 0."""
+    statistic, dof = chi_square(counts.double(), probs.double())
+    assert statistic < dof + 5 * (2 * dof) ** 0.5, (statistic, dof)
+    assert counts[probs == 0].sum() == 0
+
+
+def test_inverse_cdf_sample_draws_each_index_with_its_probability():
+    # One row of weights (not normalised: the sampler divides by the total), with zeros, tiny entries and entries
+    # in several 256-wide blocks, over a vocabulary that is not a multiple of the block.
+    torch.manual_seed(0)
+    weights = torch.rand(700) ** 4 * 3
+    weights[::7] = 0.0
+    weights[650:] = 0.0  # a trailing run of zeros, as top-k leaves
+    weights[300] = 40.0
+    draws = torch.cat([inverse_cdf_sample(weights.expand(5000, -1)) for _ in range(8)]).squeeze(1)
+    assert_fits(torch.bincount(draws, minlength=700), weights)
+
+
+def test_inverse_cdf_sample_finds_the_block_and_index_a_uniform_falls_in():
+    # The first index whose cumulative sum passes u x total, worked out in float64 here; u at the very ends must
+    # skip the leading and trailing zeros.
+    weights = torch.zeros(600)
+    weights[3], weights[255], weights[256], weights[511], weights[598] = 1.0, 2.0, 3.0, 0.5, 1.5
+    uniforms = torch.tensor([0.0, 0.1, 0.125, 0.4, 0.78, 0.95, 1.0 - 2**-53], dtype=torch.float64)[:, None]
+    with mock.patch("torch.rand", return_value=uniforms):
+        drawn = inverse_cdf_sample(weights.expand(len(uniforms), -1)).squeeze(1).tolist()
+    sums = weights.double().cumsum(0)
+    expected = [int((sums > u * sums[-1]).nonzero()[0]) for u in uniforms.squeeze(1)]
+    assert drawn == expected == [3, 3, 255, 256, 511, 598, 598]
+
+
+def test_inverse_cdf_sample_refuses_probabilities_that_are_not_finite():
+    probs = torch.full((2, 10), 0.1)
+    probs[1, 4] = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        inverse_cdf_sample(probs)
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(0.7, 50, 0.95), (1.0, 0, 1.0), (1.3, 5, 1.0),
+                                                             (1.0, 0, 0.8)])
+def test_sampling_processors_warp_the_scores_as_transformers_sampling_does(temperature, top_k, top_p):
+    # transformers' own sampled generation reports each step's raw logits and the scores its warpers made of them.
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(tiny_qwen3_config(
+        300, initializer_range=0.5, eos_token_id=299, pad_token_id=299)).eval()
+    config = sampling_config(2, temperature, top_k, top_p, stop_token_id=299, pad_token_id=299)
+    prompt = torch.randint(0, 299, (4, 6))
+    out = model.generate(prompt, generation_config=config, output_scores=True, output_logits=True,
+                         return_dict_in_generate=True)
+    warpers = LogitsProcessorList(sampling_processors(config)[:-1])  # all but the sampler itself
+    for raw, warped in zip(out.logits, out.scores, strict=True):
+        torch.testing.assert_close(warpers(prompt, raw.clone()), warped, rtol=0, atol=0)
+
+
+def test_sampled_responses_follow_the_models_warped_next_token_distribution():
+    # A peaked tiny model of 300 tokens: 6,000 one-token samples of one prompt against its softmax after
+    # temperature and top-k, which leaves zeros the sampler must never draw.
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(tiny_qwen3_config(
+        300, initializer_range=0.5, eos_token_id=299, pad_token_id=299)).eval()
+    config = sampling_config(1, 0.8, 40, 1.0, stop_token_id=299, pad_token_id=299)
+    prompt = torch.tensor([[5, 17, 42, 8]])
+    with torch.no_grad():
+        logits = model(prompt).logits[0, -1] / 0.8
+    probs = torch.where(logits >= logits.topk(40).values[-1], logits.softmax(-1), 0.0)
+    rows = 6000
+    batch = generate_responses(model, prompt.expand(rows, -1), torch.ones(rows, 4, dtype=torch.long), config,
+                               stop_token_id=299, pad_token_id=299)
+    assert batch.input_ids.shape == (rows, 5)
+    assert_fits(torch.bincount(batch.input_ids[:, -1], minlength=300), probs)
