@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from ppo_lm.config import SFTConfig
 from ppo_lm.finetune import FinetuneTrainer, encode_completions
-from ppo_lm.generation import SequenceBatch, encode_prompts, generate_responses
+from ppo_lm.generation import SequenceBatch, encode_prompts, generate_responses, greedy_config
 from ppo_lm.models import fused_head_reproduces_logprobs, sequence_logprobs
 
 
@@ -77,9 +77,8 @@ class SFTTrainer(FinetuneTrainer):
         """Greedy completions of `prompts` (without the prompt and the EOS)."""
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, self.max_length - max_new_tokens)
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        greedy = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
-        batch = generate_responses(self.model, prompt_ids.to(self.device), prompt_mask.to(self.device), greedy, eos,
-                                   pad)
+        batch = generate_responses(self.model, prompt_ids.to(self.device), prompt_mask.to(self.device),
+                                   greedy_config(max_new_tokens, eos, pad), eos, pad)
         return self.tokenizer.batch_decode(batch.responses, skip_special_tokens=True)
 
     def samples(self, items: list[dict[str, str]]) -> list[dict]:
