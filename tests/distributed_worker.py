@@ -3,7 +3,10 @@
     distributed_worker.py PLAN_FILE
 
 PLAN_FILE (JSON) lists the steps that every process runs, in order: `["update", CASE_FILE, OUT_FILE]` is one
-update case (below); `["ppo-lm", ARGUMENT, ...]` runs that `ppo-lm` command (`ppo_lm.cli.main`), which must succeed.
+update case (below); `["ppo-lm", ARGUMENT, ...]` runs that `ppo-lm` command (`ppo_lm.cli.main`), which must succeed;
+`["copy", RUN_DIR, COPY_DIR, NAME, ...]` copies a run's folder without the entries called NAME (the main process
+copies, the others wait), so that a later step can resume the copy while the tests still read the run as it ended;
+`["setenv", NAME, VALUE]` sets an environment variable for the steps after it (a reward function that reads one).
 Each launch starts its processes and imports torch, transformers and peft anew (about 15 s on 2 CPU cores, most of
 a small case's time): so the tests run everything that one accelerate config can run in one launch.
 
@@ -19,6 +22,8 @@ and optimizer state must be the first update's again.
 
 import dataclasses
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -27,7 +32,7 @@ from accelerate import PartialState
 
 from ppo_lm import PPOConfig, PPOTrainer
 from ppo_lm.advantages import AdvantageInputs, masked_whiten
-from ppo_lm.distributed import all_sum, full_tensor, full_tensors, gather_rows, shard, shard_like
+from ppo_lm.distributed import all_sum, full_tensor, full_tensors, gather_rows, process_state, shard, shard_like
 from ppo_lm.rewards import shape_rewards
 
 
@@ -138,10 +143,21 @@ def main(plan_file: str) -> None:
     for kind, *arguments in json.loads(Path(plan_file).read_text()):
         if kind == "update":
             run_update_case(*arguments)
+        elif kind == "copy":
+            copy_run(*arguments)
+        elif kind == "setenv":
+            os.environ[arguments[0]] = arguments[1]
         elif kind != "ppo-lm":
             raise ValueError(f"unknown step {kind!r} in {plan_file}")
         elif (status := ppo_lm(arguments)) != 0:
             sys.exit(f"ppo-lm {' '.join(arguments)} ended with status {status}")
+
+
+def copy_run(run_dir: str, copy_dir: str, *left_out: str) -> None:
+    processes = process_state()  # (the first PartialState of a launch sets it up: gloo on the CPU, as ppo-lm's)
+    if processes.is_main_process:
+        shutil.copytree(run_dir, copy_dir, ignore=shutil.ignore_patterns(*left_out))
+    processes.wait_for_everyone()
 
 
 if __name__ == "__main__":

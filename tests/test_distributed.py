@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -113,8 +112,10 @@ def test_the_layout_is_checked_before_any_model_loads(tmp_path, capsys):
 # A launch spends about 15 s before its first step: the launcher and both processes import torch, transformers and
 # peft. So each accelerate config that several tests need is launched once per module (the `*_launch` fixtures):
 # its launch runs all their update cases and `ppo-lm` commands one after the other (distributed_worker.py's plan),
-# and each test checks its own part. The tests whose runs must be launched apart (a resume, a signal, a failure)
-# still launch them themselves.
+# and each test checks its own part. A resume runs in the same launch as its run, on a copy of the run's folder
+# (the test reads the run as it ended, then the copy as resumed); a run stopped by SIGTERM is the last step of its
+# launch, and the replicated resumes of a stopped run follow in one more launch. Only the launches that fail, and
+# the one other accelerate config, are launched by their tests themselves.
 
 
 @dataclass
@@ -132,15 +133,17 @@ class UpdateCase:
 
 @dataclass
 class SharedLaunch:
-    """A launch that several tests share: its folder and output, and its update cases by test id."""
+    """A launch that several tests share: its folder, exit status and output, and its update cases by test id."""
 
     directory: Path
+    returncode: int
     stdout: str
+    stderr: str
     updates: dict[str, UpdateCase]
 
 
-LAUNCHES = {"replicated_launch": REPLICATED, "sharded_launch": SHARDED, "deepspeed_zero2_launch": DEEPSPEED_ZERO2,
-            "deepspeed_zero3_launch": DEEPSPEED_ZERO3}
+LAUNCHES = {"replicated_launch": REPLICATED, "replicated_resumes": REPLICATED, "sharded_launch": SHARDED,
+            "deepspeed_zero2_launch": DEEPSPEED_ZERO2, "deepspeed_zero3_launch": DEEPSPEED_ZERO3}
 """The shared launches: fixture name -> its `accelerate launch` options."""
 
 UPDATE_CASES = {
@@ -183,18 +186,36 @@ def prepare_update_case(directory: Path, model_dir: str, extra: dict) -> tuple[U
     return UpdateCase(settings, before, after, update_stats, statistics, out), ["update", str(case_file), str(out)]
 
 
-def run_shared_launch(directory: Path, model_dir: str, name: str, commands: list[list[str]]) -> SharedLaunch:
-    """Launch `name` once: first its update cases, then the `ppo-lm` commands, in the same two processes."""
+def run_shared_launch(directory: Path, model_dir: str, name: str, steps: list[list[str]],
+                      stop_when: Path | None = None) -> SharedLaunch:
+    """Launch `name` once: first its update cases, then `steps` (distributed_worker.py's plan), in the same two
+    processes; it must succeed. With `stop_when`, the launch gets SIGTERM once that file appears instead, and its
+    exit status is the test's to check (an earlier step that fails ends the launch before, and fails here)."""
     updates, plan = {}, []
     for case_id, (launch_name, extra) in UPDATE_CASES.items():
         if launch_name == name:
             (directory / case_id).mkdir()
             updates[case_id], step = prepare_update_case(directory / case_id, model_dir, extra)
             plan.append(step)
-    plan += [["ppo-lm", *command] for command in commands]
-    (directory / "plan.json").write_text(json.dumps(plan))
-    result = launch([str(WORKER), str(directory / "plan.json")], cwd=directory, sharding=LAUNCHES[name])
-    return SharedLaunch(directory, result.stdout, updates)
+    (directory / "plan.json").write_text(json.dumps(plan + steps))
+    arguments = [str(WORKER), str(directory / "plan.json")]
+    if stop_when is None:
+        result = launch(arguments, cwd=directory, sharding=LAUNCHES[name])
+        return SharedLaunch(directory, result.returncode, result.stdout, result.stderr, updates)
+    command, env = launch_command(arguments, sharding=LAUNCHES[name])
+    run = subprocess.Popen(command, cwd=directory, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(stop_when, run)
+    run.send_signal(signal.SIGTERM)
+    stdout, stderr = run.communicate(timeout=300)
+    return SharedLaunch(directory, run.returncode, stdout, stderr, updates)
+
+
+def resume_a_copy(run_dir: Path, copy_dir: Path, *options: str, left_out: tuple[str, ...] = (),
+                  checkpoint: str = "") -> list[list[str]]:
+    """The plan's steps that copy `run_dir` (without the entries named in `left_out`) and resume the copy with
+    `ppo-lm train --resume ... OPTIONS`: from its newest checkpoint, or from the copy's `checkpoint` if named."""
+    return [["copy", str(run_dir), str(copy_dir), *left_out],
+            ["ppo-lm", "train", "--resume", str(copy_dir / checkpoint), *options]]
 
 
 def printed_summaries(launch_output: str, run_dir: Path) -> int:
@@ -205,19 +226,34 @@ def printed_summaries(launch_output: str, run_dir: Path) -> int:
 @pytest.fixture(scope="module")
 def replicated_launch(tmp_path_factory, tiny_model_dir) -> SharedLaunch:
     """The replicated launch: its update cases; a 2-step train run (`train/run`), which
-    test_a_two_process_train_run_checkpoints_resumes_and_logs_once resumes; and the 3-step run (`sigterm/straight`)
-    that the SIGTERM test's stopped and resumed run must end like."""
+    test_a_two_process_train_run_checkpoints_resumes_and_logs_once resumes; the 3-step run (`sigterm/straight`)
+    that the SIGTERM test's stopped and resumed run must end like; and last that run again (`sigterm/stopped`),
+    whose launch gets SIGTERM in its step 2 (no evaluation: reward call 2 is step 2)."""
     directory = tmp_path_factory.mktemp("replicated-launch")
-    train, sigterm = directory / "train", directory / "sigterm"
-    train.mkdir()
-    sigterm.mkdir()
+    train, sigterm, marks = directory / "train", directory / "sigterm", directory / "marks"
+    for folder in (train, sigterm, marks):
+        folder.mkdir()
     config = write_ppo_run(train, tiny_model_dir, output_dir=str(train / "run"), total_steps=2, eval_steps=1,
                            save_steps=1)
     write_ppo_run(sigterm, tiny_model_dir, total_steps=3, save_steps=0, eval_fraction=0.0)
     write_pausing_reward(sigterm)
-    commands = [["train", "--config", str(config)],
-                ["train", "--config", str(sigterm / "config.yaml"), "--output_dir", str(sigterm / "straight")]]
-    return run_shared_launch(directory, tiny_model_dir, "replicated_launch", commands)
+    sigterm_run = ["ppo-lm", "train", "--config", str(sigterm / "config.yaml"), "--output_dir"]
+    steps = [["ppo-lm", "train", "--config", str(config)], [*sigterm_run, str(sigterm / "straight")],
+             ["setenv", "PAUSE_DIR", str(marks)], ["setenv", "PAUSE_AT", "2"], ["setenv", "PAUSE_SECONDS", "3"],
+             [*sigterm_run, str(sigterm / "stopped")]]
+    return run_shared_launch(directory, tiny_model_dir, "replicated_launch", steps, stop_when=marks / "1-2")
+
+
+@pytest.fixture(scope="module")
+def replicated_resumes(replicated_launch, tiny_model_dir) -> SharedLaunch:
+    """One more replicated launch, after the one stopped by SIGTERM: it resumes a copy of `train/run` for a third
+    step (`train/resumed`), and a copy of the stopped run (`sigterm/resumed`)."""
+    train, sigterm = replicated_launch.directory / "train", replicated_launch.directory / "sigterm"
+    steps = [*resume_a_copy(train / "run", train / "resumed", "--total_steps", "3"),
+             *resume_a_copy(sigterm / "stopped", sigterm / "resumed")]
+    directory = replicated_launch.directory / "resumes"
+    directory.mkdir()
+    return run_shared_launch(directory, tiny_model_dir, "replicated_resumes", steps)
 
 
 def sft_command(model_dir: str, data: str, run_dir: Path, lora: str) -> list[str]:
@@ -231,8 +267,8 @@ def sft_command(model_dir: str, data: str, run_dir: Path, lora: str) -> list[str
 @pytest.fixture(scope="module")
 def sharded_launch(tmp_path_factory, tiny_model_dir) -> SharedLaunch:
     """The FSDP launch (the shipped fsdp.yaml): its update cases; the SFT runs with LoRA (`sft-true`) and full
-    fine-tuning (`sft-false`); the LoRA reward run (`reward-run`); and the full fine-tuning PPO run (`full/run`)
-    that test_a_sharded_full_fine_tuning_run_checkpoints_resumes_and_exports_whole_weights resumes."""
+    fine-tuning (`sft-false`); the LoRA reward run (`reward-run`); the 3-step full fine-tuning PPO run (`full/run`);
+    and a copy of that run without its checkpoint-3 (as if stopped after checkpoint-2), resumed (`full/resumed`)."""
     from rlhf_data import preference_rows, sft_rows, write_jsonl
 
     directory = tmp_path_factory.mktemp("sharded-launch")
@@ -243,13 +279,15 @@ def sharded_launch(tmp_path_factory, tiny_model_dir) -> SharedLaunch:
     config = write_ppo_run(directory / "full", tiny_model_dir, output_dir=str(directory / "full" / "run"),
                            total_steps=3, eval_steps=0, save_steps=1, use_lora=False, learning_rate=1e-4,
                            lr_scheduler="linear")
-    commands = [sft_command(tiny_model_dir, sft_data, directory / f"sft-{lora}", lora) for lora in ("true", "false")]
-    commands.append(["reward", "--model_name", tiny_model_dir, "--dataset", preferences, "--batch_size", "4",
+    steps = [["ppo-lm", *sft_command(tiny_model_dir, sft_data, directory / f"sft-{lora}", lora)]
+             for lora in ("true", "false")]
+    steps.append(["ppo-lm", "reward", "--model_name", tiny_model_dir, "--dataset", preferences, "--batch_size", "4",
                      "--learning_rate", "0.003", "--use_lora", "true", "--total_steps", "2", "--eval_steps", "0",
                      "--save_steps", "0", "--eval_fraction", "0.2", "--max_eval_samples", "2", "--report_to", "none",
                      "--reference_dataset", reference, "--output_dir", str(directory / "reward-run")])
-    commands.append(["train", "--config", str(config)])
-    return run_shared_launch(directory, tiny_model_dir, "sharded_launch", commands)
+    steps.append(["ppo-lm", "train", "--config", str(config)])
+    steps += resume_a_copy(directory / "full" / "run", directory / "full" / "resumed", left_out=("checkpoint-3",))
+    return run_shared_launch(directory, tiny_model_dir, "sharded_launch", steps)
 
 
 @pytest.fixture(scope="module")
@@ -261,12 +299,14 @@ def deepspeed_zero2_launch(tmp_path_factory, tiny_model_dir) -> SharedLaunch:
 
 @pytest.fixture(scope="module")
 def deepspeed_zero3_launch(tmp_path_factory, tiny_model_dir) -> SharedLaunch:
-    """The DeepSpeed ZeRO-3 launch (the shipped config): its update cases, and the 3-step train run (`run`) that
-    test_a_deepspeed_zero3_run_generates_on_gathered_weights_and_resumes_where_it_stopped resumes."""
+    """The DeepSpeed ZeRO-3 launch (the shipped config): its update cases; the 3-step train run (`run`); and a
+    whole copy of that run resumed from its checkpoint-2 (`resumed`), which redoes step 3."""
     directory = tmp_path_factory.mktemp("deepspeed-zero3-launch")
     config = write_ppo_run(directory, tiny_model_dir, output_dir=str(directory / "run"), total_steps=3, eval_steps=2,
                            save_steps=1, max_new_tokens=6, micro_batch_size=1, target_kl=10.0)
-    return run_shared_launch(directory, tiny_model_dir, "deepspeed_zero3_launch", [["train", "--config", str(config)]])
+    steps = [["ppo-lm", "train", "--config", str(config)],
+             *resume_a_copy(directory / "run", directory / "resumed", checkpoint="checkpoint-2")]
+    return run_shared_launch(directory, tiny_model_dir, "deepspeed_zero3_launch", steps)
 
 
 @pytest.mark.distributed
@@ -319,7 +359,7 @@ def test_an_update_split_over_two_processes_gives_the_weights_of_one_process(req
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_a_two_process_train_run_checkpoints_resumes_and_logs_once(replicated_launch, tmp_path, capsys):
+def test_a_two_process_train_run_checkpoints_resumes_and_logs_once(replicated_launch, replicated_resumes, capsys):
     run_dir = replicated_launch.directory / "train" / "run"
     assert printed_summaries(replicated_launch.stdout, run_dir) == 1  # the summary is printed once
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -331,7 +371,7 @@ def test_a_two_process_train_run_checkpoints_resumes_and_logs_once(replicated_la
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert len([s for s in samples if s["step"] == 0]) == 3  # 3 eval prompts, split 1 + 2 over the processes
 
-    launch(["-m", "ppo_lm", "train", "--resume", str(run_dir), "--total_steps", "3"], cwd=tmp_path)
+    run_dir = run_dir.with_name("resumed")  # the run resumed with --total_steps 3 (a copy, see replicated_resumes)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in metrics if "reward_mean" in line] == [1, 2, 3]
     assert (run_dir / "checkpoint-3" / "checkpoint.json").is_file()
@@ -354,7 +394,7 @@ def test_a_deepspeed_zero3_run_generates_on_gathered_weights_and_resumes_where_i
     from ppo_lm.checkpoint import CheckpointError
     from ppo_lm.export import export_policy
 
-    run_dir = deepspeed_zero3_launch.directory / "run"
+    run_dir, resumed_dir = deepspeed_zero3_launch.directory / "run", deepspeed_zero3_launch.directory / "resumed"
     assert printed_summaries(deepspeed_zero3_launch.stdout, run_dir) == 1
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in metrics if "reward_mean" in line] == [1, 2, 3]
@@ -366,22 +406,21 @@ def test_a_deepspeed_zero3_run_generates_on_gathered_weights_and_resumes_where_i
     at_two = load_file(str(run_dir / "checkpoint-2" / "trainable.safetensors"))
     assert any(not torch.equal(uninterrupted[name], at_two[name]) for name in at_two)  # step 3 trained
 
-    launch(["-m", "ppo_lm", "train", "--resume", str(run_dir / "checkpoint-2")], cwd=tmp_path,
-           sharding=DEEPSPEED_ZERO3)
-    resumed = load_file(str(run_dir / "checkpoint-3" / "trainable.safetensors"))
+    # The copy resumed from its checkpoint-2 (its checkpoint-3 was there too) redoes step 3 over it.
+    resumed = load_file(str(resumed_dir / "checkpoint-3" / "trainable.safetensors"))
     for name, tensor in uninterrupted.items():
         step = (tensor - at_two[name]).norm().item()
         assert (resumed[name] - tensor).norm().item() <= 1e-3 * step + 1e-7, name
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (resumed_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in metrics if "reward_mean" in line] == [1, 2, 3]
-    export_policy(run_dir / "checkpoint-3", tmp_path / "exported")  # the whole weights, as from any checkpoint
+    export_policy(resumed_dir / "checkpoint-3", tmp_path / "exported")  # the whole weights, as from any checkpoint
     assert (tmp_path / "exported" / "model.safetensors").is_file()
 
     # A DeepSpeed checkpoint does not resume without DeepSpeed: a clear error, before any weight changes.
     trainer = PPOTrainer(PPOConfig(model_name=tiny_model_dir, batch_size=4, max_new_tokens=4, device="cpu"),
                          reward_fn=length_reward)
     with pytest.raises(CheckpointError, match="written by a run with DeepSpeed.*launched without it"):
-        trainer.load_state(run_dir / "checkpoint-3")
+        trainer.load_state(resumed_dir / "checkpoint-3")
 
 
 @pytest.mark.distributed
@@ -392,7 +431,7 @@ def test_a_sharded_full_fine_tuning_run_checkpoints_resumes_and_exports_whole_we
     # whole tensors, and the resumed run (sharded again) goes on from them.
     from ppo_lm.export import export_policy
 
-    run_dir, resumed_dir = sharded_launch.directory / "full" / "run", tmp_path / "resumed"
+    run_dir, resumed_dir = sharded_launch.directory / "full" / "run", sharded_launch.directory / "full" / "resumed"
     assert printed_summaries(sharded_launch.stdout, run_dir) == 1
     saved = load_file(str(run_dir / "checkpoint-2" / "trainable.safetensors"))
     base = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
@@ -402,9 +441,6 @@ def test_a_sharded_full_fine_tuning_run_checkpoints_resumes_and_exports_whole_we
     assert saved["value_head.weight"].shape == (1, 64)
 
     # The same run stopped after its step-2 checkpoint, resumed (sharded again): the same metrics and weights.
-    shutil.copytree(run_dir, resumed_dir)
-    shutil.rmtree(resumed_dir / "checkpoint-3")
-    launch(["-m", "ppo_lm", "train", "--resume", str(resumed_dir)], cwd=tmp_path, sharding=SHARDED)
 
     def train_lines(directory: Path) -> list[dict]:
         lines = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
@@ -637,33 +673,26 @@ def test_a_checkpoint_that_a_failed_launch_left_unsealed_is_never_resumed_from(t
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_sigterm_to_a_two_process_launch_saves_every_part_and_resume_ends_like_a_straight_run(replicated_launch,
-                                                                                               tmp_path):
+                                                                                               replicated_resumes):
     # The launcher passes the signal on to its processes; each finishes step 2, takes its part in checkpoint-2 and
     # stops. The resumed launch then ends where an uninterrupted one does (the replicated launch ran that one, with
-    # the same config and reward).
+    # the same config and reward, before the stopped one).
     files = replicated_launch.directory / "sigterm"
-    config, straight = str(files / "config.yaml"), files / "straight"
-    stopped, marks = tmp_path / "stopped", tmp_path / "marks"
-    marks.mkdir()
-    command, env = launch_command(["-m", "ppo_lm", "train", "--config", config, "--output_dir", str(stopped)])
-    env.update(PAUSE_DIR=str(marks), PAUSE_AT="2", PAUSE_SECONDS="3")  # no evaluation: reward call 2 is step 2
-    run = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(marks / "1-2", run)
-    run.send_signal(signal.SIGTERM)
-    _, stderr = run.communicate(timeout=300)
-    assert run.returncode != 0  # torchrun's agent reports the signal as its own failure (status 1)
+    straight, stopped, resumed = files / "straight", files / "stopped", files / "resumed"
+    stderr = replicated_launch.stderr
+    assert replicated_launch.returncode != 0  # torchrun's agent reports the signal as its own failure (status 1)
     assert stderr.count(f"Stopped by SIGTERM after step 2: checkpoint-2 is saved in {stopped}") == 1, stderr[-5000:]
     assert sorted(p.name for p in stopped.glob("checkpoint-*")) == ["checkpoint-2"]
     assert verify(stopped) == [(stopped / "checkpoint-2", None)]
     assert len(load_state(stopped / "checkpoint-2", "loop_state")["rng"]) == 2  # each process's generators
 
-    launch(["-m", "ppo_lm", "train", "--resume", str(stopped)], cwd=tmp_path)
+    # `resumed`: a copy of the stopped run, resumed by replicated_resumes
     lines = [[json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-             for run_dir in (straight, stopped)]
+             for run_dir in (straight, resumed)]
     assert [m["step"] for m in lines[0]] == [m["step"] for m in lines[1]] == [1, 2, 3]
     for a, b in zip(*lines, strict=True):
         for key in a.keys() - {key for key in a if key.startswith("time/")}:
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-6), (a["step"], key)
-    final = [load_file(str(run_dir / "checkpoint-3" / "trainable.safetensors")) for run_dir in (straight, stopped)]
+    final = [load_file(str(run_dir / "checkpoint-3" / "trainable.safetensors")) for run_dir in (straight, resumed)]
     for name in final[0]:
         torch.testing.assert_close(final[0][name], final[1][name], atol=1e-6, rtol=0)
