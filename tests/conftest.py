@@ -203,8 +203,8 @@ def wait_for(path: Path, process, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         if process.poll() is not None:
-            raise AssertionError(f"the run ended (exit {process.returncode}) before {path.name} appeared:\n"
-                                 + process.stderr.read()[-5000:])
+            output = process.stderr.read()[-5000:] if process.stderr else ""  # (None: not a pipe)
+            raise AssertionError(f"the run ended (exit {process.returncode}) before {path.name} appeared:\n{output}")
         if time.monotonic() > deadline:
             process.kill()
             raise AssertionError(f"{path.name} did not appear in {timeout} s")

@@ -2,8 +2,9 @@
 
     distributed_worker.py PLAN_FILE
 
-PLAN_FILE (JSON) lists the steps that every process runs, in order: `["update", CASE_FILE, OUT_FILE]` is one
-update case (below); `["ppo-lm", ARGUMENT, ...]` runs that `ppo-lm` command (`ppo_lm.cli.main`), which must succeed;
+PLAN_FILE (JSON; the processes wait for it to appear) lists the steps that every process runs, in order:
+`["update", CASE_FILE, OUT_FILE]` is one update case (below); `["ppo-lm", ARGUMENT, ...]` runs that `ppo-lm` command
+(`ppo_lm.cli.main`), which must succeed unless it is the last step, meant to end the launch (a signal, a failure);
 `["copy", RUN_DIR, COPY_DIR, NAME, ...]` copies a run's folder without the entries called NAME (the main process
 copies, the others wait), so that a later step can resume the copy while the tests still read the run as it ended;
 `["setenv", NAME, VALUE]` sets an environment variable for the steps after it (a reward function that reads one).
@@ -25,6 +26,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -140,7 +142,7 @@ def run_update_case(case_file: str, out_file: str) -> None:
 def main(plan_file: str) -> None:
     from ppo_lm.cli import main as ppo_lm
 
-    for kind, *arguments in json.loads(Path(plan_file).read_text()):
+    for kind, *arguments in read_plan(Path(plan_file)):
         if kind == "update":
             run_update_case(*arguments)
         elif kind == "copy":
@@ -151,6 +153,17 @@ def main(plan_file: str) -> None:
             raise ValueError(f"unknown step {kind!r} in {plan_file}")
         elif (status := ppo_lm(arguments)) != 0:
             sys.exit(f"ppo-lm {' '.join(arguments)} ended with status {status}")
+
+
+def read_plan(plan_file: Path, timeout: float = 600) -> list[list[str]]:
+    """The plan, once the test has written it: the test starts the launch first, and prepares the update cases
+    while these processes import."""
+    deadline = time.monotonic() + timeout
+    while not plan_file.exists():
+        if time.monotonic() > deadline:
+            sys.exit(f"no plan at {plan_file} after {timeout} s")
+        time.sleep(0.1)
+    return json.loads(plan_file.read_text())
 
 
 def copy_run(run_dir: str, copy_dir: str, *left_out: str) -> None:

@@ -1,11 +1,14 @@
 """Data parallelism: the batch arithmetic, and 2 processes on the CPU (gloo, through `accelerate launch`) against 1."""
 
+from __future__ import annotations
+
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,27 +43,58 @@ DEEPSPEED_ZERO3 = ["--config_file", str(ACCELERATE_CONFIGS / "deepspeed_zero3.ya
 """A DeepSpeed ZeRO-3 launch with the shipped config: the weights partitioned too."""
 
 
-def launch_command(arguments: list[str], processes: int = 2, sharding: list[str] = REPLICATED
-                   ) -> tuple[list[str], dict[str, str]]:
-    """The command and environment of `accelerate launch --multi_gpu --num_processes N ...` (or FSDP's options
-    instead of --multi_gpu); without a visible GPU its processes use gloo."""
+def launch_command(arguments: list[str], sharding: list[str] = REPLICATED) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of `accelerate launch --multi_gpu --num_processes 2 ...` (or FSDP's or
+    DeepSpeed's options instead of --multi_gpu); without a visible GPU its processes use gloo."""
     with socket.socket() as probe:  # a free port for the rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", *sharding,
-               "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                "--dynamo_backend", "no", "--main_process_port", str(port), *arguments]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     return command, env
 
 
-def launch(arguments: list[str], cwd: Path, processes: int = 2, sharding: list[str] = REPLICATED
-           ) -> subprocess.CompletedProcess:
-    """Run `launch_command` to the end; it must succeed."""
-    command, env = launch_command(arguments, processes, sharding)
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
+@dataclass
+class Launch:
+    """`launch_command` running in `folder`, its output going to launch.out and launch.err there (files, not pipes:
+    nothing reads a long launch's output before it ends)."""
+
+    process: subprocess.Popen
+    folder: Path
+
+    @classmethod
+    def start(cls, arguments: list[str], folder: Path, sharding: list[str] = REPLICATED) -> Launch:
+        command, env = launch_command(arguments, sharding)
+        with open(folder / "launch.out", "w") as stdout, open(folder / "launch.err", "w") as stderr:
+            return cls(subprocess.Popen(command, cwd=folder, env=env, stdout=stdout, stderr=stderr), folder)
+
+    def output(self) -> tuple[str, str]:
+        return (self.folder / "launch.out").read_text(), (self.folder / "launch.err").read_text()
+
+    def end(self, timeout: float = 600) -> tuple[str, str]:
+        """Wait for the launch to end: its output. A launch still running after `timeout` seconds is stopped, with
+        its processes, and fails the test."""
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            pytest.fail(f"the launch still ran after {timeout} s:\n{self.output()[1][-5000:]}")
+        return self.output()
+
+    def stop(self) -> None:
+        # SIGTERM, not SIGKILL: the workers run in sessions of their own, and the agent stops them on SIGTERM
+        # (SIGKILL after 30 s), so that they do not outlive the test.
+        self.process.terminate()
+        self.process.wait(timeout=60)
+
+
+def launch(arguments: list[str], cwd: Path, sharding: list[str] = REPLICATED) -> None:
+    """Run `launch_command` in `cwd` to the end; it must succeed."""
+    run = Launch.start(arguments, cwd, sharding)
+    stdout, stderr = run.end()
+    assert run.process.returncode == 0, stdout[-3000:] + stderr[-5000:]
 
 
 # --- the batch arithmetic -----------------------------------------------------------------------------------------
@@ -113,9 +147,9 @@ def test_the_layout_is_checked_before_any_model_loads(tmp_path, capsys):
 # peft. So each accelerate config that several tests need is launched once per module (the `*_launch` fixtures):
 # its launch runs all their update cases and `ppo-lm` commands one after the other (distributed_worker.py's plan),
 # and each test checks its own part. A resume runs in the same launch as its run, on a copy of the run's folder
-# (the test reads the run as it ended, then the copy as resumed); a run stopped by SIGTERM is the last step of its
-# launch, and the replicated resumes of a stopped run follow in one more launch. Only the launches that fail, and
-# the one other accelerate config, are launched by their tests themselves.
+# (the test reads the run as it ended, then the copy as resumed). A run that ends its launch (stopped by SIGTERM, or
+# failing in one process) is the last step of a launch: the replicated resumes of the stopped run follow in a second
+# replicated launch, which a failing run ends. Only the one other accelerate config is launched by its test itself.
 
 
 @dataclass
@@ -133,17 +167,20 @@ class UpdateCase:
 
 @dataclass
 class SharedLaunch:
-    """A launch that several tests share: its folder, exit status and output, and its update cases by test id."""
+    """A launch that several tests share: its folder, exit status, output and time it ended (time.time()), and its
+    update cases by test id."""
 
     directory: Path
     returncode: int
     stdout: str
     stderr: str
+    ended: float
     updates: dict[str, UpdateCase]
 
 
-LAUNCHES = {"replicated_launch": REPLICATED, "replicated_resumes": REPLICATED, "sharded_launch": SHARDED,
-            "deepspeed_zero2_launch": DEEPSPEED_ZERO2, "deepspeed_zero3_launch": DEEPSPEED_ZERO3}
+LAUNCHES = {"replicated_launch": REPLICATED, "second_replicated_launch": REPLICATED,
+            "reward_failure_launch": REPLICATED, "sharded_launch": SHARDED, "deepspeed_zero2_launch": DEEPSPEED_ZERO2,
+            "deepspeed_zero3_launch": DEEPSPEED_ZERO3}
 """The shared launches: fixture name -> its `accelerate launch` options."""
 
 UPDATE_CASES = {
@@ -187,27 +224,35 @@ def prepare_update_case(directory: Path, model_dir: str, extra: dict) -> tuple[U
 
 
 def run_shared_launch(directory: Path, model_dir: str, name: str, steps: list[list[str]],
-                      stop_when: Path | None = None) -> SharedLaunch:
+                      stop_when: Path | None = None, fails: bool = False, timeout: float = 600) -> SharedLaunch:
     """Launch `name` once: first its update cases, then `steps` (distributed_worker.py's plan), in the same two
-    processes; it must succeed. With `stop_when`, the launch gets SIGTERM once that file appears instead, and its
-    exit status is the test's to check (an earlier step that fails ends the launch before, and fails here)."""
-    updates, plan = {}, []
-    for case_id, (launch_name, extra) in UPDATE_CASES.items():
-        if launch_name == name:
-            (directory / case_id).mkdir()
-            updates[case_id], step = prepare_update_case(directory / case_id, model_dir, extra)
-            plan.append(step)
-    (directory / "plan.json").write_text(json.dumps(plan + steps))
-    arguments = [str(WORKER), str(directory / "plan.json")]
-    if stop_when is None:
-        result = launch(arguments, cwd=directory, sharding=LAUNCHES[name])
-        return SharedLaunch(directory, result.returncode, result.stdout, result.stderr, updates)
-    command, env = launch_command(arguments, sharding=LAUNCHES[name])
-    run = subprocess.Popen(command, cwd=directory, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(stop_when, run)
-    run.send_signal(signal.SIGTERM)
-    stdout, stderr = run.communicate(timeout=300)
-    return SharedLaunch(directory, run.returncode, stdout, stderr, updates)
+    processes; it must succeed. With `stop_when`, the launch gets SIGTERM once that file appears; with `fails`, its
+    last step is meant to fail: the exit status is then the test's to check (an earlier step that fails ends the
+    launch before `stop_when` appears, and fails here)."""
+    # The launch starts first: its processes import while this one prepares the update cases (the worker waits for
+    # the plan file).
+    plan_file = directory / "plan.json"
+    run = Launch.start([str(WORKER), str(plan_file)], directory, LAUNCHES[name])
+    try:
+        updates, plan = {}, []
+        for case_id, (launch_name, extra) in UPDATE_CASES.items():
+            if launch_name == name:
+                (directory / case_id).mkdir()
+                updates[case_id], step = prepare_update_case(directory / case_id, model_dir, extra)
+                plan.append(step)
+        plan_file.with_suffix(".part").write_text(json.dumps(plan + steps))
+        plan_file.with_suffix(".part").rename(plan_file)  # whole when the worker sees it
+        if stop_when is not None:
+            wait_for(stop_when, run.process)
+            run.process.send_signal(signal.SIGTERM)
+    except BaseException:
+        run.stop()
+        print(run.output()[1][-5000:], file=sys.stderr)  # pytest shows it with the error
+        raise
+    stdout, stderr = run.end(timeout)
+    if stop_when is None and not fails:
+        assert run.process.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    return SharedLaunch(directory, run.process.returncode, stdout, stderr, time.time(), updates)
 
 
 def resume_a_copy(run_dir: Path, copy_dir: Path, *options: str, left_out: tuple[str, ...] = (),
@@ -245,15 +290,16 @@ def replicated_launch(tmp_path_factory, tiny_model_dir) -> SharedLaunch:
 
 
 @pytest.fixture(scope="module")
-def replicated_resumes(replicated_launch, tiny_model_dir) -> SharedLaunch:
-    """One more replicated launch, after the one stopped by SIGTERM: it resumes a copy of `train/run` for a third
-    step (`train/resumed`), and a copy of the stopped run (`sigterm/resumed`)."""
+def second_replicated_launch(replicated_launch, tiny_model_dir) -> SharedLaunch:
+    """The replicated launch after the one stopped by SIGTERM: it resumes a copy of `train/run` for a third step
+    (`train/resumed`) and a copy of the stopped run (`sigterm/resumed`); then a run whose process 1 fails in its
+    update (`fails-in-update`, see failing_run) ends it."""
     train, sigterm = replicated_launch.directory / "train", replicated_launch.directory / "sigterm"
-    steps = [*resume_a_copy(train / "run", train / "resumed", "--total_steps", "3"),
-             *resume_a_copy(sigterm / "stopped", sigterm / "resumed")]
-    directory = replicated_launch.directory / "resumes"
+    directory = replicated_launch.directory / "second"
     directory.mkdir()
-    return run_shared_launch(directory, tiny_model_dir, "replicated_resumes", steps)
+    steps = [*resume_a_copy(train / "run", train / "resumed", "--total_steps", "3"),
+             *resume_a_copy(sigterm / "stopped", sigterm / "resumed"), failing_run(directory, tiny_model_dir, "update")]
+    return run_shared_launch(directory, tiny_model_dir, "second_replicated_launch", steps, fails=True)
 
 
 def sft_command(model_dir: str, data: str, run_dir: Path, lora: str) -> list[str]:
@@ -359,7 +405,8 @@ def test_an_update_split_over_two_processes_gives_the_weights_of_one_process(req
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_a_two_process_train_run_checkpoints_resumes_and_logs_once(replicated_launch, replicated_resumes, capsys):
+def test_a_two_process_train_run_checkpoints_resumes_and_logs_once(replicated_launch, second_replicated_launch,
+                                                                   capsys):
     run_dir = replicated_launch.directory / "train" / "run"
     assert printed_summaries(replicated_launch.stdout, run_dir) == 1  # the summary is printed once
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -371,7 +418,7 @@ def test_a_two_process_train_run_checkpoints_resumes_and_logs_once(replicated_la
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert len([s for s in samples if s["step"] == 0]) == 3  # 3 eval prompts, split 1 + 2 over the processes
 
-    run_dir = run_dir.with_name("resumed")  # the run resumed with --total_steps 3 (a copy, see replicated_resumes)
+    run_dir = run_dir.with_name("resumed")  # the run resumed with --total_steps 3 (a copy: second_replicated_launch)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in metrics if "reward_mean" in line] == [1, 2, 3]
     assert (run_dir / "checkpoint-3" / "checkpoint.json").is_file()
@@ -577,21 +624,30 @@ def reward(prompts, completions):
 '''
 
 
-def launch_expecting_failure(arguments: list[str], cwd: Path, timeout: float) -> tuple[int, str]:
-    """`launch` for a run that should fail: 2 replicated processes; the exit status and the output (stdout, then
-    stderr). A launch still running after `timeout` seconds is stopped, with its processes, and fails the test."""
-    command, env = launch_command(arguments)
-    with subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True) as process:
-        try:
-            stdout, stderr = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            # SIGTERM, not SIGKILL: the workers run in sessions of their own, and the agent stops them on SIGTERM
-            # (SIGKILL after 30 s), so that they do not outlive the test.
-            process.terminate()
-            stdout, stderr = process.communicate(timeout=60)
-            pytest.fail(f"the launch still ran after {timeout} s:\n{(stdout + stderr)[-5000:]}")
-    return process.returncode, stdout + stderr
+def failing_run(directory: Path, model_dir: str, where: str) -> list[str]:
+    """The plan step of a 4-step run (a checkpoint each step, no evaluation) in `directory`/fails-in-`where`, whose
+    process 1 fails in step 2: in the reward function (`where` "reward") or in the update ("update"). The failing
+    process writes the time to `failed_at` there."""
+    directory = directory / f"fails-in-{where}"
+    directory.mkdir()
+    reward = directory / "failing_reward.py"
+    reward.write_text(FAILING_REWARD.format(stamp=str(directory / "failed_at"), where=where))
+    config = write_ppo_run(directory, model_dir, output_dir=str(directory / "run"), total_steps=4, save_steps=1,
+                           eval_fraction=0.0, reward_fn=f"{reward}:reward")
+    return ["ppo-lm", "train", "--config", str(config)]
+
+
+@pytest.fixture(scope="module")
+def reward_failure_launch(tmp_path_factory, tiny_model_dir) -> SharedLaunch:
+    """A replicated launch of one run, whose process 1 fails in its reward (see failing_run). A launch still running
+    after 2 minutes fails (the agent should end it within seconds)."""
+    directory = tmp_path_factory.mktemp("reward-failure-launch")
+    return run_shared_launch(directory, tiny_model_dir, "reward_failure_launch",
+                             [failing_run(directory, tiny_model_dir, "reward")], fails=True, timeout=120)
+
+
+FAILING_LAUNCHES = {"reward": "reward_failure_launch", "update": "second_replicated_launch"}
+"""Where process 1 fails -> the shared launch whose last run fails there."""
 
 
 @pytest.mark.distributed
@@ -600,25 +656,16 @@ def launch_expecting_failure(arguments: list[str], cwd: Path, timeout: float) ->
     ("reward", "RuntimeError: simulated: the reward service is unreachable from process 1"),
     ("update", "OutOfMemoryError: simulated: out of memory in the update on process 1"),
 ], ids=["reward", "update"])
-def test_a_process_that_fails_ends_the_whole_launch_within_seconds_with_its_error(tiny_model_dir, tmp_path, where,
-                                                                                 message):
+def test_a_process_that_fails_ends_the_whole_launch_within_seconds_with_its_error(request, where, message):
     # Process 1 fails in step 2 while process 0 goes on to its next collective. The failing process ends at once
     # and torchrun's agent stops the other, instead of leaving it in the collective until its timeout (30 minutes).
-    import time
-
     from ppo_lm.checkpoint import checkpoint_problem, find_checkpoint
 
-    stamp = tmp_path / "failed_at"
-    reward = tmp_path / "failing_reward.py"
-    reward.write_text(FAILING_REWARD.format(stamp=str(stamp), where=where))
-    run_dir = tmp_path / "run"
-    config = write_ppo_run(tmp_path, tiny_model_dir, output_dir=str(run_dir), total_steps=4, save_steps=1,
-                           eval_fraction=0.0, reward_fn=f"{reward}:reward")
-    code, output = launch_expecting_failure(["-m", "ppo_lm", "train", "--config", str(config)], cwd=tmp_path,
-                                            timeout=120)
-    ended = time.time()
-    assert code != 0, output[-5000:]
-    assert ended - float(stamp.read_text()) < 30, output[-5000:]
+    failed = request.getfixturevalue(FAILING_LAUNCHES[where])
+    directory, output = failed.directory / f"fails-in-{where}", failed.stdout + failed.stderr
+    run_dir = directory / "run"
+    assert failed.returncode != 0, output[-5000:]
+    assert failed.ended - float((directory / "failed_at").read_text()) < 30, output[-5000:]
     assert f"error (process 1 of 2): {'RewardFunctionError: ' if where == 'reward' else ''}" in output
     assert message in output
     # Step 1's checkpoint is whole, and it is what --resume takes; step 2's was never begun.
@@ -672,8 +719,8 @@ def test_a_checkpoint_that_a_failed_launch_left_unsealed_is_never_resumed_from(t
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_sigterm_to_a_two_process_launch_saves_every_part_and_resume_ends_like_a_straight_run(replicated_launch,
-                                                                                               replicated_resumes):
+def test_sigterm_to_a_two_process_launch_saves_every_part_and_resume_ends_like_a_straight_run(
+        replicated_launch, second_replicated_launch):
     # The launcher passes the signal on to its processes; each finishes step 2, takes its part in checkpoint-2 and
     # stops. The resumed launch then ends where an uninterrupted one does (the replicated launch ran that one, with
     # the same config and reward, before the stopped one).
@@ -686,7 +733,7 @@ def test_sigterm_to_a_two_process_launch_saves_every_part_and_resume_ends_like_a
     assert verify(stopped) == [(stopped / "checkpoint-2", None)]
     assert len(load_state(stopped / "checkpoint-2", "loop_state")["rng"]) == 2  # each process's generators
 
-    # `resumed`: a copy of the stopped run, resumed by replicated_resumes
+    # `resumed`: a copy of the stopped run, resumed by second_replicated_launch
     lines = [[json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
              for run_dir in (straight, resumed)]
     assert [m["step"] for m in lines[0]] == [m["step"] for m in lines[1]] == [1, 2, 3]
