@@ -181,14 +181,17 @@ from pathlib import Path
 
 def reward(prompts, completions):
     # write_ppo_run's reward; with PAUSE_DIR set, each call marks a file <rank>-<call number> there, and call number
-    # PAUSE_AT waits PAUSE_SECONDS first: a test sends its signal in the middle of that step.
+    # PAUSE_AT waits PAUSE_SECONDS first, or less if the test writes a file `go` there: a test sends its signal in
+    # the middle of that step.
     if "PAUSE_DIR" in os.environ:
         marks = Path(os.environ["PAUSE_DIR"])
         rank = os.environ.get("RANK", "0")
         number = len(list(marks.glob(f"{rank}-*"))) + 1
         (marks / f"{rank}-{number}").touch()
         if number == int(os.environ["PAUSE_AT"]):
-            time.sleep(float(os.environ["PAUSE_SECONDS"]))
+            deadline = time.monotonic() + float(os.environ["PAUSE_SECONDS"])
+            while time.monotonic() < deadline and not (marks / "go").exists():
+                time.sleep(0.05)
     return [len(c) / 10 for c in completions]
 """
 

@@ -306,17 +306,23 @@ def start_run(config: str, run_dir, pause_dir, pause_at: int, pause_seconds: flo
 def test_sigterm_in_the_middle_of_a_step_saves_it_and_resume_ends_like_a_straight_run(run_files, monkeypatch):
     write_pausing_reward(run_files["dir"])
     settings = ["--total_steps", "5", "--save_steps", "0", "--eval_fraction", "0"]  # reward call k is step k
-    straight, stopped = run_files["dir"] / "straight", run_files["dir"] / "stopped"
+    straight, stopped, marks = (run_files["dir"] / name for name in ("straight", "stopped", "marks"))
+    # The stopped run's process starts first and imports while this one runs the straight run. Its step 3 waits
+    # in the reward function (a minute at most) until the signal is sent.
+    run = start_run(run_files["config"], stopped, marks, 3, 60.0, *settings)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as in the subprocess, so that the numbers can agree to 1e-6
     torch.set_num_threads(1)
     try:
         assert main(["train", "--config", run_files["config"], "--output_dir", str(straight), *settings]) == 0
+    except BaseException:
+        run.kill()
+        raise
     finally:
         torch.set_num_threads(os.cpu_count() or 1)
 
-    run = start_run(run_files["config"], stopped, run_files["dir"] / "marks", 3, 3.0, *settings)
-    wait_for(run_files["dir"] / "marks" / "0-3", run)  # step 3 is scoring its responses
+    wait_for(marks / "0-3", run)  # step 3 is scoring its responses
     run.send_signal(signal.SIGTERM)
+    (marks / "go").touch()
     _, stderr = run.communicate(timeout=300)
     assert run.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     assert f"Stopped by SIGTERM after step 3: checkpoint-3 is saved in {stopped}" in stderr
