@@ -328,9 +328,9 @@ def sharded_launch(tmp_path_factory, tiny_model_dir) -> SharedLaunch:
     steps = [["ppo-lm", *sft_command(tiny_model_dir, sft_data, directory / f"sft-{lora}", lora)]
              for lora in ("true", "false")]
     steps.append(["ppo-lm", "reward", "--model_name", tiny_model_dir, "--dataset", preferences, "--batch_size", "4",
-                     "--learning_rate", "0.003", "--use_lora", "true", "--total_steps", "2", "--eval_steps", "0",
-                     "--save_steps", "0", "--eval_fraction", "0.2", "--max_eval_samples", "2", "--report_to", "none",
-                     "--reference_dataset", reference, "--output_dir", str(directory / "reward-run")])
+                  "--learning_rate", "0.003", "--use_lora", "true", "--total_steps", "2", "--eval_steps", "0",
+                  "--save_steps", "0", "--eval_fraction", "0.2", "--max_eval_samples", "2", "--report_to", "none",
+                  "--reference_dataset", reference, "--output_dir", str(directory / "reward-run")])
     steps.append(["ppo-lm", "train", "--config", str(config)])
     steps += resume_a_copy(directory / "full" / "run", directory / "full" / "resumed", left_out=("checkpoint-3",))
     return run_shared_launch(directory, tiny_model_dir, "sharded_launch", steps)
@@ -487,8 +487,8 @@ def test_a_sharded_full_fine_tuning_run_checkpoints_resumes_and_exports_whole_we
     assert any(not torch.equal(saved[f"policy.{name}"], tensor) for name, tensor in base.items())  # it trained
     assert saved["value_head.weight"].shape == (1, 64)
 
-    # The same run stopped after its step-2 checkpoint, resumed (sharded again): the same metrics and weights.
-
+    # The same run stopped after its step-2 checkpoint (`resumed`: a copy without checkpoint-3), resumed (sharded
+    # again): the same metrics and weights.
     def train_lines(directory: Path) -> list[dict]:
         lines = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
         return [{k: v for k, v in line.items() if not k.startswith("time/")} for line in lines if "reward_mean" in line]
