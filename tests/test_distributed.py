@@ -454,6 +454,7 @@ def test_a_deepspeed_zero3_run_generates_on_gathered_weights_and_resumes_where_i
     assert any(not torch.equal(uninterrupted[name], at_two[name]) for name in at_two)  # step 3 trained
 
     # The copy resumed from its checkpoint-2 (its checkpoint-3 was there too) redoes step 3 over it.
+    assert f"Resuming from {resumed_dir / 'checkpoint-2'} at step 2." in deepspeed_zero3_launch.stderr
     resumed = load_file(str(resumed_dir / "checkpoint-3" / "trainable.safetensors"))
     for name, tensor in uninterrupted.items():
         step = (tensor - at_two[name]).norm().item()
@@ -493,6 +494,8 @@ def test_a_sharded_full_fine_tuning_run_checkpoints_resumes_and_exports_whole_we
         lines = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
         return [{k: v for k, v in line.items() if not k.startswith("time/")} for line in lines if "reward_mean" in line]
 
+    # the copy was resumed where its checkpoint-3 was left out, so step 3 ran again
+    assert f"Resuming from {resumed_dir / 'checkpoint-2'} at step 2." in sharded_launch.stderr
     straight, resumed_lines = train_lines(run_dir), train_lines(resumed_dir)
     assert [line["step"] for line in resumed_lines] == [1, 2, 3]
     for a, b in zip(straight, resumed_lines, strict=True):
