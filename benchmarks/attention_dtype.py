@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from timing import seconds_per_call
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 
@@ -48,14 +48,7 @@ def attention_ms(attention: Callable, rows: int, length: int, dtype: torch.dtype
         output, _ = attention(module, query, key, value, mask, scaling=0.125)
         output.sum().backward()
 
-    for _ in range(2):
-        run()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        seconds.append(time.perf_counter() - start)
-    return 1000 * statistics.median(seconds)
+    return 1000 * seconds_per_call(run, repeats, statistics.median, warmup=2)
 
 
 def main() -> None:

@@ -13,18 +13,8 @@ import argparse
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 
-
-def best_ms(call: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = call()
-        times.append(time.perf_counter() - start)
-        del result
-    return min(times) * 1e3
+from timing import seconds_per_call
 
 
 def measure(positions: int, hidden: int, vocab: int, repeats: int) -> None:
@@ -34,11 +24,12 @@ def measure(positions: int, hidden: int, vocab: int, repeats: int) -> None:
     torch.manual_seed(0)
     weight, states = torch.randn(vocab, hidden) * 0.02, torch.randn(positions, hidden)
     out = torch.empty(positions, vocab)
-    figures = {
-        "head into a fresh tensor": best_ms(lambda: F.linear(states, weight), repeats),
-        "head into an allocated tensor": best_ms(lambda: torch.matmul(states, weight.T, out=out), repeats),
-        "fresh tensor, allocate and fill": best_ms(lambda: torch.empty(positions, vocab).fill_(1.0), repeats),
+    calls = {
+        "head into a fresh tensor": lambda: F.linear(states, weight),
+        "head into an allocated tensor": lambda: torch.matmul(states, weight.T, out=out),
+        "fresh tensor, allocate and fill": lambda: torch.empty(positions, vocab).fill_(1.0),
     }
+    figures = {name: seconds_per_call(call, repeats) * 1e3 for name, call in calls.items()}
     setting = os.environ.get("THP_MEM_ALLOC_ENABLE", "0")
     print(f"THP_MEM_ALLOC_ENABLE={setting}: " + ", ".join(f"{name} {ms:.0f} ms" for name, ms in figures.items()))
 

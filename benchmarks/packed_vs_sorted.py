@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Callable
 
 import torch
+from timing import seconds_per_call
 from transformers import Qwen3ForCausalLM
 
 from ppo_lm.bench import prompt_lengths, qwen3_config
@@ -53,12 +53,8 @@ def response_logprob_sum(model: Qwen3ForCausalLM, input_ids: torch.Tensor, ends:
 
 
 def timed(run: Callable[[], float], repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return round(best, 3)
+    """The best seconds of `repeats` calls, to the millisecond."""
+    return round(seconds_per_call(run, repeats), 3)
 
 
 def main() -> None:

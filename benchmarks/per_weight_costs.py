@@ -16,10 +16,11 @@ import argparse
 import json
 import statistics
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from timing import seconds_per_call
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,14 +29,9 @@ from ppo_lm.backend import Backend, adamw  # noqa: E402
 from ppo_lm.bench import qwen3_config  # noqa: E402
 
 
-def median_seconds(run, repeats: int) -> float:
-    run()  # warm-up: AdamW creates its state at the first step
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
+def median_seconds(run: Callable[[], object], repeats: int) -> float:
+    """The median seconds of `repeats` calls after one untimed call (AdamW creates its state at its first step)."""
+    return seconds_per_call(run, repeats, statistics.median, warmup=1)
 
 
 def main() -> None:

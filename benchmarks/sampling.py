@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
+from timing import best_alternated
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -29,12 +29,7 @@ def main() -> None:
         probs = (torch.randn(rows, vocab) * 3).softmax(-1)
         samplers = {"multinomial": lambda p=probs: torch.multinomial(p, 1),
                     "inverse_cdf": lambda p=probs: inverse_cdf_sample(p)}
-        best = dict.fromkeys(samplers, float("inf"))
-        for _ in range(arguments.repeats):
-            for name, sample in samplers.items():
-                start = time.perf_counter()
-                sample()
-                best[name] = min(best[name], time.perf_counter() - start)
+        best = best_alternated(samplers, arguments.repeats)
         print(f"rows {rows:3d}, vocabulary {vocab:7,d}: " +
               ", ".join(f"{name} {seconds * 1e3:.2f} ms" for name, seconds in best.items()))
 
