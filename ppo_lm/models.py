@@ -575,54 +575,6 @@ def _logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, with_entro
     return token_logprobs(logits, tokens), entropy
 
 
-class LogitsBlocks:
-    """The float32 block that the output head's passes on the CPU reuse for their `[positions, vocab]` logits.
-
-    glibc maps every allocation of more than 32 MiB afresh and unmaps it when freed, so a new logits tensor (about
-    0.3 GiB for 512 positions of a 151,936-token vocabulary) takes a page fault on each 4 KiB it first writes: about
-    a tenth of the head's product on this project's CPU (`benchmarks/huge_pages.py`). A pass takes the block, so two
-    passes never hold the same one, and gives it back once nothing reads it; a block not given back (a graph that
-    never runs its backward pass) is freed as any tensor. A block more than twice the size a pass needs is dropped
-    for one of that size, so that a large block (a rollout pass over the whole batch) is not held through the
-    smaller passes that follow it (the update's micro-batches), which would add to the peak memory. GPU tensors come
-    from a caching allocator already and are not pooled.
-    """
-
-    def __init__(self) -> None:
-        self.free: torch.Tensor | None = None
-
-    def take(self, size: int, device: torch.device) -> torch.Tensor | None:
-        """A float32 block of at least `size` values for a pass on `device`, or None (allocate as usual) off the
-        CPU."""
-        if device.type != "cpu":
-            return None
-        block, self.free = self.free, None
-        return block if block is not None and size <= block.numel() <= 2 * size else torch.empty(size)
-
-    def give_back(self, block: torch.Tensor | None) -> None:
-        """Keep `block` for the next pass (the last one given back: a pass that overlaps another gives back last)."""
-        if block is not None:
-            self.free = block
-
-
-LOGITS_BLOCKS = LogitsBlocks()
-
-
-def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                block: torch.Tensor | None = None) -> torch.Tensor:
-    """The head's float32 logits `[positions, vocab]` of `hidden` `[positions, hidden]`: `F.linear(hidden, weight,
-    bias).float()`, written into the front of `block` when one is given (the same product, the same numbers; outside
-    autograd, as in `HeadTokenLogprobs.forward`)."""
-    if block is None or torch.is_autocast_enabled(hidden.device.type):
-        return F.linear(hidden, weight, bias).float()
-    logits = block[: hidden.shape[0] * weight.shape[0]].view(hidden.shape[0], weight.shape[0])
-    if weight.dtype != torch.float32:
-        return logits.copy_(F.linear(hidden, weight, bias))
-    if bias is None:
-        return torch.mm(hidden, weight.t(), out=logits)
-    return torch.addmm(bias, hidden, weight.t(), out=logits)
-
-
 class HeadTokenLogprobs(torch.autograd.Function):
     """log softmax(head(hidden) / temperature)[token] at each position, holding one `[positions, vocab]` float32
     tensor between the forward and backward passes instead of the three that the plain path makes (the head's
@@ -635,19 +587,14 @@ class HeadTokenLogprobs(torch.autograd.Function):
     product as `F.linear`'s backward would send it. With `with_entropy`, the second output is each position's
     entropy (not differentiable), from the shifted logits before they are overwritten; otherwise it is empty.
     The plain path (`response_logits`, then `token_logprobs`) gives the same numbers to float32 rounding; a test
-    holds them together. One backward pass only: it overwrites what it saved. On the CPU the logits go into
-    `LOGITS_BLOCKS`' reused block, which the pass gives back at the end of its forward pass when no graph is recorded
-    (`records_graph` false), else at the end of its backward pass.
+    holds them together. One backward pass only: it overwrites what it saved.
     """
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, hidden: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor | None, tokens: torch.Tensor, temperature: float, with_entropy: bool,
-                records_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        # [positions, vocab], our own tensor: changed in place. `records_graph` is the grad mode outside (it is off
-        # in here): whether a backward pass will still read the block, or it goes back now.
-        block = LOGITS_BLOCKS.take(hidden.shape[0] * weight.shape[0], hidden.device)
-        logits = head_logits(hidden, weight, bias, block)
+                bias: torch.Tensor | None, tokens: torch.Tensor, temperature: float, with_entropy: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(hidden, weight, bias).float()  # [positions, vocab], our own tensor: changed in place
         if temperature != 1.0:
             logits.div_(temperature)
         chosen = logits.gather(1, tokens[:, None]).squeeze(1)
@@ -659,12 +606,7 @@ class HeadTokenLogprobs(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, tokens, exp_shifted, total)
         ctx.temperature, ctx.has_bias, ctx.used = temperature, bias is not None, False
         ctx.mark_non_differentiable(entropy)
-        logprobs = chosen - top.squeeze(1) - total.log()
-        if records_graph:
-            ctx.block = block
-        else:
-            LOGITS_BLOCKS.give_back(block)
-        return logprobs, entropy
+        return chosen - top.squeeze(1) - total.log(), entropy
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor, _: torch.Tensor
@@ -680,8 +622,7 @@ class HeadTokenLogprobs(torch.autograd.Function):
         grad_hidden = grad_logits @ weight if ctx.needs_input_grad[0] else None
         grad_weight = grad_logits.T @ hidden if ctx.needs_input_grad[1] else None
         grad_bias = grad_logits.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        LOGITS_BLOCKS.give_back(ctx.block)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
 def _entropy_then_exp_(shifted: torch.Tensor, chunk_elements: int = 2**23) -> torch.Tensor:
@@ -712,8 +653,7 @@ def head_token_logprobs(model: nn.Module, hidden: torch.Tensor, tokens: torch.Te
     head = model.get_output_embeddings()
 
     def forward(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return HeadTokenLogprobs.apply(states, head.weight, head.bias, tokens.flatten(), temperature, with_entropy,
-                                       torch.is_grad_enabled())
+        return HeadTokenLogprobs.apply(states, head.weight, head.bias, tokens.flatten(), temperature, with_entropy)
 
     with _forward_replaced(head, forward):
         logprobs, entropy = head(hidden.flatten(0, 1))

@@ -14,16 +14,13 @@ from ppo_lm import PPOTrainer, SFTConfig, SFTTrainer
 from ppo_lm.losses import entropy_from_logits
 from ppo_lm.models import (
     FLOAT32_SDPA,
-    LOGITS_BLOCKS,
     HeadTokenLogprobs,
-    LogitsBlocks,
     ModelLoadError,
     autocast_bodies,
     autocast_dtype,
     backbone_of,
     encode_for_reward,
     fused_head_reproduces_logprobs,
-    head_logits,
     head_reads_last_hidden_state,
     head_token_logprobs,
     init_scalar_head,
@@ -245,75 +242,10 @@ def test_the_fused_head_refuses_a_second_backward_pass():
     """Its backward pass overwrites what it saved, so a second one (retain_graph) would be wrong: it raises."""
     hidden = torch.randn(4, 8, requires_grad=True)
     weight = torch.randn(50, 8)
-    logprobs, _ = HeadTokenLogprobs.apply(hidden, weight, None, torch.randint(0, 50, (4,)), 1.0, False, True)
+    logprobs, _ = HeadTokenLogprobs.apply(hidden, weight, None, torch.randint(0, 50, (4,)), 1.0, False)
     logprobs.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward pass only"):
         logprobs.sum().backward()
-
-
-@pytest.mark.parametrize("dtype, bias", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)])
-def test_head_logits_in_a_reused_block_equal_a_fresh_linear_exactly(dtype, bias):
-    """The logits written into the front of a larger, dirty block are `F.linear(...).float()` bit for bit, for
-    hidden states that are not contiguous too (a slice of the body's output)."""
-    torch.manual_seed(0)
-    head = torch.nn.Linear(32, 1000, bias=bias).to(dtype)
-    hidden = torch.randn(7, 64, dtype=dtype)[:, ::2]
-    block = torch.full((9 * 1000,), float("nan"))
-    with torch.no_grad():  # as inside `HeadTokenLogprobs.forward`
-        logits = head_logits(hidden, head.weight, head.bias, block)
-    assert logits.dtype == torch.float32 and logits.data_ptr() == block.data_ptr()
-    assert torch.equal(logits, torch.nn.functional.linear(hidden, head.weight, head.bias).float())
-
-
-def test_the_fused_head_reusing_its_block_gives_the_same_logprobs_and_gradients(monkeypatch):
-    """Passes that reuse one block (a graph's backward run after another pass took and gave back the block) give
-    bit for bit what passes with fresh tensors give; a pass without a graph gives its block back at once, a pass with
-    one at the end of its backward pass, and a second graph alive at the same time gets a block of its own."""
-    torch.manual_seed(0)
-    head = torch.nn.Linear(16, 500, bias=False)
-    hidden = [torch.randn(2, 6, 16, requires_grad=True) for _ in range(2)]
-    tokens = [torch.randint(0, 500, (2, 6)) for _ in range(2)]
-
-    def run(pool: LogitsBlocks) -> tuple[list[torch.Tensor], dict[str, bool]]:
-        monkeypatch.setattr("ppo_lm.models.LOGITS_BLOCKS", pool)
-        seen = {}
-        with torch.no_grad():
-            rollout, _ = head_token_logprobs(_HeadOnly(head), hidden[0], tokens[0], 0.7, with_entropy=True)
-        seen["no graph gives it back"] = pool.free is not None
-        first, _ = head_token_logprobs(_HeadOnly(head), hidden[0], tokens[0], 0.7)
-        seen["a graph keeps it"] = pool.free is None
-        second, _ = head_token_logprobs(_HeadOnly(head), hidden[1], tokens[1], 0.7)  # its own block
-        grads = [*torch.autograd.grad(second.sum() * 3, hidden[1]), *torch.autograd.grad(first.sum(), hidden[0])]
-        seen["backward gives it back"] = pool.free is not None
-        return [rollout, first.detach(), second.detach(), *grads], seen
-
-    class FreshBlocks(LogitsBlocks):
-        def take(self, size: int, device: torch.device) -> None:
-            return None
-
-    pooled, seen = run(LogitsBlocks())
-    fresh, _ = run(FreshBlocks())
-    assert seen == {"no graph gives it back": True, "a graph keeps it": True, "backward gives it back": True}
-    for reused, plain in zip(pooled, fresh, strict=True):
-        assert torch.equal(reused, plain)
-    assert isinstance(LOGITS_BLOCKS, LogitsBlocks)
-
-
-def test_the_logits_pool_reuses_a_block_that_fits_and_drops_one_far_too_large():
-    """A pass gets the kept block when it holds what the pass needs and at most twice that; a block more than twice
-    too large is dropped for a new one of the size asked (it would stay held through the smaller passes); off the
-    CPU there is no block (torch's caching allocator does this)."""
-    pool = LogitsBlocks()
-    first = pool.take(100, torch.device("cpu"))
-    assert first.numel() == 100 and pool.free is None  # taken: no other pass can get it
-    pool.give_back(first)
-    assert pool.take(60, torch.device("cpu")) is first
-    pool.give_back(first)
-    smaller = pool.take(40, torch.device("cpu"))
-    assert smaller is not first and smaller.numel() == 40
-    pool.give_back(smaller)
-    assert pool.take(41, torch.device("cpu")) is not smaller  # too small: a new block
-    assert pool.take(10, torch.device("meta")) is None
 
 
 class _HeadOnly(torch.nn.Module):
