@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--dynamic", action="store_true", help="Compile for dynamic shapes (one compilation).")
     parser.add_argument("--repeats", type=int, default=3)
     arguments = parser.parse_args()
+    if not 1 <= arguments.rows <= BENCH_DEFAULTS["batch_size"]:
+        parser.error(f"--rows {arguments.rows} must be between 1 and the rollout's {BENCH_DEFAULTS['batch_size']} rows")
     with tempfile.TemporaryDirectory() as directory:
         policy, reward = build_model_dirs(arguments.arch, Path(directory))
         defaults = {**BENCH_DEFAULTS, "top_k": 0, "top_p": 1.0, "temperature": 1.0, "model_name": policy,
