@@ -165,6 +165,8 @@ class Backend:
     """Whether gradients already computed (and reduced) for a step can still be dropped without a trace."""
     can_roll_back = True
     """Whether `snapshot` and `restore` can undo a training step."""
+    can_compile_layers = True
+    """Whether the decoder layers may run compiled (`PPOConfig.compile_layers`): tested with whole weights only."""
 
     def __init__(self) -> None:
         self.optimizer: torch.optim.Optimizer | None = None
@@ -366,6 +368,7 @@ class FSDPBackend(Backend):
 
     name = "fsdp"
     title = "FSDP"
+    can_compile_layers = False
 
     def __init__(self, sharding: Sharding) -> None:
         super().__init__()
@@ -514,6 +517,7 @@ class DeepSpeedBackend(Backend):
     name = "deepspeed"
     title = "DeepSpeed ZeRO"
     stages = ("train",)
+    can_compile_layers = False
     can_discard_gradients = False
     can_roll_back = False
 

@@ -4,8 +4,9 @@
 
 It builds the policy and a reward model from a config (no download), saves them and loads them back through
 `from_pretrained`, runs warm-up steps and then timed steps on synthetic prompts, and reports the median step time,
-the seconds per stage, tokens per second, peak memory, the step's FLOP count, the floor that count implies at the
-device's measured matmul rate, and how far the measured time is from that floor.
+the first step's time (one-off costs such as compilation included), the seconds per stage, tokens per second, peak
+memory, the step's FLOP count, the floor that count implies at the device's measured matmul rate, and how far the
+measured time is from that floor.
 
 Under `accelerate launch` each process steps on its share of the prompts; the figures are the whole step's (peak
 memory: the largest process's; the floor: the FLOPs shared by the processes).
@@ -271,11 +272,15 @@ def run_benchmark(
     local_prompts = shard(prompts, processes.process_index, processes.num_processes)
     sequences = [prompt for prompt in prompts for _ in range(config.num_generations)]  # num_generations per prompt
     rollback = config.step_rollback and trainer.backend.can_roll_back
+    first_step_s = None  # the first step's wall-clock, one-off costs (compilation, first allocations) included
     for _ in range(warmup):
+        start = time.perf_counter()
         all_or_nothing_step(trainer, local_prompts, rollback)
+        first_step_s = first_step_s or time.perf_counter() - start
     records, flops = [], []
     for _ in range(steps):
         rollout_stats = all_or_nothing_step(trainer, local_prompts, rollback)  # texts and statistics: every process's
+        first_step_s = first_step_s or rollout_stats["time/step"]
         records.append(rollout_stats)
         prompt_lens = [len(ids) for ids in trainer.tokenizer(sequences)["input_ids"]]
         response_lens = [max(1, len(trainer.tokenizer(c)["input_ids"])) for c in rollout_stats["generated_texts"]]
@@ -302,6 +307,8 @@ def run_benchmark(
         "micro_batch_tokens_used": trainer.token_budget and trainer.token_budget.tokens,
         "response_position_tokens": trainer.token_budget and round(trainer.token_budget.response_cost, 3),
         "update_padding": update_padding(prompt_lens, response_lens, config.micro_batch_size, trainer.token_budget),
+        "compile_layers": config.compile_layers,
+        "first_step_s": round(first_step_s, 4),
         "median_step_s": round(step_seconds, 4),
         "stage_s": {stage: round(median[stage], 4) for stage in STAGES[:-1]},
         "generated_tokens_per_s": round(generated / step_seconds, 1),

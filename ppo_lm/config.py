@@ -397,6 +397,14 @@ class PPOConfig(TrainConfig):
     """With `lora_layers`, run the layers below the lowest adapted one once per rollout and start every later pass
     (reference, values, each PPO epoch) from their output: the same numbers for less compute, at the memory of one
     hidden state per token. Applies when the reference and the value model are the shared base (the default)."""
+    compile_layers: bool = False
+    """Run each decoder layer of the policy, reference and value bodies through `torch.compile` in every pass but
+    generation (the rollout's logprobs and values, and the update); generation stays eager, its shapes change with
+    every new token. The compiled layers fuse the elementwise work between the matrix products, after a compilation in
+    the first step (one graph per adapter, gradient mode and shape, shared by the layers; about a minute on a 2-core
+    CPU, figures in benchmarks/RESULTS.md). Their numbers agree with the eager layers'
+    to the rounding of the bodies' dtype, not bit for bit, so an update's first ratio is 1 to that rounding too.
+    Replicated launches only, and not with `gradient_checkpointing`."""
     target_kl: float | None = None
     """Stop the PPO epochs early when a minibatch's approximate KL to the rollout policy passes this. None: off."""
     micro_batch_tokens: MicroBatchTokens = "auto"
@@ -428,6 +436,9 @@ class PPOConfig(TrainConfig):
             require_choice(self, name, registry.names())  # read when validating: a variant may register later
         self._check_groups()
         self._check_policy_loss()
+        if self.compile_layers and self.gradient_checkpointing:
+            raise _invalid(self, "compile_layers", self.compile_layers, "is not supported with gradient_checkpointing "
+                           "(the recomputed layers would run outside the compiled graphs); turn one of them off")
         if self.shared_value_trunk and self.value_model_name is not None:
             raise _invalid(self, "shared_value_trunk", self.shared_value_trunk,
                            "puts the value head on the policy: leave value_model_name unset, or set this to false")

@@ -151,6 +151,42 @@ def _autocast_forward(forward: Callable, device_type: str, dtype: torch.dtype) -
     return run
 
 
+def compile_decoder_layers(bodies: Iterable[nn.Module | None]) -> None:
+    """Run each decoder layer of each body (a transformers decoder with a `layers` list) through `torch.compile`,
+    except when it is called with a key-value cache (generation, whose shapes change with every new token). A body
+    shared by several roles is wrapped once.
+
+    One compiled graph serves every layer of a body (their code is the same; the weights are the graph's inputs);
+    a new graph is compiled for each adapter state (policy, value, disabled for the reference), gradient mode and,
+    once shapes vary, for dynamic shapes. That is more than torch's default limit of 8 graphs per function, past
+    which it would fall back to eager without an error, so the limit is raised."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for body in bodies:
+        if body is None or getattr(body, "layers_compiled", False):
+            continue
+        layers = getattr(body, "layers", None)
+        if not isinstance(layers, nn.ModuleList):
+            raise ValueError(f"compile_layers: {type(body).__name__} has no `layers` list of decoder layers to "
+                             "compile; set compile_layers: false.")
+        for layer in layers:
+            layer.forward = _compiled_outside_generation(layer.forward)
+        body.layers_compiled = True
+
+
+def _compiled_outside_generation(forward: Callable) -> Callable:
+    """`forward` compiled, and as it is for a call with a key-value cache (transformers passes `use_cache=True` and
+    the cache while generating; `cache` or `past_key_values` by version)."""
+    compiled = torch.compile(forward)
+
+    @functools.wraps(forward)
+    def run(*args: object, **kwargs: object) -> object:
+        generating = kwargs.get("use_cache") or any(
+            kwargs.get(name) is not None for name in ("cache", "past_key_values", "past_key_value"))
+        return (forward if generating else compiled)(*args, **kwargs)
+
+    return run
+
+
 Loaded = TypeVar("Loaded")
 
 
@@ -464,6 +500,8 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
     models.keep_adapters_trainable()  # set_adapter turned the value adapter's requires_grad off
     autocast_bodies([policy, reference, value_backbone, reward_model], device,
                     autocast_dtype(config.mixed_precision, device, dtype))
+    if config.compile_layers:
+        compile_decoder_layers(backbone_of(model) for model in (policy, reference, value_backbone) if model is not None)
     return models
 
 

@@ -212,6 +212,9 @@ class PPOTrainer:
         self.policy_loss = POLICY_LOSSES[config.policy_loss]
         self.aggregate = LOSS_AGGREGATIONS[config.loss_aggregation]
         self.backend = select_backend("train")  # how the launch holds and updates the weights
+        if config.compile_layers and not self.backend.can_compile_layers:
+            raise ValueError(f"compile_layers is tested with whole weights only, not under {self.backend.title}; set "
+                             "compile_layers: false, or launch replicated (configs/accelerate/multi_gpu.yaml).")
         processes = process_state()
         self.layout = batch_layout(config.batch_size, processes.num_processes, config.num_mini_batches,
                                    config.micro_batch_size, config.num_generations, config.micro_batch_tokens)

@@ -276,6 +276,8 @@ def test_config_rejects_invalid_values_naming_field_and_value(field, value, allo
     (dict(dual_clip=1.0), "PPOConfig.dual_clip=1.0 is invalid: must be a number > 1"),
     (dict(clip_epsilon_high=-0.1), "PPOConfig.clip_epsilon_high=-0.1 is invalid: must be a finite number > 0"),
     (dict(kl_loss_coef=-1.0), "PPOConfig.kl_loss_coef=-1.0 is invalid"),
+    (dict(compile_layers=True, gradient_checkpointing=True), "PPOConfig.compile_layers=True is invalid: is not "
+                                                              "supported with gradient_checkpointing"),
 ])
 def test_bad_group_and_estimator_settings_are_refused_with_a_message(settings, message):
     with pytest.raises(ValueError) as error:
