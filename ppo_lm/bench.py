@@ -5,8 +5,8 @@
 It builds the policy and a reward model from a config (no download), saves them and loads them back through
 `from_pretrained`, runs warm-up steps and then timed steps on synthetic prompts, and reports the median step time,
 the first step's time (one-off costs such as compilation included), the seconds per stage, tokens per second, peak
-memory, the step's FLOP count, the floor that count implies at the device's measured matmul rate, and how far the
-measured time is from that floor.
+memory, the step's FLOP count, the floor that count implies at the device's matmul rate (measured right after each
+step), and how far the measured time is from that floor (the median over the steps of each step's own ratio).
 
 Under `accelerate launch` each process steps on its share of the prompts; the figures are the whole step's (peak
 memory: the largest process's; the floor: the FLOPs shared by the processes).
@@ -277,7 +277,9 @@ def run_benchmark(
         start = time.perf_counter()
         all_or_nothing_step(trainer, local_prompts, rollback)
         first_step_s = first_step_s or time.perf_counter() - start
-    records, flops = [], []
+    # The bodies' products run in the autocast dtype when there is one, the output head's in the weights' dtype.
+    body_dtype = body_autocast_dtype(trainer.models.policy) or trainer.dtype
+    records, flops, rates, floors = [], [], [], []
     for _ in range(steps):
         rollout_stats = all_or_nothing_step(trainer, local_prompts, rollback)  # texts and statistics: every process's
         first_step_s = first_step_s or rollout_stats["time/step"]
@@ -285,16 +287,22 @@ def run_benchmark(
         prompt_lens = [len(ids) for ids in trainer.tokenizer(sequences)["input_ids"]]
         response_lens = [max(1, len(trainer.tokenizer(c)["input_ids"])) for c in rollout_stats["generated_texts"]]
         flops.append(step_flops(trainer.models.policy.config, prompt_lens, response_lens, config))
+        # The rates are measured right after each step, so that a machine whose speed drifts (a shared VM) gives
+        # each step the floor of its own minutes.
+        rate = matmul_rate(trainer.device, body_dtype)
+        head_rate = rate if body_dtype == trainer.dtype else matmul_rate(trainer.device, trainer.dtype)
+        rates.append((rate, head_rate))
+        floors.append(((flops[-1]["step"] - flops[-1]["head"]) / rate + flops[-1]["head"] / head_rate)
+                      / processes.num_processes)  # the FLOPs are shared by the processes
     median = {stage: statistics.median(r.get(f"time/{stage}", 0.0) for r in records) for stage in STAGES}  # 0: not run
     step_seconds = median["step"]
     generated = statistics.median(r["response_length"] for r in records) * len(sequences)
-    # The bodies' products run in the autocast dtype when there is one, the output head's in the weights' dtype.
-    body_dtype = body_autocast_dtype(trainer.models.policy) or trainer.dtype
-    rate = matmul_rate(trainer.device, body_dtype)
-    head_rate = rate if body_dtype == trainer.dtype else matmul_rate(trainer.device, trainer.dtype)
+    rate = statistics.median(body for body, _ in rates)
+    head_rate = statistics.median(head for _, head in rates)
     step_flop = statistics.median(f["step"] for f in flops)
     head_flop = statistics.median(f["head"] for f in flops)
-    floor = ((step_flop - head_flop) / rate + head_flop / head_rate) / processes.num_processes  # shared FLOPs
+    floor = statistics.median(floors)
+    time_over_floor = statistics.median(r["time/step"] / f for r, f in zip(records, floors, strict=True))
     copy_seconds, copy_bytes = rollback_copy_cost(trainer.backend) if rollback else (0.0, 0)
     return {
         "arch": arch or config.model_name, "device": str(trainer.device), "dtype": str(trainer.dtype).split(".")[-1],
@@ -321,8 +329,8 @@ def run_benchmark(
         "matmul_tflops": round(rate / 1e12, 3),
         "head_matmul_tflops": round(head_rate / 1e12, 3),
         "floor_s": round(floor, 4),
-        "time_over_floor": round(step_seconds / floor, 2),
-        "model_flop_utilisation": round(floor / step_seconds, 4),
+        "time_over_floor": round(time_over_floor, 2),
+        "model_flop_utilisation": round(1 / time_over_floor, 4),
         "step_rollback": rollback,
         "rollback_copy_s": round(copy_seconds, 4),
         "rollback_copy_gib": round(copy_bytes / 2**30, 4),
