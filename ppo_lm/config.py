@@ -400,11 +400,11 @@ class PPOConfig(TrainConfig):
     compile_layers: bool = False
     """Run each decoder layer of the policy, reference and value bodies through `torch.compile` in every pass but
     generation (the rollout's logprobs and values, and the update); generation stays eager, its shapes change with
-    every new token. The compiled layers fuse the elementwise work between the matrix products, after a compilation in
-    the first step (one graph per adapter, gradient mode and shape, shared by the layers; about a minute on a 2-core
-    CPU, figures in benchmarks/RESULTS.md). Their numbers agree with the eager layers'
-    to the rounding of the bodies' dtype, not bit for bit, so an update's first ratio is 1 to that rounding too.
-    Replicated launches only, and not with `gradient_checkpointing`."""
+    every new token. The compiled layers fuse the elementwise work between the matrix products, after a compilation
+    in the first step (one graph per adapter, gradient mode and shape, shared by the layers; one to two minutes on a
+    2-core CPU, figures in benchmarks/RESULTS.md). Their numbers agree with the eager layers' to the rounding of the
+    bodies' dtype, not bit for bit, so an update's first ratio is 1 to that rounding too. Replicated launches only,
+    and not with `gradient_checkpointing`."""
     target_kl: float | None = None
     """Stop the PPO epochs early when a minibatch's approximate KL to the rollout policy passes this. None: off."""
     micro_batch_tokens: MicroBatchTokens = "auto"
