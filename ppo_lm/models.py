@@ -151,7 +151,7 @@ def _autocast_forward(forward: Callable, device_type: str, dtype: torch.dtype) -
     return run
 
 
-def compile_decoder_layers(bodies: Iterable[nn.Module | None]) -> None:
+def compile_decoder_layers(bodies: Iterable[nn.Module]) -> None:
     """Run each decoder layer of each body (a transformers decoder with a `layers` list) through `torch.compile`,
     except when it is called with a key-value cache (generation, whose shapes change with every new token). A body
     shared by several roles is wrapped once.
@@ -162,7 +162,7 @@ def compile_decoder_layers(bodies: Iterable[nn.Module | None]) -> None:
     which it would fall back to eager without an error, so the limit is raised."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for body in bodies:
-        if body is None or getattr(body, "layers_compiled", False):
+        if getattr(body, "layers_compiled", False):
             continue
         layers = getattr(body, "layers", None)
         if not isinstance(layers, nn.ModuleList):
