@@ -20,6 +20,8 @@ def test_bench_prints_one_json_line_with_every_figure(capsys):
     assert result["median_step_s"] > 0 and result["step_tflop"] > 0 and result["time_over_floor"] > 0
     assert 0 < result["head_tflop"] <= result["step_tflop"]  # rounded to 4 decimals: equal for the tiny model
     assert result["step_rollback"] is True and result["rollback_copy_s"] > 0 and result["rollback_copy_gib"] > 0
+    assert result["compile_layers"] is False
+    assert result["first_step_s"] == result["median_step_s"]  # no warm-up: the one timed step is the first
 
 
 def test_small_vocab_model_dir_loads_and_round_trips_a_prompt(tmp_path):
