@@ -167,6 +167,10 @@ class Backend:
     """Whether `snapshot` and `restore` can undo a training step."""
     can_compile_layers = True
     """Whether the decoder layers may run compiled (`PPOConfig.compile_layers`): tested with whole weights only."""
+    can_store_frozen_weights = True
+    """Whether an autocast body may store its frozen linear weights in the autocast dtype beside its float32 trained
+    ones (`models.store_frozen_linear_weights`): tested with whole weights only (a sharding backend gathers a
+    layer's weights together)."""
 
     def __init__(self) -> None:
         self.optimizer: torch.optim.Optimizer | None = None
@@ -369,6 +373,7 @@ class FSDPBackend(Backend):
     name = "fsdp"
     title = "FSDP"
     can_compile_layers = False
+    can_store_frozen_weights = False
 
     def __init__(self, sharding: Sharding) -> None:
         super().__init__()
@@ -518,6 +523,7 @@ class DeepSpeedBackend(Backend):
     title = "DeepSpeed ZeRO"
     stages = ("train",)
     can_compile_layers = False
+    can_store_frozen_weights = False
     can_discard_gradients = False
     can_roll_back = False
 

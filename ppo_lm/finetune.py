@@ -126,7 +126,8 @@ class FinetuneTrainer:
         if config.use_lora:
             model = get_peft_model(model, lora_config(config, self.full_modules))
         self.model = model.to(self.backend.load_device(self.device)).eval()
-        autocast_bodies([self.model], self.device, autocast_dtype(config.mixed_precision, self.device, self.dtype))
+        autocast_bodies([self.model], self.device, autocast_dtype(config.mixed_precision, self.device, self.dtype),
+                        self.backend.can_store_frozen_weights)
         self.optimizer = self.backend.prepare(
             {"model": self.model}, [], lambda: adamw(
                 self.trainable().values(), lr=config.learning_rate, weight_decay=config.weight_decay),

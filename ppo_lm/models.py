@@ -113,13 +113,15 @@ AttentionInterface.register(FLOAT32_SDPA, float32_sdpa)
 AttentionMaskInterface.register(FLOAT32_SDPA, sdpa_mask)  # the same boolean masks as sdpa
 
 
-def autocast_bodies(models: Iterable[nn.Module | None], device: torch.device, dtype: torch.dtype | None) -> None:
+def autocast_bodies(models: Iterable[nn.Module | None], device: torch.device, dtype: torch.dtype | None,
+                    store_frozen: bool = True) -> None:
     """Run the transformer body of each model under `torch.autocast(dtype)` (no-op for None): every path into a
     model (its forward, `generate`, a pass over the body alone) goes through the body. The output heads stay outside:
     the policy's logits, and so every logprob, ratio and KL, come from float32 products, and each body's float32
     residual stream reaches them as it is. A body shared by several roles is wrapped once. Its LoRA layers skip
     peft's cast of their input to the adapter's dtype, which autocast would undo. On a CPU without AMX, a body
-    that uses sdpa attention runs it in float32 (`float32_sdpa`)."""
+    that uses sdpa attention runs it in float32 (`float32_sdpa`). With `store_frozen`, the frozen weights of the
+    body's linear layers are stored in `dtype` (`store_frozen_linear_weights`)."""
     if dtype is None:
         return
     for model in models:
@@ -128,6 +130,8 @@ def autocast_bodies(models: Iterable[nn.Module | None], device: torch.device, dt
             continue
         body.forward = _autocast_forward(body.forward, device.type, dtype)
         body.autocast_dtype = dtype
+        if store_frozen:
+            store_frozen_linear_weights(body, dtype)
         config = getattr(body, "config", None)
         if device.type == "cpu" and not cpu_has_amx() and getattr(config, "_attn_implementation", None) == "sdpa":
             # The config is the model's own (every module holds the same one); it is not saved with the model.
@@ -137,6 +141,27 @@ def autocast_bodies(models: Iterable[nn.Module | None], device: torch.device, dt
                 # peft casts a bfloat16 input (an attention output, an MLP product) to its float32 adapter's dtype,
                 # which autocast casts straight back for the adapter's product: the same numbers, two copies fewer.
                 layer.cast_input_dtype_enabled = False
+
+
+def store_frozen_linear_weights(body: nn.Module, dtype: torch.dtype) -> int:
+    """Store the frozen weights and biases of `body`'s linear layers in `dtype`, the dtype its autocast gives their
+    products; returns how many tensors changed.
+
+    Autocast casts a linear layer's float32 operands on every call and keeps a cast only of a trainable weight, and
+    only until the autocast context ends: a frozen weight (a LoRA base, a reference or reward model) was cast again
+    in every pass, generation's one per new token. Stored once in that dtype, the products get the same operands
+    (the same rounding of the same float32 values) without the casts, and the frozen weights take half the memory.
+    Trained weights stay float32, as their optimizer needs them."""
+    changed = 0
+    for layer in body.modules():
+        if not isinstance(layer, nn.Linear):
+            continue
+        for name in ("weight", "bias"):
+            tensor = getattr(layer, name)
+            if tensor is not None and not tensor.requires_grad and tensor.dtype == torch.float32:
+                setattr(layer, name, nn.Parameter(tensor.detach().to(dtype), requires_grad=False))
+                changed += 1
+    return changed
 
 
 def _autocast_forward(forward: Callable, device_type: str, dtype: torch.dtype) -> Callable:
@@ -415,12 +440,13 @@ class RoleModels:
 
 
 def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype,
-                     load_device: torch.device | None = None) -> RoleModels:
+                     load_device: torch.device | None = None, store_frozen: bool = True) -> RoleModels:
     """Build the roles from the config: one base with LoRA adapters unless separate models are named, and no value
     model when the advantage estimator needs none (`PPOConfig.needs_value_model`).
 
     The reward model goes to `device`; the others to `load_device` (default `device`), where the launch backend
-    wants them before it places them (a sharding backend keeps them on the CPU)."""
+    wants them before it places them (a sharding backend keeps them on the CPU). `store_frozen`: autocast bodies
+    store their frozen linear weights in the autocast dtype (`store_frozen_linear_weights`)."""
     base = load_pretrained(AutoModelForCausalLM.from_pretrained, config.model_name, "model_name", dtype=dtype)
     hidden_size = base.config.hidden_size
 
@@ -499,7 +525,7 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
                         reward_model, trained if config.gradient_checkpointing else [], fused_head)
     models.keep_adapters_trainable()  # set_adapter turned the value adapter's requires_grad off
     autocast_bodies([policy, reference, value_backbone, reward_model], device,
-                    autocast_dtype(config.mixed_precision, device, dtype))
+                    autocast_dtype(config.mixed_precision, device, dtype), store_frozen)
     if config.compile_layers:
         compile_decoder_layers(backbone_of(model) for model in (policy, reference, value_backbone) if model is not None)
     return models

@@ -969,6 +969,39 @@ def test_compiled_layers_give_the_eager_paths_rollout_losses_and_weights(tiny_mo
         assert (plain_weights[name] - fast_weights[name]).norm().item() <= share * moved + 1e-6, name
 
 
+@pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full"])
+def test_frozen_weights_stored_in_the_autocast_dtype_give_the_same_rollout_losses_and_weights(
+        tiny_model_dir, tiny_reward_model_dir, monkeypatch, use_lora):
+    """Under bfloat16 autocast the frozen linear weights (the LoRA base, the separate reference, the reward model)
+    are stored in bfloat16 (`store_frozen_linear_weights`), where autocast used to cast them on every pass. The
+    products get the same operands, so the rollout, the update's losses and the trained weights are the same to the
+    bit as with float32 frozen weights (a backend that does not store them). The trained weights stay float32."""
+    results = []
+    for store in (False, True):
+        monkeypatch.setattr(Backend, "can_store_frozen_weights", store)
+        config = tiny_config(tiny_model_dir, mixed_precision="bf16", use_lora=use_lora,
+                             reward_model_name=tiny_reward_model_dir)
+        trainer = PPOTrainer(config)
+        models = trainer.models
+        frozen = [models.reward_model.model.layers[0].mlp.up_proj.weight]
+        frozen.append(models.reference.model.layers[0].self_attn.q_proj.weight if models.reference is not None
+                      else models.policy.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight)
+        assert {w.dtype for w in frozen} == {torch.bfloat16 if store else torch.float32}
+        assert {p.dtype for p in models.named_trainable().values()} == {torch.float32}
+        rollout = trainer.make_rollout((PROMPTS * 2)[: config.items_per_step])
+        stats = trainer.update(rollout)
+        results.append((rollout, stats, {n: p.detach().clone() for n, p in models.named_trainable().items()}))
+    (plain, plain_stats, plain_weights), (stored, stored_stats, stored_weights) = results
+    for name in ("input_ids", "attention_mask"):
+        assert torch.equal(getattr(stored.batch, name), getattr(plain.batch, name)), name
+    for name in ("raw_scores", "kl", "old_logprobs", "ref_logprobs", "values", "advantages", "returns"):
+        assert torch.equal(getattr(stored, name), getattr(plain, name)), name
+    for name in ("policy_loss", "value_loss", "approx_kl", "grad_norm"):
+        assert stored_stats[name] == plain_stats[name], name
+    for name, tensor in plain_weights.items():
+        assert torch.equal(stored_weights[name], tensor), name
+
+
 def test_compile_layers_is_refused_under_a_sharding_backend_before_any_model_loads(tiny_model_dir, monkeypatch):
     class Sharded(Backend):
         title = "FSDP"
