@@ -130,8 +130,8 @@ def autocast_bodies(models: Iterable[nn.Module | None], device: torch.device, dt
             continue
         body.forward = _autocast_forward(body.forward, device.type, dtype)
         body.autocast_dtype = dtype
-        if store_frozen:
-            store_frozen_linear_weights(body, dtype)
+        if store_frozen and store_frozen_linear_weights(body, dtype):
+            release_checkpoint_file(model)
         config = getattr(body, "config", None)
         if device.type == "cpu" and not cpu_has_amx() and getattr(config, "_attn_implementation", None) == "sdpa":
             # The config is the model's own (every module holds the same one); it is not saved with the model.
@@ -162,6 +162,16 @@ def store_frozen_linear_weights(body: nn.Module, dtype: torch.dtype) -> int:
                 setattr(layer, name, nn.Parameter(tensor.detach().to(dtype), requires_grad=False))
                 changed += 1
     return changed
+
+
+def release_checkpoint_file(model: nn.Module) -> None:
+    """Give each float32 weight of `model` memory of its own, so that the checkpoint file it loaded from can be
+    unmapped. transformers maps a safetensors file into memory and the weights it loads as stored are views of it;
+    the mapping, with every page of it read so far, stays resident while any weight still views it, so the float32
+    pages of the weights `store_frozen_linear_weights` replaced would stay too."""
+    for parameter in model.parameters():
+        if parameter.dtype == torch.float32:
+            parameter.data = parameter.data.clone()
 
 
 def _autocast_forward(forward: Callable, device_type: str, dtype: torch.dtype) -> Callable:

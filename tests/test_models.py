@@ -4,6 +4,8 @@ layers may be run once per rollout (cached)."""
 import dataclasses
 import logging
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from conftest import length_reward, tiny_config
 from transformers import AutoModelForCausalLM
 
 from ppo_lm import PPOTrainer, SFTConfig, SFTTrainer
+from ppo_lm.backend import Backend
 from ppo_lm.losses import entropy_from_logits
 from ppo_lm.models import (
     FLOAT32_SDPA,
@@ -179,6 +182,23 @@ def test_float32_sdpa_is_sdpa_on_float32_operands_under_autocast_and_plain_sdpa_
     assert outside.dtype == torch.bfloat16 and torch.equal(outside, plain)
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's memory map (Linux)")
+@pytest.mark.parametrize("store", [True, False], ids=["stored", "not-stored"])
+def test_storing_frozen_weights_unmaps_the_checkpoint_files(tiny_model_dir, tiny_reward_model_dir, tmp_path,
+                                                            monkeypatch, store):
+    """With its frozen weights stored in bfloat16, no model keeps a view of its float32 checkpoint file, whose pages
+    would stay resident (`release_checkpoint_file`); a backend that does not store them leaves the files mapped,
+    as transformers loads them."""
+    monkeypatch.setattr(Backend, "can_store_frozen_weights", store)
+    policy_dir = shutil.copytree(tiny_model_dir, tmp_path / "policy")  # files no other test has mapped
+    reward_dir = shutil.copytree(tiny_reward_model_dir, tmp_path / "reward")
+    trainer = PPOTrainer(tiny_config(str(policy_dir), mixed_precision="bf16", reward_model_name=str(reward_dir)))
+    mapped = {Path(line.split()[-1]).parent for line in Path("/proc/self/maps").read_text().splitlines()
+              if line.endswith(".safetensors")}
+    assert trainer.models.policy is not None
+    assert not {policy_dir, reward_dir} & mapped if store else {policy_dir, reward_dir} <= mapped
+
+
 @pytest.mark.slow
 def test_sft_under_autocast_runs_the_body_in_bfloat16_and_keeps_float32_weights(tiny_model_dir, tmp_path):
     config = SFTConfig(model_name=tiny_model_dir, output_dir=str(tmp_path), device="cpu", batch_size=2,
@@ -193,6 +213,8 @@ def test_sft_under_autocast_runs_the_body_in_bfloat16_and_keeps_float32_weights(
     assert math.isfinite(stats["loss"])
     moved = [name for name, p in trainer.trainable().items() if not torch.equal(p, trainable[name])]
     assert moved and all(p.dtype == torch.float32 for p in trainer.trainable().values())
+    # The LoRA base is frozen: stored in bfloat16, the operands autocast gave its products.
+    assert body.layers[0].mlp.down_proj.base_layer.weight.dtype == torch.bfloat16
 
 
 def test_token_logprobs_are_the_gathered_log_softmax_and_have_its_gradient():
