@@ -13,6 +13,7 @@ explicit position ids, so that padding changes nothing a real token sees.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import logging
 import os
@@ -130,8 +131,8 @@ def autocast_bodies(models: Iterable[nn.Module | None], device: torch.device, dt
             continue
         body.forward = _autocast_forward(body.forward, device.type, dtype)
         body.autocast_dtype = dtype
-        if store_frozen and store_frozen_linear_weights(body, dtype):
-            release_checkpoint_file(model)
+        if store_frozen:
+            store_frozen_linear_weights(body, dtype)
         config = getattr(body, "config", None)
         if device.type == "cpu" and not cpu_has_amx() and getattr(config, "_attn_implementation", None) == "sdpa":
             # The config is the model's own (every module holds the same one); it is not saved with the model.
@@ -150,9 +151,10 @@ def store_frozen_linear_weights(body: nn.Module, dtype: torch.dtype) -> int:
     Autocast casts a linear layer's float32 operands on every call and keeps a cast only of a trainable weight, and
     only until the autocast context ends: a frozen weight (a LoRA base, a reference or reward model) was cast again
     in every pass, generation's one per new token. Stored once in that dtype, the products get the same operands
-    (the same rounding of the same float32 values) without the casts, and the frozen weights take half the memory.
-    Trained weights stay float32, as their optimizer needs them."""
-    changed = 0
+    (the same rounding of the same float32 values) without the casts. The float32 tensors' memory goes back: freed,
+    or, where they were views of the checkpoint file, their pages dropped (`drop_file_pages`). Trained weights stay
+    float32, as their optimizer needs them."""
+    replaced = []
     for layer in body.modules():
         if not isinstance(layer, nn.Linear):
             continue
@@ -160,18 +162,47 @@ def store_frozen_linear_weights(body: nn.Module, dtype: torch.dtype) -> int:
             tensor = getattr(layer, name)
             if tensor is not None and not tensor.requires_grad and tensor.dtype == torch.float32:
                 setattr(layer, name, nn.Parameter(tensor.detach().to(dtype), requires_grad=False))
-                changed += 1
-    return changed
+                replaced.append(tensor)
+    kept = {t.untyped_storage().data_ptr() for t in [*body.parameters(), *body.buffers()]}
+    drop_file_pages(t for t in replaced if t.untyped_storage().data_ptr() not in kept)  # not a tied weight's
+    return len(replaced)
 
 
-def release_checkpoint_file(model: nn.Module) -> None:
-    """Give each float32 weight of `model` memory of its own, so that the checkpoint file it loaded from can be
-    unmapped. transformers maps a safetensors file into memory and the weights it loads as stored are views of it;
-    the mapping, with every page of it read so far, stays resident while any weight still views it, so the float32
-    pages of the weights `store_frozen_linear_weights` replaced would stay too."""
-    for parameter in model.parameters():
-        if parameter.dtype == torch.float32:
-            parameter.data = parameter.data.clone()
+MADV_DONTNEED = 4
+"""Linux's madvise advice that drops a range's pages (read back from the file on the next access)."""
+
+
+def drop_file_pages(tensors: Iterable[torch.Tensor]) -> int:
+    """Drop from the process's memory the pages of `tensors` that lie in a private mapping of a file; returns the
+    bytes dropped (0 off Linux). Only for tensors nothing reads or writes any more.
+
+    transformers maps a safetensors checkpoint into memory, and the weights it loads as stored are views of that
+    mapping: a page read once stays resident while any weight of the file still views it, so a float32 weight
+    replaced by its bfloat16 copy would keep its memory. A dropped page of a file mapping is read from the file
+    again if something reads it; anonymous memory is left alone."""
+    maps = "/proc/self/maps"
+    if not os.path.exists(maps):
+        return 0
+    regions = []
+    with open(maps) as lines:
+        for line in lines:
+            fields = line.split(maxsplit=5)  # address range, permissions, offset, device, inode, path
+            if len(fields) == 6 and fields[5].startswith("/") and fields[1].endswith("p"):
+                start, end = (int(address, 16) for address in fields[0].split("-"))
+                regions.append((start, end))
+    page = os.sysconf("SC_PAGE_SIZE")
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    dropped = 0
+    for tensor in tensors:
+        begin = tensor.data_ptr()
+        end = begin + tensor.numel() * tensor.element_size()
+        if not tensor.is_contiguous() or not any(start <= begin and end <= stop for start, stop in regions):
+            continue
+        first, last = -(-begin // page) * page, end // page * page  # the pages the tensor covers whole
+        if last > first and madvise(first, last - first, MADV_DONTNEED) == 0:
+            dropped += last - first
+    return dropped
 
 
 def _autocast_forward(forward: Callable, device_type: str, dtype: torch.dtype) -> Callable:

@@ -4,16 +4,14 @@ layers may be run once per rollout (cached)."""
 import dataclasses
 import logging
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import length_reward, tiny_config
+from conftest import length_reward, tiny_config, tiny_qwen3_config
 from transformers import AutoModelForCausalLM
 
 from ppo_lm import PPOTrainer, SFTConfig, SFTTrainer
-from ppo_lm.backend import Backend
 from ppo_lm.losses import entropy_from_logits
 from ppo_lm.models import (
     FLOAT32_SDPA,
@@ -30,6 +28,7 @@ from ppo_lm.models import (
     load_pretrained,
     load_tokenizer,
     shared_frozen_layers,
+    store_frozen_linear_weights,
     token_logprobs,
 )
 
@@ -182,21 +181,43 @@ def test_float32_sdpa_is_sdpa_on_float32_operands_under_autocast_and_plain_sdpa_
     assert outside.dtype == torch.bfloat16 and torch.equal(outside, plain)
 
 
-@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's memory map (Linux)")
-@pytest.mark.parametrize("store", [True, False], ids=["stored", "not-stored"])
-def test_storing_frozen_weights_unmaps_the_checkpoint_files(tiny_model_dir, tiny_reward_model_dir, tmp_path,
-                                                            monkeypatch, store):
-    """With its frozen weights stored in bfloat16, no model keeps a view of its float32 checkpoint file, whose pages
-    would stay resident (`release_checkpoint_file`); a backend that does not store them leaves the files mapped,
-    as transformers loads them."""
-    monkeypatch.setattr(Backend, "can_store_frozen_weights", store)
-    policy_dir = shutil.copytree(tiny_model_dir, tmp_path / "policy")  # files no other test has mapped
-    reward_dir = shutil.copytree(tiny_reward_model_dir, tmp_path / "reward")
-    trainer = PPOTrainer(tiny_config(str(policy_dir), mixed_precision="bf16", reward_model_name=str(reward_dir)))
-    mapped = {Path(line.split()[-1]).parent for line in Path("/proc/self/maps").read_text().splitlines()
-              if line.endswith(".safetensors")}
-    assert trainer.models.policy is not None
-    assert not {policy_dir, reward_dir} & mapped if store else {policy_dir, reward_dir} <= mapped
+def _resident_file_bytes(directory: Path) -> int:
+    """Resident bytes of this process's mappings of files in `directory` (from /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+            inside = len(fields) == 6 and Path(fields[5]).parent == directory
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads the process's memory map (Linux)")
+def test_stored_frozen_weights_give_the_same_products_and_their_float32_file_pages_go(tmp_path):
+    """A model loaded from safetensors views the mapped file; after a pass has read every weight, storing the
+    frozen linear weights in bfloat16 drops their float32 pages from memory, and the body's autocast products
+    (hidden states) stay the same to the bit. The trained weight keeps float32 and its pages."""
+    config = tiny_qwen3_config(vocab_size=256, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=64, eos_token_id=0, pad_token_id=0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path).requires_grad_(False).eval()
+    trained = model.model.layers[0].mlp.up_proj.weight.requires_grad_(True)
+    input_ids = torch.arange(40).reshape(2, 20)
+
+    def hidden() -> torch.Tensor:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return model.model(input_ids=input_ids).last_hidden_state
+
+    before, resident = hidden(), _resident_file_bytes(tmp_path)
+    frozen = [m.weight for m in model.model.modules() if isinstance(m, torch.nn.Linear) and m.weight is not trained]
+    assert store_frozen_linear_weights(model.model, torch.bfloat16) == len(frozen)
+    assert all(m.weight.dtype == torch.bfloat16 for m in model.model.modules()
+               if isinstance(m, torch.nn.Linear) and m.weight is not trained) and trained.dtype == torch.float32
+    released = resident - _resident_file_bytes(tmp_path)
+    float32_bytes = sum(w.numel() * 4 for w in frozen)
+    assert 0.9 * float32_bytes <= released <= float32_bytes
+    assert torch.equal(hidden(), before)
 
 
 @pytest.mark.slow
