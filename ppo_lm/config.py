@@ -136,11 +136,12 @@ class RunConfig:
     dtype: DTypeName = "auto"
     """Weights' dtype: 'auto' (bfloat16 on a GPU that supports it, else float32), 'float32', 'bfloat16', 'float16'."""
     mixed_precision: MixedPrecisionName = "auto"
-    """Matrix products of the transformer bodies in bfloat16 (autocast) while float32 weights, optimizer state, output
-    heads, logprobs and losses stay float32: 'auto' on a CPU that multiplies bfloat16 natively (AVX-512 BF16 or AMX;
-    a PPO step there took 0.56x to 0.72x the float32 time, benchmarks/RESULTS.md), off elsewhere (on a GPU
-    `dtype: auto` already gives bfloat16 weights); 'bf16' wherever the weights are float32; 'no' for float32
-    throughout, as earlier versions ran."""
+    """Matrix products of the transformer bodies in bfloat16 (autocast) while trained weights, optimizer state, output
+    heads, logprobs and losses stay float32 (the bodies' frozen linear weights, such as a LoRA base, are stored in
+    bfloat16, the operands autocast gives their products): 'auto' on a CPU that multiplies bfloat16 natively
+    (AVX-512 BF16 or AMX; a PPO step there took 0.56x to 0.72x the float32 time, benchmarks/RESULTS.md), off
+    elsewhere (on a GPU `dtype: auto` already gives bfloat16 weights); 'bf16' wherever the weights are float32; 'no'
+    for float32 throughout, as earlier versions ran."""
 
     def __post_init__(self) -> None:
         # The one place a config is checked on its own: every construction (a YAML file, tyro, dataclasses.replace)
