@@ -174,7 +174,8 @@ MADV_DONTNEED = 4
 
 def drop_file_pages(tensors: Iterable[torch.Tensor]) -> int:
     """Drop from the process's memory the pages of `tensors` that lie in a private mapping of a file; returns the
-    bytes dropped (0 off Linux). Only for tensors nothing reads or writes any more.
+    bytes dropped (0 off Linux). Only for tensors nothing reads or writes any more; a tensor on a device other than
+    the CPU is left alone.
 
     transformers maps a safetensors checkpoint into memory, and the weights it loads as stored are views of that
     mapping: a page read once stays resident while any weight of the file still views it, so a float32 weight
@@ -197,7 +198,8 @@ def drop_file_pages(tensors: Iterable[torch.Tensor]) -> int:
     for tensor in tensors:
         begin = tensor.data_ptr()
         end = begin + tensor.numel() * tensor.element_size()
-        if not tensor.is_contiguous() or not any(start <= begin and end <= stop for start, stop in regions):
+        in_file = any(start <= begin and end <= stop for start, stop in regions)
+        if tensor.device.type != "cpu" or not tensor.is_contiguous() or not in_file:
             continue
         first, last = -(-begin // page) * page, end // page * page  # the pages the tensor covers whole
         if last > first and madvise(first, last - first, MADV_DONTNEED) == 0:
