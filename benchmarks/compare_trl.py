@@ -31,6 +31,9 @@ drift in a shared machine hits all of them alike:
   batch (left out where that is the whole batch). `--bf16 1` gives every TRL setting `--bf16 1`.
 - TRL extra settings, `--trl_settings 'NAME=ARGS;...'`: ARGS appended to `accum`'s command (a later
   `--micro_batch_size` wins), e.g. `bf16=--bf16 1` or `bf16whole=--bf16 1 --micro_batch_size 32`.
+- In either, ARGS may start with environment variables of that run, `VAR=VALUE` words before the first argument
+  (the run goes through `env`), e.g. `jemalloc=LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2` for ppo-lm or
+  `jewhole=LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 --micro_batch_size 32` for TRL's whole batch.
 
 `--skip REGIME/MODE/SETTING,...` leaves settings out; each part is a shell-style pattern, and a bare `SETTING`
 means `*/*/SETTING` (e.g. `small:tldr/*/whole`: TRL's whole batch, known not to fit there). A run that fails (a
@@ -64,6 +67,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import re
 import shlex
 import statistics
 import subprocess
@@ -229,13 +233,25 @@ def trl_command(arguments: argparse.Namespace, lora: bool, policy_dir: str, rewa
             "--micro_batch_size", str(micro), *extra]
 
 
+def split_environment(extra: tuple[str, ...] | list[str]) -> tuple[list[str], list[str]]:
+    """A setting's leading `NAME=VALUE` words (NAME in capitals, digits and underscores, as a shell's variables), and
+    the arguments after them."""
+    count = 0
+    while count < len(extra) and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", extra[count]):
+        count += 1
+    return list(extra[:count]), list(extra[count:])
+
+
 def setting_command(arguments: argparse.Namespace, setting: Setting, regime: tuple[str, str], lora: bool,
                     dirs: tuple[str, str]) -> list[str]:
+    """The setting's command line; its environment words, if any, go first through `env`."""
     policy_dir, reward_dir = dirs
+    environment, extra = split_environment(setting.extra)
     if setting.trainer == "ppo-lm":
-        return ours_command(arguments, lora, policy_dir, reward_dir, regime[1], setting.extra)
-    return trl_command(arguments, lora, policy_dir, reward_dir, regime[1], setting.trl_micro_batch_size,
-                       setting.extra)
+        command = ours_command(arguments, lora, policy_dir, reward_dir, regime[1], extra)
+    else:
+        command = trl_command(arguments, lora, policy_dir, reward_dir, regime[1], setting.trl_micro_batch_size, extra)
+    return ["env", *environment, *command] if environment else command
 
 
 # --- running ------------------------------------------------------------------------------------------------------

@@ -109,6 +109,20 @@ def test_settings_parser():
             compare_trl.parse_regimes(bad)
 
 
+def test_a_setting_s_leading_variables_become_its_environment(capsys):
+    lines = dry_run(capsys, "--modes", "lora", "--ours_settings", "je=LD_PRELOAD=/lib/je.so MALLOC_CONF=a:1,b:2",
+                    "--trl_settings", "jewhole=LD_PRELOAD=/lib/je.so --micro_batch_size 32 X=1")
+    commands = {line["setting"]: line["command"] for line in lines}
+    assert commands["je"][:5] == ["env", "LD_PRELOAD=/lib/je.so", "MALLOC_CONF=a:1,b:2", "OURPY", "-m"]
+    assert commands["je"][3:] == commands["default"]  # nothing else changes
+    assert commands["jewhole"][:3] == ["env", "LD_PRELOAD=/lib/je.so", "TRLPY"]
+    assert commands["jewhole"][-3:] == ["--micro_batch_size", "32", "X=1"]  # only the leading words are variables
+    assert option(commands["jewhole"], "--micro_batch_size") == "32"
+    assert commands["default"][0] == "OURPY" and commands["whole"][0] == "TRLPY"
+    assert compare_trl.split_environment(["--micro_batch_tokens=512"]) == ([], ["--micro_batch_tokens=512"])
+    assert compare_trl.split_environment(["lower=1", "--x"]) == ([], ["lower=1", "--x"])
+
+
 def fake_result(step: float, memory: float) -> str:
     return json.dumps({"median_step_s": step, "peak_memory_gib": memory}) + "\n"
 
