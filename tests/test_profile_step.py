@@ -1,4 +1,5 @@
-"""benchmarks/profile_step.py: the allocation figures it reads from the profiler's memory events (no profiling)."""
+"""benchmarks/profile_step.py: the figures it reads from the profiler's memory events and matrix products (no
+profiling)."""
 
 from __future__ import annotations
 
@@ -47,3 +48,23 @@ def test_allocation_figures_follow_the_events_in_time_order():
 def test_allocation_figures_of_no_events_are_zero():
     assert profile_step.allocation_figures(fake_profile([])) == {
         "most_live": 0.0, "allocated": 0.0, "allocated_1_to_4_mib": 0.0}
+
+
+def test_product_flops_read_each_operator_s_own_input_shapes():
+    assert profile_step.product_flops("aten::mm", [[4, 3], [3, 5]]) == 2 * 4 * 3 * 5
+    assert profile_step.product_flops("aten::addmm", [[5], [4, 3], [3, 5], [], []]) == 2 * 4 * 3 * 5
+    assert profile_step.product_flops("aten::bmm", [[2, 4, 3], [2, 3, 5]]) == 2 * 2 * 4 * 3 * 5
+
+
+def test_matmul_rows_keep_the_products_slowest_first_with_their_rates():
+    averages = [
+        SimpleNamespace(key="aten::mm", input_shapes=[[4, 3], [3, 5]], count=10, self_cpu_time_total=60.0),
+        SimpleNamespace(key="aten::add", input_shapes=[[4, 5], [4, 5]], count=99, self_cpu_time_total=900.0),
+        SimpleNamespace(key="aten::addmm", input_shapes=[[5], [8, 3], [3, 5], [], []], count=2,
+                        self_cpu_time_total=240.0),
+    ]
+    rows = profile_step.matmul_rows(averages)
+    assert [row["op"] for row in rows] == ["aten::addmm", "aten::mm"]  # no aten::add; the most seconds first
+    assert rows[0]["calls"] == 2 and rows[0]["flops"] == 2 * 2 * 8 * 3 * 5
+    assert rows[0]["seconds"] == pytest.approx(240e-6)  # the profiler counts microseconds
+    assert rows[1]["rate"] == pytest.approx(10 * 2 * 4 * 3 * 5 / 60e-6)
