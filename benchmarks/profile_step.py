@@ -12,13 +12,13 @@ resident memory over the warm-up step (the same shapes, before the profiler's ow
 the models load plus the first figure is about what a step needs; the rest of the peak is memory the C allocator
 kept (freed, not returned, not reused). With `--matmul_shapes`, also a table of the step's matrix products grouped
 by shape (`aten::mm`, `aten::addmm`, `aten::bmm`): calls, seconds, FLOPs and the rate each shape ran at, beside the
-rate of a square product that `ppo-lm bench`'s floor divides by (`ppo_lm.bench.matmul_rate`, measured after the
-step), and how the profiled step's seconds split into products at that rate, the products' time beyond it, and
-the rest.
-The profiler adds its own time to the operators it records, unevenly: the unprofiled step's stage seconds are
-printed beside the profiled one's (on a 2-core AVX2 EPYC, `small_vocab` LoRA in float32, about 35 s against 20 to
-24 s; the 20 to 24 s from this script's unprofiled step and `ppo-lm bench`): compare operators within one table,
-and time a suspect with a wall-clock timer in an unprofiled step before trusting its share.
+rate of a square product in the weights' dtype (`ppo_lm.bench.matmul_rate`, measured after the step), and how the
+profiled step's seconds split into products at that rate, the products' time beyond it, and the rest. Under a
+bodies' autocast the bodies' products run in bfloat16, faster than that rate, so the split then understates the
+time beyond it. The profiler adds its own time to the operators it records, unevenly: the unprofiled step's stage
+seconds are printed beside the profiled one's (on a 2-core AVX2 EPYC, `small_vocab` LoRA in float32: 33.72 s
+against 22.32 s, benchmarks/RESULTS.md, session 29): compare operators within one table, and time a suspect with a
+wall-clock timer in an unprofiled step before trusting its share.
 Options other than the five above are PPOConfig fields, as in `ppo-lm bench`.
 """
 
