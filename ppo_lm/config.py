@@ -27,7 +27,7 @@ from ppo_lm.advantages import ADVANTAGE_ESTIMATORS
 from ppo_lm.losses import KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
 
 LRSchedulerName = Literal["constant", "linear", "cosine"]
-DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
+DTypeName = Literal["auto", "float32", "bfloat16", "float16", "bfloat16_if_native"]
 LR_SCHEDULERS: tuple[str, ...] = get_args(LRSchedulerName)
 DTYPES: tuple[str, ...] = get_args(DTypeName)
 MixedPrecisionName = Literal["auto", "bf16", "no"]
@@ -134,7 +134,10 @@ class RunConfig:
     device: str = "auto"
     """Where the models run: 'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:1', ..."""
     dtype: DTypeName = "auto"
-    """Weights' dtype: 'auto' (bfloat16 on a GPU that supports it, else float32), 'float32', 'bfloat16', 'float16'."""
+    """Weights' dtype: 'auto' (bfloat16 on a GPU that supports it, else float32), 'float32', 'bfloat16', 'float16', or
+    'bfloat16_if_native': bfloat16 where the device multiplies it natively (a GPU that supports it, a CPU with
+    AVX-512 BF16 or AMX), else float32, which a CPU without those instructions multiplies many times faster (the
+    demos' setting: LoRA on a frozen bfloat16 base)."""
     mixed_precision: MixedPrecisionName = "auto"
     """Matrix products of the transformer bodies in bfloat16 (autocast) while trained weights, optimizer state, output
     heads, logprobs and losses stay float32 (the bodies' frozen linear weights, such as a LoRA base, are stored in

@@ -62,12 +62,26 @@ def resolve_device(name: str, processes: PartialState | None = None) -> torch.de
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' becomes bfloat16 on a GPU that supports it, else float32."""
+    """'auto' becomes bfloat16 on a GPU that supports it, else float32; 'bfloat16_if_native' becomes bfloat16 there
+    and on a CPU that multiplies bfloat16 natively, else float32. Asking for bfloat16 on a CPU that would emulate it
+    gets a warning: it is the user's choice, but a slow one."""
+    gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
+        return torch.bfloat16 if gpu_bf16 else torch.float32
+    if name == "bfloat16_if_native":
+        return torch.bfloat16 if gpu_bf16 or (device.type == "cpu" and cpu_multiplies_bf16()) else torch.float32
+    if name == "bfloat16":
+        warn_if_bf16_is_emulated(device, "dtype: bfloat16")
     return getattr(torch, name)
+
+
+def warn_if_bf16_is_emulated(device: torch.device, setting: str) -> None:
+    """Warn that `setting` multiplies in bfloat16 on a CPU without bfloat16 instructions, where oneDNN emulates it:
+    on a 2-core AVX2 EPYC a bfloat16 product ran at a hundredth of float32's rate (benchmarks/RESULTS.md)."""
+    if device.type == "cpu" and not cpu_multiplies_bf16():
+        logger.warning("%s on a CPU without AVX-512 BF16 or AMX: its bfloat16 products are emulated, many times "
+                       "slower than float32. For speed set dtype: bfloat16_if_native (or auto) and mixed_precision: "
+                       "auto, which pick float32 here.", setting)
 
 
 def autocast_dtype(mixed_precision: str, device: torch.device, weights: torch.dtype) -> torch.dtype | None:
@@ -75,7 +89,10 @@ def autocast_dtype(mixed_precision: str, device: torch.device, weights: torch.dt
     None when they run in the weights' own dtype. Only float32 weights are ever autocast."""
     if mixed_precision == "no" or weights != torch.float32:
         return None
-    if mixed_precision == "bf16" or (device.type == "cpu" and cpu_multiplies_bf16()):
+    if mixed_precision == "bf16":
+        warn_if_bf16_is_emulated(device, "mixed_precision: bf16")
+        return torch.bfloat16
+    if device.type == "cpu" and cpu_multiplies_bf16():
         return torch.bfloat16
     return None
 

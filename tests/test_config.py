@@ -107,7 +107,7 @@ def test_each_choice_is_one_literal_that_validate_and_help_agree_on(cls, name, a
 
 def test_the_expected_choices():
     assert LR_SCHEDULERS == ("constant", "linear", "cosine")
-    assert DTYPES == ("auto", "float32", "bfloat16", "float16")
+    assert DTYPES == ("auto", "float32", "bfloat16", "float16", "bfloat16_if_native")
     assert KL_ESTIMATORS.names() == ("k1", "k3")
     assert ADVANTAGE_ESTIMATORS.names() == ("gae", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
     assert POLICY_LOSSES.names() == ("clipped", "gspo")

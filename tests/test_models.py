@@ -27,6 +27,7 @@ from ppo_lm.models import (
     init_scalar_head,
     load_pretrained,
     load_tokenizer,
+    resolve_dtype,
     shared_frozen_layers,
     store_frozen_linear_weights,
     token_logprobs,
@@ -130,6 +131,32 @@ def test_autocast_dtype_follows_the_setting_the_device_and_the_weights(monkeypat
                                                                        expected):
     monkeypatch.setattr("ppo_lm.models.cpu_multiplies_bf16", lambda: native)
     assert autocast_dtype(setting, torch.device(device), weights) == expected
+
+
+@pytest.mark.parametrize("name, native, expected", [
+    ("auto", True, torch.float32),  # a CPU's default weights stay float32 (mixed_precision autocasts them instead)
+    ("bfloat16_if_native", True, torch.bfloat16),
+    ("bfloat16_if_native", False, torch.float32),  # emulated bfloat16 is slower than float32
+    ("bfloat16", False, torch.bfloat16),  # asked for: kept, with a warning
+    ("float32", True, torch.float32),
+])
+def test_the_weights_dtype_on_a_cpu_follows_the_setting_and_its_bfloat16_instructions(monkeypatch, caplog, name,
+                                                                                     native, expected):
+    monkeypatch.setattr("ppo_lm.models.cpu_multiplies_bf16", lambda: native)
+    with caplog.at_level(logging.WARNING, logger="ppo_lm.models"):
+        assert resolve_dtype(name, torch.device("cpu")) == expected
+    warned = [r.getMessage() for r in caplog.records if "emulated" in r.getMessage()]
+    assert len(warned) == (name == "bfloat16" and not native)
+    assert all("dtype: bfloat16 on a CPU without AVX-512 BF16 or AMX" in w and "bfloat16_if_native" in w
+               for w in warned)
+
+
+def test_bf16_autocast_asked_for_on_a_cpu_that_emulates_it_is_kept_with_a_warning(monkeypatch, caplog):
+    monkeypatch.setattr("ppo_lm.models.cpu_multiplies_bf16", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="ppo_lm.models"):
+        assert autocast_dtype("bf16", torch.device("cpu"), torch.float32) == torch.bfloat16
+        assert autocast_dtype("auto", torch.device("cpu"), torch.float32) is None
+    assert [r.getMessage().split(" on a CPU")[0] for r in caplog.records] == ["mixed_precision: bf16"]
 
 
 @pytest.mark.parametrize("amx", [False, True])
