@@ -36,6 +36,7 @@ from ppo_lm.models import (
     autocast_bodies,
     autocast_dtype,
     enable_activation_checkpointing,
+    fuse_lora_layers,
     load_pretrained,
     load_tokenizer,
     lora_config,
@@ -125,6 +126,7 @@ class FinetuneTrainer:
             enable_activation_checkpointing(model)
         if config.use_lora:
             model = get_peft_model(model, lora_config(config, self.full_modules))
+            fuse_lora_layers(model)
         self.model = model.to(self.backend.load_device(self.device)).eval()
         autocast_bodies([self.model], self.device, autocast_dtype(config.mixed_precision, self.device, self.dtype),
                         self.backend.can_store_frozen_weights)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.nn import functional as F
@@ -370,6 +371,59 @@ def lora_config(config: TrainConfig, modules_to_save: list[str] | None = None) -
     )
 
 
+class LoraUpProjection(nn.Linear):
+    """A LoRA adapter's up-projection B (rank -> out) that can add its scaled product to the base layer's output in
+    one `addmm`. Called as `B(down, base_output, scaling)`, it returns `base_output + scaling * down @ B^T` (in
+    `down`'s dtype) without the `[tokens, out]` product, its scaled copy and the sum that peft makes of them; called
+    with `down` alone, it is the plain linear layer peft's own paths (merging, mixed batches) expect. Being the
+    module itself, its hooks (ZeRO-3 gathering its weight) run around the fused call too."""
+
+    def forward(self, down: torch.Tensor, base_output: torch.Tensor | None = None,  # type: ignore[override]
+                scaling: float = 1.0) -> torch.Tensor:
+        if base_output is None:
+            return super().forward(down)
+        out = torch.addmm(base_output.flatten(0, -2), down.flatten(0, -2), self.weight.t(), alpha=scaling)
+        return out.view(*base_output.shape[:-1], self.out_features)
+
+
+class FusedLoraLinear(LoraLinear):
+    """peft's LoRA linear layer whose single active adapter adds its up-projection to the base output in one
+    `addmm` (`LoraUpProjection`): the same sum, rounded once instead of three times, with the scale folded into the
+    product's backward too. Any other case (adapters off or merged, several active, a LoRA variant such as DoRA, a
+    bias on B, extra arguments) runs peft's own forward."""
+
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        active = [name for name in self.active_adapters if name in self.lora_A]
+        if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1
+                or active[0] in self.lora_variant or not isinstance(self.lora_B[active[0]], LoraUpProjection)
+                or self.lora_B[active[0]].bias is not None):
+            return super().forward(x, *args, **kwargs)
+        name = active[0]
+        result = self.base_layer(x)
+        result_dtype = result.dtype
+        down = self.lora_A[name](self.lora_dropout[name](self._cast_input_dtype(x, self.lora_A[name].weight.dtype)))
+        if not torch.is_autocast_enabled(down.device.type):
+            # peft's sum promotes a bfloat16 base output to a float32 adapter's dtype, then casts back: the same here.
+            result = result.to(down.dtype)
+        return self.lora_B[name](down, result, self.scaling[name]).to(result_dtype)
+
+
+def fuse_lora_layers(model: nn.Module) -> int:
+    """Turn `model`'s peft LoRA linear layers into `FusedLoraLinear` (their up-projections into `LoraUpProjection`),
+    in place: same parameters, state dict and adapters, fewer passes over the layer's output. Returns how many layers
+    changed."""
+    changed = 0
+    for layer in model.modules():
+        if type(layer) is LoraLinear:
+            layer.__class__ = FusedLoraLinear
+            changed += 1
+        if isinstance(layer, FusedLoraLinear):
+            for up in layer.lora_B.values():
+                if type(up) is nn.Linear:
+                    up.__class__ = LoraUpProjection
+    return changed
+
+
 def init_scalar_head(head: nn.Linear) -> None:
     """Initialise a scalar head as the N+ implementation details do: normal with std 1/sqrt(hidden+1), bias 0."""
     nn.init.normal_(head.weight, std=1.0 / (head.in_features + 1) ** 0.5)
@@ -584,6 +638,9 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
     models = RoleModels(policy, reference, value_backbone, value_head, value_adapter_on_policy, value_on_policy_body,
                         reward_model, trained if config.gradient_checkpointing else [], fused_head)
     models.keep_adapters_trainable()  # set_adapter turned the value adapter's requires_grad off
+    for model in (policy, value_backbone):
+        if model is not None:
+            fuse_lora_layers(model)
     autocast_bodies([policy, reference, value_backbone, reward_model], device,
                     autocast_dtype(config.mixed_precision, device, dtype), store_frozen)
     if config.compile_layers:

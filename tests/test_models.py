@@ -1,6 +1,7 @@
 """models.py: the scalar head's initialisation, LoRA adapters on chosen layers only, and when the frozen bottom
 layers may be run once per rollout (cached)."""
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -15,12 +16,14 @@ from ppo_lm import PPOTrainer, SFTConfig, SFTTrainer
 from ppo_lm.losses import entropy_from_logits
 from ppo_lm.models import (
     FLOAT32_SDPA,
+    FusedLoraLinear,
     HeadTokenLogprobs,
     ModelLoadError,
     autocast_bodies,
     autocast_dtype,
     backbone_of,
     encode_for_reward,
+    fuse_lora_layers,
     fused_head_reproduces_logprobs,
     head_reads_last_hidden_state,
     head_token_logprobs,
@@ -375,3 +378,64 @@ def test_lora_layers_under_autocast_skip_peft_input_casts_with_the_same_numbers(
     (skipped, skipped_grads), (cast, cast_grads) = results
     assert torch.equal(skipped, cast)
     assert all(torch.equal(a, b) for a, b in zip(skipped_grads, cast_grads, strict=True))
+
+
+# --- LoRA's up-projection added to the base output in one product ----------------------------------------------------
+
+def _two_adapter_lora_models(dtype: torch.dtype) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The same tiny Qwen3 with a policy and a value LoRA adapter (B nonzero, so the adapters count), twice: as peft
+    made it, and with `fuse_lora_layers` applied."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen3ForCausalLM
+
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        base = Qwen3ForCausalLM(tiny_qwen3_config(512, eos_token_id=0, pad_token_id=0)).to(dtype)
+        settings = dict(r=4, lora_alpha=8, target_modules="all-linear")
+        model = get_peft_model(base, LoraConfig(**settings), adapter_name="default")
+        model.add_adapter("value", LoraConfig(**settings))
+        model.set_adapter("default")
+        for name, tensor in model.named_parameters():
+            if "lora_" in name:
+                tensor.data = torch.randn(tensor.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1
+                tensor.requires_grad_(True)
+        models.append(model)
+    return models[0], models[1]
+
+
+@pytest.mark.parametrize("base_dtype, autocast", [(torch.float32, False), (torch.bfloat16, False),
+                                                  (torch.float32, True)],
+                         ids=["float32", "bfloat16-base-float32-adapters", "bfloat16-autocast"])
+def test_fused_lora_layers_give_peft_outputs_and_gradients_in_every_adapter_state(base_dtype, autocast):
+    """The fused layers against peft's, on the same weights: logits and adapter gradients with the policy adapter,
+    the value adapter and the adapters disabled (the reference). Tolerances: float32 rounding in float32; for a
+    bfloat16 base or products, peft rounds the adapter's product, its scaled copy and the sum (three bfloat16
+    roundings) where `addmm` rounds once, so they agree to a few bfloat16 steps of the logits."""
+    plain, fused = _two_adapter_lora_models(base_dtype)
+    assert fuse_lora_layers(fused) == 2 * 7 and not any(type(m) is FusedLoraLinear for m in plain.modules())
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    tokens = torch.randint(0, 512, (3, 11), generator=torch.Generator().manual_seed(1))
+    tolerance = dict(atol=1e-5, rtol=1e-5) if base_dtype == torch.float32 and not autocast else dict(atol=6e-2, rtol=0)
+    for state in ("default", "value", "disabled"):
+        results = []
+        for model in (plain, fused):
+            model.zero_grad()
+            context = model.disable_adapter() if state == "disabled" else contextlib.nullcontext()
+            if state != "disabled":
+                model.set_adapter(state)
+                for name, tensor in model.named_parameters():
+                    tensor.requires_grad_("lora_" in name)
+            with context, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                logits = model(input_ids=tokens).logits.float()
+            if state != "disabled":
+                logits.square().mean().backward()
+            grads = {n: t.grad.float() for n, t in model.named_parameters() if t.grad is not None}
+            results.append((logits, grads))
+        (plain_logits, plain_grads), (fused_logits, fused_grads) = results
+        assert fused_logits.dtype == plain_logits.dtype
+        torch.testing.assert_close(fused_logits, plain_logits, **tolerance)
+        assert fused_grads.keys() == plain_grads.keys() and (state == "disabled") == (not plain_grads)
+        for name, grad in plain_grads.items():
+            scale = grad.abs().max()
+            torch.testing.assert_close(fused_grads[name] / scale, grad / scale, atol=tolerance["atol"] * 2, rtol=0)

@@ -14,6 +14,7 @@ from ppo_lm import PPOConfig, PPOTrainer, RewardFunctionError, exact_kl, masked_
 from ppo_lm.backend import Backend
 from ppo_lm.generation import TokenBudget
 from ppo_lm.models import (
+    FusedLoraLinear,
     backbone_of,
     body_autocast_dtype,
     response_logits,
@@ -313,6 +314,34 @@ def test_micro_batches_give_the_same_rollout_and_update_as_one_pass(tiny_model_d
             assert (plain_weights[name] - micro_weights[name]).norm().item() <= 1e-2 * moved + 1e-6, name
 
 
+def two_ppo_steps(trainer: PPOTrainer) -> tuple:
+    """The first step's rollout, both steps' update statistics, and the trained weights after them."""
+    rollout = trainer.make_rollout(PROMPTS)
+    stats = trainer.update(rollout)
+    stats.update(trainer.ppo_step(PROMPTS))
+    return rollout, stats, {n: p.detach().clone() for n, p in trainer.models.named_trainable().items()}
+
+
+def assert_same_float32_steps(fast: tuple, plain: tuple, before: dict) -> None:
+    """Two runs of `two_ppo_steps` that differ only in float32 rounding: the same samples; rollout tensors, losses
+    and gradient norms to 1e-5 (absolute) or 1e-4 (relative); weights within 1 % of each tensor's update (see the
+    micro-batch test for why updates, not elements)."""
+    (fast_rollout, fast_stats, fast_weights), (plain_rollout, plain_stats, plain_weights) = fast, plain
+    assert torch.equal(fast_rollout.batch.input_ids, plain_rollout.batch.input_ids)
+    mask = plain_rollout.batch.response_mask.bool()
+    for name in ("old_logprobs", "ref_logprobs", "values", "advantages", "entropy"):
+        if getattr(plain_rollout, name) is not None:
+            torch.testing.assert_close(getattr(fast_rollout, name)[mask], getattr(plain_rollout, name)[mask],
+                                       atol=1e-5, rtol=1e-4)
+    for name in ("policy_loss", "value_loss", "kl_loss", "entropy", "approx_kl", "ratio_mean", "grad_norm"):
+        if name in plain_stats:
+            assert fast_stats[name] == pytest.approx(plain_stats[name], rel=1e-4, abs=1e-5), name
+    for name in plain_weights:
+        moved = (plain_weights[name] - before[name]).norm().item()
+        assert moved > 0, name
+        assert (plain_weights[name] - fast_weights[name]).norm().item() <= 1e-2 * moved + 1e-6, name
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
     {"temperature": 0.7},
@@ -321,9 +350,8 @@ def test_micro_batches_give_the_same_rollout_and_update_as_one_pass(tiny_model_d
 ], ids=["lora", "full", "shared-trunk-one-pass"])
 def test_the_fused_head_gives_the_plain_paths_rollout_losses_and_weights(tiny_model_dir, overrides):
     """Logprobs through `head_token_logprobs` (the default for a model whose logits are its head on its last hidden
-    state) against the model's own forward and `cross_entropy`, in float32: the same samples; rollout tensors,
-    losses and gradient norms to 1e-5 (absolute) or 1e-4 (relative); after two PPO steps, weights within 1 % of
-    each tensor's update (see the micro-batch test for why updates, not elements)."""
+    state) against the model's own forward and `cross_entropy`, in float32, to `assert_same_float32_steps`'
+    tolerances."""
     results = []
     before = None
     for fused in (True, False):
@@ -332,24 +360,30 @@ def test_the_fused_head_gives_the_plain_paths_rollout_losses_and_weights(tiny_mo
         trainer.models.fused_head = fused
         assert trainer.update_reads_old_logprobs == ("shared_value_trunk" in overrides)
         before = before or {n: p.detach().clone() for n, p in trainer.models.named_trainable().items()}
-        rollout = trainer.make_rollout(PROMPTS)
-        stats = trainer.update(rollout)
-        stats.update(trainer.ppo_step(PROMPTS))
-        weights = {n: p.detach().clone() for n, p in trainer.models.named_trainable().items()}
-        results.append((rollout, stats, weights))
-    (fused, fused_stats, fused_weights), (plain, plain_stats, plain_weights) = results
-    assert torch.equal(fused.batch.input_ids, plain.batch.input_ids)
-    mask = plain.batch.response_mask.bool()
-    for name in ("old_logprobs", "ref_logprobs", "values", "advantages", "entropy"):
-        if getattr(plain, name) is not None:
-            torch.testing.assert_close(getattr(fused, name)[mask], getattr(plain, name)[mask], atol=1e-5, rtol=1e-4)
-    for name in ("policy_loss", "value_loss", "kl_loss", "entropy", "approx_kl", "ratio_mean", "grad_norm"):
-        if name in plain_stats:
-            assert fused_stats[name] == pytest.approx(plain_stats[name], rel=1e-4, abs=1e-5), name
-    for name in plain_weights:
-        moved = (plain_weights[name] - before[name]).norm().item()
-        assert moved > 0, name
-        assert (plain_weights[name] - fused_weights[name]).norm().item() <= 1e-2 * moved + 1e-6, name
+        results.append(two_ppo_steps(trainer))
+    assert_same_float32_steps(*results, before)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [
+    {"temperature": 0.7},
+    {"advantage_estimator": "grpo", "num_generations": 2, "kl_coef": 0.0, "kl_loss_coef": 0.1, "lora_alpha": 24},
+], ids=["gae-policy-and-value-adapters", "grpo-scaling-1.5"])
+def test_fused_lora_layers_give_the_plain_paths_rollout_losses_and_weights(tiny_model_dir, monkeypatch, overrides):
+    """LoRA layers whose up-projection is added to the base output in one `addmm` (`fuse_lora_layers`, the
+    default) against peft's own forward, in float32, to `assert_same_float32_steps`' tolerances: `addmm` rounds the
+    scaled sum once where peft rounds three times (a scaling of 2 is exact, 1.5 is not)."""
+    results = []
+    before = None
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr("ppo_lm.models.fuse_lora_layers", lambda model: 0)
+        trainer = PPOTrainer(tiny_config(tiny_model_dir, **overrides), reward_fn=length_reward)
+        layers = [m for m in trainer.models.policy.modules() if isinstance(m, FusedLoraLinear)]
+        assert bool(layers) == fused
+        before = before or {n: p.detach().clone() for n, p in trainer.models.named_trainable().items()}
+        results.append(two_ppo_steps(trainer))
+    assert_same_float32_steps(*results, before)
 
 
 def test_micro_batch_size_wins_over_the_token_budget_and_auto_reads_the_model(trainer):
