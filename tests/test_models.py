@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import length_reward, tiny_config, tiny_qwen3_config
-from transformers import AutoModelForCausalLM
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
 
 from ppo_lm import PPOTrainer, SFTConfig, SFTTrainer
 from ppo_lm.losses import entropy_from_logits
@@ -385,9 +386,6 @@ def test_lora_layers_under_autocast_skip_peft_input_casts_with_the_same_numbers(
 def _two_adapter_lora_models(dtype: torch.dtype) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The same tiny Qwen3 with a policy and a value LoRA adapter (B nonzero, so the adapters count), twice: as peft
     made it, and with `fuse_lora_layers` applied."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import Qwen3ForCausalLM
-
     models = []
     for _ in range(2):
         torch.manual_seed(0)
