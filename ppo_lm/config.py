@@ -478,11 +478,11 @@ class PPOConfig(TrainConfig):
 
     @property
     def update_reads_old_logprobs(self) -> bool:
-        """One optimizer step on the whole batch and no KL in the reward: the update's own forward pass runs on the
-        weights that sampled the batch, so its detached logprobs are the old ones and the rollout needs no pass of
-        its own for them."""
-        return (self.ppo_epochs == 1 and self.num_mini_batches == 1 and self.kl_coef == 0
-                and self.adaptive_kl_target is None)
+        """One minibatch per epoch and no KL in the reward: the update's first pass runs on the weights that sampled
+        the batch, before any optimizer step, so its detached logprobs are the old ones (later epochs read them) and
+        the rollout needs no pass of its own for them. With KL in the reward the advantages need the old logprobs
+        before the update starts; with several minibatches, the second runs on updated weights."""
+        return self.num_mini_batches == 1 and self.kl_coef == 0 and self.adaptive_kl_target is None
 
     @property
     def needs_value_model(self) -> bool:

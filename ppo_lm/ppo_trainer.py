@@ -112,12 +112,13 @@ class Rollout:
     ended: torch.Tensor
     """Whether each response emitted the stop token, `[batch]`."""
     kl: torch.Tensor | None
-    """Per-token KL estimate between the policy and the reference; None when no KL term needs the reference."""
+    """Per-token KL estimate between the policy and the reference; None when no KL term needs the reference (or
+    until the update's first pass gives the old logprobs)."""
     kl_coef: float
     """KL coefficient used to shape the rewards."""
     old_logprobs: torch.Tensor | None
-    """Policy logprobs of the sampled tokens when sampled; None when the update's own pass gives them
-    (`PPOTrainer.update_reads_old_logprobs`)."""
+    """Policy logprobs of the sampled tokens; None until the update's first pass gives them, when the rollout runs
+    no pass of its own for them (`PPOTrainer.update_reads_old_logprobs`)."""
     ref_logprobs: torch.Tensor | None
     """Reference logprobs of the sampled tokens; None when no KL term needs them."""
     values: torch.Tensor | None
@@ -127,8 +128,8 @@ class Rollout:
     returns: torch.Tensor
     """The estimator's returns, the value targets (GAE: raw advantages plus values)."""
     entropy: torch.Tensor | None
-    """Entropy of the policy's next-token distribution at each response position, when sampled (None with the
-    old-logprob pass: the update logs it)."""
+    """Entropy of the policy's next-token distribution at each response position, from the pass that gives the old
+    logprobs (None until then)."""
     update_mask: torch.Tensor
     """The response mask the update trains on: without the groups `drop_zero_variance_groups` leaves out."""
     reward_parts: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -137,6 +138,17 @@ class Rollout:
     """Whether each group's scores are all equal, `[groups]` (None with one response per prompt)."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds spent in each stage."""
+    first_pass: tuple[torch.Tensor, torch.Tensor] | None = None
+    """The update's first pass's detached logprobs and entropy, `[batch, response]` each, written micro-batch by
+    micro-batch while `old_logprobs` is None, and taken up as the old ones after its optimizer step."""
+
+    def keep_first_pass(self, index: torch.Tensor, logprobs: torch.Tensor, entropy: torch.Tensor) -> None:
+        """Write the rows `index` of the update's first pass (widths up to the micro-batch's; 0 beyond)."""
+        if self.first_pass is None:
+            shape = self.batch.response_mask.shape
+            self.first_pass = (logprobs.new_zeros(shape), entropy.new_zeros(shape))
+        for kept, values in zip(self.first_pass, (logprobs, entropy), strict=True):
+            kept[index, : values.shape[1]] = values.detach()
 
     @property
     def summed_kl(self) -> torch.Tensor:
@@ -346,7 +358,7 @@ class PPOTrainer:
             #    Each pass runs over micro-batches of similar prompt length, so short prompts carry little padding.
             #    The frozen bottom layers, the same in every role, run once here; every later pass starts from them.
             #    No KL term anywhere (both coefficients 0, no adaptive target): no reference pass at all.
-            #    With one optimizer step per batch and no KL in the reward, the update's pass gives the old logprobs.
+            #    With one minibatch per epoch and no KL in the reward, the update's first pass gives the old logprobs.
             with self._timed("logprobs", timings), torch.no_grad():
                 batch = self._with_frozen_prefix(batch)
                 old_logprobs = entropy = values = None
@@ -583,6 +595,8 @@ class PPOTrainer:
             for number, index in enumerate(order.tensor_split(minibatches), 1):
                 where = f"PPO step {self.step_count + 1} (epoch {epoch + 1}, minibatch {number} of {minibatches})"
                 step_stats = self._minibatch_step(rollout, index, where)
+                if rollout.old_logprobs is None:  # the first minibatch was the whole batch, on the sampling weights
+                    self._take_old_logprobs_from_the_first_pass(rollout)
                 if step_stats is None:
                     break
                 optimizer_steps += 1
@@ -594,6 +608,13 @@ class PPOTrainer:
         stats["ppo_epochs_run"] = optimizer_steps / self.config.num_mini_batches
         stats["optimizer_steps"] = float(optimizer_steps)
         return stats
+
+    def _take_old_logprobs_from_the_first_pass(self, rollout: Rollout) -> None:
+        """The first pass's logprobs become the rollout's old logprobs, with its entropy and, when there is a
+        reference pass, the KL to the reference that the rollout would have computed from them."""
+        (rollout.old_logprobs, rollout.entropy), rollout.first_pass = rollout.first_pass, None
+        if rollout.ref_logprobs is not None:
+            rollout.kl = KL_ESTIMATORS[self.config.kl_estimator](rollout.old_logprobs, rollout.ref_logprobs)
 
     def _minibatch_step(self, rollout: Rollout, index: torch.Tensor, where: str) -> dict[str, float] | None:
         """One optimizer step on the minibatch `index` (`where` names it in errors); its statistics, or None (and no
@@ -626,7 +647,7 @@ class PPOTrainer:
         """The minibatch's approximate KL between the current policy and the rollout's, over every process, from
         a pass without gradients."""
         batch = rollout.batch
-        if rollout.old_logprobs is None:  # the update's own logprobs are the old ones: the first KL is 0
+        if rollout.old_logprobs is None:  # the first pass gives the old logprobs: its KL is 0
             return 0.0
         total_tokens = all_sum(rollout.update_mask[index].sum()).clamp(min=1)
         kl_sum = torch.zeros((), device=self.device)
@@ -710,7 +731,11 @@ class PPOTrainer:
         """`_policy_terms` from the micro-batch's logprobs (and entropy, when computed)."""
         cfg = self.config
         width = mask.shape[1]
-        old = logprobs.detach() if rollout.old_logprobs is None else rollout.old_logprobs[micro_index, :width]
+        if rollout.old_logprobs is None:  # the update's first pass, on the weights that sampled the batch
+            old = logprobs.detach()
+            rollout.keep_first_pass(micro_index, old, entropy)
+        else:
+            old = rollout.old_logprobs[micro_index, :width]
         policy_loss, loss_stats = self.policy_loss(logprobs, old, rollout.advantages[micro_index, :width], mask, cfg)
         per_token = policy_loss
         stats = {"policy_loss": self.aggregate(policy_loss.detach(), mask, size, cfg)}
@@ -720,8 +745,6 @@ class PPOTrainer:
             stats["kl_loss"] = masked_mean(kl.detach(), mask) * share
         if cfg.entropy_coef > 0:
             per_token = per_token - cfg.entropy_coef * entropy
-        if rollout.entropy is None:  # no rollout pass logged it
-            stats["entropy"] = masked_mean(entropy.detach(), mask) * share
         logprobs = logprobs.detach()
         stats.update({name: value * share for name, value in loss_stats.items()})
         stats["approx_kl"] = approx_kl(logprobs, old, mask) * share

@@ -93,8 +93,8 @@ def run_update_case(case_file: str, out_file: str) -> None:
         shared = local_advantages(trainer, local)
     width = shared.shape[1]
     whitening_error = gather_rows([(shared - whole[rows, :width]).abs().max().item()])
-    statistics = local.statistics()
     update_stats = trainer.update(local)
+    statistics = local.statistics()  # after the update, as a step takes them (its first pass may give old logprobs)
 
     def whole_weights() -> dict:
         with trainer.whole_weights():

@@ -217,8 +217,8 @@ def prepare_update_case(directory: Path, model_dir: str, extra: dict) -> tuple[U
     before = {name: tensor.detach().clone() for name, tensor in trainer.models.named_trainable().items()}
     case_file, out = directory / "case.pt", directory / "out.pt"
     torch.save({"config": settings, "weights": before, "rollout": rollout}, case_file)
-    statistics = rollout.statistics()
     update_stats = trainer.update(rollout)
+    statistics = rollout.statistics()  # after the update, as a step takes them (its first pass may give old logprobs)
     after = {name: tensor.detach().clone() for name, tensor in trainer.models.named_trainable().items()}
     return UpdateCase(settings, before, after, update_stats, statistics, out), ["update", str(case_file), str(out)]
 

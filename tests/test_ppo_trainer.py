@@ -789,29 +789,37 @@ def test_weighted_reward_functions_read_the_rows_columns_and_are_logged_each(tin
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("micro_batch_size", [None, 3])
-def test_one_pass_updates_read_the_old_logprobs_from_the_update_and_give_the_plain_paths_numbers(tiny_model_dir,
-                                                                                                 micro_batch_size):
-    # One epoch, one minibatch, no KL in the reward: the rollout skips its old-logprob pass; the weights, losses and
-    # statistics must be those of the plain path, which runs it.
-    settings = dict(advantage_estimator="grpo", num_generations=2, kl_coef=0.0, kl_loss_coef=0.1, ppo_epochs=1,
-                    micro_batch_size=micro_batch_size)
+@pytest.mark.parametrize("overrides", [
+    dict(advantage_estimator="grpo", num_generations=2, kl_loss_coef=0.1, ppo_epochs=1),
+    dict(advantage_estimator="grpo", num_generations=2, kl_loss_coef=0.1, ppo_epochs=2, micro_batch_size=3),
+    dict(ppo_epochs=2),
+], ids=["grpo-one-epoch", "grpo-two-epochs-micro-batches", "gae-two-epochs"])
+def test_the_updates_first_pass_gives_the_old_logprobs_and_the_plain_paths_numbers(tiny_model_dir, overrides):
+    # One minibatch per epoch, no KL in the reward: the rollout skips its old-logprob pass and the update's first pass
+    # (on the weights that sampled the batch) gives them to the later epochs; the weights, losses and statistics must
+    # be those of the plain path, which runs the rollout's pass.
+    settings = dict(kl_coef=0.0, num_mini_batches=1, **overrides)
     fast = PPOTrainer(tiny_config(tiny_model_dir, **settings), reward_fn=length_reward)
     plain = PPOTrainer(tiny_config(tiny_model_dir, **settings), reward_fn=length_reward)
     before = snapshot_policy(plain)
     plain.update_reads_old_logprobs = False
     assert fast.update_reads_old_logprobs
-    assert not PPOTrainer(tiny_config(tiny_model_dir, **{**settings, "ppo_epochs": 2}),
-                          reward_fn=length_reward).update_reads_old_logprobs
+    for changed in (dict(num_mini_batches=2), dict(kl_coef=0.1)):  # the second minibatch, or the KL reward, needs them
+        assert not PPOTrainer(tiny_config(tiny_model_dir, **{**settings, **changed}),
+                              reward_fn=length_reward).update_reads_old_logprobs
+    names = ["policy_loss", "grad_norm", "entropy", "reward_mean", "approx_kl", "ratio_mean", "policy_clip_fraction"]
+    names += ["kl_loss", "kl"] if "kl_loss_coef" in overrides else ["value_loss", "value_mean"]
     for step in range(2):
         set_seed(step)  # the same sampling and minibatch order for both (the generators are global)
         fast_stats = fast.ppo_step(GROUP_PROMPTS)
         set_seed(step)
         plain_stats = plain.ppo_step(GROUP_PROMPTS)
         assert fast_stats["generated_texts"] == plain_stats["generated_texts"]
-        for name in ("policy_loss", "kl_loss", "grad_norm", "entropy", "reward_mean", "approx_kl", "ratio_mean"):
+        assert fast_stats["ppo_epochs_run"] == plain_stats["ppo_epochs_run"] == settings["ppo_epochs"]
+        for name in names:
             assert fast_stats[name] == pytest.approx(plain_stats[name], rel=1e-5, abs=1e-6), name
-        assert "time/logprobs" in fast_stats and fast_stats["time/logprobs"] > 0  # the reference pass remains
+        if "kl_loss_coef" in overrides:
+            assert fast_stats["time/logprobs"] > 0  # the reference pass remains
     # Adam divides each gradient by its running size: a component near zero turns rounding (the plain path's ratio
     # is 1 +- 1e-7, the fast path's exactly 1) into a visible step. So: under 1 % of each tensor's update.
     for (name, a), (_, b) in zip(fast.models.policy.named_parameters(), plain.models.policy.named_parameters(),
@@ -975,6 +983,7 @@ def test_compiled_layers_give_the_eager_paths_rollout_losses_and_weights(tiny_mo
         graphs = counters["unique_graphs"]
         config = tiny_config(tiny_model_dir, mixed_precision=mixed_precision, compile_layers=compiled, **estimator)
         trainer = PPOTrainer(config, reward_fn=length_reward)
+        trainer.update_reads_old_logprobs = False  # the rollout's pass without gradients is one of the graphs
         before = before or {n: p.detach().clone() for n, p in trainer.models.named_trainable().items()}
         rollout = trainer.make_rollout((PROMPTS * 2)[: config.items_per_step])
         logprobs, _ = sequence_logprobs(trainer.models.policy, rollout.batch, trainer.config.temperature)
