@@ -416,10 +416,10 @@ class PPOConfig(TrainConfig):
     rollout and evaluation pass) is sorted by prompt length and packed greedily into groups whose rows x own width
     stays within this budget (a single longer row gets a pass of its own). The same loss and gradients as one pass,
     for less padding and memory. 'auto': memory / bytes per token (`generation.auto_micro_batch_tokens`), where the
-    memory is 1 GiB on the CPU and a quarter of the GPU's free memory after the models load, a token costs about
-    17 x layers x hidden_size values of activations (each also as a bfloat16 copy in an autocast body), and a
-    response position also the float32 row of logits that the output head holds there. None: the whole minibatch
-    in one pass. `micro_batch_size`, when set, wins."""
+    memory is 1 GiB on the CPU (for at most 1,024 tokens, `generation.CPU_PASS_TOKENS`) and a quarter of the GPU's
+    free memory after the models load, a token costs about 17 x layers x hidden_size values of activations (each
+    also as a bfloat16 copy in an autocast body), and a response position also the float32 row of logits that the
+    output head holds there. None: the whole minibatch in one pass. `micro_batch_size`, when set, wins."""
 
     def validate(self) -> None:
         """Raise a ValueError naming the first field whose value is not allowed."""

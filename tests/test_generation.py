@@ -10,6 +10,7 @@ from transformers import LogitsProcessorList, Qwen3ForCausalLM
 
 from ppo_lm.generation import (
     AUTO_TOKENS_RANGE,
+    CPU_PASS_TOKENS,
     SequenceBatch,
     auto_micro_batch_tokens,
     generate_responses,
@@ -82,17 +83,19 @@ def test_min_groups_halves_the_largest_groups():
     assert [g.tolist() for g in groups] == [[2], [0], [1, 3]]
 
 
-def test_auto_budget_is_memory_over_bytes_per_token_with_the_head_charged_on_response_positions():
-    per_token = 17 * 8 * 512 * 4  # small_vocab in float32
-    assert auto_micro_batch_tokens("cpu", None, 8, 512, 4096, 4) == (2**30 // per_token, 1 + 4 * 4096 / per_token)
+def test_auto_budget_is_memory_over_bytes_per_token_capped_on_the_cpu_with_the_head_charged_on_responses():
+    per_token = 17 * 8 * 512 * 4  # small_vocab in float32: 1 GiB would hold 3,855 tokens, the CPU stops at 1,024
+    assert auto_micro_batch_tokens("cpu", None, 8, 512, 4096, 4) == (CPU_PASS_TOKENS, 1 + 4 * 4096 / per_token)
+    per_token = 17 * 16 * 2048 * 4  # a model whose 1,024 tokens would hold over 1 GiB of activations: 1 GiB decides
+    assert auto_micro_batch_tokens("cpu", None, 16, 2048, 4096, 4).tokens == 2**30 // per_token
     per_token = 17 * 28 * 1024 * 2  # qwen3-0.6b in bfloat16, 40 GiB free, logits through the model's own forward
     assert auto_micro_batch_tokens("cuda", 40 * 2**30, 28, 1024, 151936, 2, head_copies=3) == (
         10 * 2**30 // per_token, 1 + 3 * 4 * 151936 / per_token)
     assert auto_micro_batch_tokens("cuda", 2**20, 28, 1024, 151936, 2).tokens == AUTO_TOKENS_RANGE[0]
     assert auto_micro_batch_tokens("cuda", 2**50, 2, 64, 100, 4).tokens == AUTO_TOKENS_RANGE[1]
     # a larger model never gets a larger budget; a wider vocabulary makes each response position cost more
-    assert auto_micro_batch_tokens("cpu", None, 16, 512, 4096, 4) < auto_micro_batch_tokens("cpu", None, 8, 512,
-                                                                                               4096, 4)
+    assert auto_micro_batch_tokens("cpu", None, 16, 2048, 4096, 4) < auto_micro_batch_tokens("cpu", None, 8, 512,
+                                                                                                4096, 4)
     assert (auto_micro_batch_tokens("cpu", None, 8, 512, 151936, 4).response_cost
             > auto_micro_batch_tokens("cpu", None, 8, 512, 4096, 4).response_cost)
 
