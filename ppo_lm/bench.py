@@ -189,7 +189,8 @@ def step_flops(model_config, prompt_lens: list[int], response_lens: list[int], c
 
     A forward pass costs 2 FLOPs per weight per token, plus causal attention (2 * layers * attn_width * T^2 per
     sequence) and the output head on the positions whose logits are used. A backward pass costs 2x its forward
-    for full fine-tuning, 1x for LoRA (input gradients only; the adapters' own cost is negligible). `head` is the
+    for full fine-tuning, 1x for LoRA (input gradients only; the adapters' own cost is negligible); a value model
+    trained on its top `value_layers` only runs the rest once per step. `head` is the
     part of `step` that goes through the output head (float32 even when the bodies are autocast).
     """
     hidden, layers = model_config.hidden_size, model_config.num_hidden_layers
@@ -214,7 +215,12 @@ def step_flops(model_config, prompt_lens: list[int], response_lens: list[int], c
     shared = config.value_head_on_policy
     values = 0 if shared and not config.update_reads_old_logprobs else value_pass
     backward_factor = 1.0 if config.use_lora else 2.0
-    update_epoch = (1 + backward_factor) * (forward_body + head * responses + (0 if shared else value_pass))
+    # With `value_layers`, a value pass of the update runs (and its backward pass reaches) the top layers only; the
+    # cached bottom layers ran in the rollout's value pass.
+    value_share = 1.0 if config.value_layers is None else config.value_layers / layers
+    value_update = 0 if shared else (
+        value_pass * (value_share if config.cache_frozen_layers else 1.0) + backward_factor * value_pass * value_share)
+    update_epoch = (1 + backward_factor) * (forward_body + head * responses) + value_update
     flops = {"generate": generate, "logprobs": logprobs, "reward": reward, "values": values,
              "update": update_epoch * config.ppo_epochs}
     flops["step"] = sum(flops.values())

@@ -291,6 +291,14 @@ class PPOConfig(TrainConfig):
     gradients and AdamW state). What it changes: vf_coef x the value loss's gradient reaches the policy's trained
     weights, so the value loss shapes the policy's features too, and the values start from the policy's features
     (the head itself learns at `value_learning_rate`). Not with `value_model_name`."""
+    value_layers: int | None = None
+    """Train only the value model's top `value_layers` decoder layers and its head: with LoRA its adapter goes on
+    those layers only, in full fine-tuning its embeddings and lower layers are frozen. The layers below then compute
+    the same hidden states in every value pass, so (with `cache_frozen_layers`) they run once per rollout without
+    gradients and every value pass, the rollout's and each PPO epoch's, starts from their output: the value model's
+    share of the update shrinks to about value_layers / num_hidden_layers of it, and in full fine-tuning its
+    gradients and AdamW state to those layers'. What it changes: the value model's features below those layers are
+    the base model's, fixed; the policy is untouched. None: every layer. Not with `shared_value_trunk`."""
     reward_fn: str | list[str] | None = None
     """Reward function for the command line, 'package.module:function' or 'path/to/file.py:function', or a list of
     them whose weighted sum is the score (each one's mean is logged as `reward/<name>`). A function is called as
@@ -400,7 +408,9 @@ class PPOConfig(TrainConfig):
     cache_frozen_layers: bool = True
     """With `lora_layers`, run the layers below the lowest adapted one once per rollout and start every later pass
     (reference, values, each PPO epoch) from their output: the same numbers for less compute, at the memory of one
-    hidden state per token. Applies when the reference and the value model are the shared base (the default)."""
+    hidden state per token. Applies when the reference and the value model are the shared base (the default). With
+    `value_layers`, the value model's frozen lower layers likewise run once per rollout. False: every pass runs every
+    layer (the plain path these caches are tested against)."""
     compile_layers: bool = False
     """Run each decoder layer of the policy, reference and value bodies through `torch.compile` in every pass but
     generation (the rollout's logprobs and values, and the update); generation stays eager, its shapes change with
@@ -443,6 +453,10 @@ class PPOConfig(TrainConfig):
         if self.compile_layers and self.gradient_checkpointing:
             raise _invalid(self, "compile_layers", self.compile_layers, "is not supported with gradient_checkpointing "
                            "(the recomputed layers would run outside the compiled graphs); turn one of them off")
+        require_optional_ints(self, ("value_layers",))
+        if self.value_layers is not None and self.shared_value_trunk:
+            raise _invalid(self, "value_layers", self.value_layers, "trains part of a value model of its own, and "
+                           "shared_value_trunk has none (its head reads the policy's body); set one of them off")
         if self.shared_value_trunk and self.value_model_name is not None:
             raise _invalid(self, "shared_value_trunk", self.shared_value_trunk,
                            "puts the value head on the policy: leave value_model_name unset, or set this to false")
@@ -508,9 +522,10 @@ class PPOConfig(TrainConfig):
         if estimator.needs_groups and self.num_generations < 2:
             raise _invalid(self, "num_generations", self.num_generations, f"must be >= 2 with advantage_estimator="
                            f"{self.advantage_estimator!r}: it compares the responses to one prompt (try 4 or 8)")
-        if not estimator.needs_values and self.value_model_name is not None:
-            raise _invalid(self, "value_model_name", self.value_model_name, f"must be None with advantage_estimator="
-                           f"{self.advantage_estimator!r}, which trains no value model")
+        for name in ("value_model_name", "value_layers"):
+            if not estimator.needs_values and getattr(self, name) is not None:
+                raise _invalid(self, name, getattr(self, name), f"must be None with advantage_estimator="
+                               f"{self.advantage_estimator!r}, which trains no value model")
         require_choice(self, "scale_rewards", SCALE_REWARDS)
 
     def _check_policy_loss(self) -> None:

@@ -358,14 +358,17 @@ def _freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def lora_config(config: TrainConfig, modules_to_save: list[str] | None = None) -> LoraConfig:
-    """The LoRA settings of a run's config; `modules_to_save` are trained in full beside it (e.g. a scalar head)."""
+def lora_config(config: TrainConfig, modules_to_save: list[str] | None = None,
+                target_modules: list[str] | None = None) -> LoraConfig:
+    """The LoRA settings of a run's config; `modules_to_save` are trained in full beside it (e.g. a scalar head).
+    `target_modules`: the adapted modules by their full names, instead of the config's choice of modules and
+    layers."""
     return LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules=config.lora_target_modules or "all-linear",
-        layers_to_transform=config.lora_layers,
+        target_modules=target_modules or config.lora_target_modules or "all-linear",
+        layers_to_transform=None if target_modules else config.lora_layers,
         bias="none",
         modules_to_save=modules_to_save,
     )
@@ -422,6 +425,38 @@ def fuse_lora_layers(model: nn.Module) -> int:
                 if type(up) is nn.Linear:
                     up.__class__ = LoraUpProjection
     return changed
+
+
+def top_layers_start(model: nn.Module, layers: int) -> int:
+    """The index of the lowest of `model`'s top `layers` decoder layers; a clear error when it has fewer."""
+    count = len(backbone_of(model).layers)
+    if layers > count:
+        raise ValueError(f"value_layers is {layers}, but {type(model).__name__} has {count} decoder layers; set "
+                         f"value_layers to at most {count}, or None to train every layer.")
+    return count - layers
+
+
+def top_layer_linear_names(model: nn.Module, layers: int, target_modules: list[str] | None) -> list[str]:
+    """Full names of the linear layers inside `model`'s top `layers` decoder layers (only those whose own name is in
+    `target_modules`, when given): where a LoRA adapter on those layers only goes."""
+    decoder = backbone_of(model)
+    inside = {id(module) for layer in decoder.layers[top_layers_start(model, layers):] for module in layer.modules()
+              if isinstance(module, nn.Linear)}
+    names = [name for name, module in model.named_modules() if id(module) in inside
+             and (target_modules is None or name.rsplit(".", 1)[-1] in target_modules)]
+    if not names:
+        raise ValueError(f"value_layers: no linear layer named in lora_target_modules ({target_modules}) in the top "
+                         f"{layers} decoder layers of {type(model).__name__}.")
+    return names
+
+
+def freeze_below_top_layers(model: nn.Module, layers: int) -> None:
+    """Freeze the embeddings and every decoder layer of `model`'s body below its top `layers`: they then compute the
+    same hidden states in every pass."""
+    decoder = backbone_of(model)
+    start = top_layers_start(model, layers)
+    for module in [decoder.get_input_embeddings(), *decoder.layers[:start]]:
+        module.requires_grad_(False)
 
 
 def init_scalar_head(head: nn.Linear) -> None:
@@ -575,9 +610,10 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
                                and not config.shared_value_trunk)
     value_on_policy_body = value_adapter_on_policy or config.value_head_on_policy
     if config.use_lora:
+        value_lora = value_lora_config(config, base)  # module names from the base, before peft wraps them
         policy = get_peft_model(base, lora_config(config), adapter_name=POLICY_ADAPTER)
         if value_adapter_on_policy:
-            policy.add_adapter(VALUE_ADAPTER, lora_config(config))
+            policy.add_adapter(VALUE_ADAPTER, value_lora)
         policy.set_adapter(POLICY_ADAPTER)
     else:
         policy = base
@@ -597,8 +633,11 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
                                       "value_model_name", num_labels=1, dtype=dtype)
         value_head = score_head_of(value_model)
         if config.use_lora:
-            value_model = get_peft_model(value_model, lora_config(config), adapter_name=VALUE_ADAPTER)
+            value_model = get_peft_model(value_model, value_lora_config(config, value_model),
+                                         adapter_name=VALUE_ADAPTER)
             value_head.requires_grad_(True)
+        elif config.value_layers is not None:
+            freeze_below_top_layers(value_model, config.value_layers)
         value_backbone = backbone_of(value_model)
     elif value_on_policy_body:
         if config.value_head_on_policy and not head_reads_last_hidden_state(policy):
@@ -609,6 +648,8 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
         value_head = nn.Linear(hidden_size, 1)
     else:
         value_backbone = load_pretrained(AutoModel.from_pretrained, config.model_name, "model_name", dtype=dtype)
+        if config.value_layers is not None:
+            freeze_below_top_layers(value_backbone, config.value_layers)
         value_head = nn.Linear(hidden_size, 1)
     if isinstance(value_head, nn.Linear) and config.value_model_name is None:
         init_scalar_head(value_head)
@@ -648,6 +689,33 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
     return models
 
 
+def value_lora_config(config: PPOConfig, model: nn.Module) -> LoraConfig:
+    """The value adapter's LoRA settings for `model`: the policy's, on its top `value_layers` decoder layers only when
+    that is set."""
+    if config.value_layers is None:
+        return lora_config(config)
+    return lora_config(config, target_modules=top_layer_linear_names(model, config.value_layers,
+                                                                     config.lora_target_modules))
+
+
+def value_frozen_layers(config: PPOConfig, models: RoleModels, below: int) -> int:
+    """How many bottom decoder layers of the value body compute the same hidden states in every value pass of a PPO
+    step (those below its top `value_layers`), when that is more than the `below` layers every role shares; else 0.
+
+    Used only if starting the value body from their output was checked to give the same values as a whole pass."""
+    if not (config.cache_frozen_layers and config.value_layers is not None and models.value_backbone is not None):
+        return 0
+    start = top_layers_start(models.value_backbone, config.value_layers)
+    if start <= below:
+        return 0
+    with models.value_mode():
+        if not _prefix_reproduces_forward(models.value_backbone, start, response_hidden_states):
+            logger.warning("value_layers: starting the value body from its layer %d's input does not reproduce a "
+                           "whole pass; every value pass runs every layer.", start)
+            return 0
+    return start
+
+
 def shared_frozen_layers(config: PPOConfig, models: RoleModels) -> int:
     """How many bottom decoder layers compute the same hidden states in every pass of a PPO step, 0 if none.
 
@@ -672,17 +740,20 @@ def shared_frozen_layers(config: PPOConfig, models: RoleModels) -> int:
     return layers
 
 
-def _prefix_reproduces_forward(model: nn.Module, layers: int) -> bool:
-    """Whether logprobs from the cached output of the bottom `layers` match a whole pass, on two short rows."""
+def _prefix_reproduces_forward(model: nn.Module, layers: int,
+                               read: Callable[[nn.Module, SequenceBatch], torch.Tensor] | None = None) -> bool:
+    """Whether what `read` gives (default: the logprobs) from the cached output of the bottom `layers` matches a whole
+    pass, on two short rows."""
+    read = read or (lambda model, batch: sequence_logprobs(model, batch, temperature=1.0)[0])
     device = next(model.parameters()).device
     input_ids = torch.arange(2, 14, device=device).reshape(2, 6)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, 0] = 0
     batch = SequenceBatch(input_ids, attention_mask, prompt_width=3)
     with torch.no_grad():
-        whole, _ = sequence_logprobs(model, batch, temperature=1.0)
+        whole = read(model, batch)
         cached = replace(batch, prefix_hidden=prefix_hidden_states(model, batch, layers, None), prefix_layers=layers)
-        split, _ = sequence_logprobs(model, cached, temperature=1.0)
+        split = read(model, cached)
     tolerance = 1e-4 if next(model.parameters()).dtype == torch.float32 else 5e-2
     return torch.allclose(whole, split, atol=tolerance, rtol=0)
 
@@ -707,12 +778,20 @@ def prefix_hidden_states(
     model: nn.Module, batch: SequenceBatch, layers: int, micro_batch_size: int | None
 ) -> torch.Tensor:
     """Hidden states entering decoder layer `layers` at every position, `[batch, length, hidden]`, without gradients,
-    `micro_batch_size` rows at a time (None: all)."""
+    `micro_batch_size` rows at a time (None: all); from the batch's own cached prefix when it has one."""
     decoder = backbone_of(model)
     rows = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)
-    with torch.no_grad(), decoder_layers(decoder, 0, layers):
+    start = 0 if batch.prefix_hidden is None else batch.prefix_layers
+
+    def inputs(part: torch.Tensor) -> dict[str, torch.Tensor]:
+        if batch.prefix_hidden is None:
+            return {"input_ids": batch.input_ids[part]}
+        return {"inputs_embeds": batch.prefix_hidden[part]}
+
+    with torch.no_grad(), decoder_layers(decoder, start, layers):
         return torch.cat([
-            last_hidden_states(decoder, batch.input_ids[part], batch.attention_mask[part])
+            decoder(**inputs(part), attention_mask=batch.attention_mask[part],
+                    position_ids=position_ids_from_mask(batch.attention_mask[part]), use_cache=False).last_hidden_state
             for part in rows.split(micro_batch_size or len(rows))
         ])
 

@@ -76,6 +76,7 @@ from ppo_lm.models import (
     sequence_scores,
     sequence_values,
     shared_frozen_layers,
+    value_frozen_layers,
 )
 from ppo_lm.rewards import (
     KLController,
@@ -138,6 +139,9 @@ class Rollout:
     """Whether each group's scores are all equal, `[groups]` (None with one response per prompt)."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds spent in each stage."""
+    value_batch: SequenceBatch | None = None
+    """What the value passes read: `batch` with the output of the value body's frozen lower layers attached
+    (`value_layers`); None: `batch` itself."""
     first_pass: tuple[torch.Tensor, torch.Tensor] | None = None
     """The update's first pass's detached logprobs and entropy, `[batch, response]` each, written micro-batch by
     micro-batch while `old_logprobs` is None, and taken up as the old ones after its optimizer step."""
@@ -241,6 +245,7 @@ class PPOTrainer:
             self.models.trained_modules(), [self.models.reference], self._make_optimizer, config.max_grad_norm)
         with self.whole_weights():
             self.frozen_layers = shared_frozen_layers(config, self.models)  # run once per rollout, then reused
+            self.value_frozen_layers = value_frozen_layers(config, self.models, below=self.frozen_layers)
         self.token_budget = self._token_budget()  # after loading: 'auto' reads what memory the models left
         self.reward_tokenizer = self._reward_tokenizer_if_different()
 
@@ -360,7 +365,7 @@ class PPOTrainer:
             #    No KL term anywhere (both coefficients 0, no adaptive target): no reference pass at all.
             #    With one minibatch per epoch and no KL in the reward, the update's first pass gives the old logprobs.
             with self._timed("logprobs", timings), torch.no_grad():
-                batch = self._with_frozen_prefix(batch)
+                batch = self._with_prefix(batch, self.frozen_layers, models.policy)
                 old_logprobs = entropy = values = None
                 if not self.update_reads_old_logprobs and cfg.value_head_on_policy:
                     # the values come from the same pass of the policy's body (stage 5 needs none of its own)
@@ -386,10 +391,13 @@ class PPOTrainer:
             no_kl = torch.zeros(response_mask.shape, device=self.device)
             rewards = shape_rewards(scores, no_kl if kl is None else kl, response_mask, kl_coef)
 
-            # 5. values of the state before each response token, for an estimator that needs them.
+            # 5. values of the state before each response token, for an estimator that needs them. The value body's
+            #    frozen lower layers (`value_layers`) run once here; its later passes start from their output.
+            value_batch = None
             if cfg.needs_value_model and values is None:
                 with self._timed("values", timings), torch.no_grad(), models.value_mode():
-                    values, _ = self._per_token(batch, lambda micro: (
+                    value_batch = self._with_prefix(batch, self.value_frozen_layers, models.value_backbone)
+                    values, _ = self._per_token(value_batch, lambda micro: (
                         sequence_values(models.value_backbone, models.value_head, micro), None))
 
         # 6. advantages by the configured estimator (GAE by default); returns are the value targets. Whitening is
@@ -412,6 +420,7 @@ class PPOTrainer:
             kl_coef=kl_coef, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, values=values,
             advantages=advantages, returns=returns, entropy=entropy, update_mask=update_mask,
             reward_parts=reward_parts, zero_variance=zero_variance, timings=timings,
+            value_batch=value_batch if self.value_frozen_layers else None,
         )
 
     def _per_token(
@@ -471,7 +480,8 @@ class PPOTrainer:
                 if reference:
                     summed_kl = torch.zeros(len(part))
                 else:
-                    kl_per_token, _ = self._per_token(self._with_frozen_prefix(batch), exact_kl_per_token)
+                    kl_per_token, _ = self._per_token(self._with_prefix(batch, self.frozen_layers, models.policy),
+                                                      exact_kl_per_token)
                     summed_kl = torch.where(mask.bool(), kl_per_token, 0.0).sum(-1)  # padding's numbers never count
                 fields = {"prompt": part, "completion": completions, "reward": scores.tolist(),
                           "kl": summed_kl.tolist(), "length": mask.sum(-1).tolist(),
@@ -502,15 +512,16 @@ class PPOTrainer:
         )
         return batch, self.tokenizer.batch_decode(batch.responses, skip_special_tokens=True)
 
-    def _with_frozen_prefix(self, batch: SequenceBatch) -> SequenceBatch:
-        """The batch with the output of the frozen bottom layers attached, for every later pass to start from."""
-        if not self.frozen_layers:
+    def _with_prefix(self, batch: SequenceBatch, layers: int, model: torch.nn.Module) -> SequenceBatch:
+        """The batch with the hidden states entering `model`'s decoder layer `layers` attached (from the batch's own
+        prefix when it has one), for later passes to start from; the batch itself when `layers` is 0."""
+        if not layers:
             return batch
         rows = self.config.micro_batch_size
         if self.token_budget is not None:  # bottom layers over the batch's whole width, no head: budget / width rows
             rows = max(1, self.token_budget.tokens // batch.input_ids.shape[1])
-        hidden = prefix_hidden_states(self.models.policy, batch, self.frozen_layers, rows)
-        return replace(batch, prefix_hidden=hidden, prefix_layers=self.frozen_layers)
+        hidden = prefix_hidden_states(model, batch, layers, rows)
+        return replace(batch, prefix_hidden=hidden, prefix_layers=layers)
 
     # --- checkpoint state ----------------------------------------------------------------------------------------
 
@@ -698,8 +709,9 @@ class PPOTrainer:
                 terms = [LossTerm("policy loss", partial(self._policy_terms, rollout, micro_index, micro, mask, size,
                                                          share), context=self._policy_pass)]
                 if self.config.needs_value_model:
-                    terms.append(LossTerm("value loss", partial(self._value_terms, rollout, micro_index, micro, mask,
-                                                                share), context=self._value_pass))
+                    value_micro = micro if rollout.value_batch is None else rollout.value_batch.select(micro_index)
+                    terms.append(LossTerm("value loss", partial(self._value_terms, rollout, micro_index, value_micro,
+                                                                mask, share), context=self._value_pass))
             stats = self.backend.accumulate(terms, note_non_finite)
             for name, value in stats.items():
                 sums[name] += value.item()

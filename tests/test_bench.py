@@ -1,5 +1,7 @@
 """`ppo-lm bench`: a timed PPO step on a tiny architecture, reported as one JSON line."""
 
+import dataclasses
+
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -65,3 +67,27 @@ def test_the_head_flops_are_the_output_heads_part_of_the_step(use_lora):
                     for vocab in (1000, 2000))
     assert large["step"] - small["step"] == pytest.approx(small["head"])
     assert large["head"] == pytest.approx(2 * small["head"])
+
+
+@pytest.mark.parametrize("use_lora", [True, False])
+def test_value_layers_take_the_frozen_layers_value_work_out_of_the_update_only(use_lora):
+    """With the value model trained on 1 of 4 layers, the update's value passes cost a quarter of a forward and of a
+    backward pass (the cached bottom layers run once, in the rollout's value pass); without the cache the forward
+    passes run every layer."""
+    from types import SimpleNamespace
+
+    from ppo_lm import PPOConfig
+    from ppo_lm.bench import step_flops
+
+    model = SimpleNamespace(vocab_size=1000, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=16, intermediate_size=128)
+    config = PPOConfig(use_lora=use_lora, mixed_precision="no")
+    variants = ({}, {"value_layers": 1}, {"value_layers": 1, "cache_frozen_layers": False})
+    every, top, uncached = (step_flops(model, [5, 9], [3, 2], dataclasses.replace(config, **settings))
+                            for settings in variants)
+    value_pass = every["values"]
+    backward = 1 if use_lora else 2
+    epochs = config.ppo_epochs
+    assert top["values"] == every["values"] and top["logprobs"] == every["logprobs"]
+    assert every["update"] - top["update"] == pytest.approx(epochs * (1 + backward) * value_pass * 3 / 4)
+    assert uncached["update"] - top["update"] == pytest.approx(epochs * value_pass * 3 / 4)

@@ -278,6 +278,11 @@ def test_config_rejects_invalid_values_naming_field_and_value(field, value, allo
     (dict(kl_loss_coef=-1.0), "PPOConfig.kl_loss_coef=-1.0 is invalid"),
     (dict(compile_layers=True, gradient_checkpointing=True), "PPOConfig.compile_layers=True is invalid: is not "
                                                               "supported with gradient_checkpointing"),
+    (dict(value_layers=0), "PPOConfig.value_layers=0 is invalid: must be an integer >= 1, or None"),
+    (dict(value_layers=2, shared_value_trunk=True), "PPOConfig.value_layers=2 is invalid: trains part of a value "
+                                                    "model of its own, and shared_value_trunk has none"),
+    (dict(advantage_estimator="rloo", num_generations=2, value_layers=2),
+     "value_layers=2 is invalid: must be None with advantage_estimator='rloo', which trains no value model"),
 ])
 def test_bad_group_and_estimator_settings_are_refused_with_a_message(settings, message):
     with pytest.raises(ValueError) as error:

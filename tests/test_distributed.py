@@ -201,6 +201,10 @@ UPDATE_CASES = {
                                         "kl_loss_coef": 0.1}),
     "grpo-deepspeed-zero3": ("deepspeed_zero3_launch", {"advantage_estimator": "grpo", "num_generations": 2,
                                                         "max_grad_norm": 1e6, "loss_aggregation": "sequence_sum"}),
+    # The value model trained on its top layer only, its bottom layer's output cached by the rollout: sharded, as
+    # a LoRA adapter on the policy's base and as a value backbone with frozen embeddings and bottom layer.
+    "value-layers-sharded": ("sharded_launch", {"value_layers": 1}),
+    "value-layers-sharded-full": ("sharded_launch", {"value_layers": 1, "use_lora": False}),
 }
 """The update cases by test id: the shared launch that runs each, and its PPOConfig fields over the common ones."""
 

@@ -501,6 +501,59 @@ def test_caching_the_frozen_layers_gives_the_same_rollout_and_update(tiny_model_
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("settings", [{"micro_batch_size": 3},
+                                      {"micro_batch_tokens": 24},
+                                      {"use_lora": False, "micro_batch_size": 3},
+                                      {"lora_target_modules": ["q_proj", "down_proj"], "lora_layers": [1],
+                                       "micro_batch_size": 3}],
+                         ids=["lora", "lora-token-budget", "full", "lora-layers-too"])
+def test_value_layers_train_the_top_layers_and_their_cache_keeps_the_numbers(tiny_model_dir, settings):
+    """`value_layers: 1` trains the value model's top layer (and head) only; the fast path, its frozen bottom layer
+    run once per rollout, gives the plain path's rollout, losses and weights (every value pass running every
+    layer), in a second step, where the policy's adapter has moved away from the base the value layers start
+    from."""
+    results = []
+    for cache in (False, True):
+        config = tiny_config(tiny_model_dir, value_layers=1, cache_frozen_layers=cache, batch_size=8, ppo_epochs=2,
+                             **settings)
+        trainer = PPOTrainer(config, reward_fn=length_reward)
+        shared = 1 if cache and "lora_layers" in settings else 0  # every role's bottom layer is cached already
+        assert (trainer.frozen_layers, trainer.value_frozen_layers) == (shared, 1 if cache and not shared else 0)
+        value_names = [name for name in trainer.models.named_trainable() if name.startswith("value.")]
+        assert any(".layers.1." in name for name in value_names)  # and the final norm, in full fine-tuning
+        assert not any(".layers.0." in name or "embed_tokens" in name for name in value_names)
+        if settings.get("use_lora", True):  # the policy's adapter is where it was
+            policy_names = [name for name in trainer.models.named_trainable() if name.startswith("policy.")]
+            assert any(".layers.0." in name for name in policy_names) == ("lora_layers" not in settings)
+        trainer.ppo_step((PROMPTS * 2)[: config.items_per_step])  # policy and value weights no longer the base's
+        before = {name: tensor.detach().clone() for name, tensor in trainer.models.named_trainable().items()}
+        rollout = trainer.make_rollout((PROMPTS * 2)[: config.items_per_step])
+        assert (rollout.value_batch is not None) == (cache and not shared)
+        stats = trainer.update(rollout)
+        weights = {n: p.detach().clone() for n, p in trainer.models.named_trainable().items()}
+        assert any(not torch.equal(weights[name], before[name]) for name in value_names)
+        results.append((rollout, stats, weights))
+    (plain, plain_stats, plain_weights), (cached, cached_stats, cached_weights) = results
+    assert torch.equal(plain.batch.input_ids, cached.batch.input_ids)
+    mask = plain.batch.response_mask.bool()
+    for name in ("old_logprobs", "ref_logprobs", "values", "advantages", "returns"):
+        torch.testing.assert_close(getattr(plain, name)[mask], getattr(cached, name)[mask], atol=1e-5, rtol=1e-4)
+    for name in ("policy_loss", "value_loss", "value_clip_fraction", "approx_kl", "grad_norm"):
+        assert plain_stats[name] == pytest.approx(cached_stats[name], rel=1e-4, abs=1e-6), name
+    assert plain_stats["value_loss"] > 0
+    assert plain_weights.keys() == cached_weights.keys()
+    for name in plain_weights:
+        torch.testing.assert_close(plain_weights[name], cached_weights[name], atol=1e-5, rtol=1e-4)
+    assert len(backbone_of(trainer.models.value_backbone).layers) == 2  # every layer back after the passes
+
+
+@pytest.mark.slow
+def test_value_layers_beyond_the_model_say_how_many_it_has(tiny_model_dir):
+    with pytest.raises(ValueError, match="value_layers is 3, but .* has 2 decoder layers"):
+        PPOTrainer(tiny_config(tiny_model_dir, value_layers=3), reward_fn=length_reward)
+
+
+@pytest.mark.slow
 def test_evaluation_reports_the_exact_kl_and_greedy_responses_when_asked(tiny_model_dir):
     trainer = PPOTrainer(tiny_config(tiny_model_dir, eval_greedy=True, temperature=0.7), reward_fn=length_reward)
     metrics, samples = trainer.evaluate(PROMPTS)
