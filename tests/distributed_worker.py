@@ -47,6 +47,8 @@ def rollout_rows(rollout, index: torch.Tensor):
         value = getattr(rollout, field.name)
         if field.name == "batch":
             value = batch
+        elif field.name == "value_batch" and value is not None:  # the same rows, with the value body's cached prefix
+            value = value.select(index)
         elif field.name == "completions":
             value = [value[i] for i in index.tolist()]
         elif field.name == "zero_variance" and value is not None:  # one per group: the groups of these rows
