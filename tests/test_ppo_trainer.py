@@ -507,7 +507,7 @@ def test_caching_the_frozen_layers_gives_the_same_rollout_and_update(tiny_model_
                                       {"lora_target_modules": ["q_proj", "down_proj"], "lora_layers": [1],
                                        "micro_batch_size": 3}],
                          ids=["lora", "lora-token-budget", "full", "lora-layers-too"])
-def test_value_layers_train_the_top_layers_and_their_cache_keeps_the_numbers(tiny_model_dir, settings):
+def test_value_layers_train_the_top_layers_and_their_cache_keeps_the_numbers(tiny_model_dir, settings, tmp_path):
     """`value_layers: 1` trains the value model's top layer (and head) only; the fast path, its frozen bottom layer
     run once per rollout, gives the plain path's rollout, losses and weights (every value pass running every
     layer), in a second step, where the policy's adapter has moved away from the base the value layers start
@@ -545,6 +545,12 @@ def test_value_layers_train_the_top_layers_and_their_cache_keeps_the_numbers(tin
     for name in plain_weights:
         torch.testing.assert_close(plain_weights[name], cached_weights[name], atol=1e-5, rtol=1e-4)
     assert len(backbone_of(trainer.models.value_backbone).layers) == 2  # every layer back after the passes
+    # A checkpoint holds the trained layers only and resumes into a new trainer with the same setting.
+    trainer.save_state(tmp_path)
+    again = PPOTrainer(config, reward_fn=length_reward)
+    again.load_state(tmp_path)
+    for name, tensor in again.models.named_trainable().items():
+        assert torch.equal(tensor, trainer.models.named_trainable()[name]), name
 
 
 @pytest.mark.slow
