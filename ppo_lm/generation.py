@@ -7,6 +7,7 @@ which tokens are real. Masks are always explicit: the pad token may equal EOS wi
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from transformers import (
+    DynamicCache,
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
@@ -23,6 +25,8 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+from transformers.cache_utils import DynamicLayer
+from transformers.generation.utils import GenerationMixin
 
 logger = logging.getLogger(__name__)
 
@@ -315,6 +319,59 @@ def sampling_processors(config: GenerationConfig) -> LogitsProcessorList:
     return processors
 
 
+def prefill_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, tokens: int) -> list[torch.Tensor]:
+    """Rows of left-padded prompts in groups of similar length whose padded size stays within `tokens` (longest
+    prompts first, as `SequenceBatch.micro_batches` groups a rollout's rows)."""
+    prompts = SequenceBatch(prompt_ids, prompt_mask, prompt_width=prompt_ids.shape[1])
+    return prompts.micro_batches(torch.arange(len(prompt_ids), device=prompt_ids.device), tokens=tokens)
+
+
+def _is_plain_dynamic_cache(model: torch.nn.Module) -> bool:
+    """Whether the model's decoding cache is a list of plain key/value layers (no sliding window, no linear state)."""
+    try:
+        return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
+CACHE_ARGUMENT = ("cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+                  else "past_key_values")
+"""What `generate` calls a cache passed in: `past_key_values` until a transformers 5 release renamed it `cache`."""
+
+
+def prefilled_cache(
+    model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, groups: list[torch.Tensor]
+) -> DynamicCache:
+    """The KV cache of every left-padded prompt but its last token, filled one group of rows at a time.
+
+    Each group runs at its own width (its longest prompt), so short prompts carry none of the long ones' padding,
+    and at a size the matrix products run well at; the keys and values are then laid out at the batch's width
+    (zeros in the padding, which the attention mask hides) for `generate` to take the last prompt token and
+    decode from. A row's keys and values depend only on its own tokens, so this is the whole batch's prefill,
+    computed in pieces.
+    """
+    rows, width = prompt_ids.shape[0], prompt_ids.shape[1] - 1
+    keys: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
+    for index in groups:
+        mask = prompt_mask[index, :width]
+        if not bool(mask.any()):
+            continue  # prompts of one token: nothing before their last token
+        left = int(mask.any(0).int().argmax())  # the group's own width starts at its longest prompt
+        mask = mask[:, left:]
+        output = model(input_ids=prompt_ids[index, left:width], attention_mask=mask,
+                       position_ids=position_ids_from_mask(mask), use_cache=True, logits_to_keep=1)
+        cache = output["cache"] if "cache" in output else output["past_key_values"]
+        for layer_index, layer in enumerate(cache.layers):
+            if len(keys) <= layer_index:
+                shape = (rows, layer.keys.shape[1], width, layer.keys.shape[-1])
+                keys.append(layer.keys.new_zeros(shape))
+                values.append(layer.values.new_zeros((*shape[:3], layer.values.shape[-1])))
+            keys[layer_index][index, :, left:] = layer.keys
+            values[layer_index][index, :, left:] = layer.values
+    return DynamicCache(ddp_cache_data=list(zip(keys, values, strict=True)))
+
+
 def generate_responses(
     model: torch.nn.Module,
     prompt_ids: torch.Tensor,
@@ -322,18 +379,29 @@ def generate_responses(
     generation_config: GenerationConfig,
     stop_token_id: int,
     pad_token_id: int,
+    prefill_tokens: int | None = None,
 ) -> SequenceBatch:
     """Sample one response per left-padded prompt with the KV cache, cut after the first stop token. A sampling
     config draws its tokens by `sampling_processors` under greedy decoding: the same distribution as transformers'
-    own sampling, without its exponential variate per vocabulary entry."""
+    own sampling, without its exponential variate per vocabulary entry.
+
+    `prefill_tokens`: when the prompts' padded size is over it, the prompts are read into the cache in groups of
+    similar length within it (`prefilled_cache`) rather than in one pass over the whole padded batch; only for a
+    model with a plain key/value cache (`generate`'s own prefill otherwise).
+    """
     processors = None
     if generation_config.do_sample:
         processors = sampling_processors(generation_config)
         generation_config = greedy_config(generation_config.max_new_tokens, stop_token_id, pad_token_id)
     with torch.no_grad():
+        cache = {}
+        if prefill_tokens is not None and prompt_ids.shape[1] > 1 and _is_plain_dynamic_cache(model):
+            groups = prefill_groups(prompt_ids, prompt_mask, prefill_tokens)
+            if len(groups) > 1:
+                cache[CACHE_ARGUMENT] = prefilled_cache(model, prompt_ids, prompt_mask, groups)
         sequences = model.generate(
             input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=generation_config,
-            logits_processor=processors,
+            logits_processor=processors, **cache,
         )
     width = prompt_ids.shape[1]
     responses = sequences[:, width:]

@@ -1040,7 +1040,8 @@ def _gives_own_logprobs(model: nn.Module, logprobs_of: Callable[[SequenceBatch],
 def encode_for_reward(
     tokenizer: PreTrainedTokenizerBase, texts: list[str], ended: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokenise prompt + completion texts for a reward model with its own tokenizer: right-padded ids and mask.
+    """Tokenise prompt + completion texts for a reward model with its own tokenizer: left-padded ids and mask (as a
+    `SequenceBatch` of prompts alone, so that its micro-batches trim their padding).
 
     The tokenizer's EOS follows each text whose response ended (`ended`, `[batch]` bools), as it follows every
     completion that `ppo-lm reward` trains on (`finetune.encode_completions`), so `sequence_scores` reads an ended
@@ -1049,8 +1050,10 @@ def encode_for_reward(
     token_lists = tokenizer(texts)["input_ids"]
     rows = [torch.tensor(ids + [tokenizer.eos_token_id] if stop else ids, dtype=torch.long)
             for ids, stop in zip(token_lists, ended.tolist(), strict=True)]
-    input_ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=tokenizer.pad_token_id)
-    attention_mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(row) for row in rows], batch_first=True)
+    input_ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=tokenizer.pad_token_id,
+                                                padding_side="left")
+    attention_mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(row) for row in rows], batch_first=True,
+                                                     padding_side="left")
     return input_ids, attention_mask
 
 

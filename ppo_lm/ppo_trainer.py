@@ -428,19 +428,30 @@ class PPOTrainer:
     ) -> tuple[torch.Tensor | None, ...]:
         """Run `forward` over the batch's micro-batches and put each of its `[rows, response]` outputs back in row
         order (None where it gives None)."""
-        rows, width = batch.response_mask.shape
+        return self._per_row(batch, forward, width=batch.response_mask.shape[1])
+
+    def _per_row(
+        self, batch: SequenceBatch, forward: Callable[[SequenceBatch], tuple[torch.Tensor | None, ...]],
+        width: int | None = None,
+    ) -> tuple[torch.Tensor | None, ...]:
+        """Run `forward` over the batch's micro-batches and put each of its outputs back in row order (None where it
+        gives None): `[rows]` outputs, or `[rows, up to width]` ones with `width`, zero beyond each micro-batch's."""
+        rows = batch.input_ids.shape[0]
         outputs: list[torch.Tensor | None] = []
         everything = torch.arange(rows, device=batch.input_ids.device)
         for index in self._micro_batches(batch, everything, collective=False):  # weights held whole: no collective
-            micro = batch.select(index)
-            results = forward(micro)
+            results = forward(batch.select(index))
             outputs = outputs or [None] * len(results)
             for slot, result in enumerate(results):
                 if result is None:
                     continue
                 if outputs[slot] is None:
-                    outputs[slot] = torch.zeros(rows, width, dtype=result.dtype, device=result.device)
-                outputs[slot][index, : result.shape[1]] = result
+                    shape = (rows,) if width is None else (rows, width)
+                    outputs[slot] = torch.zeros(shape, dtype=result.dtype, device=result.device)
+                if width is None:
+                    outputs[slot][index] = result
+                else:
+                    outputs[slot][index, : result.shape[1]] = result
         return tuple(outputs)
 
     def evaluate(
@@ -509,6 +520,7 @@ class PPOTrainer:
         batch = generate_responses(
             model or self.models.policy, prompt_ids.to(self.device), prompt_mask.to(self.device), generation_config,
             self.stop_token_id, self.tokenizer.pad_token_id,
+            prefill_tokens=self.token_budget and self.token_budget.tokens,  # the prompts read in passes of this size
         )
         return batch, self.tokenizer.batch_decode(batch.responses, skip_special_tokens=True)
 
@@ -577,14 +589,14 @@ class PPOTrainer:
         if self.rewards is not None:
             scores, parts = self.rewards(prompts, completions, columns)
             return scores, parts if len(parts) > 1 else {}
-        with torch.no_grad():
-            if self.reward_tokenizer is None:
-                input_ids, attention_mask = batch.input_ids, batch.attention_mask
-            else:  # the reward model reads another vocabulary: give it the text, tokenised its way
-                texts = [p + c for p, c in zip(prompts, completions, strict=True)]
-                input_ids, attention_mask = encode_for_reward(self.reward_tokenizer, texts, ended.cpu())
-                input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-            return check_finite_scores(sequence_scores(self.models.reward_model, input_ids, attention_mask)), {}
+        if self.reward_tokenizer is not None:  # the reward model reads another vocabulary: the text, tokenised its way
+            texts = [p + c for p, c in zip(prompts, completions, strict=True)]
+            input_ids, attention_mask = encode_for_reward(self.reward_tokenizer, texts, ended.cpu())
+            batch = SequenceBatch(input_ids.to(self.device), attention_mask.to(self.device), input_ids.shape[1])
+        with torch.no_grad():  # in micro-batches of similar length, as the other passes of the rollout
+            scores, = self._per_row(batch, lambda micro: (
+                sequence_scores(self.models.reward_model, micro.input_ids, micro.attention_mask),))
+        return check_finite_scores(scores), {}
 
     def update(self, rollout: Rollout) -> dict[str, float]:
         """Stage 7: PPO epochs over shuffled minibatches, stopping once the approximate KL passes target_kl.

@@ -1,5 +1,5 @@
 """generation.py: the response mask that ends at the stop token; micro-batches sized by rows or by tokens; the
-inverse-CDF sampler and the warpers in front of it."""
+inverse-CDF sampler and the warpers in front of it; the prompts' prefill in groups of similar length."""
 
 from unittest import mock
 
@@ -14,8 +14,11 @@ from ppo_lm.generation import (
     SequenceBatch,
     auto_micro_batch_tokens,
     generate_responses,
+    greedy_config,
     inverse_cdf_sample,
     mask_after_stop,
+    prefill_groups,
+    prefilled_cache,
     sampling_config,
     sampling_processors,
     split_to_count,
@@ -190,3 +193,61 @@ def test_sampled_responses_follow_the_models_warped_next_token_distribution():
                                stop_token_id=299, pad_token_id=299)
     assert batch.input_ids.shape == (rows, 5)
     assert_fits(torch.bincount(batch.input_ids[:, -1], minlength=300), probs)
+
+
+def left_padded(lengths: list[int], vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompts of the given token lengths, left-padded with token 1, and their mask."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids, mask = torch.ones(len(lengths), width, dtype=torch.long), torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        ids[row, width - length :] = torch.randint(2, vocab, (length,), generator=generator)
+        mask[row, width - length :] = 1
+    return ids, mask
+
+
+def test_prefill_groups_pack_prompts_of_similar_length_within_the_budget():
+    ids, mask = left_padded([5, 17, 9, 1, 12, 17, 3], vocab=50)
+    groups = prefill_groups(ids, mask, tokens=34)
+    assert sorted(torch.cat(groups).tolist()) == list(range(7))  # every row once
+    assert [g.tolist() for g in groups] == [[1, 5], [4, 2], [0, 6, 3]]  # longest first; 2 x 17, 2 x 12, 3 x 5
+    assert prefill_groups(ids, mask, tokens=1000)[0].tolist() == [1, 5, 4, 2, 0, 6, 3]
+
+
+def test_the_prompts_prefilled_in_groups_give_the_whole_batchs_cache_and_responses():
+    """Prompts of 1 to 17 tokens read into the KV cache in groups of their own width: at every real position the
+    keys and values are those of one pass over the whole padded batch (float32, 1e-5 absolute or 1e-4 relative;
+    padding positions hold whatever the mask hides), and generate, greedy or sampled from the same seed, gives the
+    same responses from them."""
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(tiny_qwen3_config(300, initializer_range=0.5, eos_token_id=299, pad_token_id=1)).eval()
+    ids, mask = left_padded([5, 17, 9, 1, 12, 17, 3], vocab=299)
+    groups = prefill_groups(ids, mask, tokens=34)
+    with torch.no_grad():
+        whole = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
+                      position_ids=(mask[:, :-1].cumsum(-1) - 1).clamp(min=0), use_cache=True)
+        whole_cache = whole["cache"] if "cache" in whole else whole["past_key_values"]
+        cache = prefilled_cache(model, ids, mask, groups)
+    real = mask[:, :-1].bool()
+    for mine, theirs in zip(cache.layers, whole_cache.layers, strict=True):
+        for name in ("keys", "values"):
+            torch.testing.assert_close(getattr(mine, name).transpose(1, 2)[real],
+                                       getattr(theirs, name).transpose(1, 2)[real], atol=1e-5, rtol=1e-4)
+    for config in (greedy_config(6, 299, 1), sampling_config(6, 1.0, 0, 1.0, stop_token_id=299, pad_token_id=1)):
+        batches = []
+        for tokens in (None, 34):
+            torch.manual_seed(1)
+            with mock.patch("ppo_lm.generation.prefilled_cache", wraps=prefilled_cache) as prefill:
+                batches.append(generate_responses(model, ids, mask, config, 299, 1, prefill_tokens=tokens))
+            assert prefill.call_count == (tokens is not None)
+        assert torch.equal(batches[0].input_ids, batches[1].input_ids)
+        assert torch.equal(batches[0].attention_mask, batches[1].attention_mask)
+
+
+def test_one_group_of_prompts_is_prefilled_by_generate_itself():
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(tiny_qwen3_config(300, eos_token_id=299, pad_token_id=1)).eval()
+    ids, mask = left_padded([5, 7, 6], vocab=299)
+    with mock.patch("ppo_lm.generation.prefilled_cache") as prefill:
+        generate_responses(model, ids, mask, greedy_config(2, 299, 1), 299, 1, prefill_tokens=1000)
+    prefill.assert_not_called()

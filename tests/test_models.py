@@ -53,8 +53,8 @@ def test_encode_for_reward_appends_eos_to_ended_rows_only(qwen_tokenizer):
     eos, pad = qwen_tokenizer.eos_token_id, qwen_tokenizer.pad_token_id
     expected = [plain[0] + [eos], plain[1] + [eos], plain[2]]
     width = len(expected[0])
-    assert input_ids.tolist() == [ids + [pad] * (width - len(ids)) for ids in expected]  # right-padded
-    assert attention_mask.tolist() == [[1] * len(ids) + [0] * (width - len(ids)) for ids in expected]
+    assert input_ids.tolist() == [[pad] * (width - len(ids)) + ids for ids in expected]  # left-padded
+    assert attention_mask.tolist() == [[0] * (width - len(ids)) + [1] * len(ids) for ids in expected]
 
 
 @pytest.mark.slow

@@ -212,10 +212,14 @@ def test_a_non_finite_loss_raises_and_changes_nothing(trainer):
 
 
 @pytest.mark.slow
-def test_reward_model_scores_at_the_last_real_token(tiny_model_dir, tiny_reward_model_dir):
-    config = tiny_config(tiny_model_dir, reward_model_name=tiny_reward_model_dir, ppo_epochs=1)
+@pytest.mark.parametrize("micro_batch_tokens", [None, 8])  # 8: each row scored in a pass of its own
+def test_reward_model_scores_at_the_last_real_token(tiny_model_dir, tiny_reward_model_dir, micro_batch_tokens):
+    config = tiny_config(tiny_model_dir, reward_model_name=tiny_reward_model_dir, ppo_epochs=1,
+                         micro_batch_tokens=micro_batch_tokens)
     trainer = PPOTrainer(config)
     rollout = trainer.make_rollout(PROMPTS[:2])
+    passes = trainer._micro_batches(rollout.batch, torch.arange(2), collective=False)
+    assert len(passes) == (2 if micro_batch_tokens else 1)
     reward_model = trainer.models.reward_model
     for row in range(2):
         keep = rollout.batch.attention_mask[row].bool()
@@ -666,11 +670,14 @@ def test_a_reward_model_with_another_tokenizer_scores_the_text(tiny_model_dir, o
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("micro_batch_tokens", [None, 16])  # 16: the texts scored in several passes
 def test_a_reward_model_with_another_tokenizer_reads_ended_responses_at_its_eos(eos_model_dir,
-                                                                               other_vocabulary_reward_model):
+                                                                               other_vocabulary_reward_model,
+                                                                               micro_batch_tokens):
     reward_dir, reward_tokenizer = other_vocabulary_reward_model
     prompts = (PROMPTS[1:] + ["Hello the weather is"]) * 2
-    trainer = PPOTrainer(tiny_config(eos_model_dir, reward_model_name=reward_dir, batch_size=len(prompts)))
+    trainer = PPOTrainer(tiny_config(eos_model_dir, reward_model_name=reward_dir, batch_size=len(prompts),
+                                     micro_batch_tokens=micro_batch_tokens))
     assert trainer.reward_tokenizer is not None
     rollout = trainer.make_rollout(prompts)
     assert rollout.ended.any() and not rollout.ended.all(), "the batch must hold ended and cut-off rows"
