@@ -205,6 +205,11 @@ UPDATE_CASES = {
     # a LoRA adapter on the policy's base and as a value backbone with frozen embeddings and bottom layer.
     "value-layers-sharded": ("sharded_launch", {"value_layers": 1}),
     "value-layers-sharded-full": ("sharded_launch", {"value_layers": 1, "use_lora": False}),
+    # The same under DeepSpeed (no clipping, as above): ZeRO-3 with LoRA, ZeRO-2 with full fine-tuning, whose engine
+    # holds a value backbone with frozen parameters beside its trained ones.
+    "value-layers-deepspeed-zero3": ("deepspeed_zero3_launch", {"value_layers": 1, "max_grad_norm": 1e6}),
+    "value-layers-deepspeed-zero2-full": ("deepspeed_zero2_launch", {"value_layers": 1, "use_lora": False,
+                                                                     "max_grad_norm": 1e6}),
 }
 """The update cases by test id: the shared launch that runs each, and its PPOConfig fields over the common ones."""
 
