@@ -348,13 +348,15 @@ class PPOTrainer:
         # Sharded weights are gathered whole for these passes: they need no gradients, and processes may run
         # different numbers of them (generation lengths differ).
         with self.whole_weights():
-            # 1. generate: left-padded prompts -> sampled responses, cut after the first stop token.
+            # 1. generate: left-padded prompts -> sampled responses, cut after the first stop token. The prompts are
+            #    read into the KV cache in groups of similar length within the token budget.
             with self._timed("generate", timings):
                 batch, completions = self._generate(prompts, self.generation_config)
                 response_mask = batch.response_mask
                 ended = self._ended(batch)
 
-            # 3. score (before the heavier passes, so that a failing reward function fails fast).
+            # 3. score (before the heavier passes, so that a failing reward function fails fast); a reward model
+            #    reads the rows in micro-batches, as the passes below do.
             with self._timed("reward", timings):
                 raw_scores, reward_parts = self._score(prompts, completions, batch, ended, columns)
                 raw_scores = raw_scores.to(self.device)

@@ -244,10 +244,15 @@ def test_the_prompts_prefilled_in_groups_give_the_whole_batchs_cache_and_respons
         assert torch.equal(batches[0].attention_mask, batches[1].attention_mask)
 
 
-def test_one_group_of_prompts_is_prefilled_by_generate_itself():
+@pytest.mark.parametrize("case", ["one group", "sliding window"])
+def test_generate_prefills_by_itself_one_group_or_a_cache_that_is_not_plain_keys_and_values(case):
+    """One group needs no pieces; a sliding-window cache keeps only its window, so the pieces could not be laid out
+    as one cache: both go through `generate`'s own prefill."""
     torch.manual_seed(0)
-    model = Qwen3ForCausalLM(tiny_qwen3_config(300, eos_token_id=299, pad_token_id=1)).eval()
-    ids, mask = left_padded([5, 7, 6], vocab=299)
+    window = dict(use_sliding_window=True, sliding_window=4, max_window_layers=0) if case == "sliding window" else {}
+    model = Qwen3ForCausalLM(tiny_qwen3_config(300, eos_token_id=299, pad_token_id=1, **window)).eval()
+    ids, mask = left_padded([5, 17, 9, 1, 12, 17, 3], vocab=299)
     with mock.patch("ppo_lm.generation.prefilled_cache") as prefill:
-        generate_responses(model, ids, mask, greedy_config(2, 299, 1), 299, 1, prefill_tokens=1000)
+        generate_responses(model, ids, mask, greedy_config(2, 299, 1), 299, 1,
+                           prefill_tokens=1000 if case == "one group" else 34)
     prefill.assert_not_called()
