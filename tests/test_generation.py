@@ -6,7 +6,7 @@ from unittest import mock
 import pytest
 import torch
 from conftest import tiny_qwen3_config
-from transformers import LogitsProcessorList, Qwen3ForCausalLM
+from transformers import DynamicCache, LogitsProcessorList, Qwen3ForCausalLM
 
 from ppo_lm.generation import (
     AUTO_TOKENS_RANGE,
@@ -251,6 +251,8 @@ def test_generate_prefills_by_itself_one_group_or_a_cache_that_is_not_plain_keys
     torch.manual_seed(0)
     window = dict(use_sliding_window=True, sliding_window=4, max_window_layers=0) if case == "sliding window" else {}
     model = Qwen3ForCausalLM(tiny_qwen3_config(300, eos_token_id=299, pad_token_id=1, **window)).eval()
+    layers = DynamicCache(config=model.config).layers
+    assert any(layer.is_sliding for layer in layers) == (case == "sliding window")
     ids, mask = left_padded([5, 17, 9, 1, 12, 17, 3], vocab=299)
     with mock.patch("ppo_lm.generation.prefilled_cache") as prefill:
         generate_responses(model, ids, mask, greedy_config(2, 299, 1), 299, 1,
