@@ -351,16 +351,16 @@ def prefilled_cache(
     computed in pieces.
     """
     rows, width = prompt_ids.shape[0], prompt_ids.shape[1] - 1
+    before_last = SequenceBatch(prompt_ids[:, :width], prompt_mask[:, :width], prompt_width=width)
     keys: list[torch.Tensor] = []
     values: list[torch.Tensor] = []
     for index in groups:
-        mask = prompt_mask[index, :width]
-        if not bool(mask.any()):
+        group = before_last.select(index)  # trimmed to the group's own width: its longest prompt's
+        if not bool(group.attention_mask.any()):
             continue  # prompts of one token: nothing before their last token
-        left = int(mask.any(0).int().argmax())  # the group's own width starts at its longest prompt
-        mask = mask[:, left:]
-        output = model(input_ids=prompt_ids[index, left:width], attention_mask=mask,
-                       position_ids=position_ids_from_mask(mask), use_cache=True, logits_to_keep=1)
+        left = width - group.prompt_width
+        output = model(input_ids=group.input_ids, attention_mask=group.attention_mask,
+                       position_ids=group.position_ids, use_cache=True, logits_to_keep=1)
         cache = output["cache"] if "cache" in output else output["past_key_values"]
         for layer_index, layer in enumerate(cache.layers):
             if len(keys) <= layer_index:
