@@ -282,14 +282,17 @@ def replicated_launch(tmp_path_factory, tiny_model_dir) -> SharedLaunch:
     """The replicated launch: its update cases; a 2-step train run (`train/run`), which
     test_a_two_process_train_run_checkpoints_resumes_and_logs_once resumes; the 3-step run (`sigterm/straight`)
     that the SIGTERM test's stopped and resumed run must end like; and last that run again (`sigterm/stopped`),
-    whose launch gets SIGTERM in its step 2 (no evaluation: reward call 2 is step 2)."""
+    whose launch gets SIGTERM in its step 2 (no evaluation: reward call 2 is step 2). The SIGTERM runs take a token
+    budget of 1 (`micro_batch_tokens`): every pass, the prompts' prefill included, runs row by row, so each process
+    prefills its rows in groups (`generation.prefilled_cache`) under the launch."""
     directory = tmp_path_factory.mktemp("replicated-launch")
     train, sigterm, marks = directory / "train", directory / "sigterm", directory / "marks"
     for folder in (train, sigterm, marks):
         folder.mkdir()
     config = write_ppo_run(train, tiny_model_dir, output_dir=str(train / "run"), total_steps=2, eval_steps=1,
                            save_steps=1)
-    write_ppo_run(sigterm, tiny_model_dir, total_steps=3, save_steps=0, eval_fraction=0.0)
+    write_ppo_run(sigterm, tiny_model_dir, total_steps=3, save_steps=0, eval_fraction=0.0,
+                  micro_batch_tokens=1)
     write_pausing_reward(sigterm)
     sigterm_run = ["ppo-lm", "train", "--config", str(sigterm / "config.yaml"), "--output_dir"]
     steps = [["ppo-lm", "train", "--config", str(config)], [*sigterm_run, str(sigterm / "straight")],
