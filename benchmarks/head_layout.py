@@ -20,6 +20,26 @@ import torch
 from timing import best_alternated
 
 
+def time_shape(weight: torch.Tensor, positions: int, repeats: int) -> dict[str, float]:
+    """One JSON line's figures for `weight` (`[vocab, hidden]`) and `positions` rows of hidden states."""
+    vocab, hidden_size = weight.shape
+    hidden = torch.randn(positions, hidden_size)
+    grad_position_major = torch.randn(positions, vocab)
+    grad_vocab_major = grad_position_major.T.contiguous()
+    best = best_alternated({
+        "forward_position_major": lambda: hidden @ weight.T,
+        "forward_vocab_major": lambda: weight @ hidden.T,
+        "backward_position_major": lambda: grad_position_major @ weight,
+        "backward_vocab_major": lambda: grad_vocab_major.T @ weight,
+    }, repeats)
+    flop = 2 * positions * hidden_size * vocab
+    return {"vocab": vocab, "positions": positions, "hidden": hidden_size,
+            **{f"{name}_ms": round(seconds * 1e3, 2) for name, seconds in best.items()},
+            **{f"{name}_tflops": round(flop / seconds / 1e12, 3) for name, seconds in best.items()},
+            "forward_speedup": round(best["forward_position_major"] / best["forward_vocab_major"], 2),
+            "backward_speedup": round(best["backward_position_major"] / best["backward_vocab_major"], 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vocabularies", default="4096,32000,151936")
@@ -31,22 +51,7 @@ def main() -> None:
     for vocab in map(int, arguments.vocabularies.split(",")):
         weight = torch.randn(vocab, arguments.hidden) * 0.02
         for positions in map(int, arguments.positions.split(",")):
-            hidden = torch.randn(positions, arguments.hidden)
-            grad_position_major = torch.randn(positions, vocab)
-            grad_vocab_major = grad_position_major.T.contiguous()
-            best = best_alternated({
-                "forward_position_major": lambda: hidden @ weight.T,
-                "forward_vocab_major": lambda: weight @ hidden.T,
-                "backward_position_major": lambda: grad_position_major @ weight,
-                "backward_vocab_major": lambda: grad_vocab_major.T @ weight,
-            }, arguments.repeats)
-            flop = 2 * positions * arguments.hidden * vocab
-            print(json.dumps({"vocab": vocab, "positions": positions, "hidden": arguments.hidden,
-                              **{f"{name}_ms": round(seconds * 1e3, 2) for name, seconds in best.items()},
-                              **{f"{name}_tflops": round(flop / seconds / 1e12, 3) for name, seconds in best.items()},
-                              "forward_speedup": round(best["forward_position_major"] / best["forward_vocab_major"], 2),
-                              "backward_speedup": round(best["backward_position_major"]
-                                                        / best["backward_vocab_major"], 2)}))
+            print(json.dumps(time_shape(weight, positions, arguments.repeats)))
 
 
 if __name__ == "__main__":
