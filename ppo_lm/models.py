@@ -842,7 +842,7 @@ class HeadTokenLogprobs(torch.autograd.Function):
     of a 151,936-token vocabulary).
 
     The logits are laid out vocabulary-major, `weight @ hidden.T`: the same sums as `F.linear`, but on the CPU's
-    BLAS the product with the few dozen positions as its narrow right side ran 1.1x to 1.8x faster than with them as
+    BLAS the product with the few dozen positions as its narrow right side ran 1.1x to 1.7x faster than with them as
     its narrow left side (benchmarks/RESULTS.md, session 35), and the softmax's reductions run down the columns.
     Forward: the logits, shifted by their column maximum and exponentiated in place. That is all the backward pass
     needs (the softmax is it over its column sum), so nothing else is kept. Backward: the gradient of the logits,
