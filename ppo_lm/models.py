@@ -836,37 +836,41 @@ def _logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, with_entro
 
 
 class HeadTokenLogprobs(torch.autograd.Function):
-    """log softmax(head(hidden) / temperature)[token] at each position, holding one `[positions, vocab]` float32
+    """log softmax(head(hidden) / temperature)[token] at each position, holding one `[vocab, positions]` float32
     tensor between the forward and backward passes instead of the three that the plain path makes (the head's
     logits, `cross_entropy`'s saved log-softmax and its backward's gradient: about 0.24 GiB each for 400 positions
     of a 151,936-token vocabulary).
 
-    Forward: the logits, shifted by their row maximum and exponentiated in place. That is all the backward pass
-    needs (the softmax is it over its row sum), so nothing else is kept. Backward: the gradient of the logits,
+    The logits are laid out vocabulary-major, `weight @ hidden.T`: the same sums as `F.linear`, but on the CPU's
+    BLAS the product with the few dozen positions as its narrow right side ran 1.1x to 1.7x faster than with them as
+    its narrow left side (benchmarks/RESULTS.md, session 35), and the softmax's reductions run down the columns.
+    Forward: the logits, shifted by their column maximum and exponentiated in place. That is all the backward pass
+    needs (the softmax is it over its column sum), so nothing else is kept. Backward: the gradient of the logits,
     `grad x (onehot - softmax) / temperature`, is written into the same tensor and goes back through the head's
-    product as `F.linear`'s backward would send it. With `with_entropy`, the second output is each position's
-    entropy (not differentiable), from the shifted logits before they are overwritten; otherwise it is empty.
-    The plain path (`response_logits`, then `token_logprobs`) gives the same numbers to float32 rounding; a test
-    holds them together. One backward pass only: it overwrites what it saved.
+    product. With `with_entropy`, the second output is each position's entropy (not differentiable), from the
+    shifted logits before they are overwritten; otherwise it is empty. The plain path (`response_logits`, then
+    `token_logprobs`) gives the same numbers to float32 rounding; a test holds them together. One backward pass
+    only: it overwrites what it saved.
     """
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, hidden: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None, tokens: torch.Tensor, temperature: float, with_entropy: bool
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(hidden, weight, bias).float()  # [positions, vocab], our own tensor: changed in place
+        product = weight @ hidden.T if bias is None else torch.addmm(bias[:, None], weight, hidden.T)
+        logits = product.float()  # [vocab, positions], our own tensor: changed in place
         if temperature != 1.0:
             logits.div_(temperature)
-        chosen = logits.gather(1, tokens[:, None]).squeeze(1)
-        top = logits.amax(1, keepdim=True)
+        chosen = logits.gather(0, tokens[None]).squeeze(0)
+        top = logits.amax(0, keepdim=True)
         shifted = logits.sub_(top)
         entropy = _entropy_then_exp_(shifted) if with_entropy else shifted.new_empty(0)
         exp_shifted = shifted if with_entropy else shifted.exp_()
-        total = exp_shifted.sum(1)
+        total = exp_shifted.sum(0)
         ctx.save_for_backward(hidden, weight, tokens, exp_shifted, total)
         ctx.temperature, ctx.has_bias, ctx.used = temperature, bias is not None, False
         ctx.mark_non_differentiable(entropy)
-        return chosen - top.squeeze(1) - total.log(), entropy
+        return chosen - top.squeeze(0) - total.log(), entropy
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor, _: torch.Tensor
@@ -876,29 +880,30 @@ class HeadTokenLogprobs(torch.autograd.Function):
         ctx.used = True
         hidden, weight, tokens, exp_shifted, total = ctx.saved_tensors
         scale = grad / ctx.temperature  # d logprob / d logits = (onehot - softmax) / temperature
-        grad_logits = exp_shifted.mul_((-scale / total)[:, None])
-        grad_logits.scatter_add_(1, tokens[:, None], scale[:, None])
+        grad_logits = exp_shifted.mul_((-scale / total)[None])  # [vocab, positions]
+        grad_logits.scatter_add_(0, tokens[None], scale[None])
         grad_logits = grad_logits.to(weight.dtype)
-        grad_hidden = grad_logits @ weight if ctx.needs_input_grad[0] else None
-        grad_weight = grad_logits.T @ hidden if ctx.needs_input_grad[1] else None
-        grad_bias = grad_logits.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_hidden = grad_logits.T @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = grad_logits @ hidden if ctx.needs_input_grad[1] else None
+        grad_bias = grad_logits.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
 def _entropy_then_exp_(shifted: torch.Tensor, chunk_elements: int = 2**23) -> torch.Tensor:
-    """Each row's entropy from logits shifted by their row maximum, `log Z - sum(exp(s) s) / Z` with
-    `Z = sum(exp(s))`; `shifted` is left holding `exp(s)`. A few rows at a time (about `chunk_elements` values), so
-    that the exponentials need no second `[rows, vocab]` tensor."""
-    rows, vocab = shifted.shape
-    entropy = shifted.new_empty(rows)
-    step = max(1, chunk_elements // vocab)
-    for start in range(0, rows, step):
+    """Each column's entropy from vocabulary-major logits shifted by their column maximum (`[vocab, positions]`),
+    `log Z - sum(exp(s) s) / Z` with `Z = sum(exp(s))`; `shifted` is left holding `exp(s)`. A block of the
+    vocabulary at a time (about `chunk_elements` values), so that the exponentials need no second
+    `[vocab, positions]` tensor."""
+    vocab, positions = shifted.shape
+    total, weighted = shifted.new_zeros(positions), shifted.new_zeros(positions)
+    step = max(1, chunk_elements // positions)
+    for start in range(0, vocab, step):
         part = shifted[start : start + step]
         exp_part = part.exp()
-        total = exp_part.sum(1)
-        entropy[start : start + step] = total.log() - torch.linalg.vecdot(exp_part, part) / total
+        total += exp_part.sum(0)
+        weighted += torch.linalg.vecdot(exp_part, part, dim=0)
         part.copy_(exp_part)
-    return entropy
+    return total.log() - weighted / total
 
 
 def head_token_logprobs(model: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float,

@@ -20,6 +20,7 @@ from ppo_lm.models import (
     FusedLoraLinear,
     HeadTokenLogprobs,
     ModelLoadError,
+    _entropy_then_exp_,
     autocast_bodies,
     autocast_dtype,
     backbone_of,
@@ -310,6 +311,20 @@ def test_the_fused_head_gives_the_plain_heads_logprobs_entropy_and_gradients(dty
         assert fused_grad.dtype == plain_grad.dtype == dtype
         torch.testing.assert_close(fused_grad, plain_grad, **tolerance)
     assert "forward" not in head.__dict__  # the head's own forward is back
+
+
+@pytest.mark.parametrize("chunk_elements", [2**23, 7 * 5])
+def test_the_fused_heads_entropy_in_vocabulary_blocks_is_the_whole_rows_entropy(chunk_elements):
+    """`_entropy_then_exp_` on vocabulary-major logits shifted by their column maximum, in one block and in blocks
+    of seven vocabulary rows (which split 1,000 rows unevenly): each column's entropy, float32 rounding, and the
+    exponentials left in place."""
+    torch.manual_seed(0)
+    logits = torch.randn(5, 1000) * 4  # [positions, vocab]
+    shifted = (logits - logits.amax(1, keepdim=True)).T.contiguous()
+    expected_exp = shifted.exp()
+    entropy = _entropy_then_exp_(shifted, chunk_elements)
+    torch.testing.assert_close(entropy, entropy_from_logits(logits), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shifted, expected_exp, atol=0, rtol=0)
 
 
 def test_the_fused_head_refuses_a_second_backward_pass():

@@ -103,18 +103,31 @@ def test_padding_is_inert(trainer):
 
 @pytest.mark.slow
 def test_mean_reward_rises_on_a_simple_reward(peaked_model_dir):
+    """20 PPO steps on four seeds: the reward rises on each, and over the four it ends above 0.8.
+
+    Over four seeds, not one: a change that keeps the math but adds in another order (a faster product) sends one
+    seed down another sampled path, and on 2 to 3 seeds of 32 this run ends between 0.64 and 0.8 with the code before
+    or after such a change (`benchmarks/learning_seeds.py`, benchmarks/RESULTS.md session 36). One seed's ending
+    is a draw; four seeds' mean is the algorithm's.
+    """
+
     # About half of a random model's completions start with a space; reward exactly those.
     def starts_with_space(prompts, completions):
         return [1.0 if c.startswith(" ") else 0.0 for c in completions]
 
-    config = tiny_config(peaked_model_dir, batch_size=16, max_new_tokens=2, learning_rate=1e-2, ppo_epochs=2,
-                         value_learning_rate=1e-2, kl_coef=0.0, gamma=1.0, top_k=0, top_p=1.0)
-    trainer = PPOTrainer(config, reward_fn=starts_with_space)
     prompts = ["The weather today is", "My favourite food:", "Once upon a time", "TL;DR:"] * 4
-    rewards = [trainer.ppo_step(prompts)["reward_mean"] for _ in range(20)]
-    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
-    assert 0.2 < first < 0.8, f"the property should start near half the time, got {first}"
-    assert last > first + 0.2 and last > 0.8, rewards
+    firsts, lasts = [], []
+    for seed in range(4):
+        config = tiny_config(peaked_model_dir, batch_size=16, max_new_tokens=2, learning_rate=1e-2, ppo_epochs=2,
+                             value_learning_rate=1e-2, kl_coef=0.0, gamma=1.0, top_k=0, top_p=1.0, seed=seed)
+        trainer = PPOTrainer(config, reward_fn=starts_with_space)
+        rewards = [trainer.ppo_step(prompts)["reward_mean"] for _ in range(20)]
+        firsts.append(sum(rewards[:5]) / 5)
+        lasts.append(sum(rewards[-5:]) / 5)
+    first, last = sum(firsts) / 4, sum(lasts) / 4
+    assert 0.2 < first < 0.8, f"the property should start near half the time, got {firsts}"
+    assert all(end > start for start, end in zip(firsts, lasts, strict=True)), (firsts, lasts)
+    assert last > first + 0.2 and last > 0.8, (firsts, lasts)
 
 
 def snapshot(trainer):
