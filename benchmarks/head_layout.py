@@ -1,7 +1,7 @@
 """The output head's two products at the update's and the rollout's position counts, in either layout of the
 logits: position-major (`hidden @ weight.T`, `F.linear`'s, `[positions, vocab]`) and vocabulary-major
-(`weight @ hidden.T`, `[vocab, positions]`), the layout that session 35 tried in `models.HeadTokenLogprobs`
-and took out again (benchmarks/RESULTS.md).
+(`weight @ hidden.T`, `[vocab, positions]`), the layout of `models.HeadTokenLogprobs` (tried in session 35,
+taken out, and back in session 36 after learning over 32 seeds: benchmarks/RESULTS.md).
 
     uv run python benchmarks/head_layout.py
 
