@@ -18,7 +18,7 @@ import yaml
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM, Qwen3ForSequenceClassification
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
-from ppo_lm import PPOConfig
+from ppo_lm import PPOConfig, PPOTrainer
 
 QWEN_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
@@ -115,6 +115,14 @@ def tiny_reward_model_dir(tmp_path_factory, qwen_tokenizer) -> str:
     return str(path)
 
 
+def write_peaked_model(path: str | Path, tokenizer: PreTrainedTokenizerFast) -> str:
+    """Save `peaked_model_dir`'s model (always the same weights: seed 0) and `tokenizer` to `path`."""
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(tiny_qwen3_config(len(tokenizer), initializer_range=0.5)).save_pretrained(path)
+    save_qwen_tokenizer(tokenizer, path)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def peaked_model_dir(tmp_path_factory, qwen_tokenizer) -> str:
     """A tiny random Qwen3 with large initial weights, so its next-token distributions are far from uniform.
@@ -122,12 +130,22 @@ def peaked_model_dir(tmp_path_factory, qwen_tokenizer) -> str:
     With the usual 0.02 init, a random model's logits barely differ over a 151k vocabulary and LoRA cannot make
     them differ much; a peaked model is one that a few dozen PPO steps can visibly move.
     """
-    path = tmp_path_factory.mktemp("tiny-qwen3-peaked")
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(tiny_qwen3_config(len(qwen_tokenizer), initializer_range=0.5))
-    model.save_pretrained(path)
-    save_qwen_tokenizer(qwen_tokenizer, path)
-    return str(path)
+    return write_peaked_model(tmp_path_factory.mktemp("tiny-qwen3-peaked"), qwen_tokenizer)
+
+
+def space_reward_run(model_dir: str, seed: int, steps: int = 20) -> list[float]:
+    """Each step's mean reward over `steps` PPO steps of the model in `model_dir` (`peaked_model_dir`'s), rewarded
+    1 for a completion that starts with a space (about half of a random model's do) and 0 otherwise; `seed` is the
+    run's. The suite's learning test and `benchmarks/learning_seeds.py` run it."""
+
+    def starts_with_space(prompts: list[str], completions: list[str]) -> list[float]:
+        return [1.0 if completion.startswith(" ") else 0.0 for completion in completions]
+
+    config = tiny_config(model_dir, batch_size=16, max_new_tokens=2, learning_rate=1e-2, ppo_epochs=2,
+                         value_learning_rate=1e-2, kl_coef=0.0, gamma=1.0, top_k=0, top_p=1.0, seed=seed)
+    trainer = PPOTrainer(config, reward_fn=starts_with_space)
+    prompts = ["The weather today is", "My favourite food:", "Once upon a time", "TL;DR:"] * 4
+    return [trainer.ppo_step(prompts)["reward_mean"] for _ in range(steps)]
 
 
 EOS_LOGIT = 1.6

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import length_reward, tiny_config, tiny_qwen3_config
+from conftest import length_reward, space_reward_run, tiny_config, tiny_qwen3_config
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerFast, set_seed
 
 from ppo_lm import PPOConfig, PPOTrainer, RewardFunctionError, exact_kl, masked_mean
@@ -111,17 +111,9 @@ def test_mean_reward_rises_on_a_simple_reward(peaked_model_dir):
     is a draw; four seeds' mean is the algorithm's.
     """
 
-    # About half of a random model's completions start with a space; reward exactly those.
-    def starts_with_space(prompts, completions):
-        return [1.0 if c.startswith(" ") else 0.0 for c in completions]
-
-    prompts = ["The weather today is", "My favourite food:", "Once upon a time", "TL;DR:"] * 4
     firsts, lasts = [], []
     for seed in range(4):
-        config = tiny_config(peaked_model_dir, batch_size=16, max_new_tokens=2, learning_rate=1e-2, ppo_epochs=2,
-                             value_learning_rate=1e-2, kl_coef=0.0, gamma=1.0, top_k=0, top_p=1.0, seed=seed)
-        trainer = PPOTrainer(config, reward_fn=starts_with_space)
-        rewards = [trainer.ppo_step(prompts)["reward_mean"] for _ in range(20)]
+        rewards = space_reward_run(peaked_model_dir, seed)
         firsts.append(sum(rewards[:5]) / 5)
         lasts.append(sum(rewards[-5:]) / 5)
     first, last = sum(firsts) / 4, sum(lasts) / 4
