@@ -133,18 +133,35 @@ def peaked_model_dir(tmp_path_factory, qwen_tokenizer) -> str:
     return write_peaked_model(tmp_path_factory.mktemp("tiny-qwen3-peaked"), qwen_tokenizer)
 
 
-def space_reward_run(model_dir: str, seed: int, steps: int = 20) -> list[float]:
-    """Each step's mean reward over `steps` PPO steps of the model in `model_dir` (`peaked_model_dir`'s), rewarded
-    1 for a completion that starts with a space (about half of a random model's do) and 0 otherwise; `seed` is the
-    run's. The suite's learning test and `benchmarks/learning_seeds.py` run it."""
+def starts_with_space(prompts: list[str], completions: list[str]) -> list[float]:
+    """1 for a completion that starts with a space (about half of the peaked model's), else 0."""
+    return [1.0 if completion.startswith(" ") else 0.0 for completion in completions]
 
-    def starts_with_space(prompts: list[str], completions: list[str]) -> list[float]:
-        return [1.0 if completion.startswith(" ") else 0.0 for completion in completions]
 
-    config = tiny_config(model_dir, batch_size=16, max_new_tokens=2, learning_rate=1e-2, ppo_epochs=2,
-                         value_learning_rate=1e-2, kl_coef=0.0, gamma=1.0, top_k=0, top_p=1.0, seed=seed)
+SPACE_PROMPTS = ["The weather today is", "My favourite food:", "Once upon a time", "TL;DR:"]
+
+CRITIC_FREE_RUNS = {
+    "grpo": dict(advantage_estimator="grpo"),
+    "dr_grpo": dict(advantage_estimator="grpo", scale_rewards="none", loss_aggregation="sequence_sum"),
+    "rloo": dict(advantage_estimator="rloo"),
+    "reinforce_pp": dict(advantage_estimator="reinforce_pp"),
+    "reinforce_pp_baseline": dict(advantage_estimator="reinforce_pp_baseline"),
+    "gspo": dict(advantage_estimator="grpo", policy_loss="gspo", loss_aggregation="sequence_mean", clip_epsilon=0.01,
+                 clip_epsilon_high=0.02),
+}
+"""The critic-free learning runs by name: each one's PPOConfig fields, over groups of 4 (`space_reward_run`)."""
+
+
+def space_reward_run(model_dir: str, seed: int, steps: int = 20, **overrides: object) -> list[float]:
+    """Each step's mean reward over `steps` steps of training the model in `model_dir` (`peaked_model_dir`'s) on
+    batches of 16 completions of `SPACE_PROMPTS` (2 new tokens), rewarded by `starts_with_space`; `seed` is the run's,
+    `overrides` are PPOConfig fields (the default: PPO with GAE). The suite's learning tests and
+    `benchmarks/learning_seeds.py` run it."""
+    config = tiny_config(model_dir, **{**dict(batch_size=16, max_new_tokens=2, learning_rate=1e-2, ppo_epochs=2,
+                                              value_learning_rate=1e-2, kl_coef=0.0, gamma=1.0, top_k=0, top_p=1.0,
+                                              seed=seed), **overrides})
     trainer = PPOTrainer(config, reward_fn=starts_with_space)
-    prompts = ["The weather today is", "My favourite food:", "Once upon a time", "TL;DR:"] * 4
+    prompts = SPACE_PROMPTS * (config.items_per_step // len(SPACE_PROMPTS))
     return [trainer.ppo_step(prompts)["reward_mean"] for _ in range(steps)]
 
 

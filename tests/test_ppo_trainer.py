@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import length_reward, space_reward_run, tiny_config, tiny_qwen3_config
+from conftest import CRITIC_FREE_RUNS, length_reward, space_reward_run, tiny_config, tiny_qwen3_config
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerFast, set_seed
 
 from ppo_lm import PPOConfig, PPOTrainer, RewardFunctionError, exact_kl, masked_mean
@@ -719,29 +719,24 @@ def test_a_reward_model_with_the_same_tokenizer_shares_the_tokens(tiny_model_dir
 GROUP_PROMPTS = ["The weather today is", "My favourite food:"]
 
 
-def starts_with_space(prompts, completions):
-    """1 for a completion that starts with a space (about half of the peaked model's), else 0."""
-    return [1.0 if c.startswith(" ") else 0.0 for c in completions]
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides", [
-    dict(advantage_estimator="grpo"),
-    dict(advantage_estimator="grpo", scale_rewards="none", loss_aggregation="sequence_sum"),  # Dr. GRPO
-    dict(advantage_estimator="rloo"),
-    dict(advantage_estimator="reinforce_pp"),
-    dict(advantage_estimator="reinforce_pp_baseline"),
-    dict(advantage_estimator="grpo", policy_loss="gspo", loss_aggregation="sequence_mean", clip_epsilon=0.01,
-         clip_epsilon_high=0.02),
-], ids=["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gspo"])
-def test_each_critic_free_estimator_raises_the_mean_reward(peaked_model_dir, overrides):
-    config = tiny_config(peaked_model_dir, batch_size=16, num_generations=4, max_new_tokens=2, learning_rate=1e-2,
-                         ppo_epochs=2, kl_coef=0.0, gamma=1.0, top_k=0, top_p=1.0, **overrides)
-    trainer = PPOTrainer(config, reward_fn=starts_with_space)
-    prompts = ["The weather today is", "My favourite food:", "Once upon a time", "TL;DR:"]
-    rewards = [trainer.ppo_step(prompts)["reward_mean"] for _ in range(16)]
-    first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
-    assert last > first + 0.2 and last > 0.8, rewards
+@pytest.mark.parametrize("run", list(CRITIC_FREE_RUNS))
+def test_each_critic_free_estimator_raises_the_mean_reward(peaked_model_dir, run):
+    """16 steps on two seeds: on each, the last four steps' mean reward is above the first step's (the untrained
+    policy's samples); over the two, it is above 0.8 and 0.3 above the first step's.
+
+    Two seeds, not one: over 16 seeds per estimator (`benchmarks/learning_seeds.py --run NAME`, benchmarks/RESULTS.md
+    session 37) one seed's run missed the one-seed check (last four above 0.8 and 0.2 above the first four) on 4 of
+    96 runs, so a same-math change that reshuffles the sampled paths would fail one of these six cases about one time
+    in four by chance; this check passed on all 90 pairs of consecutive seeds there, the closest by 0.067."""
+    firsts, lasts = [], []
+    for seed in (0, 1):
+        rewards = space_reward_run(peaked_model_dir, seed, steps=16, num_generations=4, **CRITIC_FREE_RUNS[run])
+        firsts.append(rewards[0])
+        lasts.append(sum(rewards[-4:]) / 4)
+    assert all(end > start for start, end in zip(firsts, lasts, strict=True)), (firsts, lasts)
+    first, last = sum(firsts) / 2, sum(lasts) / 2
+    assert last > 0.8 and last > first + 0.3, (firsts, lasts)
 
 
 @pytest.mark.slow
