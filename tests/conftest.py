@@ -140,7 +140,7 @@ def starts_with_space(prompts: list[str], completions: list[str]) -> list[float]
 
 SPACE_PROMPTS = ["The weather today is", "My favourite food:", "Once upon a time", "TL;DR:"]
 
-CRITIC_FREE_RUNS = {
+CRITIC_FREE_RUNS = {name: dict(num_generations=4, **fields) for name, fields in {
     "grpo": dict(advantage_estimator="grpo"),
     "dr_grpo": dict(advantage_estimator="grpo", scale_rewards="none", loss_aggregation="sequence_sum"),
     "rloo": dict(advantage_estimator="rloo"),
@@ -148,8 +148,8 @@ CRITIC_FREE_RUNS = {
     "reinforce_pp_baseline": dict(advantage_estimator="reinforce_pp_baseline"),
     "gspo": dict(advantage_estimator="grpo", policy_loss="gspo", loss_aggregation="sequence_mean", clip_epsilon=0.01,
                  clip_epsilon_high=0.02),
-}
-"""The critic-free learning runs by name: each one's PPOConfig fields, over groups of 4 (`space_reward_run`)."""
+}.items()}
+"""The critic-free learning runs by name: each one's PPOConfig fields for `space_reward_run`, groups of 4."""
 
 
 def space_reward_run(model_dir: str, seed: int, steps: int = 20, **overrides: object) -> list[float]:

@@ -731,7 +731,7 @@ def test_each_critic_free_estimator_raises_the_mean_reward(peaked_model_dir, run
     in four by chance; this check passed on all 90 pairs of consecutive seeds there, the closest by 0.067."""
     firsts, lasts = [], []
     for seed in (0, 1):
-        rewards = space_reward_run(peaked_model_dir, seed, steps=16, num_generations=4, **CRITIC_FREE_RUNS[run])
+        rewards = space_reward_run(peaked_model_dir, seed, steps=16, **CRITIC_FREE_RUNS[run])
         firsts.append(rewards[0])
         lasts.append(sum(rewards[-4:]) / 4)
     assert all(end > start for start, end in zip(firsts, lasts, strict=True)), (firsts, lasts)
