@@ -1,6 +1,6 @@
 """The CPU attention kernel's cost in float32 and in bfloat16, whole and as two halves of its queries: why the
-bfloat16 bodies run attention in float32 on a CPU without AMX (`models.float32_sdpa`), and why a long causal pass
-is not split.
+bfloat16 bodies run attention in float32 on a CPU, with AMX tiles or without (`models.float32_sdpa`), and why a
+long causal pass is not split.
 
     uv run python benchmarks/attention_dtype.py --repeats 30
 

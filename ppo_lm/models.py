@@ -106,22 +106,22 @@ def cpu_multiplies_bf16() -> bool:
 
 
 def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles, on which torch's CPU attention kernel runs bfloat16 at matrix-unit speed."""
+    """Whether this CPU has AMX tiles (matrix units that multiply bfloat16)."""
     check = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return check is not None and check()
 
 
 FLOAT32_SDPA = "ppo_lm_sdpa_float32"
-"""The attention implementation of an autocast body on a CPU without AMX: torch's sdpa on float32 operands."""
+"""The attention implementation of an autocast body on a CPU: torch's sdpa on float32 operands."""
 
 
 def float32_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attention_mask: torch.Tensor | None, **kwargs: object) -> tuple[torch.Tensor, None]:
     """transformers' sdpa attention, with its operands in float32 and autocast off when a body runs under autocast.
-    On a CPU with AVX-512 BF16 but no AMX, torch's flash-attention kernel is slower in bfloat16 than in float32
-    (2.1x the time for a forward and backward pass of 32 x 48 tokens, 1.07x for 8 x 420, on a 2-core EPYC:
-    `benchmarks/attention_dtype.py`), while the bodies' matrix products still gain from bfloat16. Outside
-    autocast it is plain sdpa."""
+    torch's CPU flash-attention kernel is slower in bfloat16 than in float32 at short lengths, with AMX tiles too:
+    a forward and backward pass of 32 x 48 tokens took 2.1x float32's time on a 2-core EPYC with AVX-512 BF16 and
+    3.5x on a 2-core Xeon with AMX; at 8 x 420 tokens 1.07x and 0.86x (`benchmarks/attention_dtype.py`), while the
+    bodies' matrix products still gain from bfloat16. Outside autocast it is plain sdpa."""
     if not torch.is_autocast_enabled(query.device.type):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     with torch.autocast(query.device.type, enabled=False):
@@ -138,8 +138,8 @@ def autocast_bodies(models: Iterable[nn.Module | None], device: torch.device, dt
     model (its forward, `generate`, a pass over the body alone) goes through the body. The output heads stay outside:
     the policy's logits, and so every logprob, ratio and KL, come from float32 products, and each body's float32
     residual stream reaches them as it is. A body shared by several roles is wrapped once. Its LoRA layers skip
-    peft's cast of their input to the adapter's dtype, which autocast would undo. On a CPU without AMX, a body
-    that uses sdpa attention runs it in float32 (`float32_sdpa`). With `store_frozen`, the frozen weights of the
+    peft's cast of their input to the adapter's dtype, which autocast would undo. On a CPU, a body that uses sdpa
+    attention runs it in float32 (`float32_sdpa`). With `store_frozen`, the frozen weights of the
     body's linear layers are stored in `dtype` (`store_frozen_linear_weights`)."""
     if dtype is None:
         return
@@ -152,7 +152,7 @@ def autocast_bodies(models: Iterable[nn.Module | None], device: torch.device, dt
         if store_frozen:
             store_frozen_linear_weights(body, dtype)
         config = getattr(body, "config", None)
-        if device.type == "cpu" and not cpu_has_amx() and getattr(config, "_attn_implementation", None) == "sdpa":
+        if device.type == "cpu" and getattr(config, "_attn_implementation", None) == "sdpa":
             # The config is the model's own (every module holds the same one); it is not saved with the model.
             config._attn_implementation = FLOAT32_SDPA
         for layer in body.modules():

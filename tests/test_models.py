@@ -165,11 +165,9 @@ def test_bf16_autocast_asked_for_on_a_cpu_that_emulates_it_is_kept_with_a_warnin
 
 
 @pytest.mark.parametrize("amx", [False, True])
-def test_autocast_bodies_run_sdpa_attention_in_float32_on_a_cpu_without_amx(tiny_model_dir, tmp_path, monkeypatch,
-                                                                             amx):
-    """Without AMX the attention kernel gets float32 operands outside autocast (the products around it stay
-    bfloat16), with AMX it runs under autocast, which hands it bfloat16 ones; the switch is not saved with the
-    model."""
+def test_autocast_bodies_run_sdpa_attention_in_float32_on_a_cpu(tiny_model_dir, tmp_path, monkeypatch, amx):
+    """With AMX tiles or without, the attention kernel gets float32 operands outside autocast (the products around it
+    stay bfloat16); the switch is not saved with the model."""
     monkeypatch.setattr("ppo_lm.models.cpu_has_amx", lambda: amx)
     seen = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -185,10 +183,9 @@ def test_autocast_bodies_run_sdpa_attention_in_float32_on_a_cpu_without_amx(tiny
     products = []
     model.model.layers[0].self_attn.o_proj.register_forward_hook(lambda m, a, output: products.append(output.dtype))
     model(torch.tensor([[5, 6, 7, 8]]), attention_mask=torch.tensor([[0, 1, 1, 1]]))
-    assert len(seen) == 2 and all(call == (True, {torch.float32, torch.bfloat16}) if amx
-                                  else call == (False, {torch.float32}) for call in seen)
+    assert len(seen) == 2 and all(call == (False, {torch.float32}) for call in seen)
     assert products == [torch.bfloat16]
-    assert model.config._attn_implementation == ("sdpa" if amx else FLOAT32_SDPA)
+    assert model.config._attn_implementation == FLOAT32_SDPA
     model.save_pretrained(tmp_path)
     assert FLOAT32_SDPA not in (tmp_path / "config.json").read_text()
 
