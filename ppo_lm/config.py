@@ -423,13 +423,14 @@ class PPOConfig(TrainConfig):
     """Stop the PPO epochs early when a minibatch's approximate KL to the rollout policy passes this. None: off."""
     micro_batch_tokens: MicroBatchTokens = "auto"
     """Padded tokens per forward/backward pass when `micro_batch_size` is None: a process's minibatch (and each
-    rollout and evaluation pass) is sorted by prompt length and packed greedily into groups whose rows x own width
-    stays within this budget (a single longer row gets a pass of its own). The same loss and gradients as one pass,
-    for less padding and memory. 'auto': memory / bytes per token (`generation.auto_micro_batch_tokens`), where the
-    memory is 1 GiB on the CPU (for at most 1,024 tokens, `generation.CPU_PASS_TOKENS`) and a quarter of the GPU's
-    free memory after the models load, a token costs about 17 x layers x hidden_size values of activations (each
-    also as a bfloat16 copy in an autocast body), and a response position also the float32 row of logits that the
-    output head holds there. None: the whole minibatch in one pass. `micro_batch_size`, when set, wins."""
+    rollout and evaluation pass) is sorted by prompt length and split into as few groups as keep rows x own width
+    within this budget, evened out so that the largest group is as small as that number of passes allows (a single
+    longer row gets a pass of its own). The same loss and gradients as one pass, for less padding and memory.
+    'auto': memory / bytes per token (`generation.auto_micro_batch_tokens`), where the memory is 1 GiB on the CPU
+    (for at most 1,024 tokens, `generation.CPU_PASS_TOKENS`) and a quarter of the GPU's free memory after the models
+    load, a token costs about 17 x layers x hidden_size values of activations (each also as a bfloat16 copy in an
+    autocast body), and a response position also the float32 row of logits that the output head holds there. None:
+    the whole minibatch in one pass. `micro_batch_size`, when set, wins."""
 
     def validate(self) -> None:
         """Raise a ValueError naming the first field whose value is not allowed."""

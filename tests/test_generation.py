@@ -17,6 +17,7 @@ from ppo_lm.generation import (
     greedy_config,
     inverse_cdf_sample,
     mask_after_stop,
+    packed_groups,
     prefill_groups,
     prefilled_cache,
     sampling_config,
@@ -43,12 +44,35 @@ def make_batch(prompt_lengths: list[int], response_lengths: list[int]) -> Sequen
     return SequenceBatch(input_ids, mask, prompt_width)
 
 
-def test_token_budget_groups_pack_greedily_by_padded_size():
+def test_packed_groups_pack_greedily_by_padded_size():
     # The oversize row (40 + 5) stands alone. Then 2 rows x (10 + 4) = 28 <= 30, a third would make 3 x 14 = 42;
     # 2 rows x (7 + 4) = 22, a third 3 x 11 = 33 > 30; the last row alone.
-    assert token_budget_groups([40, 10, 8, 7, 3, 1], [5, 2, 4, 1, 4, 4], budget=30) == [1, 2, 2, 1]
+    assert packed_groups([40, 10, 8, 7, 3, 1], [5, 2, 4, 1, 4, 4], budget=30) == [1, 2, 2, 1]
+    assert packed_groups([5, 5, 5], [1, 1, 1], budget=100) == [3]
+    assert packed_groups([], [], budget=10) == []
+
+
+def test_token_budget_groups_are_as_few_as_packing_gives_with_the_largest_as_small_as_can_be():
+    # Four groups, as packing gives; then the rows after the oversize one as 12 | 2 x (8 + 4) = 24 | 2 x (3 + 4) = 14
+    # rather than packing's 28 | 22 | 5: every split of those five rows into three groups has one of 24 or more.
+    assert token_budget_groups([40, 10, 8, 7, 3, 1], [5, 2, 4, 1, 4, 4], budget=30) == [1, 1, 2, 2]
     assert token_budget_groups([5, 5, 5], [1, 1, 1], budget=100) == [3]
     assert token_budget_groups([], [], budget=10) == []
+    assert token_budget_groups([32] * 32, [16] * 32, budget=1024) == [16, 16]  # not 21 and 11
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        prompts = sorted(torch.randint(1, 80, (30,), generator=generator).tolist(), reverse=True)
+        responses = torch.randint(1, 9, (30,), generator=generator).tolist()
+        packed, balanced = packed_groups(prompts, responses, 200), token_budget_groups(prompts, responses, 200)
+        assert sum(balanced) == 30 and len(balanced) == len(packed)
+        packed_sizes, balanced_sizes = (padded_sizes(groups, prompts, responses) for groups in (packed, balanced))
+        assert max(balanced_sizes) <= max(packed_sizes) and all(size <= 200 for size in balanced_sizes)
+
+
+def padded_sizes(groups: list[int], prompts: list[int], responses: list[int]) -> list[int]:
+    """Each consecutive group's rows x (its longest prompt + its longest response)."""
+    starts = [sum(groups[:i]) for i in range(len(groups))]
+    return [n * (max(prompts[a:a + n]) + max(responses[a:a + n])) for a, n in zip(starts, groups, strict=True)]
 
 
 def test_micro_batches_by_tokens_cover_every_row_once_sorted_within_budget():
@@ -105,8 +129,8 @@ def test_auto_budget_is_memory_over_bytes_per_token_capped_on_the_cpu_with_the_h
 
 def test_response_columns_can_count_for_more_than_one_token():
     # rows of 10 prompt + 4 response tokens: 14 tokens each, or 10 + 4 x 3 = 22 when a response column counts 3
-    assert token_budget_groups([10] * 4, [4] * 4, budget=44) == [3, 1]
-    assert token_budget_groups([10] * 4, [4] * 4, budget=44, response_cost=3.0) == [2, 2]
+    assert packed_groups([10] * 4, [4] * 4, budget=44) == [3, 1]
+    assert packed_groups([10] * 4, [4] * 4, budget=44, response_cost=3.0) == [2, 2]
 
 
 def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
