@@ -582,14 +582,18 @@ def test_a_sharded_lora_reward_run_normalises_and_writes_a_merged_model(sharded_
     rows = sft_rows(6)
     batch = encode_completions(AutoTokenizer.from_pretrained(str(run_dir / "final")), [r["prompt"] for r in rows],
                                [r["completion"] for r in rows], 512)
-    # The run normalised in its own precision ('auto': bfloat16 bodies on a CPU with bfloat16 instructions). Scored
-    # that way, the reference rows average 0; scored in float32, 0 to bfloat16's precision (1 % of their spread).
+    # The run normalised in its own precision ('auto': bfloat16 bodies on a CPU with bfloat16 instructions), with the
+    # adapter beside its base; the merged model rounds differently there (1.5 % of the scores' spread on a 2-core AMX
+    # Xeon, 0.03 % on an AVX-512 EPYC). Scored either way, the reference rows average 0 within 2 % of their spread,
+    # where the offset the run found is several spreads away from 0.
     with torch.no_grad():
         plain = sequence_scores(model, batch.input_ids, batch.attention_mask)
         autocast_bodies([model], torch.device("cpu"), autocast_dtype("auto", torch.device("cpu"), torch.float32))
         as_in_the_run = sequence_scores(model, batch.input_ids, batch.attention_mask)
-    assert as_in_the_run.mean().item() == pytest.approx(0.0, abs=1e-3)
-    assert plain.mean().item() == pytest.approx(0.0, abs=1e-2 * plain.std().item())
+    spread = plain.std().item()
+    assert abs(model.config.score_offset) > 2 * spread
+    assert as_in_the_run.mean().item() == pytest.approx(0.0, abs=0.02 * spread)
+    assert plain.mean().item() == pytest.approx(0.0, abs=0.02 * spread)
 
 
 def test_buckets_keep_order_and_respect_the_size_limit(monkeypatch):
