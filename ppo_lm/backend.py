@@ -171,6 +171,10 @@ class Backend:
     """Whether an autocast body may store its frozen linear weights in the autocast dtype beside its float32 trained
     ones (`models.store_frozen_linear_weights`): tested with whole weights only (a sharding backend gathers a
     layer's weights together)."""
+    can_add_gradients_in_place = True
+    """Whether the vocabulary-sized weights' backward passes may add into their `.grad` themselves
+    (`models.add_vocabulary_gradients_in_place`): only where gradients are read from `.grad` at the step, as here;
+    a sharding backend hooks autograd's own accumulation."""
 
     def __init__(self) -> None:
         self.optimizer: torch.optim.Optimizer | None = None
@@ -374,6 +378,7 @@ class FSDPBackend(Backend):
     title = "FSDP"
     can_compile_layers = False
     can_store_frozen_weights = False
+    can_add_gradients_in_place = False
 
     def __init__(self, sharding: Sharding) -> None:
         super().__init__()
@@ -524,6 +529,7 @@ class DeepSpeedBackend(Backend):
     stages = ("train",)
     can_compile_layers = False
     can_store_frozen_weights = False
+    can_add_gradients_in_place = False
     can_discard_gradients = False
     can_roll_back = False
 

@@ -33,6 +33,7 @@ from ppo_lm.config import FinetuneConfig
 from ppo_lm.distributed import batch_layout, gather_rows, mean_over_processes, process_state
 from ppo_lm.generation import SequenceBatch, encode_prompts
 from ppo_lm.models import (
+    add_vocabulary_gradients_in_place,
     autocast_bodies,
     autocast_dtype,
     enable_activation_checkpointing,
@@ -127,6 +128,8 @@ class FinetuneTrainer:
         if config.use_lora:
             model = get_peft_model(model, lora_config(config, self.full_modules))
             fuse_lora_layers(model)
+        elif self.backend.can_add_gradients_in_place:
+            add_vocabulary_gradients_in_place(model)
         self.model = model.to(self.backend.load_device(self.device)).eval()
         autocast_bodies([self.model], self.device, autocast_dtype(config.mixed_precision, self.device, self.dtype),
                         self.backend.can_store_frozen_weights)

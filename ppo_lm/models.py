@@ -589,13 +589,16 @@ class RoleModels:
 
 
 def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype,
-                     load_device: torch.device | None = None, store_frozen: bool = True) -> RoleModels:
+                     load_device: torch.device | None = None, store_frozen: bool = True,
+                     gradients_in_place: bool = True) -> RoleModels:
     """Build the roles from the config: one base with LoRA adapters unless separate models are named, and no value
     model when the advantage estimator needs none (`PPOConfig.needs_value_model`).
 
     The reward model goes to `device`; the others to `load_device` (default `device`), where the launch backend
     wants them before it places them (a sharding backend keeps them on the CPU). `store_frozen`: autocast bodies
-    store their frozen linear weights in the autocast dtype (`store_frozen_linear_weights`)."""
+    store their frozen linear weights in the autocast dtype (`store_frozen_linear_weights`). `gradients_in_place`:
+    the trained models' vocabulary-sized weights add their gradients in place
+    (`add_vocabulary_gradients_in_place`)."""
     base = load_pretrained(AutoModelForCausalLM.from_pretrained, config.model_name, "model_name", dtype=dtype)
     hidden_size = base.config.hidden_size
 
@@ -682,6 +685,8 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
     for model in (policy, value_backbone):
         if model is not None:
             fuse_lora_layers(model)
+            if gradients_in_place:
+                add_vocabulary_gradients_in_place(model)
     autocast_bodies([policy, reference, value_backbone, reward_model], device,
                     autocast_dtype(config.mixed_precision, device, dtype), store_frozen)
     if config.compile_layers:
@@ -850,7 +855,8 @@ class HeadTokenLogprobs(torch.autograd.Function):
     product. With `with_entropy`, the second output is each position's entropy (not differentiable), from the
     shifted logits before they are overwritten; otherwise it is empty. The plain path (`response_logits`, then
     `token_logprobs`) gives the same numbers to float32 rounding; a test holds them together. One backward pass
-    only: it overwrites what it saved.
+    only: it overwrites what it saved. A weight marked by `add_vocabulary_gradients_in_place` gets its gradient
+    added into its `.grad` by the product itself (`addmm_`) once that exists.
     """
 
     @staticmethod
@@ -884,9 +890,84 @@ class HeadTokenLogprobs(torch.autograd.Function):
         grad_logits.scatter_add_(0, tokens[None], scale[None])
         grad_logits = grad_logits.to(weight.dtype)
         grad_hidden = grad_logits.T @ weight if ctx.needs_input_grad[0] else None
-        grad_weight = grad_logits @ hidden if ctx.needs_input_grad[1] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1] and adds_gradient_in_place(weight):
+            weight.grad.addmm_(grad_logits, hidden)
+        elif ctx.needs_input_grad[1]:
+            grad_weight = grad_logits @ hidden
         grad_bias = grad_logits.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+GRADIENT_IN_PLACE = "_ppo_lm_gradient_in_place"
+"""The attribute that marks a parameter whose gradient `HeadTokenLogprobs` and `EmbeddingLookup` add into its
+`.grad` themselves (`add_vocabulary_gradients_in_place`)."""
+
+
+def add_vocabulary_gradients_in_place(model: nn.Module) -> int:
+    """Let the backward passes of `model`'s trained input embeddings and output head add their weight's gradient
+    into the weight's existing `.grad`, rather than hand autograd a new vocabulary-sized tensor to add; returns how
+    many weights it marked.
+
+    Autograd adds each gradient into `.grad` from a fresh tensor of the weight's shape: for a 151,936 x 512 head or
+    embedding that is 0.29 GiB allocated, page-faulted in, written and added per micro-batch and per use, where the
+    embedding's rows touched are a few hundred (an `index_add_`) and the head's product can write into `.grad` itself
+    (an `addmm_`). The first micro-batch after the gradients are cleared still goes through autograd (there is no
+    `.grad` yet). The sums are the same, added in another order: float32 rounding apart, the same gradients. Only
+    for whole weights whose accumulation nothing else hooks (`Backend.can_add_gradients_in_place`)."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    marked = []
+    plain_embedding = (isinstance(embedding, nn.Embedding) and embedding.max_norm is None
+                       and not embedding.scale_grad_by_freq and not embedding.sparse)
+    if plain_embedding and embedding.weight.requires_grad:
+        embedding.forward = functools.partial(_embedding_lookup, embedding)
+        marked.append(embedding.weight)
+    if isinstance(head, nn.Linear) and head.weight.requires_grad:
+        marked.append(head.weight)  # a tied head's weight is the embedding's
+    for weight in marked:
+        setattr(weight, GRADIENT_IN_PLACE, True)
+    return len({id(weight) for weight in marked})
+
+
+def adds_gradient_in_place(weight: torch.Tensor) -> bool:
+    """Whether a backward pass now adds `weight`'s gradient into its `.grad` itself: it is marked
+    (`add_vocabulary_gradients_in_place`), its `.grad` exists as a plain tensor of its dtype, and the backward pass
+    builds no graph of its own."""
+    grad = weight.grad
+    return (getattr(weight, GRADIENT_IN_PLACE, False) and grad is not None and grad.layout == torch.strided
+            and grad.dtype == weight.dtype and grad.is_contiguous() and not torch.is_grad_enabled())
+
+
+def _embedding_lookup(embedding: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and embedding.weight.requires_grad:
+        return EmbeddingLookup.apply(ids, embedding.weight, embedding.padding_idx)
+    return F.embedding(ids, embedding.weight, embedding.padding_idx)
+
+
+class EmbeddingLookup(torch.autograd.Function):
+    """`F.embedding`'s rows, whose backward pass adds the rows' gradients into the weight's `.grad` with one
+    `index_add_` once that exists (`adds_gradient_in_place`), instead of a dense vocabulary-sized gradient for
+    autograd to add. The padding row gets no gradient either way, as in `nn.Embedding`."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, ids: torch.Tensor, weight: torch.Tensor,
+                padding_idx: int | None) -> torch.Tensor:
+        ctx.save_for_backward(ids, weight)
+        ctx.padding_idx = padding_idx
+        return F.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        ids, weight = ctx.saved_tensors
+        padding_idx = -1 if ctx.padding_idx is None else ctx.padding_idx
+        if not adds_gradient_in_place(weight):
+            return None, torch.ops.aten.embedding_dense_backward(grad, ids, weight.shape[0], padding_idx, False), None
+        rows, values = ids.flatten(), grad.reshape(-1, grad.shape[-1]).to(weight.dtype)
+        if ctx.padding_idx is not None:
+            kept = rows != padding_idx
+            rows, values = rows[kept], values[kept]
+        weight.grad.index_add_(0, rows, values)
+        return None, None, None
 
 
 def _entropy_then_exp_(shifted: torch.Tensor, chunk_elements: int = 2**23) -> torch.Tensor:

@@ -240,7 +240,8 @@ class PPOTrainer:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.tokenizer = load_tokenizer(config.model_name)
         self.models = load_role_models(config, self.device, self.dtype, self.backend.load_device(self.device),
-                                       self.backend.can_store_frozen_weights)
+                                       self.backend.can_store_frozen_weights,
+                                       self.backend.can_add_gradients_in_place)
         self.optimizer = self.backend.prepare(
             self.models.trained_modules(), [self.models.reference], self._make_optimizer, config.max_grad_norm)
         with self.whole_weights():

@@ -14,6 +14,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
 
 from ppo_lm import PPOTrainer, SFTConfig, SFTTrainer
+from ppo_lm.generation import SequenceBatch
 from ppo_lm.losses import entropy_from_logits
 from ppo_lm.models import (
     FLOAT32_SDPA,
@@ -21,6 +22,7 @@ from ppo_lm.models import (
     HeadTokenLogprobs,
     ModelLoadError,
     _entropy_then_exp_,
+    add_vocabulary_gradients_in_place,
     autocast_bodies,
     autocast_dtype,
     backbone_of,
@@ -33,6 +35,7 @@ from ppo_lm.models import (
     load_pretrained,
     load_tokenizer,
     resolve_dtype,
+    sequence_logprobs,
     shared_frozen_layers,
     store_frozen_linear_weights,
     token_logprobs,
@@ -449,3 +452,47 @@ def test_fused_lora_layers_give_peft_outputs_and_gradients_in_every_adapter_stat
         for name, grad in plain_grads.items():
             scale = grad.abs().max()
             torch.testing.assert_close(fused_grads[name] / scale, grad / scale, atol=tolerance["atol"] * 2, rtol=0)
+
+
+def _micro_batch_gradients(model: torch.nn.Module, batches: list[SequenceBatch]) -> tuple[dict, int]:
+    """The trained gradients after one backward pass per batch through the fused head, and how many dense
+    embedding gradients autograd built on the way."""
+    model.zero_grad(set_to_none=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        for batch in batches:
+            logprobs, _ = sequence_logprobs(model, batch, 0.7, fused_head=True)
+            (logprobs * torch.linspace(-1, 1, logprobs.numel()).view_as(logprobs)).sum().backward()
+    dense = sum(event.count for event in profile.key_averages() if event.key == "aten::embedding_dense_backward")
+    return {name: p.grad.clone() for name, p in model.named_parameters()}, dense
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_vocabulary_gradients_added_in_place_are_autograds_gradients(tied):
+    """`add_vocabulary_gradients_in_place` on a fully trained model, three micro-batches accumulated: every
+    gradient equals autograd's own to float32 rounding (the same sums in another order), the padding token's
+    embedding row gets none (untied), and only the first micro-batch (no `.grad` yet) builds a dense embedding
+    gradient."""
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(tiny_qwen3_config(300, tie_word_embeddings=tied, pad_token_id=7)).float()
+    assert model.get_input_embeddings().padding_idx == 7
+    batches = []
+    for width in (5, 8, 6):
+        ids = torch.randint(0, 300, (3, width + 4))
+        ids[0, :2] = 7  # left padding: the pad token's row must get no gradient
+        mask = torch.ones_like(ids)
+        mask[0, :2] = 0
+        batches.append(SequenceBatch(ids, mask, prompt_width=width))
+    plain, plain_dense = _micro_batch_gradients(model, batches)
+    assert add_vocabulary_gradients_in_place(model) == (1 if tied else 2)
+    in_place, in_place_dense = _micro_batch_gradients(model, batches)
+    assert (plain_dense, in_place_dense) == (3, 1)
+    assert plain.keys() == in_place.keys()
+    for name, grad in plain.items():
+        torch.testing.assert_close(in_place[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    embedding = "model.embed_tokens.weight"
+    assert in_place[embedding].abs().sum() > 0
+    if not tied:  # a tied weight's row 7 is also the head's, whose softmax gives every row a gradient
+        assert torch.equal(in_place[embedding][7], torch.zeros(64))
+    with torch.no_grad():  # a pass without gradients is a plain lookup
+        assert torch.equal(model.get_input_embeddings()(batches[0].input_ids),
+                           torch.nn.functional.embedding(batches[0].input_ids, model.model.embed_tokens.weight))

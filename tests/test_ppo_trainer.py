@@ -14,6 +14,7 @@ from ppo_lm import PPOConfig, PPOTrainer, RewardFunctionError, exact_kl, masked_
 from ppo_lm.backend import Backend
 from ppo_lm.generation import CPU_PASS_TOKENS, TokenBudget
 from ppo_lm.models import (
+    GRADIENT_IN_PLACE,
     FusedLoraLinear,
     backbone_of,
     body_autocast_dtype,
@@ -368,6 +369,28 @@ def test_the_fused_head_gives_the_plain_paths_rollout_losses_and_weights(tiny_mo
         assert trainer.models.fused_head  # Qwen3's logits are its head on its last hidden state
         trainer.models.fused_head = fused
         assert trainer.update_reads_old_logprobs == ("shared_value_trunk" in overrides)
+        before = before or {n: p.detach().clone() for n, p in trainer.models.named_trainable().items()}
+        results.append(two_ppo_steps(trainer))
+    assert_same_float32_steps(*results, before)
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"advantage_estimator": "grpo", "num_generations": 2, "kl_coef": 0.0, "kl_loss_coef": 0.1},
+], ids=["gae-separate-value-model", "grpo"])
+def test_vocabulary_gradients_added_in_place_give_autograds_rollout_losses_and_weights(tiny_model_dir, monkeypatch,
+                                                                                      overrides):
+    """Full fine-tuning in micro-batches of 2 rows, the head's and the embeddings' gradients added into `.grad` in
+    place (`add_vocabulary_gradients_in_place`, the replicated backend's default) against autograd's own
+    accumulation (a backend that does not allow it), in float32, to `assert_same_float32_steps`' tolerances."""
+    results = []
+    before = None
+    for in_place in (True, False):
+        monkeypatch.setattr(Backend, "can_add_gradients_in_place", in_place)
+        trainer = PPOTrainer(tiny_config(tiny_model_dir, use_lora=False, micro_batch_size=2, temperature=0.7,
+                                         **overrides), reward_fn=length_reward)
+        marked = [p for p in trainer.models.named_trainable().values() if getattr(p, GRADIENT_IN_PLACE, False)]
+        assert len(marked) == (0 if not in_place else 1 if "num_generations" in overrides else 2)
         before = before or {n: p.detach().clone() for n, p in trainer.models.named_trainable().items()}
         results.append(two_ppo_steps(trainer))
     assert_same_float32_steps(*results, before)
