@@ -931,11 +931,14 @@ def add_vocabulary_gradients_in_place(model: nn.Module) -> int:
 
 def adds_gradient_in_place(weight: torch.Tensor) -> bool:
     """Whether a backward pass now adds `weight`'s gradient into its `.grad` itself: it is marked
-    (`add_vocabulary_gradients_in_place`), its `.grad` exists as a plain tensor of its dtype, and the backward pass
-    builds no graph of its own."""
+    (`add_vocabulary_gradients_in_place`) and on the CPU, its `.grad` exists as a plain tensor of its dtype, and the
+    backward pass builds no graph of its own. On the CPU fresh pages are the cost this saves; a GPU's caching
+    allocator reuses its memory, and its `index_add_` adds repeated rows in no fixed order (autograd's embedding
+    gradient there is deterministic), so a GPU keeps autograd's way."""
     grad = weight.grad
-    return (getattr(weight, GRADIENT_IN_PLACE, False) and grad is not None and grad.layout == torch.strided
-            and grad.dtype == weight.dtype and grad.is_contiguous() and not torch.is_grad_enabled())
+    return (getattr(weight, GRADIENT_IN_PLACE, False) and weight.device.type == "cpu" and grad is not None
+            and grad.layout == torch.strided and grad.dtype == weight.dtype and grad.is_contiguous()
+            and not torch.is_grad_enabled())
 
 
 def _embedding_lookup(embedding: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
