@@ -5,8 +5,9 @@
 It builds the policy and a reward model from a config (no download), saves them and loads them back through
 `from_pretrained`, runs warm-up steps and then timed steps on synthetic prompts, and reports the median step time,
 the first step's time (one-off costs such as compilation included), the seconds per stage, tokens per second, peak
-memory, the step's FLOP count, the floor that count implies at the device's matmul rate (measured right after each
-step), and how far the measured time is from that floor (the median over the steps of each step's own ratio).
+memory, the trained state's size (weights, their gradients and the optimizer's state), the step's FLOP count, the
+floor that count implies at the device's matmul rate (measured right after each step), and how far the measured time
+is from that floor (the median over the steps of each step's own ratio).
 
 Under `accelerate launch` each process steps on its share of the prompts; the figures are the whole step's (peak
 memory: the largest process's; the floor: the FLOPs shared by the processes).
@@ -337,10 +338,21 @@ def run_benchmark(
         "floor_s": round(floor, 4),
         "time_over_floor": round(time_over_floor, 2),
         "model_flop_utilisation": round(1 / time_over_floor, 4),
+        "trained_state_gib": round(trained_state_bytes(trainer.backend.optimizer) / 2**30, 4),
         "step_rollback": rollback,
         "rollback_copy_s": round(copy_seconds, 4),
         "rollback_copy_gib": round(copy_bytes / 2**30, 4),
     }
+
+
+def trained_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of this process's trained state: each trained weight, a gradient of its size (counted whether or not
+    it is allocated now), and the optimizer's state tensors (AdamW: two more of the weight's size). A trainer of the
+    same models with the same optimizer holds at least this much during its update, whatever its activations."""
+    weights = sum(p.numel() * p.element_size() for group in optimizer.param_groups for p in group["params"])
+    state = sum(value.numel() * value.element_size() for entry in optimizer.state.values()
+                for value in entry.values() if torch.is_tensor(value))
+    return 2 * weights + state
 
 
 def rollback_copy_cost(backend: Backend, repeats: int = 3) -> tuple[float, int]:

@@ -22,8 +22,25 @@ def test_bench_prints_one_json_line_with_every_figure(capsys):
     assert result["median_step_s"] > 0 and result["step_tflop"] > 0 and result["time_over_floor"] > 0
     assert 0 < result["head_tflop"] <= result["step_tflop"]  # rounded to 4 decimals: equal for the tiny model
     assert result["step_rollback"] is True and result["rollback_copy_s"] > 0 and result["rollback_copy_gib"] > 0
+    # AdamW: weights, gradients and two moments, four times the weights; the rollback copy holds three of them
+    assert result["trained_state_gib"] == pytest.approx(4 / 3 * result["rollback_copy_gib"], abs=1.5e-4)  # rounded
     assert result["compile_layers"] is False
     assert result["first_step_s"] == result["median_step_s"]  # no warm-up: the one timed step is the first
+
+
+def test_trained_state_counts_weights_gradients_and_optimizer_state():
+    import torch
+
+    from ppo_lm.bench import trained_state_bytes
+
+    matrix = torch.nn.Parameter(torch.zeros(10, 3))
+    vector = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
+    optimizer = torch.optim.AdamW([{"params": [matrix]}, {"params": [vector], "weight_decay": 0.0}])
+    assert trained_state_bytes(optimizer) == 2 * (30 * 4 + 5 * 8)  # no state before the first step
+    matrix.grad, vector.grad = torch.ones_like(matrix), torch.ones_like(vector)
+    optimizer.step()
+    steps = sum(entry["step"].numel() * entry["step"].element_size() for entry in optimizer.state.values())
+    assert trained_state_bytes(optimizer) == 4 * (30 * 4 + 5 * 8) + steps
 
 
 def test_small_vocab_model_dir_loads_and_round_trips_a_prompt(tmp_path):
