@@ -346,9 +346,10 @@ def run_benchmark(
 
 
 def trained_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of this process's trained state: each trained weight, a gradient of its size (counted whether or not
-    it is allocated now), and the optimizer's state tensors (AdamW: two more of the weight's size). A trainer of the
-    same models with the same optimizer holds at least this much during its update, whatever its activations."""
+    """Bytes of the trained state: each trained weight, a gradient of its size (counted whether or not it is
+    allocated now), and the optimizer's state tensors (AdamW: two more of the weight's size). A trainer of the same
+    models with the same optimizer holds at least this much during its update, whatever its activations. Read for
+    one process or a replicated backend; a sharding backend's parameters may report their whole size."""
     weights = sum(p.numel() * p.element_size() for group in optimizer.param_groups for p in group["params"])
     state = sum(value.numel() * value.element_size() for entry in optimizer.state.values()
                 for value in entry.values() if torch.is_tensor(value))
