@@ -25,6 +25,7 @@ import resource
 import statistics
 import tempfile
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -350,10 +351,18 @@ def trained_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     allocated now), and the optimizer's state tensors (AdamW: two more of the weight's size). A trainer of the same
     models with the same optimizer holds at least this much during its update, whatever its activations. Read for
     one process or a replicated backend; a sharding backend's parameters may report their whole size."""
-    weights = sum(p.numel() * p.element_size() for group in optimizer.param_groups for p in group["params"])
-    state = sum(value.numel() * value.element_size() for entry in optimizer.state.values()
-                for value in entry.values() if torch.is_tensor(value))
-    return 2 * weights + state
+    weights = tensor_bytes(p for group in optimizer.param_groups for p in group["params"])
+    return 2 * weights + tensor_bytes(state_tensors(optimizer.state))
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """The bytes of `tensors`' elements, together."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def state_tensors(optimizer_state: Mapping[Any, Mapping[str, Any]]) -> list[torch.Tensor]:
+    """The tensors among an optimizer state's entries (AdamW's moments and step counts)."""
+    return [value for entry in optimizer_state.values() for value in entry.values() if torch.is_tensor(value)]
 
 
 def rollback_copy_cost(backend: Backend, repeats: int = 3) -> tuple[float, int]:
@@ -366,9 +375,7 @@ def rollback_copy_cost(backend: Backend, repeats: int = 3) -> tuple[float, int]:
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the copies are queued on the GPU
         seconds.append(time.perf_counter() - start)
-    tensors = copy.weights + [value for entry in copy.optimizer_state.values() for value in entry.values()
-                              if torch.is_tensor(value)]
-    return statistics.median(seconds), sum(t.numel() * t.element_size() for t in tensors)
+    return statistics.median(seconds), tensor_bytes(copy.weights + state_tensors(copy.optimizer_state))
 
 
 def bench_command(argv: list[str]) -> dict[str, Any]:
