@@ -27,7 +27,7 @@ from typing import Any
 from accelerate import PartialState
 
 from ppo_lm.config import PPOConfig
-from ppo_lm.runs import STAGES, fields_help, run_stage
+from ppo_lm.runs import STAGES, fields_help, map_large_allocations, run_stage
 
 
 def train_command(argv: list[str]) -> dict[str, Any]:
@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: unknown command {argv[0]!r}; use one of {', '.join(COMMANDS)}.", file=sys.stderr)
             return 2
         return 0 if argv else 2
+    map_large_allocations()  # the command owns its process: freed large tensors go back to the system
     try:
         status = COMMANDS[argv[0]](argv[1:])
     except (ValueError, FileNotFoundError, FileExistsError) as error:

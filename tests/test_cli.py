@@ -448,3 +448,54 @@ def test_every_test_the_bad_input_page_cites_exists():
     assert len(cited) > 20
     for file, name in cited:
         assert f"def {name}(" in (Path(__file__).parent / file).read_text(), f"{file}::{name}"
+
+
+# --- the process's allocator ------------------------------------------------------------------------------------------
+
+_FREE_A_LARGE_TENSOR = """
+import sys, torch
+from ppo_lm.runs import map_large_allocations
+
+def resident_mib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+mapped = map_large_allocations() if sys.argv[1] == "map" else False
+block = torch.ones(5 * 2**20)
+del block  # 20 MiB freed: glibc's own threshold rises to this size
+before = resident_mib()
+block = torch.ones(5 * 2**20)  # the same size again, then freed
+del block
+print(mapped, resident_mib() - before)
+"""
+
+
+@pytest.mark.parametrize("mode", ["map", "default"])
+def test_map_large_allocations_returns_freed_tensors_to_the_system(mode, monkeypatch):
+    """After `map_large_allocations`, a freed 20 MiB tensor leaves the process's resident memory; under glibc's own
+    rule the second tensor of that size comes from the heap and stays resident (what the function is for)."""
+    import platform
+    import subprocess
+    import sys
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's malloc only")
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(name, raising=False)
+    result = subprocess.run([sys.executable, "-c", _FREE_A_LARGE_TENSOR, mode], capture_output=True, text=True,
+                            check=True)
+    mapped, growth_mib = result.stdout.split()
+    if mode == "map":
+        assert mapped == "True" and float(growth_mib) < 4
+    else:
+        assert float(growth_mib) > 16
+
+
+@pytest.mark.parametrize("variable, value", [("MALLOC_MMAP_THRESHOLD_", "131072"), ("PPO_LM_KEEP_MALLOC", "1")])
+def test_map_large_allocations_leaves_a_users_malloc_settings(variable, value, monkeypatch):
+    """A threshold the environment sets, or `PPO_LM_KEEP_MALLOC=1`, is the user's choice: nothing changes and the
+    call says so."""
+    monkeypatch.setenv(variable, value)
+    from ppo_lm.runs import map_large_allocations
+
+    assert map_large_allocations() is False
