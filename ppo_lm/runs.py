@@ -58,15 +58,15 @@ def map_large_allocations(min_bytes: int = LARGE_ALLOCATION_BYTES) -> bool:
     when freed; True when it did.
 
     By default glibc raises that threshold to the size of each large block freed (up to 32 MiB), after which blocks
-    of that size come from the heap and stay there once freed. A CPU run frees tens of tensors of 16 to 32 MiB a step
-    (a sampling step's logits over a 151,936-token vocabulary for 32 rows are 19 MiB), and the heap they leave
+    of that size come from the heap and stay there once freed. A CPU run frees tens of tensors of 16 to 32 MiB a
+    step (a sampling step's logits over a 151,936-token vocabulary for 32 rows are 19 MiB), and the heap they leave
     behind raised `small` LoRA's peak resident memory by up to 0.25 GiB, process by process. The price is a fresh
     map, faulted in page by page, for each such tensor: on `small` 32-token LoRA 1 to 7 % more step time (median 4 %
     over seven alternated pairs), nearly all in sampling (benchmarks/RESULTS.md, session 41). The heap's trim
-    threshold goes back to glibc's 128 KiB start value with it. Nothing is done on a C library other than glibc, with `PPO_LM_KEEP_MALLOC=1`, or when the environment
-    already sets malloc's thresholds (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_` or `GLIBC_TUNABLES`): the
-    user's own choice stands. It changes the whole process, so the `ppo-lm` command calls it; a program that imports
-    ppo-lm decides for itself.
+    threshold goes back to glibc's 128 KiB start value with it. Nothing is done on a C library other than glibc,
+    with `PPO_LM_KEEP_MALLOC=1`, or when the environment already sets malloc's thresholds (`MALLOC_MMAP_THRESHOLD_`,
+    `MALLOC_TRIM_THRESHOLD_` or `GLIBC_TUNABLES`): the user's own choice stands. It changes the whole process, so
+    the `ppo-lm` command calls it; a program that imports ppo-lm decides for itself.
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
