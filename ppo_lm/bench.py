@@ -323,7 +323,7 @@ def run_benchmark(
         "micro_batch_tokens_used": trainer.token_budget and trainer.token_budget.tokens,
         "response_position_tokens": trainer.token_budget and round(trainer.token_budget.response_cost, 3),
         "update_padding": update_padding(prompt_lens, response_lens, config.micro_batch_size, trainer.token_budget),
-        "compile_layers": config.compile_layers,
+        "compile_layers": config.compile_layers, "packed": trainer.models.packed,
         "first_step_s": round(first_step_s, 4),
         "median_step_s": round(step_seconds, 4),
         "stage_s": {stage: round(median[stage], 4) for stage in STAGES[:-1]},

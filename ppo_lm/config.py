@@ -40,6 +40,7 @@ LossAggregationName = Literal[LOSS_AGGREGATIONS.names()]
 ScaleRewardsName = Literal["group", "batch", "none"]
 OnNonFiniteName = Literal["raise", "skip"]
 MicroBatchTokens = int | Literal["auto"] | None
+PackSequencesName = Literal["auto", "on", "off"]
 """`micro_batch_tokens`: a number of tokens, 'auto' (chosen from the device and the model) or None (off)."""
 ON_NON_FINITE: tuple[str, ...] = get_args(OnNonFiniteName)
 SCALE_REWARDS: tuple[str, ...] = get_args(ScaleRewardsName)
@@ -431,6 +432,14 @@ class PPOConfig(TrainConfig):
     load, a token costs about 17 x layers x hidden_size values of activations (each also as a bfloat16 copy in an
     autocast body), and a response position also the float32 row of logits that the output head holds there. None:
     the whole minibatch in one pass. `micro_batch_size`, when set, wins."""
+    pack_sequences: PackSequencesName = "auto"
+    """Padding-free passes: each micro-batch's real tokens end to end in one row, each sequence attending only to
+    itself through PyTorch's variable-length FlashAttention (`ppo_lm.packing`), for the rollout's logprob and value
+    passes and the update. The same numbers as the padded passes to the rounding of 16-bit attention kernels, with
+    no work on padding. 'auto': on for a CUDA device with bfloat16 or float16 weights, a PyTorch that has
+    `torch.nn.attention.varlen`, and models whose packed pass gives their padded pass's hidden states (checked at
+    load on two short rows), unless `compile_layers`; 'on': the same, but anything missing is an error; 'off':
+    padded passes. Micro-batches are formed as without it (`micro_batch_tokens`)."""
 
     def validate(self) -> None:
         """Raise a ValueError naming the first field whose value is not allowed."""
@@ -443,6 +452,7 @@ class PPOConfig(TrainConfig):
             raise _invalid(self, "eval_samples_per_prompt", self.eval_samples_per_prompt,
                            "must be 1 with eval_greedy: greedy decoding gives the same response every time")
         require_numbers(self, ("kl_coef", "kl_loss_coef", "value_clip", "vf_coef", "entropy_coef"), positive=False)
+        require_choice(self, "pack_sequences", get_args(PackSequencesName))
         tokens = self.micro_batch_tokens
         if not (tokens is None or tokens == "auto" or (_is_int(tokens) and tokens >= 1)):
             raise _invalid(self, "micro_batch_tokens", tokens, "must be an integer >= 1, 'auto' or None")

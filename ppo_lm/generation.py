@@ -51,6 +51,8 @@ class SequenceBatch:
     bottom layers that every role shares, computed once per rollout. None: forward passes start from the tokens."""
     prefix_layers: int = 0
     """How many bottom decoder layers `prefix_hidden` has already been through."""
+    packed: bool = False
+    """Whether forward passes over it lay its rows' real tokens end to end in one row (`ppo_lm.packing`)."""
 
     @property
     def responses(self) -> torch.Tensor:
@@ -103,7 +105,7 @@ class SequenceBatch:
         right = self.prompt_width + int(attention_mask[:, self.prompt_width :].any(0).sum())
         hidden = None if self.prefix_hidden is None else self.prefix_hidden[index][:, left:right]
         return SequenceBatch(input_ids[:, left:right], attention_mask[:, left:right], self.prompt_width - left,
-                             hidden, self.prefix_layers)
+                             hidden, self.prefix_layers, self.packed)
 
 
 def token_budget_groups(prompt_lengths: Sequence[int], response_lengths: Sequence[int], budget: int,

@@ -42,6 +42,7 @@ from transformers.modeling_utils import AttentionInterface
 from ppo_lm.config import PPOConfig, TrainConfig
 from ppo_lm.generation import SequenceBatch, position_ids_from_mask
 from ppo_lm.losses import entropy_from_logits
+from ppo_lm.packing import PackLayout, pack_layout, packed_attention, varlen_kernel_available
 
 if TYPE_CHECKING:
     from accelerate import PartialState
@@ -490,6 +491,9 @@ class RoleModels:
     fused_head: bool = False
     """Whether the policy's and the reference's logprobs come through `head_token_logprobs` (their logits are their
     head on their body's last hidden state, checked at load)."""
+    packed: bool = False
+    """Whether the rollout's and the update's passes run packed rows (`PPOConfig.pack_sequences`, resolved at load by
+    `resolve_packing`)."""
 
     def held(self) -> list[nn.Module]:
         """The models a launch backend holds (places, gathers): every role but the reward model."""
@@ -679,8 +683,10 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
             for module in model.modules():
                 if isinstance(module, nn.Dropout):
                     module.p = 0.0
+    bodies = [backbone_of(model) for model in (policy, reference, value_backbone) if model is not None]
+    packed = resolve_packing(config.pack_sequences, bodies, dtype, config.compile_layers)
     models = RoleModels(policy, reference, value_backbone, value_head, value_adapter_on_policy, value_on_policy_body,
-                        reward_model, trained if config.gradient_checkpointing else [], fused_head)
+                        reward_model, trained if config.gradient_checkpointing else [], fused_head, packed)
     models.keep_adapters_trainable()  # set_adapter turned the value adapter's requires_grad off
     for model in (policy, value_backbone):
         if model is not None:
@@ -804,27 +810,38 @@ def prefix_hidden_states(
 @contextlib.contextmanager
 def forward_inputs(model: nn.Module, batch: SequenceBatch) -> Iterator[dict[str, torch.Tensor]]:
     """What a forward pass over `batch` starts from: its token ids, or the cached output of its frozen bottom layers
-    (which are then skipped while inside)."""
-    if batch.prefix_hidden is None:
-        yield {"input_ids": batch.input_ids}
-        return
-    with decoder_layers(backbone_of(model), batch.prefix_layers):
-        yield {"inputs_embeds": batch.prefix_hidden}
+    (which are then skipped while inside), with its attention mask and position ids; for a packed batch, its real
+    tokens in one row with what `varlen_attention` reads (and the model attends through it while inside)."""
+    start = ({"input_ids": batch.input_ids} if batch.prefix_hidden is None
+             else {"inputs_embeds": batch.prefix_hidden})
+    with contextlib.ExitStack() as stack:
+        if batch.prefix_hidden is not None:
+            stack.enter_context(decoder_layers(backbone_of(model), batch.prefix_layers))
+        if not batch.packed:
+            yield {**start, "attention_mask": batch.attention_mask, "position_ids": batch.position_ids}
+            return
+        layout = batch_pack_layout(batch)
+        stack.enter_context(packed_attention(backbone_of(model)))
+        yield {**{name: value[layout.real].unsqueeze(0) for name, value in start.items()},
+               "position_ids": layout.position_ids, "cu_seq_lens_q": layout.cu_seq_lens,
+               "max_length_q": layout.max_length}
+
+
+def batch_pack_layout(batch: SequenceBatch) -> PackLayout:
+    """`pack_layout` of `batch`'s rows."""
+    return pack_layout(batch.attention_mask, batch.position_ids, batch.prompt_width)
 
 
 def response_logits(model: nn.Module, batch: SequenceBatch, temperature: float) -> torch.Tensor:
     """Logits divided by the temperature at each position that predicts a response token, `[batch, response, vocab]`
     (float32). Only those positions go through the output head."""
-    keep = torch.arange(batch.prompt_width - 1, batch.input_ids.shape[1] - 1, device=batch.input_ids.device)
+    if batch.packed:  # the head reads the packed row at each response position, as a flat list of positions
+        keep = batch_pack_layout(batch).response_index
+    else:
+        keep = torch.arange(batch.prompt_width - 1, batch.input_ids.shape[1] - 1, device=batch.input_ids.device)
     with forward_inputs(model, batch) as inputs:
-        logits = model(
-            **inputs,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            logits_to_keep=keep,
-            use_cache=False,
-        ).logits.float()
-    return _divided(logits, temperature)
+        logits = model(**inputs, logits_to_keep=keep.flatten(), use_cache=False).logits.float()
+    return _divided(logits.view(*batch.responses.shape, -1), temperature)
 
 
 def _divided(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -1071,9 +1088,8 @@ def sequence_values(backbone: nn.Module, head: nn.Module, batch: SequenceBatch) 
 def response_hidden_states(backbone: nn.Module, batch: SequenceBatch) -> torch.Tensor:
     """The body's final hidden states at each position that predicts a response token, `[batch, response, hidden]`."""
     with forward_inputs(backbone, batch) as inputs:
-        return backbone(
-            **inputs, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
-        ).last_hidden_state[:, batch.prompt_width - 1 : -1]
+        hidden = backbone(**inputs, use_cache=False).last_hidden_state
+    return hidden[0, batch_pack_layout(batch).response_index] if batch.packed else hidden[:, batch.prompt_width - 1:-1]
 
 
 def policy_logprobs_and_values(
@@ -1095,6 +1111,52 @@ def policy_logprobs_and_values(
         logits = _divided(model.get_output_embeddings()(hidden).float(), temperature)
         logprobs, entropy = _logprobs_and_entropy(logits, batch.responses, with_entropy, entropy_grad)
     return logprobs, entropy, value_head(hidden.to(value_head.weight.dtype)).squeeze(-1)
+
+
+def resolve_packing(setting: str, bodies: list[nn.Module], dtype: torch.dtype, compile_layers: bool) -> bool:
+    """Whether passes run packed rows, for `PPOConfig.pack_sequences` (`setting`) and the bodies that run them
+    (already on their device). 'on' raises a ValueError saying what is missing; 'auto' logs it."""
+    if setting == "off" or (setting == "auto" and compile_layers):
+        return False
+    device = next(bodies[0].parameters()).device
+    missing = None
+    if device.type != "cuda":
+        missing = f"the models are on {device.type}, and variable-length FlashAttention runs on a CUDA GPU only"
+    elif dtype not in (torch.bfloat16, torch.float16):
+        missing = f"the weights are {str(dtype).removeprefix('torch.')}, and FlashAttention needs bfloat16 or float16"
+    elif not varlen_kernel_available():
+        missing = f"PyTorch {torch.__version__} has no torch.nn.attention.varlen (2.10 and later do)"
+    else:
+        failing = [type(body).__name__ for body in bodies if not packing_reproduces_forward(body)]
+        if failing:
+            missing = f"{', '.join(failing)}'s packed pass does not give its padded pass's hidden states"
+    if missing is None:
+        logger.info("pack_sequences: passes run each micro-batch's real tokens as one packed row.")
+        return True
+    if setting == "on":
+        raise ValueError(f"pack_sequences: on, but {missing}; set pack_sequences: auto (packs where it can) or off.")
+    logger.info("pack_sequences: auto runs padded passes: %s.", missing)
+    return False
+
+
+def packing_reproduces_forward(body: nn.Module) -> bool:
+    """Whether `body`'s packed pass gives its padded pass's final hidden states at the response positions, on two
+    rows of different lengths (to 2 % of their norm: 16-bit weights and another attention kernel). A body whose
+    attention cannot take a packed row (it does not pass transformers' attention arguments on) fails."""
+    device = next(body.parameters()).device
+    input_ids = torch.arange(2, 16, device=device).reshape(2, 7)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 0] = attention_mask[0, -1] = 0  # a left-padded prompt, a response that ended early
+    batch = SequenceBatch(input_ids, attention_mask, prompt_width=4)
+    response = batch.response_mask.bool()
+    try:
+        with torch.no_grad():
+            padded = response_hidden_states(body, batch)[response].float()
+            packed = response_hidden_states(body, replace(batch, packed=True))[response].float()
+    except (TypeError, ValueError, RuntimeError) as error:
+        logger.info("A packed pass of %s failed: %s", type(body).__name__, error)
+        return False
+    return bool((packed - padded).norm() <= 2e-2 * padded.norm())
 
 
 def head_reads_last_hidden_state(model: nn.Module) -> bool:

@@ -353,6 +353,7 @@ class PPOTrainer:
             #    read into the KV cache in groups of similar length within the token budget.
             with self._timed("generate", timings):
                 batch, completions = self._generate(prompts, self.generation_config)
+                batch = replace(batch, packed=models.packed)  # the passes below and the update's, packed or padded
                 response_mask = batch.response_mask
                 ended = self._ended(batch)
 
