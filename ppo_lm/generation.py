@@ -7,6 +7,7 @@ which tokens are real. Masks are always explicit: the pad token may equal EOS wi
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections.abc import Sequence
@@ -27,6 +28,8 @@ from transformers import (
 )
 from transformers.cache_utils import DynamicLayer
 from transformers.generation.utils import GenerationMixin
+
+from ppo_lm.packing import PackLayout, pack_layout
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +71,11 @@ class SequenceBatch:
     def position_ids(self) -> torch.Tensor:
         """Position of each token among the real tokens of its row."""
         return position_ids_from_mask(self.attention_mask)
+
+    @functools.cached_property
+    def pack_layout(self) -> PackLayout:
+        """Where its tokens and response positions go in one packed row (`ppo_lm.packing.pack_layout`)."""
+        return pack_layout(self.attention_mask, self.position_ids, self.prompt_width)
 
     def micro_batches(self, index: torch.Tensor, size: int | None = None, tokens: int | None = None,
                       min_groups: int = 1, response_cost: float = 1.0) -> list[torch.Tensor]:

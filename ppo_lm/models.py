@@ -42,7 +42,7 @@ from transformers.modeling_utils import AttentionInterface
 from ppo_lm.config import PPOConfig, TrainConfig
 from ppo_lm.generation import SequenceBatch, position_ids_from_mask
 from ppo_lm.losses import entropy_from_logits
-from ppo_lm.packing import PackLayout, pack_layout, packed_attention, varlen_kernel_available
+from ppo_lm.packing import packed_attention, varlen_kernel_available
 
 if TYPE_CHECKING:
     from accelerate import PartialState
@@ -684,7 +684,7 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
                 if isinstance(module, nn.Dropout):
                     module.p = 0.0
     bodies = [backbone_of(model) for model in (policy, reference, value_backbone) if model is not None]
-    packed = resolve_packing(config.pack_sequences, bodies, dtype, config.compile_layers)
+    packed = resolve_packing(config.pack_sequences, bodies, device, dtype, config.compile_layers)
     models = RoleModels(policy, reference, value_backbone, value_head, value_adapter_on_policy, value_on_policy_body,
                         reward_model, trained if config.gradient_checkpointing else [], fused_head, packed)
     models.keep_adapters_trainable()  # set_adapter turned the value adapter's requires_grad off
@@ -820,23 +820,18 @@ def forward_inputs(model: nn.Module, batch: SequenceBatch) -> Iterator[dict[str,
         if not batch.packed:
             yield {**start, "attention_mask": batch.attention_mask, "position_ids": batch.position_ids}
             return
-        layout = batch_pack_layout(batch)
+        layout = batch.pack_layout
         stack.enter_context(packed_attention(backbone_of(model)))
         yield {**{name: value[layout.real].unsqueeze(0) for name, value in start.items()},
                "position_ids": layout.position_ids, "cu_seq_lens_q": layout.cu_seq_lens,
                "max_length_q": layout.max_length}
 
 
-def batch_pack_layout(batch: SequenceBatch) -> PackLayout:
-    """`pack_layout` of `batch`'s rows."""
-    return pack_layout(batch.attention_mask, batch.position_ids, batch.prompt_width)
-
-
 def response_logits(model: nn.Module, batch: SequenceBatch, temperature: float) -> torch.Tensor:
     """Logits divided by the temperature at each position that predicts a response token, `[batch, response, vocab]`
     (float32). Only those positions go through the output head."""
     if batch.packed:  # the head reads the packed row at each response position, as a flat list of positions
-        keep = batch_pack_layout(batch).response_index
+        keep = batch.pack_layout.response_index
     else:
         keep = torch.arange(batch.prompt_width - 1, batch.input_ids.shape[1] - 1, device=batch.input_ids.device)
     with forward_inputs(model, batch) as inputs:
@@ -1089,7 +1084,7 @@ def response_hidden_states(backbone: nn.Module, batch: SequenceBatch) -> torch.T
     """The body's final hidden states at each position that predicts a response token, `[batch, response, hidden]`."""
     with forward_inputs(backbone, batch) as inputs:
         hidden = backbone(**inputs, use_cache=False).last_hidden_state
-    return hidden[0, batch_pack_layout(batch).response_index] if batch.packed else hidden[:, batch.prompt_width - 1:-1]
+    return hidden[0, batch.pack_layout.response_index] if batch.packed else hidden[:, batch.prompt_width - 1:-1]
 
 
 def policy_logprobs_and_values(
@@ -1113,15 +1108,18 @@ def policy_logprobs_and_values(
     return logprobs, entropy, value_head(hidden.to(value_head.weight.dtype)).squeeze(-1)
 
 
-def resolve_packing(setting: str, bodies: list[nn.Module], dtype: torch.dtype, compile_layers: bool) -> bool:
-    """Whether passes run packed rows, for `PPOConfig.pack_sequences` (`setting`) and the bodies that run them
-    (already on their device). 'on' raises a ValueError saying what is missing; 'auto' logs it."""
+def resolve_packing(setting: str, bodies: list[nn.Module], device: torch.device, dtype: torch.dtype,
+                    compile_layers: bool) -> bool:
+    """Whether passes run packed rows, for `PPOConfig.pack_sequences` (`setting`), the run's `device` and `dtype`
+    and the bodies that run them. 'on' raises a ValueError saying what is missing; 'auto' logs it."""
     if setting == "off" or (setting == "auto" and compile_layers):
         return False
-    device = next(bodies[0].parameters()).device
     missing = None
     if device.type != "cuda":
-        missing = f"the models are on {device.type}, and variable-length FlashAttention runs on a CUDA GPU only"
+        missing = f"the run is on {device.type}, and variable-length FlashAttention runs on a CUDA GPU only"
+    elif any(parameter.device != device for body in bodies for parameter in body.parameters()):
+        missing = ("a sharding launch places the models after loading, and packing is checked on whole models on "
+                   "the GPU (replicated launches only)")
     elif dtype not in (torch.bfloat16, torch.float16):
         missing = f"the weights are {str(dtype).removeprefix('torch.')}, and FlashAttention needs bfloat16 or float16"
     elif not varlen_kernel_available():

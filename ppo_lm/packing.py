@@ -10,8 +10,8 @@ pass of 32 such rows through Qwen3-0.6B's shape took 0.67x the padded pass's tim
 (benchmarks/RESULTS.md, session 42). On the CPU there is no such kernel, and a packed row through a dense
 block-diagonal mask was slower than sorted micro-batches, so packing is a GPU path.
 
-`pack_layout` is the pure part (where each real token and each response position goes); `packed_inputs` (in
-`models`) runs a body on it with `PACKED_ATTENTION` as its attention implementation.
+`pack_layout` is the pure part (where each real token and each response position goes); `models.forward_inputs`
+runs a body on it with `PACKED_ATTENTION` as its attention implementation.
 """
 
 from __future__ import annotations

@@ -120,10 +120,13 @@ def test_packed_passes_give_the_padded_paths_rollout_losses_and_weights(tiny_mod
 
 
 def test_packing_on_the_cpu_is_refused_when_asked_for_and_skipped_by_auto(tiny_model_dir, caplog):
-    with pytest.raises(ValueError, match="pack_sequences: on, but the models are on cpu.*CUDA GPU only.*auto"):
+    with pytest.raises(ValueError, match="pack_sequences: on, but the run is on cpu.*CUDA GPU only.*auto"):
         PPOTrainer(tiny_config(tiny_model_dir, pack_sequences="on"), reward_fn=length_reward)
     body = backbone_of(PPOTrainer(tiny_config(tiny_model_dir), reward_fn=length_reward).models.policy)
-    assert not resolve_packing("auto", [body], torch.bfloat16, compile_layers=False)
-    assert not resolve_packing("off", [body], torch.bfloat16, compile_layers=False)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not resolve_packing("auto", [body], cpu, torch.bfloat16, compile_layers=False)
+    assert not resolve_packing("off", [body], cuda, torch.bfloat16, compile_layers=False)
+    with pytest.raises(ValueError, match="sharding launch places the models after loading"):
+        resolve_packing("on", [body], cuda, torch.bfloat16, compile_layers=False)  # the body is still on the CPU
     with pytest.raises(ValueError, match="must be one of"):
         PPOConfig(model_name="m", pack_sequences="yes").validate()
