@@ -13,8 +13,8 @@ tokens each) go through the random `--arch` policy these ways:
 - `packed_rows:ATTN`: the sequences laid end to end in rows of at most `--budget` real tokens, no padding, position
   ids restarting at each sequence, attention by ATTN (one of `--attention`): `sdpa` and `flex_attention` are
   transformers' own, which turn those position ids into a block-diagonal causal mask (a dense one for `sdpa`, a
-  block-sparse one for `flex_attention`); `varlen` is PyTorch's variable-length FlashAttention
-  (`torch.nn.attention.varlen.varlen_attn`, a GPU and 16-bit weights only), each sequence attending to itself;
+  block-sparse one for `flex_attention`); `varlen` is ppo-lm's packed attention (`ppo_lm.packing.varlen_attention`:
+  PyTorch's variable-length FlashAttention, a GPU and 16-bit weights only), each sequence attending to itself;
 - `packed_one:ATTN`: every sequence in one row.
 Each pass reads the output head at the response positions only, as the update does, and the backward pass starts
 from their summed log-probabilities. Prints one JSON line: the padded tokens, the summed log-probability each
@@ -25,7 +25,6 @@ way and, on a GPU, the peak memory of each way's forward and backward pass.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import signal
 import sys
@@ -33,37 +32,15 @@ from collections.abc import Callable
 
 import torch
 from timing import seconds_per_call
-from transformers import AttentionInterface, Qwen3ForCausalLM
+from transformers import Qwen3ForCausalLM
 
 from ppo_lm.bench import prompt_lengths, qwen3_config
 from ppo_lm.generation import SequenceBatch, auto_micro_batch_tokens
+from ppo_lm.packing import PACKED_ATTENTION
 
 RESPONSE = 16
-PACKED_SEQUENCES: dict[str, torch.Tensor | int] = {}
-"""The packed row's sequence starts (`cu_seqlens`) and longest sequence, set before each `varlen` pass."""
 DENSE_MASK_TOKENS = 16384
 """`packed_one:sdpa` runs only up to this many tokens: its dense mask and attention grow with their square."""
-
-
-def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                     **kwargs: object) -> tuple[torch.Tensor, None]:
-    """Causal attention of each packed sequence to itself, for transformers' attention interface (one row only)."""
-    from torch.nn.attention.varlen import varlen_attn
-
-    starts, longest = PACKED_SEQUENCES["starts"], PACKED_SEQUENCES["longest"]
-    groups = query.shape[1] // key.shape[1]
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key.repeat_interleave(groups, 1),
-                                                value.repeat_interleave(groups, 1)))
-    # PyTorch 2.10 and 2.11 take `is_causal`; later versions a window (-1, 0) that sees no later position.
-    causal = ({"is_causal": True} if "is_causal" in inspect.signature(varlen_attn).parameters
-              else {"window_size": (-1, 0)})
-    out = varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), starts, starts, longest, longest,
-                      scale=scaling, **causal)
-    return out.unsqueeze(0), None  # [1, tokens, heads, head_dim], as transformers' other attentions return
-
-
-AttentionInterface.register("varlen", varlen_attention)
 
 
 def padded_batch(lengths: list[int], vocab: int) -> SequenceBatch:
@@ -142,14 +119,16 @@ def main() -> None:
 
     def run_passes(passes: list[tuple[torch.Tensor, dict[str, torch.Tensor]]], attention: str,
                    grad: bool) -> Callable[[], float]:
+        varlen = attention == "varlen"
+
         def run() -> float:
-            config._attn_implementation = attention
+            config._attn_implementation = PACKED_ATTENTION if varlen else attention
             total = 0.0
             for ends, inputs in passes:
                 starts = torch.cat([ends.new_zeros(1), ends[0]]).int()
-                PACKED_SEQUENCES.update(starts=starts, longest=int(starts.diff().max()))
+                sequences = {"cu_seq_lens_q": starts, "max_length_q": int(starts.diff().max())} if varlen else {}
                 with torch.set_grad_enabled(grad):
-                    loss = response_logprob_sum(model, ends=ends, **inputs)
+                    loss = response_logprob_sum(model, ends=ends, **inputs, **sequences)
                 if grad:
                     loss.backward()
                 total += loss.item()  # waits for the device's queued work, so the clock reads it
