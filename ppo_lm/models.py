@@ -683,8 +683,8 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
             for module in model.modules():
                 if isinstance(module, nn.Dropout):
                     module.p = 0.0
-    bodies = [backbone_of(model) for model in (policy, reference, value_backbone) if model is not None]
-    packed = resolve_packing(config.pack_sequences, bodies, device, dtype, config.compile_layers)
+    bodies = {id(body): body for body in map(backbone_of, filter(None, (policy, reference, value_backbone)))}
+    packed = resolve_packing(config.pack_sequences, list(bodies.values()), device, dtype, config.compile_layers)
     models = RoleModels(policy, reference, value_backbone, value_head, value_adapter_on_policy, value_on_policy_body,
                         reward_model, trained if config.gradient_checkpointing else [], fused_head, packed)
     models.keep_adapters_trainable()  # set_adapter turned the value adapter's requires_grad off

@@ -16,7 +16,13 @@ from test_ppo_trainer import assert_same_float32_steps, two_ppo_steps
 
 from ppo_lm import PPOConfig, PPOTrainer
 from ppo_lm.generation import SequenceBatch, position_ids_from_mask
-from ppo_lm.models import backbone_of, resolve_packing, response_hidden_states, sequence_logprobs
+from ppo_lm.models import (
+    backbone_of,
+    packing_reproduces_forward,
+    resolve_packing,
+    response_hidden_states,
+    sequence_logprobs,
+)
 from ppo_lm.packing import pack_layout, varlen_attention
 
 CALLS = []
@@ -94,6 +100,24 @@ def test_packed_passes_give_the_padded_hidden_states_and_logprobs(tiny_model_dir
         for fast, slow in zip(logprobs, plain, strict=True):
             torch.testing.assert_close(fast[mask], slow[mask])
     assert reference_kernel and set(reference_kernel) == {3}  # one packed row of three sequences, every layer
+
+
+def test_the_load_check_passes_a_right_kernel_and_fails_a_wrong_or_missing_one(tiny_model_dir, reference_kernel,
+                                                                             monkeypatch):
+    body = backbone_of(PPOTrainer(tiny_config(tiny_model_dir), reward_fn=length_reward).models.policy)
+    assert packing_reproduces_forward(body)
+
+    def across_sequences(query, key, value, cu_seq_q, *args, **kwargs):  # one causal attention over the whole row
+        return F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (query, key, value)),
+                                              is_causal=True).transpose(0, 1)
+
+    monkeypatch.setattr(torch.nn.attention.varlen, "varlen_attn", across_sequences)
+    assert not packing_reproduces_forward(body)
+    monkeypatch.setattr(torch.nn.attention.varlen, "varlen_attn", lambda *args, **kwargs: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # only the errors of a body that cannot pack are read as "no"
+        packing_reproduces_forward(body)
+    monkeypatch.setattr(torch.nn.attention.varlen, "varlen_attn", lambda *args: None)  # takes no keywords
+    assert not packing_reproduces_forward(body)
 
 
 @pytest.mark.slow
