@@ -40,8 +40,9 @@ LossAggregationName = Literal[LOSS_AGGREGATIONS.names()]
 ScaleRewardsName = Literal["group", "batch", "none"]
 OnNonFiniteName = Literal["raise", "skip"]
 MicroBatchTokens = int | Literal["auto"] | None
-PackSequencesName = Literal["auto", "on", "off"]
 """`micro_batch_tokens`: a number of tokens, 'auto' (chosen from the device and the model) or None (off)."""
+PackSequencesName = Literal["auto", "on", "off"]
+PACK_SEQUENCES: tuple[str, ...] = get_args(PackSequencesName)
 ON_NON_FINITE: tuple[str, ...] = get_args(OnNonFiniteName)
 SCALE_REWARDS: tuple[str, ...] = get_args(ScaleRewardsName)
 TRACKERS = ("tensorboard", "wandb", "trackio")
@@ -452,7 +453,7 @@ class PPOConfig(TrainConfig):
             raise _invalid(self, "eval_samples_per_prompt", self.eval_samples_per_prompt,
                            "must be 1 with eval_greedy: greedy decoding gives the same response every time")
         require_numbers(self, ("kl_coef", "kl_loss_coef", "value_clip", "vf_coef", "entropy_coef"), positive=False)
-        require_choice(self, "pack_sequences", get_args(PackSequencesName))
+        require_choice(self, "pack_sequences", PACK_SEQUENCES)
         tokens = self.micro_batch_tokens
         if not (tokens is None or tokens == "auto" or (_is_int(tokens) and tokens >= 1)):
             raise _invalid(self, "micro_batch_tokens", tokens, "must be an integer >= 1, 'auto' or None")
