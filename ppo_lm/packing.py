@@ -17,9 +17,10 @@ runs a body on it with `PACKED_ATTENTION` as its attention implementation.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -52,11 +53,18 @@ def varlen_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     groups = query.shape[1] // key.shape[1]
     q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key.repeat_interleave(groups, 1),
                                                            value.repeat_interleave(groups, 1)))
-    # PyTorch 2.10 and 2.11 spell causal `is_causal=True`; later versions as a window that sees no later position.
-    causal = ({"is_causal": True} if "is_causal" in inspect.signature(varlen_attn).parameters
-              else {"window_size": (-1, 0)})
-    out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scale=scaling, **causal)
+    out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scale=scaling,
+                      **_causal_argument(varlen_attn))
     return out.unsqueeze(0), None
+
+
+@functools.cache
+def _causal_argument(varlen_attn: Callable) -> dict[str, object]:
+    """How this `varlen_attn` is told to attend causally (read once per function, not in every layer's call):
+    PyTorch 2.10 and 2.11 take `is_causal=True`; later versions a window that sees no later position."""
+    if "is_causal" in inspect.signature(varlen_attn).parameters:
+        return {"is_causal": True}
+    return {"window_size": (-1, 0)}
 
 
 AttentionInterface.register(PACKED_ATTENTION, varlen_attention)
