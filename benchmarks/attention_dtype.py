@@ -6,10 +6,12 @@ long causal pass is not split.
 
 For `small`'s attention shape (8 query heads, 4 key-value heads of 64 dimensions) and short, middling and
 TL;DR-length sequences, times a forward and backward pass of transformers' sdpa attention in a padded batch (a
-causal boolean mask, as every pass of a `SequenceBatch` has) with float32 and with bfloat16 operands, and in
-float32 as two calls (the first half of the queries against the first half of the keys, all that a causal mask
-lets them see; the second half against all keys). Prints one JSON line per shape: the median milliseconds of each,
-the ratios to float32 sdpa, and whether the CPU has AVX-512 BF16 and AMX tiles.
+causal boolean mask, as every pass of a `SequenceBatch` has) with float32 and with bfloat16 operands; in float32 as
+two calls (the first half of the queries against the first half of the keys, all that a causal mask lets them see;
+the second half against all keys); and in float32 with no mask, sdpa's causal flag instead (no mask to read, and
+the kernel may leave out the blocks above the diagonal: what a layout that needs no mask could gain). Prints one
+JSON line per shape: the median milliseconds of each, the ratios to float32 sdpa, and whether the CPU has AVX-512
+BF16 and AMX tiles.
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ def split_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
                                       mask[..., :half, :half], **kwargs)
     second, _ = sdpa_attention_forward(module, query[:, :, half:], key, value, mask[..., half:, :], **kwargs)
     return torch.cat([first, second], dim=1), None
+
+
+def causal_flag_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     mask: torch.Tensor, **kwargs: object) -> tuple[torch.Tensor, None]:
+    """sdpa with no mask and `is_causal`: the causal part of `mask` without the padding part."""
+    return sdpa_attention_forward(module, query, key, value, None, **kwargs)
 
 
 def attention_ms(attention: Callable, rows: int, length: int, dtype: torch.dtype, repeats: int) -> float:
@@ -62,10 +70,12 @@ def main() -> None:
         float32 = attention_ms(sdpa_attention_forward, rows, length, torch.float32, arguments.repeats)
         bfloat16 = attention_ms(sdpa_attention_forward, rows, length, torch.bfloat16, arguments.repeats)
         split = attention_ms(split_sdpa, rows, length, torch.float32, arguments.repeats)
+        causal_flag = attention_ms(causal_flag_sdpa, rows, length, torch.float32, arguments.repeats)
         print(json.dumps({
             "rows": rows, "length": length, "float32_ms": round(float32, 2), "bfloat16_ms": round(bfloat16, 2),
             "split_float32_ms": round(split, 2), "bfloat16_over_float32": round(bfloat16 / float32, 2),
-            "split_over_float32": round(split / float32, 2),
+            "split_over_float32": round(split / float32, 2), "causal_flag_float32_ms": round(causal_flag, 2),
+            "causal_flag_over_float32": round(causal_flag / float32, 2),
             "avx512_bf16": torch.cpu._is_avx512_bf16_supported(), "amx": torch.cpu._is_amx_tile_supported(),
             "threads": torch.get_num_threads(),
         }))
