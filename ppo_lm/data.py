@@ -21,9 +21,10 @@ import logging
 import os
 import random
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
+if TYPE_CHECKING:
+    import datasets
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,8 @@ def _load_file(path: str, split: str) -> datasets.Dataset:
         raise DataError(f"{path} is empty: it holds no rows.")
     if suffix in TEXT_SUFFIXES:
         _check_utf8(path)
+    import datasets  # here, not at the top: see `_load_hub`
+
     try:
         with _quiet_json_builder():
             return datasets.load_dataset(FILE_BUILDERS[suffix], data_files=path, split=split)
@@ -182,6 +185,8 @@ def _root_cause(error: BaseException) -> BaseException:
 
 def _load_saved(path: str, split: str) -> datasets.Dataset:
     """Read a directory written by `Dataset.save_to_disk` (split "train" = all of it) or `DatasetDict.save_to_disk`."""
+    import datasets  # here, not at the top: see `_load_hub`
+
     try:
         saved = datasets.load_from_disk(path)
     except FileNotFoundError as error:
@@ -203,7 +208,12 @@ def _load_saved(path: str, split: str) -> datasets.Dataset:
 
 def _load_hub(name: str, split: str, config_name: str | None = None) -> datasets.Dataset:
     """Load a split of a hub dataset (of its configuration `config_name`, if given), turning any failure (no network,
-    no such dataset, configuration or split) into DataError."""
+    no such dataset, configuration or split) into DataError.
+
+    `datasets` (with pyarrow and pandas: about 80 MiB of resident memory) is imported by the three loaders of rows
+    only, so that a trainer given its prompts as a list never loads it."""
+    import datasets
+
     try:
         return datasets.load_dataset(name, config_name, split=split)
     except Exception as error:

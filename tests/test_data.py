@@ -45,6 +45,31 @@ def test_load_rows_jsonl(tmp_path):
     assert list(rows["prompt"]) == PROMPTS
 
 
+_DATASETS_ON_DEMAND = """
+import json, sys
+import ppo_lm.bench, ppo_lm.ppo_trainer, ppo_lm.reward_trainer, ppo_lm.sft_trainer, ppo_lm.training
+from ppo_lm.data import load_rows
+loaded = lambda: [name for name in ("datasets", "pandas", "pyarrow") if name in sys.modules]
+before = loaded()
+rows = load_rows(sys.argv[1])
+print(json.dumps([before, loaded(), list(rows["prompt"])]))
+"""
+
+
+@pytest.mark.slow
+def test_datasets_loads_only_when_rows_are_read(tmp_path):
+    """The trainers and the bench import `datasets` (and its pandas and pyarrow, about 80 MiB resident) only when a
+    loader reads rows: a trainer given a list of prompts never holds them."""
+    import subprocess
+    import sys
+
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in PROMPTS])
+    result = subprocess.run([sys.executable, "-c", _DATASETS_ON_DEMAND, path], capture_output=True, text=True,
+                            check=True)
+    before, after, prompts = json.loads(result.stdout.strip().splitlines()[-1])
+    assert before == [] and after == ["datasets", "pandas", "pyarrow"] and prompts == PROMPTS
+
+
 def test_load_rows_json_list(tmp_path):
     path = tmp_path / "p.json"
     path.write_text(json.dumps([{"prompt": p, "id": i} for i, p in enumerate(PROMPTS)]))
