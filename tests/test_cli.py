@@ -86,7 +86,8 @@ except SystemExit as stop:
 
 def test_the_command_line_refuses_a_bad_value_before_importing_transformers_and_peft():
     """`ppo-lm --help` and a config's errors need neither model library: the command line's imports leave them out
-    (they were about 5 s of the command's 7.7 s start on 2 CPU cores), and the package's names load them on first use."""
+    (about 4 s of the command's 6.3 s start on 2 CPU cores, benchmarks/RESULTS.md session 43), and the package's
+    names load them on first use."""
     import subprocess
     import sys
 
