@@ -30,7 +30,7 @@ import yaml
 
 from ppo_lm.config import PPOConfig, RewardConfig, RunConfig, SFTConfig
 
-if TYPE_CHECKING:  # the data module loads `datasets`: imported when a stage loads its data, not with the command
+if TYPE_CHECKING:  # the data module is imported by the stages that read rows, not with the command
     from ppo_lm.data import RowCheck
 
 logger = logging.getLogger("ppo_lm")
