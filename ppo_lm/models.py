@@ -562,12 +562,16 @@ class RoleModels:
         """Yield the model that computes reference logprobs."""
         if self.reference is not None:
             yield self.reference
-        else:
-            try:
-                with self.policy.disable_adapter():
-                    yield self.policy
-            finally:
-                self.keep_adapters_trainable()
+            return
+        # The tuner's own switch rather than `PeftModel.disable_adapter`, which first reads every layer's status: a
+        # walk that costs more than the switch (benchmarks/adapter_switch.py).
+        tuner = self.policy.base_model
+        tuner.disable_adapter_layers()
+        try:
+            yield self.policy
+        finally:
+            tuner.enable_adapter_layers()
+            self.keep_adapters_trainable()
 
     @contextlib.contextmanager
     def value_mode(self) -> Iterator[None]:
@@ -587,9 +591,18 @@ class RoleModels:
         """Turn requires_grad back on for both adapters after peft switched adapters (it turns off the inactive
         one's). An inactive adapter takes no part in a forward pass, so it gets no gradient either way; but a sharding
         backend copies requires_grad only when it gathers a layer, so it must not change between passes."""
-        if self.value_adapter_on_policy:
-            for parameter in self.policy_parameters() + self.value_parameters():
-                parameter.requires_grad_(True)
+        for adapter in self._adapter_weights:
+            adapter.requires_grad_(True)
+
+    @functools.cached_property
+    def _adapter_weights(self) -> list[nn.Module | nn.Parameter]:
+        """The policy's LoRA weights of both adapters, when the value adapter is on it (else none), found once: the
+        modules stay the same objects when a sharding backend swaps their parameters."""
+        if not self.value_adapter_on_policy:
+            return []
+        return [weights[name] for layer in self.policy.modules() if isinstance(layer, BaseTunerLayer)
+                for attribute in layer.adapter_layer_names for name in (POLICY_ADAPTER, VALUE_ADAPTER)
+                if name in (weights := getattr(layer, attribute))]
 
 
 def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype,
@@ -1117,7 +1130,7 @@ def resolve_packing(setting: str, bodies: list[nn.Module], device: torch.device,
     missing = None
     if device.type != "cuda":
         missing = f"the run is on {device.type}, and variable-length FlashAttention runs on a CUDA GPU only"
-    elif any(parameter.device != device for body in bodies for parameter in body.parameters()):
+    elif not all(placed_on(body, device) for body in bodies):
         missing = ("a sharding launch places the models after loading, and packing is checked on whole models on "
                    "the GPU (replicated launches only)")
     elif dtype not in (torch.bfloat16, torch.float16):
@@ -1135,6 +1148,15 @@ def resolve_packing(setting: str, bodies: list[nn.Module], device: torch.device,
         raise ValueError(f"pack_sequences: on, but {missing}; set pack_sequences: auto (packs where it can) or off.")
     logger.info("pack_sequences: auto runs padded passes: %s.", missing)
     return False
+
+
+def placed_on(body: nn.Module, device: torch.device) -> bool:
+    """Whether every parameter of `body` is on `device`. A device named without an index ("cuda") is the current one
+    of its type, as where tensors sent to it land ("cuda:0"): `torch.device("cuda") != torch.device("cuda:0")`."""
+    if any(parameter.device.type != device.type for parameter in body.parameters()):
+        return False  # checked first: a tensor made on `device` below needs that kind of device to exist
+    placed = torch.empty(0, device=device).device
+    return all(parameter.device == placed for parameter in body.parameters())
 
 
 def packing_reproduces_forward(body: nn.Module) -> bool:

@@ -19,6 +19,7 @@ from ppo_lm.generation import SequenceBatch, position_ids_from_mask
 from ppo_lm.models import (
     backbone_of,
     packing_reproduces_forward,
+    placed_on,
     resolve_packing,
     response_hidden_states,
     sequence_logprobs,
@@ -141,6 +142,15 @@ def test_packed_passes_give_the_padded_paths_rollout_losses_and_weights(tiny_mod
         results.append(two_ppo_steps(trainer))
         assert bool(reference_kernel) == packed
     assert_same_float32_steps(*results, before)
+
+
+def test_a_device_named_without_an_index_is_the_one_its_tensors_land_on():
+    """The trainer's device is often "cuda" while its models' parameters say "cuda:0"; comparing the two as they
+    are once made `pack_sequences: auto` decline packing on every GPU run. The same naming, on the CPU: "cpu:0"."""
+    body = torch.nn.Linear(2, 2)
+    assert torch.device("cpu", 0) != body.weight.device
+    assert placed_on(body, torch.device("cpu", 0)) and placed_on(body, torch.device("cpu"))
+    assert not placed_on(body, torch.device("meta"))
 
 
 def test_packing_on_the_cpu_is_refused_when_asked_for_and_skipped_by_auto(tiny_model_dir, caplog):

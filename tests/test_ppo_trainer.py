@@ -85,6 +85,34 @@ def test_reference_stays_fixed_while_the_policy_moves(trainer):
 
 
 @pytest.mark.slow
+def test_switching_roles_keeps_every_adapter_trainable_and_the_reference_is_peft_without_adapters(trainer):
+    """`reference_model` and `value_mode` switch adapters through peft's tuner; after each, the policy adapter answers
+    again and exactly the trained weights require gradients (a sharding backend reads requires_grad as it gathers)."""
+    models = trainer.models
+    assert models.value_adapter_on_policy and models.reference is None
+    trainer.ppo_step(PROMPTS)  # both adapters away from their zero start, so the three roles answer differently
+    batch = trainer.make_rollout(PROMPTS).batch
+    trained = {id(p) for p in models.policy_parameters() + models.value_parameters()}
+
+    def policy_logprobs():
+        with torch.no_grad():
+            return sequence_logprobs(models.policy, batch, 1.0)[0]
+
+    before = policy_logprobs()
+    with torch.no_grad():
+        with models.reference_model() as reference:
+            ours = sequence_logprobs(reference, batch, 1.0)[0]
+        with models.policy.disable_adapter():  # peft's own way, the oracle
+            peft_reference = sequence_logprobs(models.policy, batch, 1.0)[0]
+    assert torch.equal(ours, peft_reference) and not torch.equal(ours, before)
+    for switch in (models.reference_model, models.value_mode):
+        with switch():
+            pass
+        assert torch.equal(policy_logprobs(), before)
+        assert {id(p) for model in models.held() for p in model.parameters() if p.requires_grad} == trained
+
+
+@pytest.mark.slow
 def test_padding_is_inert(trainer):
     short = "Hello"
     batch = trainer.make_rollout([short, PROMPTS[0], PROMPTS[2]]).batch
