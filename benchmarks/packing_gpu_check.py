@@ -100,7 +100,7 @@ def trainer_gaps(out: Path, directory: Path) -> None:
 
 def bench(out: Path) -> None:
     command = [sys.executable, "-m", "ppo_lm", "bench", "--arch", "qwen3-0.6b", "--use_lora", "true",
-               "--prompt_lengths", "tldr", "--steps", "2", "--warmup", "1"]
+               "--prompt_lengths", "tldr", "--steps", "3", "--warmup", "1"]
     for extra in ([], ["--pack_sequences", "off"]):
         done = subprocess.run(command + extra, capture_output=True, text=True, timeout=200)
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
