@@ -1161,8 +1161,10 @@ def placed_on(body: nn.Module, device: torch.device) -> bool:
 
 def packing_reproduces_forward(body: nn.Module) -> bool:
     """Whether `body`'s packed pass gives its padded pass's final hidden states at the response positions, on two
-    rows of different lengths (to 2 % of their norm: 16-bit weights and another attention kernel). A body whose
-    attention cannot take a packed row (it does not pass transformers' attention arguments on) fails."""
+    rows of different lengths, to 10 % of their norm. A body whose attention cannot take a packed row (it does not
+    pass transformers' attention arguments on) fails. The margin: bfloat16's own rounding moves these hidden states
+    0.6 % to 1.6 % from float32's (`tiny` to Qwen3-0.6B's shape), and another attention kernel adds rounding of that
+    size; attention across the two sequences misses by 56 % to 107 % (benchmarks/packing_load_check.py)."""
     device = next(body.parameters()).device
     input_ids = torch.arange(2, 16, device=device).reshape(2, 7)
     attention_mask = torch.ones_like(input_ids)
@@ -1176,7 +1178,7 @@ def packing_reproduces_forward(body: nn.Module) -> bool:
     except (TypeError, ValueError, RuntimeError) as error:
         logger.info("A packed pass of %s failed: %s", type(body).__name__, error)
         return False
-    return bool((packed - padded).norm() <= 2e-2 * padded.norm())
+    return bool((packed - padded).norm() <= 0.1 * padded.norm())
 
 
 def head_reads_last_hidden_state(model: nn.Module) -> bool:
