@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 
 import torch
 import torch.nn.attention.varlen
@@ -24,8 +23,7 @@ import torch.nn.functional as F
 from transformers import Qwen3ForCausalLM
 
 from ppo_lm.bench import qwen3_config
-from ppo_lm.generation import SequenceBatch
-from ppo_lm.models import backbone_of, response_hidden_states
+from ppo_lm.models import backbone_of, packed_hidden_state_gap, packing_check_rows, response_hidden_states
 
 
 def attention_across_sequences(query, key, value, *args, **kwargs):
@@ -34,36 +32,26 @@ def attention_across_sequences(query, key, value, *args, **kwargs):
                                           is_causal=True).transpose(0, 1)
 
 
-def check_rows() -> SequenceBatch:
-    """The load check's two rows: a left-padded prompt, and a response that ended early."""
-    input_ids = torch.arange(2, 16).reshape(2, 7)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, 0] = attention_mask[0, -1] = 0
-    return SequenceBatch(input_ids, attention_mask, prompt_width=4)
-
-
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--archs", nargs="+", default=["tiny", "small", "qwen3-0.6b"])
     arguments = parser.parse_args()
-    batch = check_rows()
+    batch = packing_check_rows(torch.device("cpu"))
     response = batch.response_mask.bool()
     torch.nn.attention.varlen.varlen_attn = attention_across_sequences
     for arch in arguments.archs:
         torch.manual_seed(0)
         model = Qwen3ForCausalLM(qwen3_config(arch)).eval()
         body = backbone_of(model)
+        across = packed_hidden_state_gap(body)
         with torch.no_grad():
             padded = response_hidden_states(body, batch)[response].float()
-            across = response_hidden_states(body, replace(batch, packed=True))[response].float()
             model.to(torch.bfloat16)
             bfloat16 = response_hidden_states(body, batch)[response].float()
-        print(json.dumps({"arch": arch, "bfloat16_vs_float32": relative(bfloat16, padded),
-                          "across_sequences": relative(across, padded)}), flush=True)
+        print(json.dumps({"arch": arch, "bfloat16_vs_float32": ((bfloat16 - padded).norm() / padded.norm()).item(),
+                          "across_sequences": across}), flush=True)
 
 
 if __name__ == "__main__":

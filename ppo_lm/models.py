@@ -1165,20 +1165,31 @@ def packing_reproduces_forward(body: nn.Module) -> bool:
     pass transformers' attention arguments on) fails. The margin: bfloat16's own rounding moves these hidden states
     0.6 % to 1.6 % from float32's (`tiny` to Qwen3-0.6B's shape), and another attention kernel adds rounding of that
     size; attention across the two sequences misses by 56 % to 107 % (benchmarks/packing_load_check.py)."""
-    device = next(body.parameters()).device
-    input_ids = torch.arange(2, 16, device=device).reshape(2, 7)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, 0] = attention_mask[0, -1] = 0  # a left-padded prompt, a response that ended early
-    batch = SequenceBatch(input_ids, attention_mask, prompt_width=4)
-    response = batch.response_mask.bool()
     try:
-        with torch.no_grad():
-            padded = response_hidden_states(body, batch)[response].float()
-            packed = response_hidden_states(body, replace(batch, packed=True))[response].float()
+        gap = packed_hidden_state_gap(body)
     except (TypeError, ValueError, RuntimeError) as error:
         logger.info("A packed pass of %s failed: %s", type(body).__name__, error)
         return False
-    return bool((packed - padded).norm() <= 0.1 * padded.norm())
+    return gap <= 0.1
+
+
+def packing_check_rows(device: torch.device) -> SequenceBatch:
+    """The load check's two rows of different lengths: a left-padded prompt, and a response that ended early."""
+    input_ids = torch.arange(2, 16, device=device).reshape(2, 7)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 0] = attention_mask[0, -1] = 0
+    return SequenceBatch(input_ids, attention_mask, prompt_width=4)
+
+
+def packed_hidden_state_gap(body: nn.Module) -> float:
+    """The distance between `body`'s packed and padded final hidden states at the response positions of
+    `packing_check_rows`, relative to the padded ones' norm."""
+    batch = packing_check_rows(next(body.parameters()).device)
+    response = batch.response_mask.bool()
+    with torch.no_grad():
+        padded = response_hidden_states(body, batch)[response].float()
+        packed = response_hidden_states(body, replace(batch, packed=True))[response].float()
+    return ((packed - padded).norm() / padded.norm()).item()
 
 
 def head_reads_last_hidden_state(model: nn.Module) -> bool:
