@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ppo_lm.bench import BENCH_DEFAULTS, build_model_dirs, prompt_lengths, synthetic_prompts  # noqa: E402
 from ppo_lm.config import PPOConfig  # noqa: E402
-from ppo_lm.generation import SequenceBatch  # noqa: E402
-from ppo_lm.models import backbone_of, response_hidden_states  # noqa: E402
+from ppo_lm.generation import SequenceBatch, backbone_of  # noqa: E402
+from ppo_lm.models import response_hidden_states  # noqa: E402
 from ppo_lm.ppo_trainer import PPOTrainer  # noqa: E402
 from ppo_lm.runs import parse_config  # noqa: E402
 

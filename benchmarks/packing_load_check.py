@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from transformers import Qwen3ForCausalLM
 
 from ppo_lm.bench import qwen3_config
-from ppo_lm.models import backbone_of, packed_hidden_state_gap, packing_check_rows, response_hidden_states
+from ppo_lm.generation import backbone_of
+from ppo_lm.models import packed_hidden_state_gap, packing_check_rows, response_hidden_states
 
 
 def attention_across_sequences(query, key, value, *args, **kwargs):

@@ -64,7 +64,7 @@ from transformers import PreTrainedModel
 
 from ppo_lm.checkpoint import CheckpointError, load_state, load_trained, save_state
 from ppo_lm.distributed import broadcast_parameters, full_tensors, shard_optimizer_state, sum_gradients
-from ppo_lm.models import backbone_of
+from ppo_lm.generation import backbone_of
 
 T = TypeVar("T")
 

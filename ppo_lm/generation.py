@@ -16,6 +16,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from peft import PeftModel
+from torch import nn
 from transformers import (
     DynamicCache,
     GenerationConfig,
@@ -350,6 +352,13 @@ def sampling_processors(config: GenerationConfig) -> LogitsProcessorList:
     return processors
 
 
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The transformer body (no output head) of a causal LM or classifier, through a peft wrapper if any."""
+    if isinstance(model, PeftModel):
+        model = model.get_base_model()
+    return model.base_model
+
+
 def prefill_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, tokens: int) -> list[torch.Tensor]:
     """Rows of left-padded prompts in groups of similar length whose padded size stays within `tokens` (longest
     prompts first, as `SequenceBatch.micro_batches` groups a rollout's rows)."""
@@ -382,6 +391,7 @@ def prefilled_cache(
     computed in pieces.
     """
     rows, width = prompt_ids.shape[0], prompt_ids.shape[1] - 1
+    body = backbone_of(model)  # the cache only: no output head (151,936 x hidden for Qwen3) over the last positions
     before_last = SequenceBatch(prompt_ids[:, :width], prompt_mask[:, :width], prompt_width=width)
     keys: list[torch.Tensor] = []
     values: list[torch.Tensor] = []
@@ -390,8 +400,8 @@ def prefilled_cache(
         if not bool(group.attention_mask.any()):
             continue  # prompts of one token: nothing before their last token
         left = width - group.prompt_width
-        output = model(input_ids=group.input_ids, attention_mask=group.attention_mask,
-                       position_ids=group.position_ids, use_cache=True, logits_to_keep=1)
+        output = body(input_ids=group.input_ids, attention_mask=group.attention_mask,
+                      position_ids=group.position_ids, use_cache=True)
         cache = output["cache"] if "cache" in output else output["past_key_values"]
         for layer_index, layer in enumerate(cache.layers):
             if len(keys) <= layer_index:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, TypeVar
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
@@ -40,7 +40,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
 from ppo_lm.config import PPOConfig, TrainConfig
-from ppo_lm.generation import SequenceBatch, position_ids_from_mask
+from ppo_lm.generation import SequenceBatch, backbone_of, position_ids_from_mask
 from ppo_lm.losses import entropy_from_logits
 from ppo_lm.packing import packed_attention, varlen_kernel_available
 
@@ -319,13 +319,6 @@ def load_tokenizer(name: str, field: str = "model_name") -> PreTrainedTokenizerB
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def backbone_of(model: nn.Module) -> nn.Module:
-    """The transformer body (no output head) of a causal LM or classifier, through a peft wrapper if any."""
-    if isinstance(model, PeftModel):
-        model = model.get_base_model()
-    return model.base_model
 
 
 def body_autocast_dtype(model: nn.Module) -> torch.dtype | None:

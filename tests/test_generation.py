@@ -242,7 +242,7 @@ def test_the_prompts_prefilled_in_groups_give_the_whole_batchs_cache_and_respons
     """Prompts of 1 to 17 tokens read into the KV cache in groups of their own width: at every real position the
     keys and values are those of one pass over the whole padded batch (float32, 1e-5 absolute or 1e-4 relative;
     padding positions hold whatever the mask hides), and generate, greedy or sampled from the same seed, gives the
-    same responses from them."""
+    same responses from them. The pieces run the body only: the output head has nothing to give the cache."""
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(tiny_qwen3_config(300, initializer_range=0.5, eos_token_id=299, pad_token_id=1)).eval()
     ids, mask = left_padded([5, 17, 9, 1, 12, 17, 3], vocab=299)
@@ -251,7 +251,9 @@ def test_the_prompts_prefilled_in_groups_give_the_whole_batchs_cache_and_respons
         whole = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1],
                       position_ids=(mask[:, :-1].cumsum(-1) - 1).clamp(min=0), use_cache=True)
         whole_cache = whole["cache"] if "cache" in whole else whole["past_key_values"]
-        cache = prefilled_cache(model, ids, mask, groups)
+        with mock.patch.object(model.lm_head, "forward", wraps=model.lm_head.forward) as head:
+            cache = prefilled_cache(model, ids, mask, groups)
+        head.assert_not_called()  # the cache is all the prefill keeps: no logits
     real = mask[:, :-1].bool()
     for mine, theirs in zip(cache.layers, whole_cache.layers, strict=True):
         for name in ("keys", "values"):
