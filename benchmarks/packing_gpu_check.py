@@ -80,14 +80,14 @@ def trainer_gaps(out: Path, directory: Path) -> None:
     for packed in (True, False):
         set_seed(0)
         trainer = PPOTrainer(config)
-        resolved = trainer.models.packed
+        resolved = trainer.models.packed, trainer.models.packing_declined
         trainer.models.packed = packed
         rollout = trainer.make_rollout(prompts)
         stats = trainer.update(rollout)
         results[packed] = (rollout, stats, resolved)
     (fast, fast_stats, resolved), (plain, plain_stats, _) = results[True], results[False]
     mask = plain.batch.response_mask.bool()
-    line = {"check": "trainer", "arch": "small", "auto_resolved_packed": resolved,
+    line = {"check": "trainer", "arch": "small", "auto_resolved_packed": resolved[0], "packing_declined": resolved[1],
             "same_samples": bool(torch.equal(fast.batch.input_ids, plain.batch.input_ids))}
     for name in ("old_logprobs", "ref_logprobs", "values", "advantages"):
         a, b = getattr(fast, name), getattr(plain, name)

@@ -324,6 +324,7 @@ def run_benchmark(
         "response_position_tokens": trainer.token_budget and round(trainer.token_budget.response_cost, 3),
         "update_padding": update_padding(prompt_lens, response_lens, config.micro_batch_size, trainer.token_budget),
         "compile_layers": config.compile_layers, "packed": trainer.models.packed,
+        "packing_declined": trainer.models.packing_declined,
         "first_step_s": round(first_step_s, 4),
         "median_step_s": round(step_seconds, 4),
         "stage_s": {stage: round(median[stage], 4) for stage in STAGES[:-1]},

@@ -487,6 +487,8 @@ class RoleModels:
     packed: bool = False
     """Whether the rollout's and the update's passes run packed rows (`PPOConfig.pack_sequences`, resolved at load by
     `resolve_packing`)."""
+    packing_declined: str | None = None
+    """Why `pack_sequences: auto` left the passes padded, in words; None when they are packed or packing is off."""
 
     def held(self) -> list[nn.Module]:
         """The models a launch backend holds (places, gathers): every role but the reward model."""
@@ -690,9 +692,11 @@ def load_role_models(config: PPOConfig, device: torch.device, dtype: torch.dtype
                 if isinstance(module, nn.Dropout):
                     module.p = 0.0
     bodies = {id(body): body for body in map(backbone_of, filter(None, (policy, reference, value_backbone)))}
-    packed = resolve_packing(config.pack_sequences, list(bodies.values()), device, dtype, config.compile_layers)
+    packed, packing_declined = resolve_packing(config.pack_sequences, list(bodies.values()), device, dtype,
+                                               config.compile_layers)
     models = RoleModels(policy, reference, value_backbone, value_head, value_adapter_on_policy, value_on_policy_body,
-                        reward_model, trained if config.gradient_checkpointing else [], fused_head, packed)
+                        reward_model, trained if config.gradient_checkpointing else [], fused_head, packed,
+                        packing_declined)
     models.keep_adapters_trainable()  # set_adapter turned the value adapter's requires_grad off
     for model in (policy, value_backbone):
         if model is not None:
@@ -1115,32 +1119,37 @@ def policy_logprobs_and_values(
 
 
 def resolve_packing(setting: str, bodies: list[nn.Module], device: torch.device, dtype: torch.dtype,
-                    compile_layers: bool) -> bool:
+                    compile_layers: bool) -> tuple[bool, str | None]:
     """Whether passes run packed rows, for `PPOConfig.pack_sequences` (`setting`), the run's `device` and `dtype`
-    and the bodies that run them. 'on' raises a ValueError saying what is missing; 'auto' logs it."""
+    and the bodies that run them, and why not when they run padded ('off' and compiled layers need no reason).
+    'on' raises a ValueError saying what is missing; 'auto' logs it."""
     if setting == "off" or (setting == "auto" and compile_layers):
-        return False
-    missing = None
-    if device.type != "cuda":
-        missing = f"the run is on {device.type}, and variable-length FlashAttention runs on a CUDA GPU only"
-    elif not all(placed_on(body, device) for body in bodies):
-        missing = ("a sharding launch places the models after loading, and packing is checked on whole models on "
-                   "the GPU (replicated launches only)")
-    elif dtype not in (torch.bfloat16, torch.float16):
-        missing = f"the weights are {str(dtype).removeprefix('torch.')}, and FlashAttention needs bfloat16 or float16"
-    elif not varlen_kernel_available():
-        missing = f"PyTorch {torch.__version__} has no torch.nn.attention.varlen (2.10 and later do)"
-    else:
-        failing = [type(body).__name__ for body in bodies if not packing_reproduces_forward(body)]
-        if failing:
-            missing = f"{', '.join(failing)}'s packed pass does not give its padded pass's hidden states"
+        return False, None
+    missing = packing_obstacle(bodies, device, dtype)
     if missing is None:
         logger.info("pack_sequences: passes run each micro-batch's real tokens as one packed row.")
-        return True
+        return True, None
     if setting == "on":
         raise ValueError(f"pack_sequences: on, but {missing}; set pack_sequences: auto (packs where it can) or off.")
     logger.info("pack_sequences: auto runs padded passes: %s.", missing)
-    return False
+    return False, missing
+
+
+def packing_obstacle(bodies: list[nn.Module], device: torch.device, dtype: torch.dtype) -> str | None:
+    """What keeps `bodies` from running packed rows on `device` in `dtype`, in words; None when nothing does."""
+    if device.type != "cuda":
+        return f"the run is on {device.type}, and variable-length FlashAttention runs on a CUDA GPU only"
+    if not all(placed_on(body, device) for body in bodies):
+        return ("a sharding launch places the models after loading, and packing is checked on whole models on "
+                "the GPU (replicated launches only)")
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"the weights are {str(dtype).removeprefix('torch.')}, and FlashAttention needs bfloat16 or float16"
+    if not varlen_kernel_available():
+        return f"PyTorch {torch.__version__} has no torch.nn.attention.varlen (2.10 and later do)"
+    failing = [type(body).__name__ for body in bodies if not packing_reproduces_forward(body)]
+    if failing:
+        return f"{', '.join(failing)}'s packed pass does not give its padded pass's hidden states"
+    return None
 
 
 def placed_on(body: nn.Module, device: torch.device) -> bool:

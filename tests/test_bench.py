@@ -25,6 +25,7 @@ def test_bench_prints_one_json_line_with_every_figure(capsys):
     # AdamW: weights, gradients and two moments, four times the weights; the rollback copy holds three of them
     assert result["trained_state_gib"] == pytest.approx(4 / 3 * result["rollback_copy_gib"], abs=1.5e-4)  # rounded
     assert result["compile_layers"] is False
+    assert result["packed"] is False and result["packing_declined"].startswith("the run is on cpu")  # and why not
     assert result["first_step_s"] == result["median_step_s"]  # no warm-up: the one timed step is the first
 
 

@@ -14,7 +14,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
 
 from ppo_lm import PPOTrainer, SFTConfig, SFTTrainer
-from ppo_lm.generation import SequenceBatch
+from ppo_lm.generation import SequenceBatch, backbone_of
 from ppo_lm.losses import entropy_from_logits
 from ppo_lm.models import (
     FLOAT32_SDPA,
@@ -25,7 +25,6 @@ from ppo_lm.models import (
     add_vocabulary_gradients_in_place,
     autocast_bodies,
     autocast_dtype,
-    backbone_of,
     encode_for_reward,
     fuse_lora_layers,
     fused_head_reproduces_logprobs,

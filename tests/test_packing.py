@@ -15,9 +15,8 @@ from conftest import length_reward, tiny_config
 from test_ppo_trainer import assert_same_float32_steps, two_ppo_steps
 
 from ppo_lm import PPOConfig, PPOTrainer
-from ppo_lm.generation import SequenceBatch, position_ids_from_mask
+from ppo_lm.generation import SequenceBatch, backbone_of, position_ids_from_mask
 from ppo_lm.models import (
-    backbone_of,
     packing_reproduces_forward,
     placed_on,
     resolve_packing,
@@ -156,10 +155,14 @@ def test_a_device_named_without_an_index_is_the_one_its_tensors_land_on():
 def test_packing_on_the_cpu_is_refused_when_asked_for_and_skipped_by_auto(tiny_model_dir, caplog):
     with pytest.raises(ValueError, match="pack_sequences: on, but the run is on cpu.*CUDA GPU only.*auto"):
         PPOTrainer(tiny_config(tiny_model_dir, pack_sequences="on"), reward_fn=length_reward)
-    body = backbone_of(PPOTrainer(tiny_config(tiny_model_dir), reward_fn=length_reward).models.policy)
+    models = PPOTrainer(tiny_config(tiny_model_dir), reward_fn=length_reward).models
+    on_the_cpu = "the run is on cpu, and variable-length FlashAttention runs on a CUDA GPU only"
+    assert not models.packed and models.packing_declined == on_the_cpu  # what `ppo-lm bench` reports
+    body = backbone_of(models.policy)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert not resolve_packing("auto", [body], cpu, torch.bfloat16, compile_layers=False)
-    assert not resolve_packing("off", [body], cuda, torch.bfloat16, compile_layers=False)
+    assert resolve_packing("auto", [body], cpu, torch.bfloat16, compile_layers=False) == (False, on_the_cpu)
+    assert resolve_packing("off", [body], cuda, torch.bfloat16, compile_layers=False) == (False, None)
+    assert resolve_packing("auto", [body], cuda, torch.bfloat16, compile_layers=True) == (False, None)
     with pytest.raises(ValueError, match="sharding launch places the models after loading"):
         resolve_packing("on", [body], cuda, torch.bfloat16, compile_layers=False)  # the body is still on the CPU
     with pytest.raises(ValueError, match="must be one of"):

@@ -12,11 +12,10 @@ from transformers import AutoModelForSequenceClassification, PreTrainedTokenizer
 
 from ppo_lm import PPOConfig, PPOTrainer, RewardFunctionError, exact_kl, masked_mean
 from ppo_lm.backend import Backend
-from ppo_lm.generation import CPU_PASS_TOKENS, TokenBudget
+from ppo_lm.generation import CPU_PASS_TOKENS, TokenBudget, backbone_of
 from ppo_lm.models import (
     GRADIENT_IN_PLACE,
     FusedLoraLinear,
-    backbone_of,
     body_autocast_dtype,
     response_logits,
     sequence_logprobs,
