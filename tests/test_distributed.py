@@ -358,10 +358,12 @@ def deepspeed_zero2_launch(tmp_path_factory, tiny_model_dir) -> SharedLaunch:
 @pytest.fixture(scope="module")
 def deepspeed_zero3_launch(tmp_path_factory, tiny_model_dir) -> SharedLaunch:
     """The DeepSpeed ZeRO-3 launch (the shipped config): its update cases; the 3-step train run (`run`); and a
-    whole copy of that run resumed from its checkpoint-2 (`resumed`), which redoes step 3."""
+    whole copy of that run resumed from its checkpoint-2 (`resumed`), which redoes step 3. The run's token budget of
+    1 (`micro_batch_tokens`) gives every row a pass of its own and makes the prompts' prefill run in groups
+    (`generation.prefilled_cache`) on the gathered weights, as many groups as a process has rows."""
     directory = tmp_path_factory.mktemp("deepspeed-zero3-launch")
     config = write_ppo_run(directory, tiny_model_dir, output_dir=str(directory / "run"), total_steps=3, eval_steps=2,
-                           save_steps=1, max_new_tokens=6, micro_batch_size=1, target_kl=10.0)
+                           save_steps=1, max_new_tokens=6, micro_batch_tokens=1, target_kl=10.0)
     steps = [["ppo-lm", "train", "--config", str(config)],
              *resume_a_copy(directory / "run", directory / "resumed", checkpoint="checkpoint-2")]
     return run_shared_launch(directory, tiny_model_dir, "deepspeed_zero3_launch", steps)
@@ -527,14 +529,15 @@ def test_a_sharded_full_fine_tuning_run_checkpoints_resumes_and_exports_whole_we
 @pytest.mark.slow
 def test_a_sharded_lora_run_in_bfloat16_generates_evaluates_and_saves_the_policy_adapter(tmp_path, tiny_model_dir):
     # The LoRA path under FSDP: peft's generate and the value model enter the sharded model below its root (the first
-    # forward pass is generation's); bfloat16 base weights share FSDP units with float32 adapters; gradient
-    # checkpointing.
+    # forward pass is generation's), and so does the prompts' prefill in groups, which a token budget of 1 makes
+    # row by row (`generation.prefilled_cache` calls the body); bfloat16 base weights share FSDP units with float32
+    # adapters; gradient checkpointing.
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     run_dir = tmp_path / "run"
     config = write_ppo_run(tmp_path, tiny_model_dir, output_dir=str(run_dir), total_steps=2, eval_steps=1,
-                           save_steps=0, dtype="bfloat16", gradient_checkpointing=True, micro_batch_size=1)
+                           save_steps=0, dtype="bfloat16", gradient_checkpointing=True, micro_batch_tokens=1)
     launch(["-m", "ppo_lm", "train", "--config", str(config)], cwd=tmp_path,
            sharding=SHARDED_KEPT_FOR_BACKWARD)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
