@@ -360,7 +360,7 @@ def deepspeed_zero3_launch(tmp_path_factory, tiny_model_dir) -> SharedLaunch:
     """The DeepSpeed ZeRO-3 launch (the shipped config): its update cases; the 3-step train run (`run`); and a
     whole copy of that run resumed from its checkpoint-2 (`resumed`), which redoes step 3. The run's token budget of
     1 (`micro_batch_tokens`) gives every row a pass of its own and makes the prompts' prefill run in groups
-    (`generation.prefilled_cache`) on the gathered weights, as many groups as a process has rows."""
+    (`generation.prefilled_cache`) on the gathered weights, a group per row wherever a process has two or more."""
     directory = tmp_path_factory.mktemp("deepspeed-zero3-launch")
     config = write_ppo_run(directory, tiny_model_dir, output_dir=str(directory / "run"), total_steps=3, eval_steps=2,
                            save_steps=1, max_new_tokens=6, micro_batch_tokens=1, target_kl=10.0)
