@@ -33,8 +33,6 @@ def attention_across_sequences(query, key, value, *args, **kwargs):
                                           is_causal=True).transpose(0, 1)
 
 
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--archs", nargs="+", default=["tiny", "small", "qwen3-0.6b"])
